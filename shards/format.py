@@ -1,0 +1,131 @@
+"""The shard format: the one contract between `shards`, the trainer, the evaluator and the dashboard.
+
+Layout of a shards folder (documented in docs/formats.md):
+
+    DIR/manifest.json
+    DIR/train/t1-000000.tar ...   unpaired T1 slices
+    DIR/train/t2-000000.tar ...   unpaired T2 slices
+    DIR/val/paired-000000.tar ... aligned T1+T2 slices with a foreground mask
+    DIR/test/paired-000000.tar ...
+
+Each sample is `<subject>_z<NNN>` with members `t1.png` and/or `t2.png` (16-bit grayscale, [0,1] scaled
+to [0,65535]), `mask.png` (8-bit, 0/255) in paired samples, and `json` (subject, site, contrasts, slice,
+spacing_mm, normalization). Plain `webdataset.WebDataset` reads them without this package.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import re
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+SPLITS = ("train", "val", "test")
+# stream name per split: train is unpaired (one stream per contrast), val/test are paired
+STREAMS = {"train": ("t1", "t2"), "val": ("paired",), "test": ("paired",)}
+CONTRASTS = ("t1", "t2")
+SHARD_RE = re.compile(r"^(t1|t2|paired)-(\d{6})\.tar$")
+PNG16_MAX = 65535
+
+
+def shard_name(stream: str, index: int) -> str:
+    return f"{stream}-{index:06d}.tar"
+
+
+def sample_key(subject: str, z: int) -> str:
+    return f"{subject}_z{z:03d}"
+
+
+def safe_subject(name: str) -> str:
+    """Subject ids become tar member prefixes: webdataset splits keys at the first '.', so keep [A-Za-z0-9_-]."""
+    return re.sub(r"[^A-Za-z0-9_-]+", "-", name).strip("-") or "subject"
+
+
+def shard_paths(root: str | os.PathLike, split: str, stream: str) -> list[str]:
+    """Sorted shard files of one stream, e.g. shard_paths(d, 'train', 't1')."""
+    folder = Path(root) / split
+    if not folder.is_dir():
+        return []
+    return sorted(str(p) for p in folder.iterdir() if SHARD_RE.match(p.name) and p.name.startswith(stream + "-"))
+
+
+def encode_png16(image: np.ndarray) -> bytes:
+    """[0,1] float image -> 16-bit grayscale PNG bytes (no 8-bit quantization)."""
+    if image.ndim != 2:
+        raise ValueError(f"expected a 2D slice, got shape {image.shape}")
+    scaled = np.round(np.clip(image, 0.0, 1.0) * PNG16_MAX).astype(np.uint16)
+    buf = io.BytesIO()
+    Image.fromarray(scaled).save(buf, format="PNG", compress_level=1)
+    return buf.getvalue()
+
+
+def decode_png16(data: bytes) -> np.ndarray:
+    """16-bit PNG bytes -> float32 image in [0,1]."""
+    with Image.open(io.BytesIO(data)) as im:
+        if im.mode not in ("I;16", "I"):
+            raise ValueError(f"expected a 16-bit grayscale PNG, got mode {im.mode}")
+        array = np.asarray(im)
+    return array.astype(np.float32) / PNG16_MAX
+
+
+def encode_mask(mask: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray((mask > 0).astype(np.uint8) * 255).save(buf, format="PNG", compress_level=1)
+    return buf.getvalue()
+
+
+def decode_mask(data: bytes) -> np.ndarray:
+    with Image.open(io.BytesIO(data)) as im:
+        return np.asarray(im) > 127
+
+
+def encode_sample(key: str, images: dict[str, np.ndarray], meta: dict, mask: np.ndarray | None = None) -> dict:
+    """Build a webdataset sample dict of bytes. `images` maps contrast ('t1'/'t2') to a [0,1] slice."""
+    sample = {"__key__": key, "json": json.dumps(meta, sort_keys=True).encode()}
+    for contrast, image in images.items():
+        sample[f"{contrast}.png"] = encode_png16(image)
+    if mask is not None:
+        sample["mask.png"] = encode_mask(mask)
+    return sample
+
+
+def decode_sample(sample: dict) -> dict:
+    """Raw webdataset sample (bytes per member) -> {'key', 'meta', 't1'/'t2': float32 [0,1], 'mask': bool}."""
+    out = {"key": sample["__key__"], "meta": json.loads(sample["json"])}
+    for contrast in CONTRASTS:
+        if f"{contrast}.png" in sample:
+            out[contrast] = decode_png16(sample[f"{contrast}.png"])
+    if "mask.png" in sample:
+        out["mask"] = decode_mask(sample["mask.png"])
+    return out
+
+
+class ShardsError(ValueError):
+    """A shards folder that does not hold what the format promises."""
+
+
+def read_manifest(root: str | os.PathLike) -> dict:
+    path = Path(root) / MANIFEST
+    if not path.is_file():
+        raise ShardsError(f"{path}: no manifest.json; is {root} a folder written by `python -m shards pack`?")
+    try:
+        manifest = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ShardsError(f"{path}: not valid JSON ({err})") from err
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise ShardsError(f"{path}: format_version {manifest.get('format_version')!r}, expected {FORMAT_VERSION}")
+    return manifest
+
+
+def write_json_atomic(path: str | os.PathLike, obj) -> None:
+    """Write JSON to a temporary name, then rename, so readers never see half a file."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True))
+    os.replace(tmp, path)
