@@ -1,0 +1,295 @@
+"""Pack T1/T2 sources into WebDataset shards, split by subject.
+
+The main process lists the sources, assigns subjects to splits, and writes shards in a fixed order; worker
+processes read and preprocess one subject each. At most 2 x workers subjects are in flight, so memory stays
+bounded whatever the dataset size. A shard is written as `NAME.tar.tmp` and renamed when complete; a state
+file records finished shards, so `--resume` carries on after an interruption.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from collections import deque
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import webdataset as wds
+from tqdm import tqdm
+
+from . import __version__
+from .format import (FORMAT_VERSION, MANIFEST, SPLITS, STREAMS, ShardsError, encode_sample, sample_key,
+                     shard_name, write_json_atomic)
+from .preprocess import (VolumeError, axial_grid, fit_image, foreground, kept_slices, load_image, load_nifti,
+                         normalize, resample, to_image)
+from .sources import VolumeRef, list_source, read_bytes
+
+STATE = ".pack-state.json"
+
+
+@dataclass(frozen=True)
+class PackOptions:
+    size: int = 256
+    fov_mm: float = 256.0
+    split: tuple[float, float, float] = (0.8, 0.1, 0.1)
+    seed: int = 0
+    shard_size: int = 1000
+
+
+@dataclass(frozen=True)
+class Task:
+    """One unit of work: a subject's volume for a train stream, or a subject's T1+T2 pair for val/test."""
+
+    split: str
+    stream: str
+    subject: str
+    refs: tuple[VolumeRef, ...]
+
+
+def assign_splits(t1: dict[str, VolumeRef], t2: dict[str, VolumeRef], fractions, seed: int) -> dict[str, list[str]]:
+    """Deterministic subject split. Val/test draw only from subjects with both contrasts (they are paired)."""
+    if len(fractions) != 3 or any(f < 0 for f in fractions) or not 0.999 < sum(fractions) < 1.001:
+        raise ValueError(f"--split must be three non-negative fractions summing to 1, got {fractions}")
+    everyone = sorted(set(t1) | set(t2))
+    paired = [s for s in everyone if s in t1 and s in t2]
+    rng = np.random.default_rng(seed)
+    paired = [paired[i] for i in rng.permutation(len(paired))]
+    n_val, n_test = (round(f * len(everyone)) for f in fractions[1:])
+    if len(paired) >= 3:  # a requested split is never left empty when there are subjects to fill it
+        n_val, n_test = (max(n, 1) if f > 0 else 0 for n, f in zip((n_val, n_test), fractions[1:]))
+    n_val = min(n_val, len(paired))
+    n_test = min(n_test, len(paired) - n_val)
+    val, test = sorted(paired[:n_val]), sorted(paired[n_val:n_val + n_test])
+    held = set(val) | set(test)
+    return {"train": [s for s in everyone if s not in held], "val": val, "test": test}
+
+
+def plan(t1_refs, t2_refs, options: PackOptions) -> tuple[list[Task], dict[str, list[str]]]:
+    t1 = {r.subject: r for r in t1_refs}
+    t2 = {r.subject: r for r in t2_refs}
+    splits = assign_splits(t1, t2, options.split, options.seed)
+    tasks = [Task("train", c, s, (refs[s],)) for c, refs in (("t1", t1), ("t2", t2)) for s in splits["train"] if s in refs]
+    tasks += [Task(split, "paired", s, (t1[s], t2[s])) for split in ("val", "test") for s in splits[split]]
+    return tasks, splits
+
+
+def process(task: Task, options: PackOptions) -> dict:
+    """Read and preprocess one task in a worker. Returns samples, per-file info, and skipped files."""
+    files, volumes = [], {}
+    ref = task.refs[0]
+    try:
+        for ref in task.refs:
+            data = read_bytes(ref)
+            files.append({"file": ref.name, "md5": hashlib.md5(data).hexdigest(), "subject": ref.subject, "contrast": ref.contrast})
+            volumes[ref.contrast] = (load_nifti(data) if ref.kind == "nifti" else load_image(data)), ref
+        samples = _paired(volumes, options) if task.stream == "paired" else _unpaired(volumes[task.stream], options)
+    except (VolumeError, OSError, ValueError) as err:
+        return {"task": task, "samples": [], "files": files, "skipped": [{"file": ref.name, "reason": str(err)}]}
+    if not samples:
+        return {"task": task, "samples": [], "files": files, "skipped": [{"file": ref.name, "reason": "no axial slice holds foreground"}]}
+    return {"task": task, "samples": samples, "files": files, "skipped": []}
+
+
+def _meta(ref: VolumeRef, contrasts, z: int, spacing, normalization: dict) -> dict:
+    return {"subject": ref.subject, "site": ref.site, "contrasts": list(contrasts), "slice": int(z),
+            "spacing_mm": spacing, "normalization": normalization, "source": ref.name}
+
+
+def _volume_slices(loaded, grid=None, options: PackOptions | None = None):
+    """Resampled, masked, normalized volume on `grid` (built from this volume when None)."""
+    data, affine, _ = loaded
+    grid = grid or axial_grid(data, affine, options.size, options.fov_mm)
+    resampled = resample(data, affine, grid)
+    mask = foreground(resampled)
+    normalized, norm = normalize(resampled, mask)
+    return grid, normalized, mask, norm
+
+
+def _unpaired(volume, options: PackOptions) -> list[dict]:
+    loaded, ref = volume
+    if ref.kind == "image":
+        image = fit_image(loaded, options.size)[:, :, None]
+        mask = foreground(image)
+        normalized, norm = normalize(image, mask)
+        return [encode_sample(sample_key(ref.subject, 0), {ref.contrast: normalized[:, :, 0]},
+                              _meta(ref, [ref.contrast], 0, None, norm))]
+    grid, normalized, mask, norm = _volume_slices(loaded, options=options)
+    spacing = [float(grid.affine[i, i]) for i in range(3)]
+    return [encode_sample(sample_key(ref.subject, z), {ref.contrast: to_image(normalized[:, :, z])},
+                          _meta(ref, [ref.contrast], z, spacing, norm))
+            for z in kept_slices(mask)]
+
+
+def _paired(volumes, options: PackOptions) -> list[dict]:
+    """T2 resampled onto the T1 grid; slices kept where both hold foreground; mask = both foregrounds."""
+    (t1, t1_ref), (t2, t2_ref) = volumes["t1"], volumes["t2"]
+    if t1_ref.kind == "image" or t2_ref.kind == "image":
+        if t1_ref.kind != t2_ref.kind:
+            raise VolumeError(f"{t1_ref.name}: cannot pair a 2D image with a volume")
+        planes = [fit_image(v, options.size)[:, :, None] for v in (t1, t2)]
+        masks = [foreground(p) for p in planes]
+        (n1, norm1), (n2, norm2) = (normalize(p, m) for p, m in zip(planes, masks))
+        both = masks[0] & masks[1]
+        return [encode_sample(sample_key(t1_ref.subject, 0), {"t1": n1[:, :, 0], "t2": n2[:, :, 0]},
+                              _meta(t1_ref, ["t1", "t2"], 0, None, {"t1": norm1, "t2": norm2}), mask=both[:, :, 0])]
+    grid, n1, m1, norm1 = _volume_slices(t1, options=options)
+    _, n2, m2, norm2 = _volume_slices(t2, grid=grid)
+    both = m1 & m2
+    area = both.sum(axis=(0, 1))
+    keep = [z for z in kept_slices(m1) if area[z] >= 0.5 * m1[:, :, z].sum()]
+    spacing = [float(grid.affine[i, i]) for i in range(3)]
+    meta = {"t1": norm1, "t2": norm2}
+    return [encode_sample(sample_key(t1_ref.subject, z), {"t1": to_image(n1[:, :, z]), "t2": to_image(n2[:, :, z])},
+                          _meta(t1_ref, ["t1", "t2"], z, spacing, meta), mask=to_image(both[:, :, z]))
+            for z in keep]
+
+
+class StreamWriter:
+    """Writes one stream's shards, closing a shard at a subject boundary once it holds shard_size samples."""
+
+    def __init__(self, folder: Path, stream: str, shard_size: int, done: list[dict]):
+        self.folder, self.stream, self.shard_size = folder, stream, shard_size
+        self.done = done  # [{name, subjects, samples}] of finished shards, shared with the state file
+        self.writer, self.subjects, self.count = None, [], 0
+
+    def add(self, subject: str, samples: list[dict]) -> bool:
+        """Write a subject's samples; returns True when this closed a shard."""
+        if self.writer is None:
+            self.tmp = self.folder / (shard_name(self.stream, len(self.done)) + ".tmp")
+            self.writer = wds.TarWriter(str(self.tmp), encoder=False, mtime=0)
+        for sample in samples:
+            self.writer.write(sample)
+        self.subjects.append(subject)
+        self.count += len(samples)
+        if self.count >= self.shard_size:
+            self.close()
+            return True
+        return False
+
+    def close(self) -> None:
+        if self.writer is None:
+            return
+        self.writer.close()
+        name = shard_name(self.stream, len(self.done))
+        os.replace(self.tmp, self.folder / name)
+        self.done.append({"name": name, "subjects": self.subjects, "samples": self.count})
+        self.writer, self.subjects, self.count = None, [], 0
+
+
+def pack(t1_src, t2_src, out, options: PackOptions = PackOptions(), workers: int | None = None,
+         resume: bool = False, strict: bool = False, progress: bool = True) -> dict:
+    """Pack both sources into `out`. Returns the manifest. Raises ShardsError when nothing usable remains,
+    or under `strict` when anything was skipped."""
+    out = Path(out)
+    t1_refs, t1_skipped = list_source(t1_src, "t1")
+    t2_refs, t2_skipped = list_source(t2_src, "t2")
+    tasks, splits = plan(t1_refs, t2_refs, options)
+    fingerprint = hashlib.sha256(json.dumps([asdict(options), [asdict(t) for t in tasks]], sort_keys=True, default=str).encode()).hexdigest()
+    state = _open_state(out, fingerprint, resume)
+    finished = {(s, stream, subject) for s in SPLITS for stream in STREAMS[s]
+                for shard in state["streams"][f"{s}/{stream}"] for subject in shard["subjects"]}
+    writers = {f"{s}/{stream}": StreamWriter(out / s, stream, options.shard_size, state["streams"][f"{s}/{stream}"])
+               for s in SPLITS for stream in STREAMS[s]}
+    todo = [t for t in tasks if (t.split, t.stream, t.subject) not in finished]
+    pending_files, pending_skipped = [], []
+    started = time.time()
+    with ProcessPoolExecutor(max_workers=workers or os.cpu_count()) as pool:
+        window: deque = deque()
+        bar = tqdm(total=len(todo), desc="pack", unit="volume", disable=not progress)
+        queue = iter(todo)
+        for task in queue:  # keep at most 2 x workers subjects in flight: bounded memory
+            window.append(pool.submit(process, task, options))
+            if len(window) < 2 * pool._max_workers:
+                continue
+            _drain(window.popleft().result(), writers, state, pending_files, pending_skipped, out)
+            bar.update()
+        while window:
+            _drain(window.popleft().result(), writers, state, pending_files, pending_skipped, out)
+            bar.update()
+        bar.close()
+    for writer in writers.values():
+        writer.close()
+    state["files"] += pending_files
+    state["skipped"] += pending_skipped
+    manifest = _manifest(out, state, splits, options, t1_src, t2_src, t1_skipped + t2_skipped, time.time() - started, len(todo))
+    write_json_atomic(out / MANIFEST, manifest)
+    (out / STATE).unlink(missing_ok=True)
+    train = manifest["splits"]["train"]["slices"]
+    if not (train["t1"] and train["t2"]):
+        raise ShardsError(f"{out}: nothing usable remains: train has {train['t1']} T1 and {train['t2']} T2 slices; see skipped in {out / MANIFEST}")
+    if strict and manifest["skipped"]:
+        first = manifest["skipped"][0]
+        raise ShardsError(f"--strict: {len(manifest['skipped'])} file(s) skipped, e.g. {first['file']}: {first['reason']}")
+    return manifest
+
+
+def _drain(result, writers, state, pending_files, pending_skipped, out: Path) -> None:
+    task = result["task"]
+    for skip in result["skipped"]:
+        tqdm.write(f"skipped {skip['file']}: {skip['reason']}")
+    pending_files += result["files"]
+    pending_skipped += result["skipped"]
+    if not result["samples"]:
+        return
+    if writers[f"{task.split}/{task.stream}"].add(task.subject, result["samples"]):
+        # a shard is final: what fed it so far is now safe to record for --resume
+        state["files"] += pending_files
+        state["skipped"] += pending_skipped
+        pending_files.clear()
+        pending_skipped.clear()
+        write_json_atomic(out / STATE, state)
+
+
+def _open_state(out: Path, fingerprint: str, resume: bool) -> dict:
+    existing = list(out.glob("*/*.tar")) + ([out / MANIFEST] if (out / MANIFEST).exists() else [])
+    state_path = out / STATE
+    if resume and state_path.exists():
+        state = json.loads(state_path.read_text())
+        if state["fingerprint"] != fingerprint:
+            raise ShardsError(f"{out}: --resume with different sources or options than the interrupted run; use a new folder")
+        for tmp in out.glob("*/*.tar.tmp"):
+            tmp.unlink()
+        return state
+    if resume and (out / MANIFEST).exists():
+        raise ShardsError(f"{out}: already complete (manifest.json exists); nothing to resume")
+    if existing or state_path.exists():
+        raise ShardsError(f"{out}: already holds shards; pass --resume to continue an interrupted run, or choose an empty folder")
+    for split in SPLITS:
+        (out / split).mkdir(parents=True, exist_ok=True)
+    state = {"fingerprint": fingerprint, "streams": {f"{s}/{stream}": [] for s in SPLITS for stream in STREAMS[s]},
+             "files": [], "skipped": []}
+    write_json_atomic(state_path, state)
+    return state
+
+
+def _manifest(out, state, splits, options: PackOptions, t1_src, t2_src, listing_skipped, seconds, volumes) -> dict:
+    split_info = {}
+    for split in SPLITS:
+        streams = {stream: state["streams"][f"{split}/{stream}"] for stream in STREAMS[split]}
+        written = sorted({s for shards in streams.values() for shard in shards for s in shard["subjects"]})
+        split_info[split] = {
+            "subjects": written,
+            "slices": {stream: sum(sh["samples"] for sh in shards) for stream, shards in streams.items()},
+            "shards": {stream: [sh["name"] for sh in shards] for stream, shards in streams.items()},
+        }
+    return {
+        "format_version": FORMAT_VERSION,
+        "tool": f"mri-cyclegan shards {__version__}",
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "options": asdict(options),
+        "sources": {"t1": str(t1_src), "t2": str(t2_src)},
+        "files": sorted(state["files"], key=lambda f: f["file"]),
+        "planned_splits": splits,
+        "splits": split_info,
+        "image_size": options.size,
+        "spacing_mm": options.fov_mm / options.size,
+        "orientation": "axial slices of a RAS grid; image rows anterior->posterior, columns patient left->right",
+        "normalization": {"method": "foreground-percentile", "percentiles": [0.5, 99.5], "range": [0, 1],
+                          "png": "16-bit grayscale, value = round(x * 65535)"},
+        "skipped": listing_skipped + state["skipped"],
+        "timing": {"seconds": round(seconds, 2), "volumes": volumes},
+    }

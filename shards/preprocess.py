@@ -1,0 +1,165 @@
+"""One volume or image in, normalized axial slices out.
+
+Volumes are resampled (trilinear, in world coordinates, so any orientation works) onto an axis-aligned RAS
+grid of `fov_mm / size` mm voxels centred on the head; at the default 256 mm field of view and size 256 that
+is the common 1 mm grid. Slices are stored in neurological convention: anterior up, patient's left on the
+image's left. Intensities are clipped to the foreground's 0.5 and 99.5 percentiles and scaled to [0,1].
+"""
+
+from __future__ import annotations
+
+import gzip
+import io
+from dataclasses import dataclass
+
+import nibabel as nib
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, UnidentifiedImageError
+from scipy import ndimage
+
+PERCENTILES = (0.5, 99.5)
+MIN_SLICE_FOREGROUND = 0.2  # keep axial slices whose head area is at least this share of the largest one
+
+
+class VolumeError(ValueError):
+    """A volume or image that cannot be used; the message says why."""
+
+
+@dataclass
+class Grid:
+    shape: tuple[int, int, int]
+    affine: np.ndarray  # voxel -> RAS mm
+
+
+def load_nifti(data: bytes) -> tuple[np.ndarray, np.ndarray, tuple[float, ...]]:
+    """(float32 3D data, affine, zooms) from .nii or .nii.gz bytes; raises VolumeError on anything unusable."""
+    try:
+        if data[:2] == b"\x1f\x8b":
+            data = gzip.decompress(data)
+        image = nib.Nifti1Image.from_bytes(data)
+        array = np.asarray(image.dataobj, dtype=np.float32)
+    except (OSError, EOFError, ValueError, nib.filebasedimages.ImageFileError, gzip.BadGzipFile) as err:
+        raise VolumeError(f"corrupt or truncated NIfTI ({type(err).__name__}: {err})") from err
+    if array.ndim == 4 and array.shape[3] == 1:
+        array = array[..., 0]
+    if array.ndim != 3:
+        raise VolumeError(f"expected a 3D volume, got {array.ndim}D with shape {array.shape}")
+    check_intensities(array)
+    return np.nan_to_num(array, nan=0.0, posinf=0.0, neginf=0.0), image.affine, image.header.get_zooms()[:3]
+
+
+def load_image(data: bytes) -> np.ndarray:
+    """A 2D image (PNG/JPG/TIFF, RGB or grayscale, 8 or 16 bit) as a float32 (H, W) array."""
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            im.load()
+            if im.mode in ("RGB", "RGBA", "P", "LA", "CMYK", "YCbCr"):
+                im = im.convert("L")
+            array = np.asarray(im, dtype=np.float32)
+    except (UnidentifiedImageError, OSError, ValueError) as err:
+        raise VolumeError(f"not a readable image ({err})") from err
+    if array.ndim != 2:
+        raise VolumeError(f"expected a 2D grayscale or RGB image, got shape {array.shape}")
+    check_intensities(array)
+    return np.nan_to_num(array)
+
+
+def check_intensities(array: np.ndarray) -> None:
+    finite = np.isfinite(array)
+    if not finite.any():
+        raise VolumeError("all voxels are NaN or infinite")
+    if not np.any(array[finite] != 0):
+        raise VolumeError("all voxels are zero")
+
+
+def head_centre(data: np.ndarray, affine: np.ndarray) -> np.ndarray:
+    """World position (mm) of the centroid of voxels brighter than the background."""
+    coarse = data[::4, ::4, ::4]
+    weights = coarse > _threshold(coarse)
+    ijk = np.argwhere(weights).mean(0) * 4
+    return affine[:3, :3] @ ijk + affine[:3, 3]
+
+
+def axial_grid(data: np.ndarray, affine: np.ndarray, size: int, fov_mm: float) -> Grid:
+    """RAS grid: size x size in-plane voxels of fov_mm/size mm centred on the head, isotropic slices covering
+    the volume's extent along S."""
+    spacing = fov_mm / size
+    corners = np.array([[i, j, k, 1] for i in (0, data.shape[0] - 1) for j in (0, data.shape[1] - 1) for k in (0, data.shape[2] - 1)])
+    z_world = (affine @ corners.T)[2]
+    nz = int(np.floor((z_world.max() - z_world.min()) / spacing)) + 1
+    centre = head_centre(data, affine)
+    grid_affine = np.diag([spacing, spacing, spacing, 1.0])
+    grid_affine[:3, 3] = [centre[0] - spacing * (size - 1) / 2, centre[1] - spacing * (size - 1) / 2, z_world.min()]
+    return Grid((size, size, nz), grid_affine)
+
+
+def resample(data: np.ndarray, affine: np.ndarray, grid: Grid, slab: int = 16) -> np.ndarray:
+    """Trilinear resampling of `data` (voxel->world `affine`) onto `grid`; zero outside the input."""
+    source = torch.from_numpy(np.ascontiguousarray(data.transpose(2, 1, 0)))[None, None]  # (1,1,K,J,I): x is last
+    to_source = np.linalg.inv(affine) @ grid.affine  # grid voxel -> source voxel
+    # grid_sample wants coordinates normalised to [-1, 1] with align_corners=True
+    norm = np.diag([2.0 / max(s - 1, 1) for s in data.shape] + [1.0])
+    norm[:3, 3] = -1.0
+    m = torch.from_numpy((norm @ to_source).astype(np.float32))
+    nx, ny, nz = grid.shape
+    out = np.empty(grid.shape, np.float32)
+    i, j = torch.meshgrid(torch.arange(nx, dtype=torch.float32), torch.arange(ny, dtype=torch.float32), indexing="ij")
+    for start in range(0, nz, slab):
+        k = torch.arange(start, min(start + slab, nz), dtype=torch.float32)
+        ijk = torch.stack([i[None].expand(len(k), -1, -1), j[None].expand(len(k), -1, -1), k[:, None, None].expand(-1, nx, ny)], -1)
+        coords = ijk @ m[:3, :3].T + m[:3, 3]  # (K, nx, ny, 3), in source (i, j, k) order = grid_sample's (x, y, z)
+        sampled = F.grid_sample(source, coords[None], mode="bilinear", padding_mode="zeros", align_corners=True)
+        out[:, :, start:start + len(k)] = sampled[0, 0].permute(1, 2, 0).numpy()
+    return out
+
+
+def _threshold(data: np.ndarray) -> float:
+    positive = data[data > 0]
+    return 0.1 * float(np.percentile(positive, 99)) if positive.size else 0.0
+
+
+def foreground(data: np.ndarray) -> np.ndarray:
+    """Head mask: bright voxels, holes (skull, sinuses) filled slice by slice, largest 3D component kept."""
+    mask = data > _threshold(data)
+    for k in range(mask.shape[2]):
+        mask[:, :, k] = ndimage.binary_fill_holes(mask[:, :, k])
+    labels, count = ndimage.label(mask)
+    if count > 1:
+        sizes = np.bincount(labels.ravel())
+        sizes[0] = 0
+        mask = labels == sizes.argmax()
+    return mask
+
+
+def normalize(data: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, dict]:
+    if not mask.any():
+        raise VolumeError("no foreground found")
+    low, high = np.percentile(data[mask], PERCENTILES)
+    if high <= low:
+        raise VolumeError("foreground has no intensity range (constant image)")
+    scaled = np.clip((data - low) / (high - low), 0.0, 1.0).astype(np.float32)
+    return scaled, {"method": "foreground-percentile", "percentiles": list(PERCENTILES), "low": float(low), "high": float(high)}
+
+
+def kept_slices(mask: np.ndarray) -> np.ndarray:
+    area = mask.sum(axis=(0, 1))
+    return np.flatnonzero(area >= MIN_SLICE_FOREGROUND * area.max()) if area.max() > 0 else np.array([], int)
+
+
+def to_image(plane: np.ndarray) -> np.ndarray:
+    """RAS (x, y) plane -> image rows/cols in neurological convention (anterior up, left on the left)."""
+    return np.ascontiguousarray(plane[:, ::-1].T)
+
+
+def fit_image(array: np.ndarray, size: int) -> np.ndarray:
+    """Scale a 2D image to fit size x size, keeping its aspect ratio, and pad with zeros."""
+    h, w = array.shape
+    scale = size / max(h, w)
+    nh, nw = max(1, round(h * scale)), max(1, round(w * scale))
+    resized = np.asarray(Image.fromarray(array, mode="F").resize((nw, nh), Image.BILINEAR))
+    out = np.zeros((size, size), np.float32)
+    top, left = (size - nh) // 2, (size - nw) // 2
+    out[top:top + nh, left:left + nw] = resized
+    return out
