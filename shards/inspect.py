@@ -32,9 +32,10 @@ def contact_sheet(root, out_png, per_row: int = 8, seed: int = 0) -> Path:
     rows = []
     for split in SPLITS:
         for stream in STREAMS[split]:
-            samples = [decode_sample(s) for s in wds.WebDataset(shard_paths(root, split, stream), shardshuffle=False, empty_check=False)]
-            if not samples:
+            paths = shard_paths(root, split, stream)
+            if not paths:
                 continue
+            samples = [decode_sample(s) for s in wds.WebDataset(paths, shardshuffle=False, empty_check=False)]
             chosen = rng.sample(samples, min(per_row, len(samples)))
             for contrast in ("t1", "t2"):
                 tiles = [_tile(s[contrast], s.get("mask")) for s in chosen if contrast in s]

@@ -1,0 +1,37 @@
+"""Shared fixtures: a small synthetic IXI (IXI geometry at 1/4 matrix) and its shards at 64x64."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+os.environ.setdefault("WANDB_MODE", "offline")
+
+
+def run_module(*args, check=True, env=None, timeout=600):
+    """Run `python -m ...` from the repository root; returns the CompletedProcess."""
+    result = subprocess.run([sys.executable, "-m", *map(str, args)], cwd=ROOT, capture_output=True, text=True,
+                            env={**os.environ, **(env or {})}, timeout=timeout)
+    if check and result.returncode != 0:
+        raise AssertionError(f"python -m {' '.join(map(str, args))} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
+    return result
+
+
+@pytest.fixture(scope="session")
+def ixi_tars(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("ixi")
+    run_module("shards", "synth", "--out", out, "--subjects", 10, "--seed", 1, "--downsample", 4)
+    return out
+
+
+@pytest.fixture(scope="session")
+def shards_dir(ixi_tars, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("shards") / "s64"
+    run_module("shards", "pack", "--t1", ixi_tars / "IXI-T1.tar", "--t2", ixi_tars / "IXI-T2.tar", "--out", out,
+               "--size", 64, "--shard-size", 100, "--workers", 2)
+    return out
