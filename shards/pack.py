@@ -197,7 +197,7 @@ def pack(t1_src, t2_src, out, options: PackOptions = PackOptions(), workers: int
     todo = [t for t in tasks if (t.split, t.stream, t.subject) not in finished]
     pending_files, pending_skipped = [], []
     started = time.time()
-    with ProcessPoolExecutor(max_workers=workers or os.cpu_count()) as pool:
+    with ProcessPoolExecutor(max_workers=workers or os.cpu_count(), initializer=_one_thread) as pool:
         window: deque = deque()
         bar = tqdm(total=len(todo), desc="pack", unit="volume", disable=not progress)
         queue = iter(todo)
@@ -225,6 +225,13 @@ def pack(t1_src, t2_src, out, options: PackOptions = PackOptions(), workers: int
         first = manifest["skipped"][0]
         raise ShardsError(f"--strict: {len(manifest['skipped'])} file(s) skipped, e.g. {first['file']}: {first['reason']}")
     return manifest
+
+
+def _one_thread() -> None:
+    """Workers are the parallelism: keep torch from oversubscribing the cores."""
+    import torch
+
+    torch.set_num_threads(1)
 
 
 def _drain(result, writers, state, pending_files, pending_skipped, out: Path) -> None:

@@ -120,11 +120,17 @@ def _threshold(data: np.ndarray) -> float:
     return 0.1 * float(np.percentile(positive, 99)) if positive.size else 0.0
 
 
+_IN_PLANE = np.zeros((3, 3, 3), bool)
+_IN_PLANE[:, :, 1] = ndimage.generate_binary_structure(2, 1)  # connect within an axial slice only
+
+
 def foreground(data: np.ndarray) -> np.ndarray:
     """Head mask: bright voxels, holes (skull, sinuses) filled slice by slice, largest 3D component kept."""
     mask = data > _threshold(data)
-    for k in range(mask.shape[2]):
-        mask[:, :, k] = ndimage.binary_fill_holes(mask[:, :, k])
+    # a hole is background not connected, within its slice, to the slice's border; one labelling does all slices
+    background, _ = ndimage.label(~mask, _IN_PLANE)
+    outside = np.unique(np.concatenate([background[0].ravel(), background[-1].ravel(), background[:, 0].ravel(), background[:, -1].ravel()]))
+    mask |= ~np.isin(background, outside)
     labels, count = ndimage.label(mask)
     if count > 1:
         sizes = np.bincount(labels.ravel())

@@ -1,0 +1,125 @@
+"""Training options: one dataclass holds every option, its default and its help text.
+
+Precedence: defaults < `--config FILE.yaml` < command-line flags. The resolved config is saved as the run
+folder's config.yaml. `python train/main.py --help` lists everything; docs/training.md explains it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+
+def option(default, help: str, **kw):
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass
+class Config:
+    # data and run folder
+    data: str = option(None, "shards folder written by `python -m shards pack` (local path; shard URLs via --data_url)", required=True)
+    out: str = option(None, "run folder (created; see docs/run-folder.md)", required=True)
+    data_url: str = option("", "optional shard location override: a URL prefix such as http://host/shards or pipe:cat ")
+    size: int = option(0, "image size; 0 = the shards' size (must match them)")
+    # networks
+    generator: str = option("unet", "generator architecture", choices=["unet", "resnet9"])
+    ngf: int = option(64, "generator base width")
+    ndf: int = option(64, "discriminator base width")
+    # losses and optimizer
+    gan_loss: str = option("bce", "adversarial loss: bce (BCE with logits, as in the seed) or lsgan", choices=["bce", "lsgan"])
+    lambda_cycle: float = option(10.0, "cycle-consistency L1 weight (lambda)")
+    lambda_identity: float = option(0.5, "identity L1 weight as a fraction of lambda_cycle")
+    pool_size: int = option(50, "history pool of generated images shown to the discriminators")
+    lr: float = option(2e-4, "Adam learning rate for generators and discriminators")
+    beta1: float = option(0.5, "Adam beta1")
+    beta2: float = option(0.999, "Adam beta2")
+    # schedule
+    batch_size: int = option(1, "images per process per step, for each contrast")
+    epochs: int = option(10, "number of epochs; the learning rate decays linearly to 0 over the second half")
+    steps_per_epoch: int = option(0, "steps per epoch; 0 = min(train T1, train T2 slices) / (batch_size x processes)")
+    max_steps: int = option(0, "stop after this many steps in total (0 = epochs x steps_per_epoch)")
+    seed: int = option(0, "seed for initialization, data order and augmentation")
+    # data pipeline
+    num_workers: int = option(2, "DataLoader workers per process")
+    shuffle_buffer: int = option(500, "samples in the shuffle buffer of each stream")
+    augment: bool = option(True, "random flips, small affine and intensity (gamma/contrast) jitter")
+    # precision and devices
+    mixed_precision: str = option("no", "Accelerate mixed precision", choices=["no", "fp16", "bf16"])
+    channels_last: bool = option(False, "channels_last memory format (helps convolutions on recent GPUs)")
+    # validation, checkpoints, logging
+    val_every: int = option(0, "validate every N steps (0 = at the end of every epoch)")
+    val_max_slices: int = option(256, "validation slices used per validation (all ranks together)")
+    preview_slices: int = option(4, "fixed val slices drawn in predictions/epoch-NNN.png")
+    checkpoint_every: int = option(500, "checkpoint every N steps (and always at the end)")
+    checkpoints_total_limit: int = option(3, "keep the newest K checkpoints, plus the best by val SSIM")
+    resume: str = option("", "'auto' (latest checkpoint in --out if any) or a checkpoint folder")
+    log_every: int = option(10, "log losses and images/s every N steps")
+    max_bad_steps: int = option(5, "stop after this many consecutive steps with NaN/inf losses")
+    report_to: str = option("wandb", "experiment tracker", choices=["wandb", "none"])
+    wandb: str = option("", "W&B mode: online, offline or disabled (default: offline unless an API key is set)", choices=["", "online", "offline", "disabled"])
+    wandb_project: str = option("mri-cyclegan", "W&B project")
+    wandb_group: str = option("", "W&B group (e.g. an ablation's name)")
+    wandb_tags: str = option("", "comma-separated W&B tags")
+    run_name: str = option("", "run name (default: the run folder's name)")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# options that change the networks or the data: a checkpoint made with others cannot continue this run
+ARCHITECTURE_KEYS = ("size", "generator", "ngf", "ndf")
+
+
+def _parse_bool(text: str) -> bool:
+    if text.lower() in ("1", "true", "yes", "on"):
+        return True
+    if text.lower() in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true/false, got {text!r}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description="Train a T1<->T2 CycleGAN (run with `accelerate launch train/main.py`).",
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter, allow_abbrev=False)
+    parser.add_argument("--config", help="YAML file of options; flags given here override it")
+    for f in dataclasses.fields(Config):
+        kind = {"bool": _parse_bool, "int": int, "float": float}.get(f.type, str)  # annotations are strings here
+        parser.add_argument(f"--{f.name}", type=kind, default=None, help=f"{f.metadata['help']} (default: {f.default!r})",
+                            choices=f.metadata.get("choices"))
+    return parser
+
+
+def load_config(argv=None) -> Config:
+    """Defaults < YAML file < flags. Unknown options in either place are errors that name them."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    values = {}
+    known = {f.name for f in dataclasses.fields(Config)}
+    if args.config:
+        path = Path(args.config)
+        if not path.is_file():
+            parser.error(f"--config {path}: no such file")
+        loaded = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(loaded, dict):
+            parser.error(f"--config {path}: expected a mapping of option: value")
+        unknown = sorted(set(loaded) - known)
+        if unknown:
+            parser.error(f"--config {path}: unknown option(s) {', '.join(unknown)}")
+        values.update(loaded)
+    values.update({k: v for k, v in vars(args).items() if k != "config" and v is not None})
+    for f in dataclasses.fields(Config):
+        if f.metadata.get("required") and not values.get(f.name):
+            parser.error(f"--{f.name} is required")
+        if f.metadata.get("choices") and f.name in values and values[f.name] not in f.metadata["choices"]:
+            parser.error(f"{f.name}: {values[f.name]!r} is not one of {f.metadata['choices']}")
+    return Config(**values)
+
+
+def save_config(config: Config, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+    tmp.replace(path)

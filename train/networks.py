@@ -1,0 +1,127 @@
+"""CycleGAN networks after junyanz/pytorch-CycleGAN-and-pix2pix: U-Net and ResNet generators, PatchGAN
+discriminator. Every constructor takes plain arguments; nothing reads a global options object."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+
+def _norm(channels: int) -> nn.Module:
+    return nn.InstanceNorm2d(channels, affine=False, track_running_stats=False)
+
+
+class UNetBlock(nn.Module):
+    """One encoder/decoder level: down, the inner levels, up, then concatenate the skip connection."""
+
+    def __init__(self, outer: int, inner: int, submodule: nn.Module | None, in_channels: int | None = None,
+                 outermost: bool = False, dropout: bool = False):
+        super().__init__()
+        self.outermost = outermost
+        in_channels = in_channels or outer
+        down = nn.Conv2d(in_channels, inner, 4, stride=2, padding=1, bias=False)
+        up_in = inner if submodule is None else inner * 2
+        if outermost:
+            layers = [down, submodule, nn.ReLU(True), nn.ConvTranspose2d(up_in, outer, 4, stride=2, padding=1), nn.Tanh()]
+        elif submodule is None:  # innermost: 1x1 bottleneck, no norm on a single pixel
+            layers = [nn.LeakyReLU(0.2, True), down, nn.ReLU(True),
+                      nn.ConvTranspose2d(up_in, outer, 4, stride=2, padding=1, bias=False), _norm(outer)]
+        else:
+            layers = [nn.LeakyReLU(0.2, True), down, _norm(inner), submodule, nn.ReLU(True),
+                      nn.ConvTranspose2d(up_in, outer, 4, stride=2, padding=1, bias=False), _norm(outer)]
+            if dropout:
+                layers.append(nn.Dropout(0.5))
+        self.model = nn.Sequential(*layers)
+
+    def forward(self, x):
+        return self.model(x) if self.outermost else torch.cat([x, self.model(x)], 1)
+
+
+class UNetGenerator(nn.Module):
+    """U-Net whose depth follows the image size: 256x256x1 is encoded down to 1x1x512 and back."""
+
+    def __init__(self, size: int = 256, channels: int = 1, ngf: int = 64, dropout: bool = False):
+        super().__init__()
+        depth = int(math.log2(size))
+        if 2**depth != size or depth < 4:
+            raise ValueError(f"U-Net needs a power-of-two size >= 16, got {size}")
+        widths = [ngf * min(2**i, 8) for i in range(depth)]  # 64, 128, 256, 512, 512, ...
+        block = UNetBlock(widths[-2], widths[-1], None)
+        for level in range(depth - 2, 0, -1):
+            block = UNetBlock(widths[level - 1], widths[level], block, dropout=dropout and widths[level] == ngf * 8)
+        self.model = UNetBlock(channels, widths[0], block, in_channels=channels, outermost=True)
+
+    def forward(self, x):
+        return self.model(x)
+
+
+class ResidualBlock(nn.Module):
+    def __init__(self, channels: int):
+        super().__init__()
+        self.block = nn.Sequential(
+            nn.ReflectionPad2d(1), nn.Conv2d(channels, channels, 3, bias=False), _norm(channels), nn.ReLU(True),
+            nn.ReflectionPad2d(1), nn.Conv2d(channels, channels, 3, bias=False), _norm(channels))
+
+    def forward(self, x):
+        return x + self.block(x)
+
+
+class ResnetGenerator(nn.Module):
+    """Two stride-2 downsamplings, `blocks` residual blocks, two upsamplings (resnet_9blocks by default)."""
+
+    def __init__(self, channels: int = 1, ngf: int = 64, blocks: int = 9):
+        super().__init__()
+        layers = [nn.ReflectionPad2d(3), nn.Conv2d(channels, ngf, 7, bias=False), _norm(ngf), nn.ReLU(True)]
+        for mult in (1, 2):
+            layers += [nn.Conv2d(ngf * mult, ngf * mult * 2, 3, stride=2, padding=1, bias=False), _norm(ngf * mult * 2), nn.ReLU(True)]
+        layers += [ResidualBlock(ngf * 4) for _ in range(blocks)]
+        for mult in (4, 2):
+            layers += [nn.ConvTranspose2d(ngf * mult, ngf * mult // 2, 3, stride=2, padding=1, output_padding=1, bias=False),
+                       _norm(ngf * mult // 2), nn.ReLU(True)]
+        layers += [nn.ReflectionPad2d(3), nn.Conv2d(ngf, channels, 7), nn.Tanh()]
+        self.model = nn.Sequential(*layers)
+
+    def forward(self, x):
+        return self.model(x)
+
+
+class PatchDiscriminator(nn.Module):
+    """70x70 PatchGAN: a 256x256 input gives a 30x30 map of real/fake logits."""
+
+    def __init__(self, channels: int = 1, ndf: int = 64, layers: int = 3):
+        super().__init__()
+        seq = [nn.Conv2d(channels, ndf, 4, stride=2, padding=1), nn.LeakyReLU(0.2, True)]
+        mult = 1
+        for n in range(1, layers + 1):
+            prev, mult = mult, min(2**n, 8)
+            stride = 2 if n < layers else 1
+            seq += [nn.Conv2d(ndf * prev, ndf * mult, 4, stride=stride, padding=1, bias=False), _norm(ndf * mult), nn.LeakyReLU(0.2, True)]
+        seq.append(nn.Conv2d(ndf * mult, 1, 4, stride=1, padding=1))
+        self.model = nn.Sequential(*seq)
+
+    def forward(self, x):
+        return self.model(x)
+
+
+def init_weights(module: nn.Module, std: float = 0.02) -> nn.Module:
+    """Random-normal init (mean 0, std 0.02) as in the seed and the CycleGAN paper."""
+    for m in module.modules():
+        if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)):
+            nn.init.normal_(m.weight, 0.0, std)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+    return module
+
+
+def build_generator(arch: str, size: int, ngf: int = 64) -> nn.Module:
+    if arch == "unet":
+        return init_weights(UNetGenerator(size, ngf=ngf))
+    if arch == "resnet9":
+        return init_weights(ResnetGenerator(ngf=ngf, blocks=9))
+    raise ValueError(f"unknown generator {arch!r}: choose unet or resnet9")
+
+
+def build_discriminator(ndf: int = 64) -> nn.Module:
+    return init_weights(PatchDiscriminator(ndf=ndf))
