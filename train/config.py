@@ -23,7 +23,7 @@ class Config:
     # data and run folder
     data: str = option(None, "shards folder written by `python -m shards pack` (local path; shard URLs via --data_url)", required=True)
     out: str = option(None, "run folder (created; see docs/run-folder.md)", required=True)
-    data_url: str = option("", "optional shard location override: a URL prefix such as http://host/shards or pipe:cat ")
+    data_url: str = option("", "read train shards from DATA_URL + 'train/NAME.tar' instead of --data, e.g. http://host/shards/ or 'pipe:cat /mnt/shards/'")
     size: int = option(0, "image size; 0 = the shards' size (must match them)")
     # networks
     generator: str = option("unet", "generator architecture", choices=["unet", "resnet9"])

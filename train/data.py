@@ -1,0 +1,150 @@
+"""Streaming WebDataset input for training and validation.
+
+Training reads train/t1 and train/t2 as two independent streams (CycleGAN is unpaired). Each epoch, every
+(rank, DataLoader worker) slot reads a disjoint part of the data: whole shards when there are at least as
+many shards as slots, otherwise every n-th sample. No sample goes to two ranks in one epoch. A slot cycles
+its part until the epoch's fixed step count is reached, so ranks never run out at different times. The order
+is a function of (seed, epoch, slot), which makes the data position exactly reproducible on resume.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import random
+import zlib
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import webdataset as wds
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from shards.format import CONTRASTS, ShardsError, decode_png16, decode_sample, read_manifest, shard_paths
+
+
+def check_shards(root: str, size: int | None = None) -> dict:
+    """Fail before training on a missing/empty folder, shards without the needed keys, or a size mismatch."""
+    if not Path(root).is_dir():
+        raise ShardsError(f"--data {root}: no such folder")
+    manifest = read_manifest(root)
+    for stream in CONTRASTS:
+        if not shard_paths(root, "train", stream):
+            raise ShardsError(f"--data {root}: no train/{stream}-*.tar shards")
+    for split, stream, needed in (("train", "t1", {"t1.png", "json"}), ("train", "t2", {"t2.png", "json"}),
+                                  ("val", "paired", {"t1.png", "t2.png", "mask.png", "json"})):
+        paths = shard_paths(root, split, stream)
+        if not paths:
+            if split == "val":
+                raise ShardsError(f"--data {root}: no val/paired-*.tar shards; validation needs subjects with both T1 and T2")
+            continue
+        sample = next(iter(wds.WebDataset(paths[0], shardshuffle=False, empty_check=False)), None)
+        if sample is None:
+            raise ShardsError(f"{paths[0]}: empty shard")
+        missing = needed - set(sample)
+        if missing:
+            raise ShardsError(f"{paths[0]}: samples lack {', '.join(sorted(missing))} (found {', '.join(sorted(k for k in sample if not k.startswith('__')))})")
+        shape = decode_png16(sample[next(iter(needed - {'json', 'mask.png'}))]).shape
+        if size and shape != (size, size):
+            raise ShardsError(f"{paths[0]}: images are {shape[0]}x{shape[1]}, but --size is {size}")
+    return manifest
+
+
+def augment(image: torch.Tensor, rng: torch.Generator) -> torch.Tensor:
+    """(1,H,W) in [0,1]: left-right flip, small affine (+-5 deg, +-5% scale, +-4% shift), gamma and contrast."""
+    u = torch.rand(7, generator=rng)
+    if u[0] < 0.5:
+        image = image.flip(-1)
+    angle = math.radians((u[1].item() - 0.5) * 10)
+    scale = 1 + (u[2].item() - 0.5) * 0.1
+    tx, ty = (u[3].item() - 0.5) * 0.08, (u[4].item() - 0.5) * 0.08
+    theta = torch.tensor([[math.cos(angle) / scale, -math.sin(angle) / scale, tx],
+                          [math.sin(angle) / scale, math.cos(angle) / scale, ty]], dtype=image.dtype)
+    grid = F.affine_grid(theta[None], [1, *image.shape], align_corners=False)
+    image = F.grid_sample(image[None], grid, mode="bilinear", padding_mode="zeros", align_corners=False)[0]
+    gamma = math.exp((u[5].item() - 0.5) * 0.4)  # 0.82 .. 1.22
+    contrast = 0.9 + u[6].item() * 0.2
+    image = image.clamp(0, 1) ** gamma
+    return (0.5 + (image - 0.5) * contrast).clamp(0, 1)
+
+
+class SliceStream(IterableDataset):
+    """One contrast of train/: yields {'image': (1,H,W) in [-1,1], 'slot', 'skipped'} for the current epoch."""
+
+    def __init__(self, urls: list[str], contrast: str, seed: int, rank: int, world: int,
+                 shuffle_buffer: int, do_augment: bool):
+        self.urls, self.contrast, self.seed = urls, contrast, seed
+        self.rank, self.world = rank, world
+        self.shuffle_buffer, self.do_augment = shuffle_buffer, do_augment
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def _slot(self) -> tuple[int, int]:
+        info = get_worker_info()
+        workers, worker = (info.num_workers, info.id) if info else (1, 0)
+        return self.rank * workers + worker, self.world * workers
+
+    def __iter__(self):
+        slot, slots = self._slot()
+        urls = list(self.urls)
+        random.Random(self.seed * 1000003 + self.epoch).shuffle(urls)  # same shard order on every rank
+        if len(urls) >= slots:
+            mine, keep = urls[slot::slots], None
+        else:
+            mine, keep = urls, (slot, slots)
+        seed = zlib.crc32(f"{self.seed}/{self.epoch}/{slot}/{self.contrast}".encode())  # stable across processes
+        rng = torch.Generator().manual_seed(seed)
+        skipped = 0
+        for _ in itertools.count():  # cycle this slot's part until the trainer stops asking
+            yielded = 0
+            samples = iter(wds.DataPipeline(wds.SimpleShardList(mine), wds.tarfile_to_samples(handler=wds.warn_and_continue)))
+            if keep:
+                samples = (s for i, s in enumerate(samples) if i % keep[1] == keep[0])
+            for sample in wds.filters._shuffle(samples, self.shuffle_buffer, max(1, self.shuffle_buffer // 10), random.Random(seed)):
+                try:
+                    image = torch.from_numpy(decode_png16(sample[f"{self.contrast}.png"]))[None]
+                except (KeyError, ValueError, OSError) as err:
+                    skipped += 1
+                    print(f"warning: skipping unreadable sample {sample.get('__key__')} in {sample.get('__url__')}: {err}")
+                    continue
+                if self.do_augment:
+                    image = augment(image, rng)
+                yielded += 1
+                yield {"image": image * 2 - 1, "slot": slot, "skipped": skipped}
+            if yielded == 0:
+                raise ShardsError(f"no readable {self.contrast} samples for data slot {slot} in {mine[:3]}...")
+            seed += 1
+
+
+def train_loaders(root: str, config, rank: int, world: int) -> dict[str, DataLoader]:
+    """Two loaders, T1 and T2. With config.data_url, shards are read from `data_url + 'train/NAME.tar'`
+    (an http:// prefix, or pipe:COMMAND with a trailing path), still listed from the local manifest."""
+    loaders = {}
+    for index, contrast in enumerate(CONTRASTS):
+        urls = shard_paths(root, "train", contrast)
+        if config.data_url:
+            urls = [f"{config.data_url}train/{Path(u).name}" for u in urls]
+        stream = SliceStream(urls, contrast, config.seed * 2 + index, rank, world, config.shuffle_buffer, config.augment)
+        loaders[contrast] = DataLoader(stream, batch_size=config.batch_size, num_workers=config.num_workers,
+                                       persistent_workers=False, pin_memory=torch.cuda.is_available(),
+                                       multiprocessing_context="fork" if config.num_workers else None)
+    return loaders
+
+
+def val_samples(root: str, split: str = "val", limit: int | None = None) -> list[dict]:
+    """Decoded paired samples of a split, in shard order (small: val/test are 10% of subjects)."""
+    paths = shard_paths(root, split, "paired")
+    if not paths:
+        return []
+    samples = wds.WebDataset(paths, shardshuffle=False, empty_check=False)
+    return [decode_sample(s) for s in itertools.islice(samples, limit)]
+
+
+def evenly_spaced(samples: list, count: int) -> list:
+    """`count` samples spread over the list: a fixed, representative subset."""
+    if len(samples) <= count:
+        return samples
+    return [samples[i] for i in np.linspace(0, len(samples) - 1, count).round().astype(int)]

@@ -1,0 +1,442 @@
+"""Train a T1<->T2 CycleGAN on WebDataset shards.
+
+    accelerate launch train/main.py --data data/shards --out runs/NAME [--config FILE.yaml] [--option value ...]
+    python train/main.py ...                      (one process)
+
+A = T1, B = T2. G_ab translates T1 to T2, G_ba T2 to T1; D_a judges T1 images, D_b T2 images.
+See docs/training.md for the options and docs/run-folder.md for what lands in --out.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import signal
+import sys
+import time
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from safetensors.torch import save_file
+from torch import nn
+from tqdm import tqdm
+
+if __package__ in (None, ""):  # `python train/main.py`: make the repository root importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from shards.format import ShardsError
+from train import rundir
+from train.config import ARCHITECTURE_KEYS, Config, load_config, save_config
+from train.data import check_shards, evenly_spaced, train_loaders, val_samples
+from train.losses import ImagePool, gan_loss
+from train.metrics import slice_metrics
+from train.networks import build_discriminator, build_generator
+
+
+class CycleGenerators(nn.Module):
+    """Both generators behind one forward, so DDP sees one call per step whatever the passes inside."""
+
+    def __init__(self, g_ab: nn.Module, g_ba: nn.Module):
+        super().__init__()
+        self.g_ab, self.g_ba = g_ab, g_ba
+
+    def forward(self, real_a, real_b):
+        n = real_a.shape[0]
+        fake_b, idt_b = self.g_ab(torch.cat([real_a, real_b])).split(n)  # instance norm: batching changes nothing
+        fake_a, idt_a = self.g_ba(torch.cat([real_b, real_a])).split(n)
+        return {"fake_a": fake_a, "fake_b": fake_b, "rec_a": self.g_ba(fake_b), "rec_b": self.g_ab(fake_a),
+                "idt_a": idt_a, "idt_b": idt_b}
+
+
+class Discriminators(nn.Module):
+    def __init__(self, d_a: nn.Module, d_b: nn.Module):
+        super().__init__()
+        self.d_a, self.d_b = d_a, d_b
+
+    def forward(self, images_a, images_b):
+        return self.d_a(images_a), self.d_b(images_b)
+
+
+@dataclass
+class TrainState:
+    """Everything besides models/optimizers/RNG that an exact resume needs; saved in every checkpoint."""
+
+    step: int = 0
+    nan_steps: int = 0
+    bad_in_a_row: int = 0
+    best_score: float = -math.inf
+    best_step: int = -1
+
+    def state_dict(self) -> dict:
+        return dict(vars(self))
+
+    def load_state_dict(self, state: dict) -> None:
+        vars(self).update(state)
+
+
+class StateDict:
+    """Adapter: anything with state_dict/load_state_dict, registered for Accelerate checkpointing."""
+
+    def __init__(self, **parts):
+        self.parts = parts
+
+    def state_dict(self):
+        return {k: v.state_dict() for k, v in self.parts.items()}
+
+    def load_state_dict(self, state):
+        for k, v in self.parts.items():
+            v.load_state_dict(state[k])
+
+
+class StopRequested:
+    """SIGTERM / SIGUSR1 (SLURM pre-emption): finish the step, checkpoint, exit cleanly."""
+
+    def __init__(self):
+        self.flag = False
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame):
+        print(f"received {signal.Signals(signum).name}: checkpointing at the end of this step", flush=True)
+        self.flag = True
+
+
+def linear_decay(total_steps: int):
+    """LR factor: 1 for the first half of training, then linearly down to 0."""
+    half = total_steps / 2
+    return lambda step: 1.0 if step < half else max(0.0, 1.0 - (step - half) / max(half, 1))
+
+
+def wandb_mode(config: Config) -> str:
+    if config.report_to == "none":
+        return "disabled"
+    if config.wandb:
+        return config.wandb
+    netrc = Path.home() / ".netrc"
+    logged_in = netrc.exists() and "api.wandb.ai" in netrc.read_text(errors="ignore")
+    return "online" if os.environ.get("WANDB_API_KEY") or logged_in else "offline"
+
+
+def any_rank(accelerator: Accelerator, flag: bool) -> bool:
+    """True if `flag` is set on any process (keeps every rank taking the same branch)."""
+    if accelerator.num_processes == 1:
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0], device=accelerator.device)
+    return bool(accelerator.reduce(t, reduction="sum").item() > 0)
+
+
+def resolve_resume(config: Config, out: Path) -> Path | None:
+    if not config.resume:
+        return None
+    if config.resume == "auto":
+        found = rundir.list_checkpoints(out)
+        return found[-1][1] if found else None
+    path = Path(config.resume)
+    if not (path / rundir.CHECKPOINT_INFO).is_file():
+        raise SystemExit(f"error: --resume {path}: not a checkpoint folder (no {rundir.CHECKPOINT_INFO}); "
+                         f"expected RUN/checkpoints/step-NNNNNNN or 'auto'")
+    return path
+
+
+def check_compatible(path: Path, config: Config, size: int) -> None:
+    saved = json.loads((path / rundir.CHECKPOINT_INFO).read_text())["config"]
+    current = {**config.to_dict(), "size": size}
+    differ = [f"{k}: checkpoint {saved.get(k)!r} vs now {current[k]!r}" for k in ARCHITECTURE_KEYS if saved.get(k) != current[k]]
+    if differ:
+        raise SystemExit(f"error: --resume {path} was made with a different configuration ({'; '.join(differ)}); "
+                         f"start a new run folder or resume with the same options")
+
+
+def main(argv=None) -> int:
+    config = load_config(argv)
+    try:
+        manifest = check_shards(config.data, config.size or None)
+    except ShardsError as err:
+        raise SystemExit(f"error: {err}")
+    size = config.size or manifest["image_size"]
+    out = Path(config.out)
+    if config.resume and config.resume != "auto" and not Path(config.resume).exists():
+        raise SystemExit(f"error: --resume {config.resume}: no such checkpoint folder")
+
+    mode = wandb_mode(config)
+    os.environ["WANDB_MODE"] = mode
+    accelerator = Accelerator(mixed_precision=config.mixed_precision,
+                              log_with=None if mode == "disabled" else "wandb", project_dir=str(out))
+    set_seed(config.seed, device_specific=False)  # identical initial weights on every rank
+    is_main = accelerator.is_main_process
+    if is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        save_config(Config(**{**config.to_dict(), "size": size}), out / rundir.CONFIG)
+    resume_path = resolve_resume(config, out)
+    if resume_path:
+        check_compatible(resume_path, config, size)
+
+    # models, optimizers, schedules
+    gens = CycleGenerators(build_generator(config.generator, size, config.ngf), build_generator(config.generator, size, config.ngf))
+    discs = Discriminators(build_discriminator(config.ndf), build_discriminator(config.ndf))
+    if config.channels_last:
+        gens, discs = gens.to(memory_format=torch.channels_last), discs.to(memory_format=torch.channels_last)
+    opt_g = torch.optim.Adam(gens.parameters(), lr=config.lr, betas=(config.beta1, config.beta2))
+    opt_d = torch.optim.Adam(discs.parameters(), lr=config.lr, betas=(config.beta1, config.beta2))
+    world = accelerator.num_processes
+    steps_per_epoch = config.steps_per_epoch or max(1, min(manifest["splits"]["train"]["slices"].values()) // (config.batch_size * world))
+    total_steps = config.max_steps or config.epochs * steps_per_epoch
+    # schedulers are stepped once per optimizer step on every rank: kept out of prepare(), which would step them world times
+    sched_g = torch.optim.lr_scheduler.LambdaLR(opt_g, linear_decay(total_steps))
+    sched_d = torch.optim.lr_scheduler.LambdaLR(opt_d, linear_decay(total_steps))
+    gens, discs, opt_g, opt_d = accelerator.prepare(gens, discs, opt_g, opt_d)
+    pools = {"a": ImagePool(config.pool_size, config.seed), "b": ImagePool(config.pool_size, config.seed + 1)}
+    state = TrainState()
+    accelerator.register_for_checkpointing(StateDict(train=state, sched_g=sched_g, sched_d=sched_d, pool_a=pools["a"], pool_b=pools["b"]))
+    if resume_path:
+        accelerator.load_state(str(resume_path))
+        accelerator.print(f"resumed from {resume_path} at step {state.step}")
+
+    loaders = train_loaders(config.data, config, accelerator.process_index, world)
+    val = val_samples(config.data, "val", config.val_max_slices)
+    previews = evenly_spaced(val, config.preview_slices)
+    metrics_log = rundir.MetricsLog(out, state.step if resume_path else None) if is_main else None
+    if is_main and not resume_path and (out / rundir.METRICS).exists():
+        (out / rundir.METRICS).unlink()  # a fresh run in a reused folder starts a fresh curve
+    if mode != "disabled":
+        accelerator.init_trackers(config.wandb_project, config=config.to_dict(), init_kwargs={"wandb": {
+            "name": config.run_name or out.name, "group": config.wandb_group or None, "dir": str(out),
+            "tags": [t for t in config.wandb_tags.split(",") if t] or None, "resume": "allow",
+            "id": f"{config.run_name or out.name}-{zlib.crc32(str(out.resolve()).encode()):08x}"}})
+
+    stop = StopRequested()
+    bar = tqdm(total=total_steps, initial=state.step, disable=not is_main, desc="train", unit="step")
+    lambda_idt = config.lambda_cycle * config.lambda_identity
+    skipped_by_slot: dict[int, int] = {}
+    window_start, window_images, run_start, images_seen = time.time(), 0, time.time(), 0
+    epoch = state.step // steps_per_epoch
+    last = {}
+    status = "finished"
+
+    while state.step < total_steps:
+        epoch = state.step // steps_per_epoch
+        iterators = {}
+        for contrast, loader in loaders.items():
+            loader.dataset.set_epoch(epoch)
+            iterators[contrast] = iter(loader)
+        for _ in range(state.step % steps_per_epoch):  # resume mid-epoch: skip to the saved data position
+            next(iterators["t1"]), next(iterators["t2"])
+        epoch_end = min((epoch + 1) * steps_per_epoch, total_steps)
+        while state.step < epoch_end:
+            batch = {c: next(it) for c, it in iterators.items()}
+            for c in batch:
+                for slot, count in zip(batch[c]["slot"].tolist(), batch[c]["skipped"].tolist()):
+                    skipped_by_slot[(c, slot)] = max(skipped_by_slot.get((c, slot), 0), count)
+            real_a = batch["t1"]["image"].to(accelerator.device)
+            real_b = batch["t2"]["image"].to(accelerator.device)
+            if config.channels_last:
+                real_a, real_b = real_a.to(memory_format=torch.channels_last), real_b.to(memory_format=torch.channels_last)
+
+            # generators: fool the (frozen) discriminators, cycle back, keep identity
+            discs_plain = accelerator.unwrap_model(discs)
+            discs_plain.requires_grad_(False)
+            with accelerator.autocast():
+                fakes = gens(real_a, real_b)
+                judged_a, judged_b = discs_plain(fakes["fake_a"], fakes["fake_b"])
+                loss_g_adv = gan_loss(judged_a, True, config.gan_loss) + gan_loss(judged_b, True, config.gan_loss)
+                loss_cycle = config.lambda_cycle * (F.l1_loss(fakes["rec_a"].float(), real_a) + F.l1_loss(fakes["rec_b"].float(), real_b))
+                loss_idt = lambda_idt * (F.l1_loss(fakes["idt_a"].float(), real_a) + F.l1_loss(fakes["idt_b"].float(), real_b))
+                loss_g = loss_g_adv + loss_cycle + loss_idt
+            discs_plain.requires_grad_(True)
+            bad = any_rank(accelerator, not torch.isfinite(loss_g).item())
+            if not bad:
+                opt_g.zero_grad(set_to_none=True)
+                accelerator.backward(loss_g)
+                opt_g.step()
+
+                # discriminators: real vs. generated (from the history pool), (real + fake) / 2
+                fake_a = pools["a"].query(fakes["fake_a"].detach())
+                fake_b = pools["b"].query(fakes["fake_b"].detach())
+                n = real_a.shape[0]
+                with accelerator.autocast():
+                    logits_a, logits_b = discs(torch.cat([real_a, fake_a]), torch.cat([real_b, fake_b]))
+                    loss_d_a = (gan_loss(logits_a[:n], True, config.gan_loss) + gan_loss(logits_a[n:], False, config.gan_loss)) / 2
+                    loss_d_b = (gan_loss(logits_b[:n], True, config.gan_loss) + gan_loss(logits_b[n:], False, config.gan_loss)) / 2
+                    loss_d = loss_d_a + loss_d_b
+                bad = any_rank(accelerator, not torch.isfinite(loss_d).item())
+                if not bad:
+                    opt_d.zero_grad(set_to_none=True)
+                    accelerator.backward(loss_d)
+                    opt_d.step()
+            if bad:
+                state.nan_steps += 1
+                state.bad_in_a_row += 1
+                consecutive = state.bad_in_a_row
+                accelerator.print(f"warning: step {state.step}: NaN/inf loss, step skipped ({consecutive} in a row, {state.nan_steps} in all)")
+                opt_g.zero_grad(set_to_none=True)
+                opt_d.zero_grad(set_to_none=True)
+                if consecutive >= config.max_bad_steps:
+                    last_good = rundir.list_checkpoints(out)
+                    where = f"the last good checkpoint is {last_good[-1][1]}" if last_good else "no checkpoint was written yet"
+                    bar.close()
+                    accelerator.end_training()
+                    raise SystemExit(f"error: {consecutive} consecutive steps with NaN/inf losses at step {state.step}; "
+                                     f"stopping ({where}). Try a lower --lr or --mixed_precision no.")
+                continue
+            state.bad_in_a_row = 0
+            sched_g.step()
+            sched_d.step()
+            state.step += 1
+            bar.update()
+            images = 2 * real_a.shape[0] * world
+            window_images += images
+            images_seen += images
+
+            if state.step % config.log_every == 0 or state.step == total_steps:
+                elapsed = time.time() - window_start
+                losses = torch.stack([loss_g, loss_g_adv, loss_cycle, loss_idt, loss_d, loss_d_a, loss_d_b]).detach().float()
+                losses = accelerator.reduce(losses, reduction="mean") if world > 1 else losses
+                last = {"loss/G": losses[0].item(), "loss/G_adv": losses[1].item(), "loss/cycle": losses[2].item(),
+                        "loss/identity": losses[3].item(), "loss/D": losses[4].item(), "loss/D_t1": losses[5].item(),
+                        "loss/D_t2": losses[6].item(), "lr": sched_g.get_last_lr()[0], "images_per_s": window_images / max(elapsed, 1e-9),
+                        "nan_steps": state.nan_steps, "skipped_samples": sum(skipped_by_slot.values())}
+                if is_main:
+                    metrics_log.write({"step": state.step, "epoch": epoch, **last})
+                    bar.set_postfix(G=f"{last['loss/G']:.3f}", D=f"{last['loss/D']:.3f}", ips=f"{last['images_per_s']:.1f}")
+                    tqdm.write(f"step {state.step} epoch {epoch}: G {last['loss/G']:.4f} (adv {last['loss/G_adv']:.4f} cycle "
+                               f"{last['loss/cycle']:.4f} idt {last['loss/identity']:.4f}) D {last['loss/D']:.4f} "
+                               f"{last['images_per_s']:.2f} images/s")
+                accelerator.log(last, step=state.step)
+                window_start, window_images = time.time(), 0
+
+            at_epoch_end = state.step == epoch_end
+            if (config.val_every and state.step % config.val_every == 0) or at_epoch_end:
+                scores = validate(accelerator, gens, val, previews, out, epoch, state, config, at_epoch_end)
+                if scores and is_main:
+                    metrics_log.write({"step": state.step, "epoch": epoch, **scores})
+            stop_now = any_rank(accelerator, stop.flag)
+            if state.step % config.checkpoint_every == 0 or state.step == total_steps or stop_now:
+                save_checkpoint(accelerator, gens, out, state, epoch, config, size, last)
+            if stop_now:
+                status = "stopped"
+                break
+        if status == "stopped":
+            break
+
+    bar.close()
+    if is_main:
+        rundir.write_gif(out)
+        write_summary(out, state, epoch, status, images_seen / max(time.time() - run_start, 1e-9), skipped_by_slot, total_steps)
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return 0
+
+
+@torch.no_grad()
+def validate(accelerator, gens, val, previews, out: Path, epoch: int, state: TrainState, config: Config, draw: bool) -> dict:
+    """Paired val metrics, split across ranks and summed; on the main process, the epoch's prediction grid."""
+    if not val:
+        return {}
+    model = accelerator.unwrap_model(gens)
+    model.eval()
+    names = [f"val/{d}/{m}" for d in ("t1_to_t2", "t2_to_t1") for m in ("ssim", "ssim_masked", "psnr", "psnr_masked", "mae_masked")]
+    names += ["val/t1_cycle/ssim", "val/t2_cycle/ssim"]
+    sums = torch.zeros(len(names) + 1, device=accelerator.device)
+    mine = val[accelerator.process_index::accelerator.num_processes]
+    for start in range(0, len(mine), 8):
+        chunk = mine[start:start + 8]
+        t1, t2, mask = (torch.stack([torch.from_numpy(s[k]) for s in chunk])[:, None].to(accelerator.device) for k in ("t1", "t2", "mask"))
+        results = translate_both(model, t1, t2, accelerator)
+        values = []
+        for direction, target in (("t1_to_t2", t2), ("t2_to_t1", t1)):
+            m = slice_metrics(results[direction], target, mask)
+            values += [m[k] for k in ("ssim", "ssim_masked", "psnr", "psnr_masked", "mae_masked")]
+        values += [slice_metrics(results["t1_cycle"], t1, mask)["ssim"], slice_metrics(results["t2_cycle"], t2, mask)["ssim"]]
+        sums[:-1] += torch.stack([v.sum() for v in values])
+        sums[-1] += len(chunk)
+    sums = accelerator.reduce(sums, reduction="sum") if accelerator.num_processes > 1 else sums
+    scores = {name: (sums[i] / sums[-1]).item() for i, name in enumerate(names)}
+    scores["val/ssim_masked_mean"] = (scores["val/t1_to_t2/ssim_masked"] + scores["val/t2_to_t1/ssim_masked"]) / 2
+    scores["val/slices"] = int(sums[-1].item())
+    if accelerator.is_main_process:
+        if draw and previews:
+            t1, t2 = (torch.stack([torch.from_numpy(s[k]) for s in previews])[:, None].to(accelerator.device) for k in ("t1", "t2"))
+            r = translate_both(model, t1, t2, accelerator)
+            rows = []
+            for i in range(len(previews)):
+                rows.append([x[i, 0].float().cpu().numpy() for x in (t1, r["t1_to_t2"], r["t1_cycle"], t2)])
+                rows.append([x[i, 0].float().cpu().numpy() for x in (t2, r["t2_to_t1"], r["t2_cycle"], t1)])
+            path = rundir.save_prediction(out, epoch, rundir.prediction_grid(rows))
+            rundir.write_gif(out)
+            if accelerator.trackers:
+                import wandb
+
+                table = wandb.Table(columns=["step", "epoch", *scores.keys()], data=[[state.step, epoch, *scores.values()]])
+                accelerator.get_tracker("wandb").log({"predictions": wandb.Image(str(path)), "val/table": table}, step=state.step)
+        accelerator.log(scores, step=state.step)
+    model.train()
+    return scores
+
+
+def translate_both(model: CycleGenerators, t1: torch.Tensor, t2: torch.Tensor, accelerator) -> dict[str, torch.Tensor]:
+    """[0,1] inputs -> [0,1] translations and cycle reconstructions in both directions."""
+    with accelerator.autocast():
+        fake_t2 = model.g_ab(t1 * 2 - 1)
+        fake_t1 = model.g_ba(t2 * 2 - 1)
+        cycle_t1 = model.g_ba(fake_t2)
+        cycle_t2 = model.g_ab(fake_t1)
+    return {k: ((v.float() + 1) / 2).clamp(0, 1) for k, v in
+            (("t1_to_t2", fake_t2), ("t2_to_t1", fake_t1), ("t1_cycle", cycle_t1), ("t2_cycle", cycle_t2))}
+
+
+def save_checkpoint(accelerator, gens, out: Path, state: TrainState, epoch: int, config: Config, size: int, last: dict) -> None:
+    """Accelerate state + inference generators, written to a hidden folder and renamed when complete."""
+    rows = rundir.read_metrics(out) if accelerator.is_main_process else []
+    val = next((r for r in reversed(rows) if "val/ssim_masked_mean" in r and r["step"] == state.step), None)
+    score = val["val/ssim_masked_mean"] if val else None
+    if score is not None and score > state.best_score:
+        state.best_score, state.best_step = score, state.step
+    final = rundir.checkpoint_dir(out, state.step)
+    tmp = final.with_name(f".{final.name}.tmp")
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))
+    if accelerator.is_main_process:
+        model = accelerator.unwrap_model(gens)
+        for name, net in (("t1_to_t2", model.g_ab), ("t2_to_t1", model.g_ba)):
+            save_file({k: v.detach().float().contiguous().cpu() for k, v in net.state_dict().items()}, str(tmp / rundir.GENERATORS[name]))
+        rundir.write_json(tmp / rundir.CHECKPOINT_INFO, {
+            "step": state.step, "epoch": epoch, "time": time.time(), "val": {k: v for k, v in (val or {}).items() if k.startswith("val/")},
+            "train": last, "config": {**config.to_dict(), "size": size},
+            "generator": {"arch": config.generator, "size": size, "ngf": config.ngf, "input_range": [-1, 1]}})
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        prune_checkpoints(out, config.checkpoints_total_limit, state.best_step)
+    accelerator.wait_for_everyone()
+
+
+def prune_checkpoints(out: Path, keep: int, best_step: int) -> None:
+    found = rundir.list_checkpoints(out)
+    for step, path in found[:-keep] if keep > 0 else []:
+        if step != best_step:
+            shutil.rmtree(path)
+
+
+def write_summary(out: Path, state: TrainState, epoch: int, status: str, images_per_s: float, skipped: dict, total_steps: int) -> None:
+    rows = rundir.read_metrics(out)
+    vals = [r for r in rows if "val/ssim_masked_mean" in r]
+    best = max(vals, key=lambda r: r["val/ssim_masked_mean"]) if vals else None
+    rundir.write_json(out / rundir.SUMMARY, {
+        "status": status, "steps": state.step, "total_steps": total_steps, "epochs": epoch + 1,
+        "images_per_s": images_per_s, "nan_steps": state.nan_steps, "skipped_samples": sum(skipped.values()),
+        "best": best, "last": vals[-1] if vals else None, "best_checkpoint_step": state.best_step,
+        "last_train": next((r for r in reversed(rows) if "loss/G" in r), None)})
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,26 @@
+"""SSIM, PSNR and MAE of translations against ground truth: the one definition used by validation, the
+evaluator and the dashboard. Images are in [0,1] (data range 1). SSIM uses an 11x11 Gaussian window
+(sigma 1.5); masked SSIM averages the SSIM map inside the foreground mask; masked PSNR and MAE use the
+mean squared / absolute error inside the mask."""
+
+from __future__ import annotations
+
+import torch
+from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
+
+
+def slice_metrics(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Per-slice metrics. pred/target: (N,1,H,W) in [0,1]; mask: (N,1,H,W) bool. Returns (N,) tensors."""
+    pred, target = pred.float().clamp(0, 1), target.float()
+    weights = mask.float()
+    area = weights.sum(dim=(1, 2, 3)).clamp(min=1)
+    ssim, ssim_map = structural_similarity_index_measure(pred, target, data_range=1.0, reduction="none", return_full_image=True)
+    error = pred - target
+    mse_masked = (error.square() * weights).sum(dim=(1, 2, 3)) / area
+    return {
+        "ssim": ssim,
+        "ssim_masked": (ssim_map * weights).sum(dim=(1, 2, 3)) / area,
+        "psnr": peak_signal_noise_ratio(pred, target, data_range=1.0, reduction="none", dim=(1, 2, 3)),
+        "psnr_masked": 10 * torch.log10(1.0 / mse_masked.clamp(min=1e-10)),
+        "mae_masked": (error.abs() * weights).sum(dim=(1, 2, 3)) / area,
+    }

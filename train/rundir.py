@@ -1,0 +1,145 @@
+"""The run folder: the contract between the trainer and the dashboard (docs/run-folder.md).
+
+    RUN/config.yaml                 resolved options
+    RUN/metrics.jsonl               one flat JSON object per logged step or validation; always `step`, `epoch`
+    RUN/checkpoints/step-NNNNNNN/   Accelerate state (resume) + G_t1_to_t2.safetensors, G_t2_to_t1.safetensors
+                                    and checkpoint.json (step, epoch, time, val metrics, generator config)
+    RUN/predictions/epoch-NNN.png   fixed val slices: input | translation | cycle | ground truth, both directions
+    RUN/progress.gif                the prediction grids over the epochs
+    RUN/summary.json                best and last metrics, total steps, images/s; `status` finished or stopped
+
+Every file is written to a temporary name and renamed, so a reader never sees half of one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import time
+from pathlib import Path
+
+import imageio.v2 as imageio
+import numpy as np
+from PIL import Image
+
+CONFIG = "config.yaml"
+METRICS = "metrics.jsonl"
+SUMMARY = "summary.json"
+GIF = "progress.gif"
+CHECKPOINTS = "checkpoints"
+PREDICTIONS = "predictions"
+CHECKPOINT_INFO = "checkpoint.json"
+GENERATORS = {"t1_to_t2": "G_t1_to_t2.safetensors", "t2_to_t1": "G_t2_to_t1.safetensors"}
+CHECKPOINT_RE = re.compile(r"^step-(\d{7})$")
+PREDICTION_RE = re.compile(r"^epoch-(\d{3,})\.png$")
+
+
+def checkpoint_dir(run: Path, step: int) -> Path:
+    return Path(run) / CHECKPOINTS / f"step-{step:07d}"
+
+
+def prediction_path(run: Path, epoch: int) -> Path:
+    return Path(run) / PREDICTIONS / f"epoch-{epoch:03d}.png"
+
+
+def list_checkpoints(run: Path) -> list[tuple[int, Path]]:
+    """Complete checkpoints (renamed into place, with checkpoint.json), oldest first."""
+    folder = Path(run) / CHECKPOINTS
+    if not folder.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in folder.iterdir() if (m := CHECKPOINT_RE.match(p.name)) and (p / CHECKPOINT_INFO).is_file()]
+    return sorted(found)
+
+
+def list_predictions(run: Path) -> list[tuple[int, Path]]:
+    folder = Path(run) / PREDICTIONS
+    if not folder.is_dir():
+        return []
+    return sorted((int(m.group(1)), p) for p in folder.iterdir() if (m := PREDICTION_RE.match(p.name)))
+
+
+def write_atomic(path: Path, data: bytes | str) -> None:
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_bytes(data.encode() if isinstance(data, str) else data)
+    os.replace(tmp, path)
+
+
+def write_json(path: Path, obj) -> None:
+    write_atomic(path, json.dumps(obj, indent=2, sort_keys=True))
+
+
+class MetricsLog:
+    """Appends flat JSON lines. On resume, rows past the resumed step are dropped so the curve stays continuous."""
+
+    def __init__(self, run: Path, resume_step: int | None = None):
+        self.path = Path(run) / METRICS
+        if resume_step is not None and self.path.exists():
+            kept = [line for line in self.path.read_text().splitlines() if _row_step(line) is not None and _row_step(line) <= resume_step]
+            write_atomic(self.path, "".join(line + "\n" for line in kept))
+
+    def write(self, row: dict) -> None:
+        assert "step" in row and "epoch" in row, "every metrics row carries step and epoch"
+        with open(self.path, "a") as f:
+            f.write(json.dumps({**row, "time": round(time.time(), 3)}) + "\n")
+            f.flush()
+
+
+def _row_step(line: str) -> int | None:
+    try:
+        return int(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):
+        return None  # a torn last line from a killed run
+
+
+def read_metrics(run: Path) -> list[dict]:
+    path = Path(run) / METRICS
+    if not path.exists():
+        return []
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return rows
+
+
+def to_uint8(image: np.ndarray) -> np.ndarray:
+    """[-1,1] or [0,1] float image -> uint8 (values below 0 are taken as [-1,1] scaling)."""
+    image = np.asarray(image, np.float32)
+    if image.min() < 0:
+        image = (image + 1) / 2
+    return (np.clip(image, 0, 1) * 255).round().astype(np.uint8)
+
+
+def prediction_grid(rows: list[list[np.ndarray]], gap: int = 2) -> np.ndarray:
+    """Rows of equally sized [0,1] images -> one uint8 grid with thin gaps."""
+    h, w = rows[0][0].shape
+    cols = max(len(r) for r in rows)
+    grid = np.zeros((len(rows) * (h + gap) - gap, cols * (w + gap) - gap), np.uint8)
+    for i, row in enumerate(rows):
+        for j, image in enumerate(row):
+            grid[i * (h + gap):i * (h + gap) + h, j * (w + gap):j * (w + gap) + w] = to_uint8(image)
+    return grid
+
+
+def save_prediction(run: Path, epoch: int, grid: np.ndarray) -> Path:
+    path = prediction_path(run, epoch)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    Image.fromarray(grid).save(tmp)
+    os.replace(tmp, path)
+    return path
+
+
+def write_gif(run: Path, seconds_per_frame: float = 0.5) -> Path | None:
+    frames = [np.asarray(Image.open(p).convert("L")) for _, p in list_predictions(run)]
+    if not frames:
+        return None
+    path = Path(run) / GIF
+    tmp = path.with_name(f".{GIF}.tmp.gif")
+    imageio.mimsave(tmp, frames, duration=seconds_per_frame, loop=0)
+    os.replace(tmp, path)
+    return path
