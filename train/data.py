@@ -70,7 +70,8 @@ def augment(image: torch.Tensor, rng: torch.Generator) -> torch.Tensor:
 
 
 class SliceStream(IterableDataset):
-    """One contrast of train/: yields {'image': (1,H,W) in [-1,1], 'slot', 'skipped'} for the current epoch."""
+    """One contrast of train/: yields {'image': (1,H,W) in [-1,1], 'key', 'slot', 'skipped'} for the current
+    epoch; `skipped` counts this slot's unreadable samples so far."""
 
     def __init__(self, urls: list[str], contrast: str, seed: int, rank: int, world: int,
                  shuffle_buffer: int, do_augment: bool):
@@ -113,7 +114,7 @@ class SliceStream(IterableDataset):
                 if self.do_augment:
                     image = augment(image, rng)
                 yielded += 1
-                yield {"image": image * 2 - 1, "slot": slot, "skipped": skipped}
+                yield {"image": image * 2 - 1, "key": sample["__key__"], "slot": slot, "skipped": skipped}
             if yielded == 0:
                 raise ShardsError(f"no readable {self.contrast} samples for data slot {slot} in {mine[:3]}...")
             seed += 1

@@ -1,0 +1,199 @@
+"""The trainer on CPU at 64x64: learning, the run-folder contract, exact resume, signals, NaN guard, bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+import imageio.v2 as imageio
+import pytest
+import torch
+import yaml
+from PIL import Image
+from safetensors.torch import load_file
+
+from conftest import ROOT
+from shards.format import shard_paths
+from train import rundir
+from train.data import SliceStream
+
+SMALL = ["--ngf", "16", "--ndf", "16", "--num_workers", "1", "--report_to", "none", "--log_every", "5", "--batch_size", "2"]
+
+
+def train(*args, check=True, timeout=600):
+    result = subprocess.run([sys.executable, "train/main.py", *map(str, args)], cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    if check and result.returncode != 0:
+        raise AssertionError(f"train/main.py failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
+    return result
+
+
+@pytest.fixture(scope="module")
+def trained(shards_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs") / "base"
+    train("--data", shards_dir, "--out", out, *SMALL, "--max_steps", 40, "--steps_per_epoch", 20, "--checkpoint_every", 10,
+          "--checkpoints_total_limit", 2)
+    return out
+
+
+def test_losses_fall_and_the_run_folder_is_complete(trained):
+    config = yaml.safe_load((trained / "config.yaml").read_text())
+    assert config["size"] == 64 and config["ngf"] == 16
+    rows = rundir.read_metrics(trained)
+    assert all("step" in r and "epoch" in r for r in rows)
+    train_rows = [r for r in rows if "loss/cycle" in r]
+    assert [r["step"] for r in train_rows] == list(range(5, 45, 5))
+    assert train_rows[-1]["loss/cycle"] < 0.7 * train_rows[0]["loss/cycle"], "cycle loss falls"
+    val_rows = [r for r in rows if "val/ssim_masked_mean" in r]
+    assert [r["epoch"] for r in val_rows] == [0, 1] and all(-1 <= r["val/t1_to_t2/ssim_masked"] <= 1 for r in val_rows)
+    assert val_rows[-1]["val/slices"] == 48 or val_rows[-1]["val/slices"] > 0
+    steps = [s for s, _ in rundir.list_checkpoints(trained)]
+    assert steps[-1] == 40 and len(steps) <= 3  # newest 2 plus the best
+    last = rundir.checkpoint_dir(trained, 40)
+    info = json.loads((last / rundir.CHECKPOINT_INFO).read_text())
+    assert info["generator"] == {"arch": "unet", "size": 64, "ngf": 16, "input_range": [-1, 1]}
+    weights = load_file(str(last / rundir.GENERATORS["t1_to_t2"]))
+    assert all(torch.isfinite(v).all() for v in weights.values())
+    predictions = rundir.list_predictions(trained)
+    assert [e for e, _ in predictions] == [0, 1]
+    grid = Image.open(predictions[-1][1])
+    assert grid.size == (4 * 64 + 3 * 2, 8 * 64 + 7 * 2)  # 4 preview slices x 2 directions, 4 columns
+    assert len(imageio.mimread(trained / "progress.gif")) == 2
+    summary = json.loads((trained / "summary.json").read_text())
+    assert summary["status"] == "finished" and summary["steps"] == 40 and summary["images_per_s"] > 0
+    assert summary["best"]["val/ssim_masked_mean"] >= summary["last"]["val/ssim_masked_mean"]
+    assert not list(trained.rglob("*.tmp"))
+
+
+def test_resume_from_a_checkpoint_reproduces_the_uninterrupted_run(trained, tmp_path):
+    """Same final weights whether or not the run stopped at step 30: model, optimizer, LR schedule, pools,
+    RNG and data position all continue exactly."""
+    out = tmp_path / "resumed"
+    train("--data", trained.parent.parent / "ignored" if False else yaml.safe_load((trained / "config.yaml").read_text())["data"],
+          "--out", out, *SMALL, "--max_steps", 40, "--steps_per_epoch", 20, "--checkpoint_every", 10,
+          "--resume", rundir.checkpoint_dir(trained, 30))
+    for name in rundir.GENERATORS.values():
+        a = load_file(str(rundir.checkpoint_dir(trained, 40) / name))
+        b = load_file(str(rundir.checkpoint_dir(out, 40) / name))
+        assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a), name
+
+
+def test_resume_after_sigkill_reaches_the_same_final_step(shards_dir, tmp_path):
+    out = tmp_path / "killed"
+    args = ["train/main.py", "--data", shards_dir, "--out", out, *SMALL, "--max_steps", 40, "--steps_per_epoch", 20,
+            "--checkpoint_every", 10, "--resume", "auto"]
+    proc = subprocess.Popen([sys.executable, *map(str, args)], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while time.time() < deadline and not rundir.list_checkpoints(out):
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert rundir.list_checkpoints(out) and not (out / "summary.json").exists()
+    train(*args[1:])
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps"] == 40 and summary["status"] == "finished"
+    steps = [r["step"] for r in rundir.read_metrics(out) if "loss/G" in r]
+    assert steps == sorted(set(steps)) and steps[-1] == 40, "a continuous curve with no repeated steps"
+
+
+def test_sigterm_checkpoints_and_exits_cleanly(shards_dir, tmp_path):
+    out = tmp_path / "term"
+    proc = subprocess.Popen([sys.executable, "train/main.py", "--data", str(shards_dir), "--out", str(out), *SMALL,
+                             "--max_steps", 100000, "--checkpoint_every", 100000], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and not (out / "metrics.jsonl").exists():
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGTERM)
+    output, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, output[-2000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["status"] == "stopped" and 0 < summary["steps"] < 100000
+    assert rundir.list_checkpoints(out)[-1][0] == summary["steps"]
+
+
+def test_nan_guard_skips_and_then_stops(shards_dir, tmp_path, monkeypatch):
+    import torch.nn.functional as F
+
+    from train import main as trainer
+
+    real_l1 = F.l1_loss
+    calls = {"n": 0}
+
+    def sometimes_nan(*args, **kwargs):  # every call in one step in three returns NaN
+        calls["n"] += 1
+        value = real_l1(*args, **kwargs)
+        return value * float("nan") if (calls["n"] // 4) % 3 == 1 else value
+
+    monkeypatch.setattr(trainer.F, "l1_loss", sometimes_nan)
+    out = tmp_path / "nan"
+    assert trainer.main(["--data", str(shards_dir), "--out", str(out), *SMALL, "--max_steps", 9, "--num_workers", "0"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps"] == 9 and summary["nan_steps"] >= 3
+
+    monkeypatch.setattr(trainer.F, "l1_loss", lambda *a, **k: real_l1(*a, **k) * float("nan"))
+    with pytest.raises(SystemExit, match="3 consecutive steps with NaN/inf"):
+        trainer.main(["--data", str(shards_dir), "--out", str(tmp_path / "nan2"), *SMALL, "--max_steps", 9,
+                      "--num_workers", "0", "--max_bad_steps", "3"])
+    assert not rundir.list_checkpoints(tmp_path / "nan2"), "no checkpoint of NaN weights"
+
+
+def test_each_rank_and_worker_reads_a_disjoint_part(shards_dir):
+    urls = shard_paths(shards_dir, "train", "t1")
+    for shards in (urls, urls[:1]):  # whole shards per slot, and every n-th sample when shards are few
+        parts = []
+        for rank in range(2):
+            stream = SliceStream(shards, "t1", seed=0, rank=rank, world=2, shuffle_buffer=10, do_augment=True)
+            keys, seen = [], set()
+            for item in stream:
+                if item["key"] in seen:
+                    break  # the slot cycles its part: one full pass read
+                seen.add(item["key"])
+                keys.append(item["key"])
+                assert item["image"].shape == (1, 64, 64) and -1 <= item["image"].min() and item["image"].max() <= 1
+            parts.append(set(keys))
+        assert parts[0] and parts[1] and not parts[0] & parts[1]
+        total = sum(len(list(tarfile.open(u).getnames())) // 2 for u in shards)
+        assert len(parts[0] | parts[1]) == total
+
+
+@pytest.mark.parametrize("case", ["missing", "empty", "keys", "size", "resume", "option", "yaml", "stale"])
+def test_bad_input_fails_before_training(case, shards_dir, trained, tmp_path):
+    args = ["--data", shards_dir, "--out", tmp_path / "run", *SMALL, "--max_steps", 2]
+    expect = {"missing": "no such folder", "empty": "manifest.json", "keys": "lack t1.png", "size": "--size is 128",
+              "resume": "not a checkpoint", "option": "unrecognized arguments: --bogus", "yaml": "unknown option(s) bogus",
+              "stale": "different configuration"}[case]
+    if case == "missing":
+        args[1] = tmp_path / "nowhere"
+    elif case == "empty":
+        (tmp_path / "empty").mkdir()
+        args[1] = tmp_path / "empty"
+    elif case == "keys":
+        broken = tmp_path / "broken"
+        (broken / "train").mkdir(parents=True)
+        (broken / "manifest.json").write_text((shards_dir / "manifest.json").read_text())
+        for stream in ("t1", "t2"):
+            with tarfile.open(broken / "train" / f"{stream}-000000.tar", "w") as tar:
+                info = tarfile.TarInfo("IXI001_z000.json")
+                info.size = 2
+                tar.addfile(info, __import__("io").BytesIO(b"{}"))
+        args[1] = broken
+    elif case == "size":
+        args += ["--size", "128"]
+    elif case == "resume":
+        (tmp_path / "notackpt").mkdir()
+        args += ["--resume", tmp_path / "notackpt"]
+    elif case == "option":
+        args += ["--bogus", "1"]
+    elif case == "yaml":
+        (tmp_path / "c.yaml").write_text("bogus: 1\n")
+        args += ["--config", tmp_path / "c.yaml"]
+    elif case == "stale":
+        args = [a if a != "16" else "8" for a in args] + ["--resume", rundir.checkpoint_dir(trained, 40)]
+    result = train(*args, check=False, timeout=120)
+    assert result.returncode != 0 and expect in result.stderr, result.stderr[-2000:]
+    assert not rundir.list_checkpoints(tmp_path / "run")
