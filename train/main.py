@@ -216,6 +216,7 @@ def main(argv=None) -> int:
     lambda_idt = config.lambda_cycle * config.lambda_identity
     skipped_by_slot: dict[int, int] = {}
     window_start, window_images, run_start, images_seen = time.time(), 0, time.time(), 0
+    window_losses, window_steps = torch.zeros(7, device=accelerator.device), 0  # logged rows are window means
     epoch = state.step // steps_per_epoch
     last = {}
     status = "finished"
@@ -290,13 +291,15 @@ def main(argv=None) -> int:
             sched_d.step()
             state.step += 1
             bar.update()
+            window_losses += torch.stack([loss_g, loss_g_adv, loss_cycle, loss_idt, loss_d, loss_d_a, loss_d_b]).detach().float()
+            window_steps += 1
             images = 2 * real_a.shape[0] * world
             window_images += images
             images_seen += images
 
             if state.step % config.log_every == 0 or state.step == total_steps:
                 elapsed = time.time() - window_start
-                losses = torch.stack([loss_g, loss_g_adv, loss_cycle, loss_idt, loss_d, loss_d_a, loss_d_b]).detach().float()
+                losses = window_losses / window_steps
                 losses = accelerator.reduce(losses, reduction="mean") if world > 1 else losses
                 last = {"loss/G": losses[0].item(), "loss/G_adv": losses[1].item(), "loss/cycle": losses[2].item(),
                         "loss/identity": losses[3].item(), "loss/D": losses[4].item(), "loss/D_t1": losses[5].item(),
@@ -309,7 +312,8 @@ def main(argv=None) -> int:
                                f"{last['loss/cycle']:.4f} idt {last['loss/identity']:.4f}) D {last['loss/D']:.4f} "
                                f"{last['images_per_s']:.2f} images/s")
                 accelerator.log(last, step=state.step)
-                window_start, window_images = time.time(), 0
+                window_start, window_images, window_steps = time.time(), 0, 0
+                window_losses.zero_()
 
             at_epoch_end = state.step == epoch_end
             if (config.val_every and state.step % config.val_every == 0) or at_epoch_end:
