@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
 import tarfile
 import time
-from pathlib import Path
 
 import imageio.v2 as imageio
 import pytest
@@ -131,13 +129,13 @@ def test_nan_guard_skips_and_then_stops(shards_dir, tmp_path, monkeypatch):
         value = real_l1(*args, **kwargs)
         return value * float("nan") if (calls["n"] // 4) % 3 == 1 else value
 
-    monkeypatch.setattr(trainer.F, "l1_loss", sometimes_nan)
+    monkeypatch.setattr(F, "l1_loss", sometimes_nan)
     out = tmp_path / "nan"
     assert trainer.main(["--data", str(shards_dir), "--out", str(out), *SMALL, "--max_steps", "9", "--num_workers", "0"]) == 0
     summary = json.loads((out / "summary.json").read_text())
     assert summary["steps"] == 9 and summary["nan_steps"] >= 3
 
-    monkeypatch.setattr(trainer.F, "l1_loss", lambda *a, **k: real_l1(*a, **k) * float("nan"))
+    monkeypatch.setattr(F, "l1_loss", lambda *a, **k: real_l1(*a, **k) * float("nan"))
     with pytest.raises(SystemExit, match="3 consecutive steps with NaN/inf"):
         trainer.main(["--data", str(shards_dir), "--out", str(tmp_path / "nan2"), *SMALL, "--max_steps", "9",
                       "--num_workers", "0", "--max_bad_steps", "3"])

@@ -65,6 +65,7 @@ class Config:
     wandb_group: str = option("", "W&B group (e.g. an ablation's name)")
     wandb_tags: str = option("", "comma-separated W&B tags")
     run_name: str = option("", "run name (default: the run folder's name)")
+    trace_keys: bool = option(False, "write the train sample keys each rank reads to RUN/trace/keys-rank-N.txt (to check data splitting)")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

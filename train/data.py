@@ -24,6 +24,11 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from shards.format import CONTRASTS, ShardsError, decode_png16, decode_sample, read_manifest, shard_paths
 
 
+def read_whole(paths) -> wds.WebDataset:
+    """Every sample of `paths` in order, on every rank (checks and validation; training splits its data)."""
+    return wds.WebDataset(paths, shardshuffle=False, empty_check=False, nodesplitter=None, workersplitter=None)
+
+
 def check_shards(root: str, size: int | None = None) -> dict:
     """Fail before training on a missing/empty folder, shards without the needed keys, or a size mismatch."""
     if not Path(root).is_dir():
@@ -39,7 +44,7 @@ def check_shards(root: str, size: int | None = None) -> dict:
             if split == "val":
                 raise ShardsError(f"--data {root}: no val/paired-*.tar shards; validation needs subjects with both T1 and T2")
             continue
-        sample = next(iter(wds.WebDataset(paths[0], shardshuffle=False, empty_check=False)), None)
+        sample = next(iter(read_whole(paths[0])), None)
         if sample is None:
             raise ShardsError(f"{paths[0]}: empty shard")
         missing = needed - set(sample)
@@ -140,8 +145,7 @@ def val_samples(root: str, split: str = "val", limit: int | None = None) -> list
     paths = shard_paths(root, split, "paired")
     if not paths:
         return []
-    samples = wds.WebDataset(paths, shardshuffle=False, empty_check=False)
-    return [decode_sample(s) for s in itertools.islice(samples, limit)]
+    return [decode_sample(s) for s in itertools.islice(read_whole(paths), limit)]
 
 
 def evenly_spaced(samples: list, count: int) -> list:

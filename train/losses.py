@@ -1,4 +1,5 @@
-"""Adversarial loss and the discriminators' history pool of generated images (Shrivastava et al. 2017)."""
+"""CycleGAN objectives (Zhu et al. 2017) and the discriminators' history pool of generated images
+(Shrivastava et al. 2017)."""
 
 from __future__ import annotations
 
@@ -16,6 +17,26 @@ def gan_loss(logits: torch.Tensor, real: bool, kind: str) -> torch.Tensor:
     if kind == "lsgan":
         return F.mse_loss(logits.float(), target.float())
     raise ValueError(f"unknown gan_loss {kind!r}")
+
+
+def generator_losses(gens, discs, real_a, real_b, kind: str, lambda_cycle: float, lambda_identity: float):
+    """Fool both (frozen) discriminators, cycle back, keep identity. Returns the generated images and the losses;
+    losses["G"] is what the generators minimize."""
+    fakes = gens(real_a, real_b)
+    judged_a, judged_b = discs(fakes["fake_a"], fakes["fake_b"])
+    adversarial = gan_loss(judged_a, True, kind) + gan_loss(judged_b, True, kind)
+    cycle = lambda_cycle * (F.l1_loss(fakes["rec_a"].float(), real_a) + F.l1_loss(fakes["rec_b"].float(), real_b))
+    identity = lambda_cycle * lambda_identity * (F.l1_loss(fakes["idt_a"].float(), real_a) + F.l1_loss(fakes["idt_b"].float(), real_b))
+    return fakes, {"G": adversarial + cycle + identity, "G_adv": adversarial, "cycle": cycle, "identity": identity}
+
+
+def discriminator_losses(discs, real_a, real_b, fake_a, fake_b, kind: str) -> dict[str, torch.Tensor]:
+    """(real + fake) / 2 per discriminator; losses["D"] is their sum."""
+    n = real_a.shape[0]
+    logits_a, logits_b = discs(torch.cat([real_a, fake_a]), torch.cat([real_b, fake_b]))
+    d_t1 = (gan_loss(logits_a[:n], True, kind) + gan_loss(logits_a[n:], False, kind)) / 2
+    d_t2 = (gan_loss(logits_b[:n], True, kind) + gan_loss(logits_b[n:], False, kind)) / 2
+    return {"D": d_t1 + d_t2, "D_t1": d_t1, "D_t2": d_t2}
 
 
 class ImagePool:

@@ -21,11 +21,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 from safetensors.torch import save_file
-from torch import nn
 from tqdm import tqdm
 
 if __package__ in (None, ""):  # `python train/main.py`: make the repository root importable
@@ -35,33 +33,12 @@ from shards.format import ShardsError
 from train import rundir
 from train.config import ARCHITECTURE_KEYS, Config, load_config, save_config
 from train.data import check_shards, evenly_spaced, train_loaders, val_samples
-from train.losses import ImagePool, gan_loss
+from train.losses import ImagePool, discriminator_losses, generator_losses
 from train.metrics import slice_metrics
-from train.networks import build_discriminator, build_generator
+from train.networks import CycleGenerators, Discriminators, build_discriminator, build_generator
 
 
-class CycleGenerators(nn.Module):
-    """Both generators behind one forward, so DDP sees one call per step whatever the passes inside."""
-
-    def __init__(self, g_ab: nn.Module, g_ba: nn.Module):
-        super().__init__()
-        self.g_ab, self.g_ba = g_ab, g_ba
-
-    def forward(self, real_a, real_b):
-        n = real_a.shape[0]
-        fake_b, idt_b = self.g_ab(torch.cat([real_a, real_b])).split(n)  # instance norm: batching changes nothing
-        fake_a, idt_a = self.g_ba(torch.cat([real_b, real_a])).split(n)
-        return {"fake_a": fake_a, "fake_b": fake_b, "rec_a": self.g_ba(fake_b), "rec_b": self.g_ab(fake_a),
-                "idt_a": idt_a, "idt_b": idt_b}
-
-
-class Discriminators(nn.Module):
-    def __init__(self, d_a: nn.Module, d_b: nn.Module):
-        super().__init__()
-        self.d_a, self.d_b = d_a, d_b
-
-    def forward(self, images_a, images_b):
-        return self.d_a(images_a), self.d_b(images_b)
+LOSS_NAMES = ("G", "G_adv", "cycle", "identity", "D", "D_t1", "D_t2")
 
 
 @dataclass
@@ -167,7 +144,9 @@ def main(argv=None) -> int:
 
     mode = wandb_mode(config)
     os.environ["WANDB_MODE"] = mode
-    accelerator = Accelerator(mixed_precision=config.mixed_precision,
+    # `accelerate launch --multi_gpu` on a node without GPUs: run the processes on CPU over gloo
+    cpu_processes = "LOCAL_RANK" in os.environ and not torch.cuda.is_available()
+    accelerator = Accelerator(cpu=cpu_processes, mixed_precision=config.mixed_precision,
                               log_with=None if mode == "disabled" else "wandb", project_dir=str(out))
     set_seed(config.seed, device_specific=False)  # identical initial weights on every rank
     is_main = accelerator.is_main_process
@@ -211,12 +190,15 @@ def main(argv=None) -> int:
             "tags": [t for t in config.wandb_tags.split(",") if t] or None, "resume": "allow",
             "id": f"{config.run_name or out.name}-{zlib.crc32(str(out.resolve()).encode()):08x}"}})
 
+    trace = None
+    if config.trace_keys:
+        rundir.trace_path(out, accelerator.process_index).parent.mkdir(parents=True, exist_ok=True)
+        trace = open(rundir.trace_path(out, accelerator.process_index), "a" if resume_path else "w")
     stop = StopRequested()
     bar = tqdm(total=total_steps, initial=state.step, disable=not is_main, desc="train", unit="step")
-    lambda_idt = config.lambda_cycle * config.lambda_identity
     skipped_by_slot: dict[int, int] = {}
     window_start, window_images, run_start, images_seen = time.time(), 0, time.time(), 0
-    window_losses, window_steps = torch.zeros(7, device=accelerator.device), 0  # logged rows are window means
+    window_losses, window_steps = torch.zeros(len(LOSS_NAMES), device=accelerator.device), 0  # logged rows are window means
     epoch = state.step // steps_per_epoch
     last = {}
     status = "finished"
@@ -235,41 +217,34 @@ def main(argv=None) -> int:
             for c in batch:
                 for slot, count in zip(batch[c]["slot"].tolist(), batch[c]["skipped"].tolist()):
                     skipped_by_slot[(c, slot)] = max(skipped_by_slot.get((c, slot), 0), count)
+            if trace:
+                trace.write("".join(f"{state.step} {c} {k}\n" for c in batch for k in batch[c]["key"]))
             real_a = batch["t1"]["image"].to(accelerator.device)
             real_b = batch["t2"]["image"].to(accelerator.device)
             if config.channels_last:
                 real_a, real_b = real_a.to(memory_format=torch.channels_last), real_b.to(memory_format=torch.channels_last)
 
-            # generators: fool the (frozen) discriminators, cycle back, keep identity
+            # generators against frozen discriminators (unwrapped: D's DDP hooks stay out of G's backward)
             discs_plain = accelerator.unwrap_model(discs)
             discs_plain.requires_grad_(False)
             with accelerator.autocast():
-                fakes = gens(real_a, real_b)
-                judged_a, judged_b = discs_plain(fakes["fake_a"], fakes["fake_b"])
-                loss_g_adv = gan_loss(judged_a, True, config.gan_loss) + gan_loss(judged_b, True, config.gan_loss)
-                loss_cycle = config.lambda_cycle * (F.l1_loss(fakes["rec_a"].float(), real_a) + F.l1_loss(fakes["rec_b"].float(), real_b))
-                loss_idt = lambda_idt * (F.l1_loss(fakes["idt_a"].float(), real_a) + F.l1_loss(fakes["idt_b"].float(), real_b))
-                loss_g = loss_g_adv + loss_cycle + loss_idt
+                fakes, losses_g = generator_losses(gens, discs_plain, real_a, real_b, config.gan_loss, config.lambda_cycle, config.lambda_identity)
             discs_plain.requires_grad_(True)
-            bad = any_rank(accelerator, not torch.isfinite(loss_g).item())
+            bad = any_rank(accelerator, not torch.isfinite(losses_g["G"]).item())
             if not bad:
                 opt_g.zero_grad(set_to_none=True)
-                accelerator.backward(loss_g)
+                accelerator.backward(losses_g["G"])
                 opt_g.step()
 
                 # discriminators: real vs. generated (from the history pool), (real + fake) / 2
                 fake_a = pools["a"].query(fakes["fake_a"].detach())
                 fake_b = pools["b"].query(fakes["fake_b"].detach())
-                n = real_a.shape[0]
                 with accelerator.autocast():
-                    logits_a, logits_b = discs(torch.cat([real_a, fake_a]), torch.cat([real_b, fake_b]))
-                    loss_d_a = (gan_loss(logits_a[:n], True, config.gan_loss) + gan_loss(logits_a[n:], False, config.gan_loss)) / 2
-                    loss_d_b = (gan_loss(logits_b[:n], True, config.gan_loss) + gan_loss(logits_b[n:], False, config.gan_loss)) / 2
-                    loss_d = loss_d_a + loss_d_b
-                bad = any_rank(accelerator, not torch.isfinite(loss_d).item())
+                    losses_d = discriminator_losses(discs, real_a, real_b, fake_a, fake_b, config.gan_loss)
+                bad = any_rank(accelerator, not torch.isfinite(losses_d["D"]).item())
                 if not bad:
                     opt_d.zero_grad(set_to_none=True)
-                    accelerator.backward(loss_d)
+                    accelerator.backward(losses_d["D"])
                     opt_d.step()
             if bad:
                 state.nan_steps += 1
@@ -291,7 +266,8 @@ def main(argv=None) -> int:
             sched_d.step()
             state.step += 1
             bar.update()
-            window_losses += torch.stack([loss_g, loss_g_adv, loss_cycle, loss_idt, loss_d, loss_d_a, loss_d_b]).detach().float()
+            step_losses = {**losses_g, **losses_d}
+            window_losses += torch.stack([step_losses[k] for k in LOSS_NAMES]).detach().float()
             window_steps += 1
             images = 2 * real_a.shape[0] * world
             window_images += images
@@ -301,9 +277,7 @@ def main(argv=None) -> int:
                 elapsed = time.time() - window_start
                 losses = window_losses / window_steps
                 losses = accelerator.reduce(losses, reduction="mean") if world > 1 else losses
-                last = {"loss/G": losses[0].item(), "loss/G_adv": losses[1].item(), "loss/cycle": losses[2].item(),
-                        "loss/identity": losses[3].item(), "loss/D": losses[4].item(), "loss/D_t1": losses[5].item(),
-                        "loss/D_t2": losses[6].item(), "lr": sched_g.get_last_lr()[0], "images_per_s": window_images / max(elapsed, 1e-9),
+                last = {**{f"loss/{k}": v.item() for k, v in zip(LOSS_NAMES, losses)}, "lr": sched_g.get_last_lr()[0], "images_per_s": window_images / max(elapsed, 1e-9),
                         "nan_steps": state.nan_steps, "skipped_samples": sum(skipped_by_slot.values())}
                 if is_main:
                     metrics_log.write({"step": state.step, "epoch": epoch, **last})
@@ -330,6 +304,8 @@ def main(argv=None) -> int:
             break
 
     bar.close()
+    if trace:
+        trace.close()
     if is_main:
         rundir.write_gif(out)
         write_summary(out, state, epoch, status, images_seen / max(time.time() - run_start, 1e-9), skipped_by_slot, total_steps)
@@ -409,13 +385,18 @@ def save_checkpoint(accelerator, gens, out: Path, state: TrainState, epoch: int,
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp))
+    # DDP keeps replicas identical; record each rank's parameter sum so a divergence is visible
+    model = accelerator.unwrap_model(gens)
+    checksum = torch.stack([p.detach().double().sum() for p in model.parameters()]).sum()
+    rank_checksums = accelerator.gather(checksum[None].to(accelerator.device)).tolist()
     if accelerator.is_main_process:
-        model = accelerator.unwrap_model(gens)
+        if len(set(rank_checksums)) > 1:
+            print(f"warning: step {state.step}: generator weights differ across ranks: {rank_checksums}", flush=True)
         for name, net in (("t1_to_t2", model.g_ab), ("t2_to_t1", model.g_ba)):
             save_file({k: v.detach().float().contiguous().cpu() for k, v in net.state_dict().items()}, str(tmp / rundir.GENERATORS[name]))
         rundir.write_json(tmp / rundir.CHECKPOINT_INFO, {
             "step": state.step, "epoch": epoch, "time": time.time(), "val": {k: v for k, v in (val or {}).items() if k.startswith("val/")},
-            "train": last, "config": {**config.to_dict(), "size": size},
+            "train": last, "config": {**config.to_dict(), "size": size}, "rank_checksums": rank_checksums,
             "generator": {"arch": config.generator, "size": size, "ngf": config.ngf, "input_range": [-1, 1]}})
         if final.exists():
             shutil.rmtree(final)

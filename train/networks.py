@@ -125,3 +125,27 @@ def build_generator(arch: str, size: int, ngf: int = 64) -> nn.Module:
 
 def build_discriminator(ndf: int = 64) -> nn.Module:
     return init_weights(PatchDiscriminator(ndf=ndf))
+
+
+class CycleGenerators(nn.Module):
+    """Both generators behind one forward, so DDP sees one call per step whatever the passes inside."""
+
+    def __init__(self, g_ab: nn.Module, g_ba: nn.Module):
+        super().__init__()
+        self.g_ab, self.g_ba = g_ab, g_ba
+
+    def forward(self, real_a, real_b):
+        n = real_a.shape[0]
+        fake_b, idt_b = self.g_ab(torch.cat([real_a, real_b])).split(n)  # instance norm: batching changes nothing
+        fake_a, idt_a = self.g_ba(torch.cat([real_b, real_a])).split(n)
+        return {"fake_a": fake_a, "fake_b": fake_b, "rec_a": self.g_ba(fake_b), "rec_b": self.g_ab(fake_a),
+                "idt_a": idt_a, "idt_b": idt_b}
+
+
+class Discriminators(nn.Module):
+    def __init__(self, d_a: nn.Module, d_b: nn.Module):
+        super().__init__()
+        self.d_a, self.d_b = d_a, d_b
+
+    def forward(self, images_a, images_b):
+        return self.d_a(images_a), self.d_b(images_b)

@@ -30,6 +30,7 @@ GIF = "progress.gif"
 CHECKPOINTS = "checkpoints"
 PREDICTIONS = "predictions"
 CHECKPOINT_INFO = "checkpoint.json"
+TRACE = "trace"  # only with --trace_keys: trace/keys-rank-N.txt, the train sample keys each rank read
 GENERATORS = {"t1_to_t2": "G_t1_to_t2.safetensors", "t2_to_t1": "G_t2_to_t1.safetensors"}
 CHECKPOINT_RE = re.compile(r"^step-(\d{7})$")
 PREDICTION_RE = re.compile(r"^epoch-(\d{3,})\.png$")
@@ -41,6 +42,10 @@ def checkpoint_dir(run: Path, step: int) -> Path:
 
 def prediction_path(run: Path, epoch: int) -> Path:
     return Path(run) / PREDICTIONS / f"epoch-{epoch:03d}.png"
+
+
+def trace_path(run: Path, rank: int) -> Path:
+    return run / TRACE / f"keys-rank-{rank}.txt"
 
 
 def list_checkpoints(run: Path) -> list[tuple[int, Path]]:
