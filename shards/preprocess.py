@@ -159,6 +159,11 @@ def to_image(plane: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(plane[:, ::-1].T)
 
 
+def from_image(image: np.ndarray) -> np.ndarray:
+    """The inverse of to_image: image rows/cols -> RAS (x, y) plane."""
+    return np.ascontiguousarray(image.T[:, ::-1])
+
+
 def fit_image(array: np.ndarray, size: int) -> np.ndarray:
     """Scale a 2D image to fit size x size, keeping its aspect ratio, and pad with zeros."""
     h, w = array.shape
@@ -169,3 +174,14 @@ def fit_image(array: np.ndarray, size: int) -> np.ndarray:
     top, left = (size - nh) // 2, (size - nw) // 2
     out[top:top + nh, left:left + nw] = resized
     return out
+
+
+def unfit_image(image: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """The inverse of fit_image: crop the padding and scale back to `shape`."""
+    h, w = shape
+    size = image.shape[0]
+    scale = size / max(h, w)
+    nh, nw = max(1, round(h * scale)), max(1, round(w * scale))
+    top, left = (size - nh) // 2, (size - nw) // 2
+    crop = np.ascontiguousarray(image[top:top + nh, left:left + nw], dtype=np.float32)
+    return np.asarray(Image.fromarray(crop, mode="F").resize((w, h), Image.BILINEAR))

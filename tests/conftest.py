@@ -1,4 +1,5 @@
-"""Shared fixtures: a small synthetic IXI (IXI geometry at 1/4 matrix) and its shards at 64x64."""
+"""Shared fixtures: a small synthetic IXI (IXI geometry at 1/4 matrix), its shards at 64x64, and a run trained
+on them for 40 steps."""
 
 from __future__ import annotations
 
@@ -34,4 +35,22 @@ def shards_dir(ixi_tars, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("shards") / "s64"
     run_module("shards", "pack", "--t1", ixi_tars / "IXI-T1.tar", "--t2", ixi_tars / "IXI-T2.tar", "--out", out,
                "--size", 64, "--shard-size", 100, "--workers", 2)
+    return out
+
+
+SMALL = ["--ngf", "16", "--ndf", "16", "--num_workers", "1", "--report_to", "none", "--log_every", "5", "--batch_size", "2"]
+
+
+def train(*args, check=True, timeout=600):
+    result = subprocess.run([sys.executable, "train/main.py", *map(str, args)], cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    if check and result.returncode != 0:
+        raise AssertionError(f"train/main.py failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
+    return result
+
+
+@pytest.fixture(scope="session")
+def trained(shards_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs") / "base"
+    train("--data", shards_dir, "--out", out, *SMALL, "--max_steps", 40, "--steps_per_epoch", 20, "--checkpoint_every", 10,
+          "--checkpoints_total_limit", 2)
     return out

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from conftest import ROOT
-from test_train import SMALL
+from conftest import SMALL
 from train import rundir
 from train.data import val_samples
 from train.inference import load_generator, translate

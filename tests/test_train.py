@@ -16,28 +16,10 @@ import yaml
 from PIL import Image
 from safetensors.torch import load_file
 
-from conftest import ROOT
+from conftest import ROOT, SMALL, train
 from shards.format import shard_paths
 from train import rundir
 from train.data import SliceStream
-
-SMALL = ["--ngf", "16", "--ndf", "16", "--num_workers", "1", "--report_to", "none", "--log_every", "5", "--batch_size", "2"]
-
-
-def train(*args, check=True, timeout=600):
-    result = subprocess.run([sys.executable, "train/main.py", *map(str, args)], cwd=ROOT, capture_output=True, text=True, timeout=timeout)
-    if check and result.returncode != 0:
-        raise AssertionError(f"train/main.py failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
-    return result
-
-
-@pytest.fixture(scope="module")
-def trained(shards_dir, tmp_path_factory):
-    out = tmp_path_factory.mktemp("runs") / "base"
-    train("--data", shards_dir, "--out", out, *SMALL, "--max_steps", 40, "--steps_per_epoch", 20, "--checkpoint_every", 10,
-          "--checkpoints_total_limit", 2)
-    return out
-
 
 def test_losses_fall_and_the_run_folder_is_complete(trained):
     config = yaml.safe_load((trained / "config.yaml").read_text())

@@ -6,10 +6,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import torch
 from safetensors.torch import load_file
 from torch import nn
+from tqdm import tqdm
 
+from shards.preprocess import Grid, axial_grid, fit_image, foreground, from_image, normalize, resample, to_image, unfit_image
 from train import rundir
 from train.networks import build_generator
 
@@ -27,7 +30,7 @@ def read_checkpoint_info(checkpoint: Path) -> dict:
                               f"expected RUN/checkpoints/step-NNNNNNN")
     try:
         info = json.loads(path.read_text())
-        info["generator"]["arch"], info["generator"]["size"], info["generator"]["ngf"]
+        info["generator"]["arch"], info["generator"]["size"], info["generator"]["ngf"], info["preprocessing"]["fov_mm"]
     except (json.JSONDecodeError, KeyError, TypeError) as err:
         raise CheckpointError(f"{path}: unreadable checkpoint description ({err})") from None
     return info
@@ -55,3 +58,48 @@ def load_generator(checkpoint: Path, direction: str, device: str | torch.device 
 def translate(net: nn.Module, images: torch.Tensor) -> torch.Tensor:
     """[0,1] slices (N,1,H,W) -> [0,1] translations; the network works in [-1,1]."""
     return ((net(images * 2 - 1).float() + 1) / 2).clamp(0, 1)
+
+
+def device_for_inference() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+@torch.no_grad()
+def translate_slices(net: nn.Module, slices: np.ndarray, batch_size: int = 8, progress: bool = False) -> np.ndarray:
+    """(N, H, W) [0,1] float32 -> (N, H, W) translations, in batches on the network's device."""
+    device = next(net.parameters()).device
+    out = np.empty_like(slices, dtype=np.float32)
+    for start in tqdm(range(0, len(slices), batch_size), disable=not progress, desc="slices", unit="batch", leave=False):
+        batch = torch.from_numpy(np.ascontiguousarray(slices[start:start + batch_size]))[:, None].to(device)
+        out[start:start + batch_size] = translate(net, batch)[:, 0].cpu().numpy()
+    return out
+
+
+def translate_volume(net: nn.Module, data: np.ndarray, affine: np.ndarray, preprocessing: dict, batch_size: int = 8,
+                     progress: bool = False) -> np.ndarray:
+    """A 3D volume in any orientation -> its translation on the same voxel grid, in [0,1].
+
+    The volume is prepared exactly as `shards pack` prepares training data (RAS axial grid of fov_mm / size
+    mm centred on the head, foreground-percentile normalization), translated slice by slice where there is
+    head foreground, and resampled back onto the input grid; outside the head the output is 0."""
+    size = preprocessing["size"]
+    grid = axial_grid(data, affine, size, preprocessing["fov_mm"])
+    resampled = resample(data, affine, grid)
+    mask = foreground(resampled)
+    normalized, _ = normalize(resampled, mask)
+    planes = np.flatnonzero(mask.any(axis=(0, 1)))
+    images = np.stack([to_image(normalized[:, :, z]) for z in planes])
+    translated = translate_slices(net, images, batch_size, progress)
+    on_grid = np.zeros(grid.shape, np.float32)
+    for z, image in zip(planes, translated):
+        on_grid[:, :, z] = from_image(image) * mask[:, :, z]
+    return np.clip(resample(on_grid, grid.affine, Grid(data.shape, affine)), 0.0, 1.0)
+
+
+def translate_image(net: nn.Module, image: np.ndarray, size: int) -> np.ndarray:
+    """A 2D image of any size (already read as float) -> its translation at the input's size, in [0,1]."""
+    fitted = fit_image(image, size)[:, :, None]
+    mask = foreground(fitted)
+    normalized, _ = normalize(fitted, mask)
+    translated = translate_slices(net, normalized[None, :, :, 0])[0] * mask[:, :, 0]
+    return unfit_image(translated, image.shape)

@@ -138,6 +138,8 @@ def main(argv=None) -> int:
     except ShardsError as err:
         raise SystemExit(f"error: {err}")
     size = config.size or manifest["image_size"]
+    # how the shards were made, so inference can prepare a new volume the same way
+    preprocessing = {"fov_mm": manifest["options"]["fov_mm"], "size": size, "normalization": manifest["normalization"]}
     out = Path(config.out)
     if config.resume and config.resume != "auto" and not Path(config.resume).exists():
         raise SystemExit(f"error: --resume {config.resume}: no such checkpoint folder")
@@ -296,7 +298,7 @@ def main(argv=None) -> int:
                     metrics_log.write({"step": state.step, "epoch": epoch, **scores})
             stop_now = any_rank(accelerator, stop.flag)
             if state.step % config.checkpoint_every == 0 or state.step == total_steps or stop_now:
-                save_checkpoint(accelerator, gens, out, state, epoch, config, size, last)
+                save_checkpoint(accelerator, gens, out, state, epoch, config, size, last, preprocessing)
             if stop_now:
                 status = "stopped"
                 break
@@ -371,7 +373,8 @@ def translate_both(model: CycleGenerators, t1: torch.Tensor, t2: torch.Tensor, a
             (("t1_to_t2", fake_t2), ("t2_to_t1", fake_t1), ("t1_cycle", cycle_t1), ("t2_cycle", cycle_t2))}
 
 
-def save_checkpoint(accelerator, gens, out: Path, state: TrainState, epoch: int, config: Config, size: int, last: dict) -> None:
+def save_checkpoint(accelerator, gens, out: Path, state: TrainState, epoch: int, config: Config, size: int, last: dict,
+                    preprocessing: dict) -> None:
     """Accelerate state + inference generators, written to a hidden folder and renamed when complete."""
     rows = rundir.read_metrics(out) if accelerator.is_main_process else []
     val = next((r for r in reversed(rows) if "val/ssim_masked_mean" in r and r["step"] == state.step), None)
@@ -397,7 +400,8 @@ def save_checkpoint(accelerator, gens, out: Path, state: TrainState, epoch: int,
         rundir.write_json(tmp / rundir.CHECKPOINT_INFO, {
             "step": state.step, "epoch": epoch, "time": time.time(), "val": {k: v for k, v in (val or {}).items() if k.startswith("val/")},
             "train": last, "config": {**config.to_dict(), "size": size}, "rank_checksums": rank_checksums,
-            "generator": {"arch": config.generator, "size": size, "ngf": config.ngf, "input_range": [-1, 1]}})
+            "generator": {"arch": config.generator, "size": size, "ngf": config.ngf, "input_range": [-1, 1]},
+            "preprocessing": preprocessing})
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)

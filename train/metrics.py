@@ -23,4 +23,6 @@ def slice_metrics(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) 
         "psnr": peak_signal_noise_ratio(pred, target, data_range=1.0, reduction="none", dim=(1, 2, 3)),
         "psnr_masked": 10 * torch.log10(1.0 / mse_masked.clamp(min=1e-10)),
         "mae_masked": (error.abs() * weights).sum(dim=(1, 2, 3)) / area,
+        "mse_masked": mse_masked,
+        "mask_area": area,  # with the above, lets a caller pool slices into per-volume figures
     }

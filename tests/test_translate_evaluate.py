@@ -1,0 +1,153 @@
+"""train.translate (NIfTI in, NIfTI out, any orientation) and train.evaluate (per-subject paired report)."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import tarfile
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch import nn
+
+from conftest import run_module
+from shards.preprocess import load_nifti
+from train import rundir
+from train.inference import translate_volume
+
+
+class PassThrough(nn.Module):
+    """A 'generator' that returns its input: isolates the geometry of translate_volume from the model."""
+
+    def __init__(self):
+        super().__init__()
+        self.anchor = nn.Parameter(torch.zeros(1))  # inference reads the device from the parameters
+
+    def forward(self, x):
+        return x
+
+
+@pytest.fixture(scope="module")
+def t1_volume(ixi_tars, tmp_path_factory):
+    out = tmp_path_factory.mktemp("vol")
+    with tarfile.open(ixi_tars / "IXI-T1.tar") as tar:
+        member = sorted(tar.getmembers(), key=lambda m: m.name)[0]
+        path = out / member.name
+        path.write_bytes(tar.extractfile(member).read())
+    return path
+
+
+def head_correlation(a: np.ndarray, b: np.ndarray) -> float:
+    head = b > 0.05
+    return float(np.corrcoef(a[head], b[head])[0, 1])
+
+
+def test_volume_geometry_round_trips_in_any_orientation(t1_volume):
+    """IXI T1 is stored PIR. A pass-through model must give back the input's anatomy on the input's grid,
+    and the same anatomy when the file is stored in RAS instead."""
+    data, affine, _ = load_nifti(t1_volume.read_bytes())
+    prep = {"size": 64, "fov_mm": 256.0}
+    out = translate_volume(PassThrough(), data, affine, prep)
+    assert out.shape == data.shape and 0 <= out.min() and out.max() <= 1
+    assert head_correlation(data, out) > 0.9
+
+    canonical = nib.as_closest_canonical(nib.Nifti1Image(data, affine))
+    assert nib.aff2axcodes(affine) != ("R", "A", "S") and nib.aff2axcodes(canonical.affine) == ("R", "A", "S")
+    out_ras = translate_volume(PassThrough(), np.asarray(canonical.dataobj), canonical.affine, prep)
+    back = nib.as_closest_canonical(nib.Nifti1Image(out, affine)).get_fdata()
+    assert np.abs(back - out_ras).mean() < 0.01
+
+
+def test_translate_writes_a_nifti_on_the_input_grid(trained, t1_volume, tmp_path):
+    checkpoint = rundir.checkpoint_dir(trained, 40)
+    run_module("train.translate", "--checkpoint", checkpoint, "--direction", "t1-to-t2", "--input", t1_volume, "--output", tmp_path)
+    produced = tmp_path / t1_volume.name.replace("-T1.nii.gz", "-T1_t1-to-t2.nii.gz")
+    source, result = nib.load(t1_volume), nib.load(produced)
+    assert result.shape == source.shape and np.allclose(result.affine, source.affine)
+    assert result.get_data_dtype() == np.float32
+    values = result.get_fdata()
+    assert 0 <= values.min() and values.max() <= 1 and (values > 0).mean() > 0.05, "a translated head, not an empty volume"
+    assert not list(tmp_path.glob(".*"))
+
+
+def test_translate_keeps_an_image_size(trained, tmp_path):
+    Image.fromarray((np.random.default_rng(0).random((181, 217)) * 255).astype(np.uint8)).convert("RGB").save(tmp_path / "slice.png")
+    run_module("train.translate", "--checkpoint", rundir.checkpoint_dir(trained, 40), "--direction", "t2-to-t1",
+               "--input", tmp_path / "slice.png", "--output", tmp_path / "out")
+    with Image.open(tmp_path / "out" / "slice_t2-to-t1.png") as im:
+        assert im.size == (217, 181) and im.mode in ("I;16", "I")
+
+
+@pytest.mark.parametrize("case", ["checkpoint", "4d", "not-nifti", "corrupt", "nan", "zero", "exists"])
+def test_translate_bad_input(case, trained, t1_volume, tmp_path):
+    checkpoint, inp = rundir.checkpoint_dir(trained, 40), t1_volume
+    affine = np.diag([1.0, 1.0, 1.0, 1.0])
+    expect = {"checkpoint": "not a checkpoint folder", "4d": "expected a 3D volume", "not-nifti": "not a NIfTI volume",
+              "corrupt": "corrupt or truncated NIfTI", "nan": "all voxels are NaN", "zero": "all voxels are zero",
+              "exists": "already exists"}[case]
+    if case == "checkpoint":
+        checkpoint = tmp_path
+    elif case == "4d":
+        inp = tmp_path / "four.nii.gz"
+        nib.save(nib.Nifti1Image(np.ones((8, 8, 8, 3), np.float32), affine), inp)
+    elif case == "not-nifti":
+        inp = tmp_path / "notes.txt"
+        inp.write_text("hello")
+    elif case == "corrupt":
+        inp = tmp_path / "broken.nii.gz"
+        inp.write_bytes(t1_volume.read_bytes()[:5000])
+    elif case in ("nan", "zero"):
+        inp = tmp_path / f"{case}.nii.gz"
+        nib.save(nib.Nifti1Image(np.full((8, 8, 8), np.nan if case == "nan" else 0.0, np.float32), affine), inp)
+    elif case == "exists":
+        (tmp_path / "out").mkdir()
+        (tmp_path / "out" / t1_volume.name.replace(".nii.gz", "_t1-to-t2.nii.gz")).write_text("old")
+    result = run_module("train.translate", "--checkpoint", checkpoint, "--direction", "t1-to-t2", "--input", inp,
+                        "--output", tmp_path / "out", check=False)
+    assert result.returncode != 0 and expect in result.stderr, result.stderr[-2000:]
+    named = {"checkpoint": str(checkpoint), "exists": inp.name.replace(".nii.gz", "_t1-to-t2.nii.gz")}.get(case, inp.name)
+    assert named in result.stderr
+    out = tmp_path / "out"
+    if case == "exists":
+        assert [p.read_text() for p in out.iterdir()] == ["old"], "nothing replaced without --overwrite"
+    else:
+        assert not out.exists() or not any(out.iterdir()), "no partial output"
+
+
+def test_evaluate_reports_per_subject_and_matches_validation(trained, shards_dir, tmp_path):
+    checkpoint = rundir.checkpoint_dir(trained, 40)
+    run_module("train.evaluate", "--checkpoint", checkpoint, "--data", shards_dir / "val", "--out", tmp_path / "report")
+    report = json.loads((tmp_path / "report" / "report.json").read_text())
+    logged = next(r for r in rundir.read_metrics(trained) if r["step"] == 40 and "val/ssim_masked_mean" in r)
+    assert report["slices"] == logged["val/slices"]
+    for direction in ("t1_to_t2", "t2_to_t1"):
+        part = report["directions"][direction]
+        for metric in ("ssim", "ssim_masked", "psnr_masked", "mae_masked"):
+            assert part["slice_mean"][metric] == pytest.approx(logged[f"val/{direction}/{metric}"], abs=1e-4), (direction, metric)
+        assert len(part["subjects"]) == report["subjects"] >= 1
+        assert part["summary"]["ssim_masked"]["mean"] == pytest.approx(np.mean([s["ssim_masked"] for s in part["subjects"]]))
+    rows = list(csv.DictReader(io.StringIO((tmp_path / "report" / "report.csv").read_text())))
+    assert len(rows) == report["subjects"] and float(rows[0]["t1_to_t2_ssim_masked"]) == pytest.approx(
+        report["directions"]["t1_to_t2"]["subjects"][0]["ssim_masked"], abs=1e-5)
+    with Image.open(tmp_path / "report" / "figure.png") as im:
+        assert im.size == (4 * 64 + 3 * 2, 6 * 64 + 5 * 2)  # worst/median/best x 2 directions; 4 columns
+    assert "masked SSIM" in (tmp_path / "report" / "report.md").read_text()
+
+
+@pytest.mark.parametrize("case", ["exists", "checkpoint", "data"])
+def test_evaluate_bad_input(case, trained, shards_dir, tmp_path):
+    args = {"--checkpoint": rundir.checkpoint_dir(trained, 40), "--data": shards_dir / "test", "--out": tmp_path / "report"}
+    expect = {"exists": "already exists", "checkpoint": "not a checkpoint folder", "data": "no paired-*.tar shards"}[case]
+    if case == "exists":
+        (tmp_path / "report").mkdir()
+    elif case == "checkpoint":
+        args["--checkpoint"] = tmp_path
+    else:
+        args["--data"] = shards_dir / "train"
+    result = run_module("train.evaluate", *[x for kv in args.items() for x in kv], check=False)
+    assert result.returncode != 0 and expect in result.stderr, result.stderr[-2000:]
+    assert case == "exists" or not (tmp_path / "report").exists()

@@ -1,0 +1,113 @@
+"""Translate T1 <-> T2 with a trained checkpoint: NIfTI volumes in, NIfTI volumes out (2D images too).
+
+    python -m train.translate --checkpoint RUN/checkpoints/step-NNNNNNN --direction t1-to-t2 \\
+        --input FILE_OR_DIR --output DIR [--overwrite] [--batch-size 8]
+
+Each volume is reoriented to RAS, resampled onto the training grid, normalized as the shards were,
+translated slice by slice in the axial plane and resampled back: the output has the input's shape and
+affine. Output intensities are the target contrast in [0,1] (the shards' normalization: 0 and 1 are the
+0.5th and 99.5th percentiles of the head), float32, 0 outside the head. Images (PNG/JPG/TIFF) give
+16-bit PNGs of the input's size.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+from tqdm import tqdm
+
+from shards.format import encode_png16
+from shards.preprocess import VolumeError, load_image, load_nifti
+from train.inference import CheckpointError, device_for_inference, load_generator, translate_image, translate_volume
+
+VOLUME_SUFFIXES = (".nii", ".nii.gz")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
+
+
+def suffix(path: Path) -> str:
+    name = path.name.lower()
+    return ".nii.gz" if name.endswith(".nii.gz") else path.suffix.lower()
+
+
+def list_inputs(path: Path) -> list[Path]:
+    if path.is_dir():
+        found = sorted(p for p in path.iterdir() if p.is_file() and suffix(p) in VOLUME_SUFFIXES + IMAGE_SUFFIXES)
+        if not found:
+            raise SystemExit(f"error: --input {path}: no .nii, .nii.gz, PNG, JPG or TIFF files in this folder")
+        return found
+    if not path.exists():
+        raise SystemExit(f"error: --input {path}: no such file or folder")
+    if suffix(path) not in VOLUME_SUFFIXES + IMAGE_SUFFIXES:
+        raise SystemExit(f"error: --input {path}: not a NIfTI volume (.nii/.nii.gz) or an image (PNG/JPG/TIFF)")
+    return [path]
+
+
+def output_path(path: Path, out_dir: Path, direction: str) -> Path:
+    ext = suffix(path)
+    stem = path.name[: -len(ext)]
+    return out_dir / f"{stem}_{direction}{'.nii.gz' if ext in VOLUME_SUFFIXES else '.png'}"
+
+
+def write_volume(path: Path, data: np.ndarray, like: nib.Nifti1Image) -> None:
+    """Float32 NIfTI with the input's affine and orientation codes, written under a temporary name."""
+    image = nib.Nifti1Image(data.astype(np.float32), like.affine)
+    image.set_qform(like.affine, int(like.header["qform_code"]) or 1)
+    image.set_sform(like.affine, int(like.header["sform_code"]) or 1)
+    tmp = path.with_name(f".{path.name[:-len('.nii.gz')]}.tmp.nii.gz")
+    nib.save(image, tmp)
+    tmp.replace(path)
+
+
+def write_png(path: Path, image: np.ndarray) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_bytes(encode_png16(image))
+    tmp.replace(path)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint", type=Path, required=True, help="RUN/checkpoints/step-NNNNNNN")
+    parser.add_argument("--direction", required=True, choices=["t1-to-t2", "t2-to-t1"])
+    parser.add_argument("--input", type=Path, required=True, help="a .nii/.nii.gz volume, an image, or a folder of them")
+    parser.add_argument("--output", type=Path, required=True, help="folder for the translations")
+    parser.add_argument("--overwrite", action="store_true", help="replace translations that already exist")
+    parser.add_argument("--batch-size", type=int, default=8, help="slices per forward pass")
+    args = parser.parse_args(argv)
+
+    try:
+        net, info = load_generator(args.checkpoint, args.direction, device_for_inference())
+    except CheckpointError as err:
+        raise SystemExit(f"error: --checkpoint {err}")
+    inputs = list_inputs(args.input)
+    targets = {p: output_path(p, args.output, args.direction) for p in inputs}
+    existing = [str(t) for t in targets.values() if t.exists()]
+    if existing and not args.overwrite:
+        raise SystemExit(f"error: {existing[0]} already exists ({len(existing)} in all); pass --overwrite to replace")
+    args.output.mkdir(parents=True, exist_ok=True)
+    preprocessing = info["preprocessing"]
+
+    failed = 0
+    for path in tqdm(inputs, desc="translate", unit="file", disable=len(inputs) == 1):
+        start = time.time()
+        try:
+            if suffix(path) in VOLUME_SUFFIXES:
+                data, affine, _ = load_nifti(path.read_bytes())
+                translated = translate_volume(net, data, affine, preprocessing, args.batch_size, progress=True)
+                write_volume(targets[path], translated, nib.load(path))
+            else:
+                write_png(targets[path], translate_image(net, load_image(path.read_bytes()), preprocessing["size"]))
+        except VolumeError as err:
+            print(f"error: {path}: {err}", file=sys.stderr)
+            failed += 1
+            continue
+        print(f"{path} -> {targets[path]} ({time.time() - start:.1f}s)")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
