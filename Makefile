@@ -3,6 +3,10 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 DATA := data/demo
+RUN := runs/demo
+# all GPUs when there are several, else one process (on a CPU-only machine: one process using every core)
+GPUS = $(shell nvidia-smi -L 2>/dev/null | grep -c ^GPU)
+LAUNCH = $(if $(filter-out 0 1,$(GPUS)),--multi_gpu --num_processes $(GPUS),--num_processes 1)
 
 .PHONY: setup test demo clean
 
@@ -23,5 +27,24 @@ $(VENV)/.installed: pyproject.toml
 test: setup
 	$(BIN)/python -m pytest -q
 
+# The main job on the embedded default: synthetic IXI -> shards -> CycleGAN -> evaluation. Each stage is a
+# file target, so a second run reuses the data, the shards and a finished run (an interrupted one resumes).
+demo: setup $(RUN)/summary.json
+	$(BIN)/python -m train.evaluate --checkpoint $(RUN) --data $(DATA)/shards/test --out $(RUN)/evaluation --overwrite
+	@echo
+	@echo "run folder: $(RUN)   (prediction grids: $(RUN)/predictions, GIF: $(RUN)/progress.gif)"
+	@echo "look at it: $(BIN)/streamlit run dashboard/app.py -- --runs runs"
+
+$(DATA)/ixi/IXI-T1.tar:
+	$(BIN)/python -m shards synth --out $(DATA)/ixi --subjects 24 --seed 0 --downsample 4
+
+$(DATA)/shards/manifest.json: $(DATA)/ixi/IXI-T1.tar
+	$(BIN)/python -m shards pack --t1 $(DATA)/ixi/IXI-T1.tar --t2 $(DATA)/ixi/IXI-T2.tar --out $(DATA)/shards \
+	  --size 64 --resume
+
+$(RUN)/summary.json: $(DATA)/shards/manifest.json train/demo.yaml
+	WANDB_MODE=$${WANDB_MODE:-offline} $(BIN)/accelerate launch $(LAUNCH) --num_machines 1 --mixed_precision no \
+	  --dynamo_backend no train/main.py --config train/demo.yaml --data $(DATA)/shards --out $(RUN) --resume auto
+
 clean:
-	rm -rf $(VENV) $(DATA)
+	rm -rf $(VENV) $(DATA) $(RUN)

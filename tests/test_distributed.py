@@ -1,4 +1,4 @@
-"""Two CPU processes (gloo) under `accelerate launch --multi_gpu`: replicas stay identical, ranks read
+"""Two CPU processes (gloo) under `accelerate launch --config_file accelerate_config.yaml`: replicas stay identical, ranks read
 disjoint data, the run folder is written once, and the logged val metrics are the all-rank result."""
 
 from __future__ import annotations
@@ -24,8 +24,9 @@ STEPS = 10
 @pytest.fixture(scope="module")
 def ddp_run(shards_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("ddp") / "run"
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-           "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29517",
+    # the project's accelerate_config.yaml (all GPUs, bf16), told to start 2 processes in fp32: gloo on this CPU
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", "accelerate_config.yaml", "--num_processes", "2",
+           "--mixed_precision", "no", "--main_process_port", "29517",
            "train/main.py", "--data", str(shards_dir), "--out", str(out), *SMALL, "--max_steps", str(STEPS),
            "--steps_per_epoch", str(STEPS), "--checkpoint_every", str(STEPS), "--trace_keys", "true"]
     result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)

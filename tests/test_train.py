@@ -179,3 +179,11 @@ def test_bad_input_fails_before_training(case, shards_dir, trained, tmp_path):
     result = train(*args, check=False, timeout=120)
     assert result.returncode != 0 and expect in result.stderr, result.stderr[-2000:]
     assert not rundir.list_checkpoints(tmp_path / "run")
+
+
+def test_structure_loss_is_trained_and_logged(shards_dir, tmp_path):
+    out = tmp_path / "structure"
+    train("--data", shards_dir, "--out", out, *SMALL, "--max_steps", 10, "--lambda_structure", 5, "--checkpoint_every", 10)
+    rows = [r for r in rundir.read_metrics(out) if "loss/structure" in r]
+    assert rows and all(r["loss/structure"] > 0 for r in rows)
+    assert all(r["loss/G"] >= r["loss/structure"] for r in rows)

@@ -17,7 +17,7 @@ from torch import nn
 from conftest import run_module
 from shards.preprocess import load_nifti
 from train import rundir
-from train.inference import translate_volume
+from train.inference import resolve_checkpoint, translate_volume
 
 
 class PassThrough(nn.Module):
@@ -151,3 +151,9 @@ def test_evaluate_bad_input(case, trained, shards_dir, tmp_path):
     result = run_module("train.evaluate", *[x for kv in args.items() for x in kv], check=False)
     assert result.returncode != 0 and expect in result.stderr, result.stderr[-2000:]
     assert case == "exists" or not (tmp_path / "report").exists()
+
+
+def test_a_run_folder_stands_for_its_best_checkpoint(trained):
+    summary = json.loads((trained / rundir.SUMMARY).read_text())
+    assert resolve_checkpoint(trained) == rundir.checkpoint_dir(trained, summary["best_checkpoint_step"])
+    assert resolve_checkpoint(rundir.checkpoint_dir(trained, 40)) == rundir.checkpoint_dir(trained, 40)

@@ -33,6 +33,7 @@ class Config:
     gan_loss: str = option("bce", "adversarial loss: bce (BCE with logits, as in the seed) or lsgan", choices=["bce", "lsgan"])
     lambda_cycle: float = option(10.0, "cycle-consistency L1 weight (lambda)")
     lambda_identity: float = option(0.5, "identity L1 weight as a fraction of lambda_cycle")
+    lambda_structure: float = option(0.0, "MIND structure-consistency L1 between each input and its translation (0 = off, the seed's plain CycleGAN)")
     pool_size: int = option(50, "history pool of generated images shown to the discriminators")
     lr: float = option(2e-4, "Adam learning rate for generators and discriminators")
     beta1: float = option(0.5, "Adam beta1")

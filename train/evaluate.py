@@ -114,7 +114,7 @@ def figure(nets: dict, paths: list[str], rows: dict, device: torch.device) -> np
 
 
 def report_markdown(report: dict) -> str:
-    lines = [f"# Evaluation of `{report['checkpoint']}`", "",
+    lines = [f"# Evaluation of `{report['checkpoint']}` (step {report['step']})", "",
              f"{report['subjects']} subjects, {report['slices']} slices from `{report['data']}`. Per subject, pooled inside "
              "the head mask; mean ± std across subjects.", "",
              "| direction | masked SSIM | masked PSNR (dB) | masked MAE |", "|---|---|---|---|"]
@@ -130,7 +130,7 @@ def report_markdown(report: dict) -> str:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checkpoint", type=Path, required=True, help="RUN/checkpoints/step-NNNNNNN")
+    parser.add_argument("--checkpoint", type=Path, required=True, help="RUN/checkpoints/step-NNNNNNN, or a run folder for its best checkpoint")
     parser.add_argument("--data", type=Path, required=True, help="a split folder of paired shards, e.g. SHARDS/test")
     parser.add_argument("--out", type=Path, required=True, help="report folder (created)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing report folder")
@@ -142,15 +142,17 @@ def main(argv=None) -> int:
     paths = split_shards(args.data)
     device = device_for_inference()
     try:
-        nets = {name: load_generator(args.checkpoint, name, device)[0] for name, _, _ in DIRECTIONS}
+        loaded = {name: load_generator(args.checkpoint, name, device) for name, _, _ in DIRECTIONS}
     except CheckpointError as err:
         raise SystemExit(f"error: --checkpoint {err}")
 
+    nets = {name: net for name, (net, _) in loaded.items()}
+    checkpoint = loaded["t1_to_t2"][1]["path"]
     rows = score(nets, paths, args.batch_size, device)
     if not rows["t1_to_t2"]:
         raise SystemExit(f"error: --data {args.data}: the shards hold no samples")
-    report = {"checkpoint": str(args.checkpoint), "data": str(args.data), "subjects": len({r["subject"] for r in rows["t1_to_t2"]}),
-              "slices": len(rows["t1_to_t2"]), "directions": {}}
+    report = {"checkpoint": checkpoint, "step": loaded["t1_to_t2"][1].get("step"), "data": str(args.data),
+              "subjects": len({r["subject"] for r in rows["t1_to_t2"]}), "slices": len(rows["t1_to_t2"]), "directions": {}}
     for name, _, _ in DIRECTIONS:
         subjects = per_subject(rows[name])
         report["directions"][name] = {

@@ -36,12 +36,29 @@ def read_checkpoint_info(checkpoint: Path) -> dict:
     return info
 
 
+def resolve_checkpoint(path: Path) -> Path:
+    """A checkpoint folder as given, or for a run folder its best checkpoint (by val SSIM; else the newest)."""
+    path = Path(path)
+    if (path / rundir.CHECKPOINT_INFO).is_file() or not (path / rundir.CHECKPOINTS).is_dir():
+        return path
+    found = dict(rundir.list_checkpoints(path))
+    if not found:
+        raise CheckpointError(f"{path}: a run folder without checkpoints")
+    try:
+        best = json.loads((path / rundir.SUMMARY).read_text()).get("best_checkpoint_step")
+    except (OSError, json.JSONDecodeError):
+        best = None
+    return found.get(best, found[max(found)])
+
+
 def load_generator(checkpoint: Path, direction: str, device: str | torch.device = "cpu") -> tuple[nn.Module, dict]:
     """direction: 't1_to_t2' or 't2_to_t1' (or the CLI spelling 't1-to-t2'). Returns (network in eval mode, info)."""
     direction = DIRECTIONS.get(direction, direction)
     if direction not in rundir.GENERATORS:
         raise CheckpointError(f"unknown direction {direction!r}: choose t1-to-t2 or t2-to-t1")
+    checkpoint = resolve_checkpoint(checkpoint)
     info = read_checkpoint_info(checkpoint)
+    info["path"] = str(checkpoint)
     spec = info["generator"]
     weights = Path(checkpoint) / rundir.GENERATORS[direction]
     if not weights.is_file():

@@ -38,7 +38,7 @@ from train.metrics import slice_metrics
 from train.networks import CycleGenerators, Discriminators, build_discriminator, build_generator
 
 
-LOSS_NAMES = ("G", "G_adv", "cycle", "identity", "D", "D_t1", "D_t2")
+LOSS_NAMES = ("G", "G_adv", "cycle", "identity", "structure", "D", "D_t1", "D_t2")
 
 
 @dataclass
@@ -73,7 +73,8 @@ class StateDict:
 
 
 class StopRequested:
-    """SIGTERM / SIGUSR1 (SLURM pre-emption): finish the step, checkpoint, exit cleanly."""
+    """SIGTERM / SIGUSR1 (SLURM pre-emption) or a RUN/STOP file: finish the step, checkpoint, exit cleanly.
+    The file reaches every node through the shared run folder, with no signal forwarding through launchers."""
 
     def __init__(self):
         self.flag = False
@@ -144,6 +145,9 @@ def main(argv=None) -> int:
     if config.resume and config.resume != "auto" and not Path(config.resume).exists():
         raise SystemExit(f"error: --resume {config.resume}: no such checkpoint folder")
 
+    if config.mixed_precision == "fp16" and not torch.cuda.is_available():
+        raise SystemExit("error: --mixed_precision fp16 needs a GPU and none is visible; use bf16 or no on CPU")
+
     mode = wandb_mode(config)
     os.environ["WANDB_MODE"] = mode
     # `accelerate launch --multi_gpu` on a node without GPUs: run the processes on CPU over gloo
@@ -155,6 +159,7 @@ def main(argv=None) -> int:
     if is_main:
         out.mkdir(parents=True, exist_ok=True)
         save_config(Config(**{**config.to_dict(), "size": size}), out / rundir.CONFIG)
+        (out / rundir.STOP).unlink(missing_ok=True)  # a stop request left from an earlier run is stale
     resume_path = resolve_resume(config, out)
     if resume_path:
         check_compatible(resume_path, config, size)
@@ -230,7 +235,8 @@ def main(argv=None) -> int:
             discs_plain = accelerator.unwrap_model(discs)
             discs_plain.requires_grad_(False)
             with accelerator.autocast():
-                fakes, losses_g = generator_losses(gens, discs_plain, real_a, real_b, config.gan_loss, config.lambda_cycle, config.lambda_identity)
+                fakes, losses_g = generator_losses(gens, discs_plain, real_a, real_b, config.gan_loss, config.lambda_cycle,
+                                                     config.lambda_identity, config.lambda_structure)
             discs_plain.requires_grad_(True)
             bad = any_rank(accelerator, not torch.isfinite(losses_g["G"]).item())
             if not bad:
@@ -296,11 +302,14 @@ def main(argv=None) -> int:
                 scores = validate(accelerator, gens, val, previews, out, epoch, state, config, at_epoch_end)
                 if scores and is_main:
                     metrics_log.write({"step": state.step, "epoch": epoch, **scores})
-            stop_now = any_rank(accelerator, stop.flag)
+            stop_now = any_rank(accelerator, stop.flag or (is_main and (out / rundir.STOP).exists()))
             if state.step % config.checkpoint_every == 0 or state.step == total_steps or stop_now:
                 save_checkpoint(accelerator, gens, out, state, epoch, config, size, last, preprocessing)
             if stop_now:
                 status = "stopped"
+                if is_main:
+                    (out / rundir.STOP).unlink(missing_ok=True)
+                accelerator.print(f"stopped at step {state.step}; resume with --resume auto")
                 break
         if status == "stopped":
             break

@@ -30,6 +30,7 @@ GIF = "progress.gif"
 CHECKPOINTS = "checkpoints"
 PREDICTIONS = "predictions"
 CHECKPOINT_INFO = "checkpoint.json"
+STOP = "STOP"  # create it to stop the run cleanly (checkpoint, exit 0); the trainer removes it when it stops
 TRACE = "trace"  # only with --trace_keys: trace/keys-rank-N.txt, the train sample keys each rank read
 GENERATORS = {"t1_to_t2": "G_t1_to_t2.safetensors", "t2_to_t1": "G_t2_to_t1.safetensors"}
 CHECKPOINT_RE = re.compile(r"^step-(\d{7})$")

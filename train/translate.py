@@ -71,7 +71,7 @@ def write_png(path: Path, image: np.ndarray) -> None:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checkpoint", type=Path, required=True, help="RUN/checkpoints/step-NNNNNNN")
+    parser.add_argument("--checkpoint", type=Path, required=True, help="RUN/checkpoints/step-NNNNNNN, or a run folder for its best checkpoint")
     parser.add_argument("--direction", required=True, choices=["t1-to-t2", "t2-to-t1"])
     parser.add_argument("--input", type=Path, required=True, help="a .nii/.nii.gz volume, an image, or a folder of them")
     parser.add_argument("--output", type=Path, required=True, help="folder for the translations")
