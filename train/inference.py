@@ -4,6 +4,7 @@ train.translate, train.evaluate and the dashboard; only .safetensors are read, n
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -92,25 +93,41 @@ def translate_slices(net: nn.Module, slices: np.ndarray, batch_size: int = 8, pr
     return out
 
 
-def translate_volume(net: nn.Module, data: np.ndarray, affine: np.ndarray, preprocessing: dict, batch_size: int = 8,
-                     progress: bool = False) -> np.ndarray:
-    """A 3D volume in any orientation -> its translation on the same voxel grid, in [0,1].
+@dataclass
+class PreparedVolume:
+    """A volume on the training grid: `images` are the axial slices with head, as the model sees them."""
 
-    The volume is prepared exactly as `shards pack` prepares training data (RAS axial grid of fov_mm / size
-    mm centred on the head, foreground-percentile normalization), translated slice by slice where there is
-    head foreground, and resampled back onto the input grid; outside the head the output is 0."""
-    size = preprocessing["size"]
-    grid = axial_grid(data, affine, size, preprocessing["fov_mm"])
+    grid: Grid
+    planes: np.ndarray  # grid z index of each image
+    images: np.ndarray  # (N, size, size) in [0,1], image orientation (anterior up, left on the left)
+    mask: np.ndarray  # head mask on the grid
+
+
+def prepare_volume(data: np.ndarray, affine: np.ndarray, preprocessing: dict) -> PreparedVolume:
+    """Exactly what `shards pack` does to a training volume: RAS axial grid of fov_mm / size mm centred on the
+    head, foreground-percentile normalization."""
+    grid = axial_grid(data, affine, preprocessing["size"], preprocessing["fov_mm"])
     resampled = resample(data, affine, grid)
     mask = foreground(resampled)
     normalized, _ = normalize(resampled, mask)
     planes = np.flatnonzero(mask.any(axis=(0, 1)))
-    images = np.stack([to_image(normalized[:, :, z]) for z in planes])
-    translated = translate_slices(net, images, batch_size, progress)
-    on_grid = np.zeros(grid.shape, np.float32)
-    for z, image in zip(planes, translated):
-        on_grid[:, :, z] = from_image(image) * mask[:, :, z]
-    return np.clip(resample(on_grid, grid.affine, Grid(data.shape, affine)), 0.0, 1.0)
+    return PreparedVolume(grid, planes, np.stack([to_image(normalized[:, :, z]) for z in planes]), mask)
+
+
+def restore_volume(prepared: PreparedVolume, translated: np.ndarray, shape: tuple, affine: np.ndarray) -> np.ndarray:
+    """Translated slices back onto the input's voxel grid (0 outside the head), in [0,1]."""
+    on_grid = np.zeros(prepared.grid.shape, np.float32)
+    for z, image in zip(prepared.planes, translated):
+        on_grid[:, :, z] = from_image(image) * prepared.mask[:, :, z]
+    return np.clip(resample(on_grid, prepared.grid.affine, Grid(tuple(shape), affine)), 0.0, 1.0)
+
+
+def translate_volume(net: nn.Module, data: np.ndarray, affine: np.ndarray, preprocessing: dict, batch_size: int = 8,
+                     progress: bool = False) -> np.ndarray:
+    """A 3D volume in any orientation -> its translation on the same voxel grid, in [0,1]: prepared as the
+    training data was, translated slice by slice where there is head, resampled back."""
+    prepared = prepare_volume(data, affine, preprocessing)
+    return restore_volume(prepared, translate_slices(net, prepared.images, batch_size, progress), data.shape, affine)
 
 
 def translate_image(net: nn.Module, image: np.ndarray, size: int) -> np.ndarray:

@@ -1,0 +1,275 @@
+"""Browse and compare training runs, and translate slices and volumes with their checkpoints.
+
+    streamlit run dashboard/app.py [-- --runs runs --data data]
+
+The runs folder comes from --runs, else $MRI_CYCLEGAN_RUNS, else ./runs; shards for the Translate page are
+read only from --data ($MRI_CYCLEGAN_DATA, ./data). Served on 127.0.0.1 (.streamlit/config.toml).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import hashlib
+import io
+import os
+import sys
+import time
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pandas as pd
+import streamlit as st
+import torch
+
+if __package__ in (None, ""):  # `streamlit run dashboard/app.py`: make the repository root importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from dashboard import runs as R
+from shards.format import encode_png16, shard_paths
+from shards.preprocess import VolumeError, fit_image, foreground, load_image, load_nifti, normalize
+from train.data import val_samples
+from train.inference import CheckpointError, load_generator, prepare_volume, restore_volume, translate, translate_slices
+from train.metrics import slice_metrics
+
+MAX_IMAGE_MB, MAX_VOLUME_MB = 20, 300
+LOSSES = ["loss/G", "loss/G_adv", "loss/cycle", "loss/identity", "loss/structure", "loss/D"]
+VAL = ["val/t1_to_t2/ssim_masked", "val/t2_to_t1/ssim_masked", "val/t1_to_t2/psnr_masked", "val/t2_to_t1/psnr_masked",
+       "val/t1_cycle/ssim", "val/t2_cycle/ssim"]
+OTHER = {"t1_to_t2": "t2_to_t1", "t2_to_t1": "t1_to_t2"}
+CONTRASTS = {"t1_to_t2": ("t1", "t2"), "t2_to_t1": ("t2", "t1")}
+
+
+def roots() -> tuple[Path, Path]:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--runs", default=os.environ.get("MRI_CYCLEGAN_RUNS", "runs"))
+    parser.add_argument("--data", default=os.environ.get("MRI_CYCLEGAN_DATA", "data"))
+    args, _ = parser.parse_known_args(sys.argv[1:])
+    return Path(args.runs).resolve(), Path(args.data).resolve()
+
+
+@st.cache_data(ttl=5, show_spinner=False)
+def cached_runs(root: str) -> list[R.RunInfo]:
+    return R.list_runs(Path(root))
+
+
+@st.cache_data(show_spinner=False)
+def cached_metrics(run: str, mtime: float) -> pd.DataFrame:
+    return R.metrics_table(Path(run))
+
+
+@st.cache_resource(show_spinner=False, max_entries=8)
+def cached_generator(checkpoint: str, direction: str, mtime: float):
+    return load_generator(Path(checkpoint), direction)[0]
+
+
+@st.cache_data(show_spinner=False, max_entries=4)
+def cached_split(shards: str, split: str) -> list[dict]:
+    return val_samples(shards, split)
+
+
+@st.cache_data(show_spinner=False, max_entries=2)
+def cached_volume(digest: str, data: bytes, preprocessing: dict):
+    volume, affine, _ = load_nifti(data)
+    return volume.shape, affine, prepare_volume(volume, affine, preprocessing)
+
+
+def metrics_of(run: R.RunInfo) -> pd.DataFrame:
+    path = run.path / "metrics.jsonl"
+    return cached_metrics(str(run.path), path.stat().st_mtime if path.exists() else 0.0)
+
+
+def page_runs(runs: list[R.RunInfo]) -> None:
+    st.header("Runs")
+    if not runs:
+        st.info("No runs yet. Train one: `make demo`, or `accelerate launch train/main.py --data ... --out runs/NAME`.")
+        return
+    st.dataframe(pd.DataFrame([r.row() for r in runs]), hide_index=True, width="stretch")
+    for run in runs:
+        if run.error:
+            st.warning(f"{run.name}: {run.error}")
+
+
+def page_compare(runs: list[R.RunInfo]) -> None:
+    st.header("Compare runs")
+    usable = [r for r in runs if r.status != "broken"]
+    chosen = st.multiselect("Runs", [r.name for r in usable], default=[r.name for r in usable[:2]], key="compare_runs")
+    picked = [r for r in usable if r.name in chosen]
+    if not picked:
+        st.info("Select one or more runs.")
+        return
+    x = st.radio("x axis", ["step", "epoch"], horizontal=True, key="compare_x")
+    tables = []
+    for run in picked:
+        table = metrics_of(run)
+        if not table.empty:
+            tables.append(table.assign(run=run.name))
+    if not tables:
+        st.info("These runs have no metrics yet.")
+        return
+    merged = pd.concat(tables, ignore_index=True)
+    for title, names in (("Losses", LOSSES), ("Validation (masked SSIM, PSNR; cycle SSIM)", VAL)):
+        st.subheader(title)
+        for name in [n for n in names if n in merged]:
+            series = merged.dropna(subset=[name]).pivot_table(index=x, columns="run", values=name, aggfunc="last")
+            st.caption(name)
+            st.line_chart(series, height=220)
+    st.subheader("Configuration differences")
+    diff = R.config_diff(picked)
+    st.dataframe(pd.DataFrame(diff), hide_index=True) if diff else st.write("Same configuration.")
+    st.download_button("Download the comparison (CSV)", merged.to_csv(index=False), "comparison.csv", "text/csv")
+    st.subheader("Weights & Biases")
+    for run in picked:
+        link = R.wandb_link(run.path)
+        st.markdown(f"**{run.name}**: " + (f"[{link}]({link})" if link and link.startswith("http") else f"`{link}`" if link else "not logged to W&B"))
+
+
+def page_run(run: R.RunInfo) -> None:
+    st.header(f"Run {run.name}")
+    if run.error:
+        st.error(f"{run.name}: {run.error}")
+        return
+    st.write(f"status **{run.status}**, step {run.steps}" + (f" of {run.total_steps}" if run.total_steps else ""))
+    predictions = R.rundir.list_predictions(run.path)
+    if predictions:
+        epochs = [e for e, _ in predictions]
+        epoch = st.select_slider("Epoch", epochs, value=epochs[-1], key="epoch") if len(epochs) > 1 else epochs[0]
+        st.image(str(dict(predictions)[epoch]), caption=f"epoch {epoch}: input | translation | cycle | ground truth")
+    gif = run.path / R.rundir.GIF
+    if gif.exists():
+        st.subheader("Training progress")
+        st.image(gif.read_bytes(), caption="predictions over the epochs")
+    st.subheader("Checkpoints")
+    checkpoints = R.list_checkpoints(run)
+    if not checkpoints:
+        st.write("No checkpoints yet.")
+    rows = [{"step": c.step, "best": "★" if c.best else "", "time": time.strftime("%Y-%m-%d %H:%M", time.localtime(c.time)) if c.time else "",
+             "size (MB)": round(c.size_mb, 1), "SSIM T1→T2": c.val.get("val/t1_to_t2/ssim_masked"),
+             "SSIM T2→T1": c.val.get("val/t2_to_t1/ssim_masked"), "PSNR T1→T2": c.val.get("val/t1_to_t2/psnr_masked"),
+             "PSNR T2→T1": c.val.get("val/t2_to_t1/psnr_masked"), "problem": c.error or ""} for c in checkpoints]
+    if rows:
+        st.dataframe(pd.DataFrame(rows), hide_index=True)
+
+
+def show_row(images: dict[str, np.ndarray]) -> None:
+    for column, (caption, image) in zip(st.columns(len(images)), images.items()):
+        column.image(np.clip(image, 0, 1), caption=caption, clamp=True, width="stretch")
+
+
+def shards_of(run: R.RunInfo, data_root: Path) -> Path | None:
+    shards = Path(str(run.config.get("data", ""))).resolve()
+    return shards if shards.is_relative_to(data_root) and shards.is_dir() else None
+
+
+def page_translate(run: R.RunInfo, data_root: Path) -> None:
+    st.header(f"Translate with {run.name}")
+    checkpoints = [c for c in R.list_checkpoints(run) if not c.error]
+    if run.error or not checkpoints:
+        st.error(f"{run.name}: {run.error or 'no usable checkpoint'}")
+        return
+    default = next((i for i, c in enumerate(checkpoints) if c.best), len(checkpoints) - 1)
+    checkpoint = st.selectbox("Checkpoint", checkpoints, index=default, key="checkpoint",
+                              format_func=lambda c: f"step {c.step}" + (" (best)" if c.best else ""))
+    direction = st.radio("Direction", ["t1_to_t2", "t2_to_t1"], horizontal=True, key="direction",
+                         format_func=lambda d: {"t1_to_t2": "T1 → T2", "t2_to_t1": "T2 → T1"}[d])
+    try:
+        mtime = (checkpoint.path / R.rundir.CHECKPOINT_INFO).stat().st_mtime
+        net = cached_generator(str(checkpoint.path), direction, mtime)
+        back = cached_generator(str(checkpoint.path), OTHER[direction], mtime)
+        info = R.json.loads((checkpoint.path / R.rundir.CHECKPOINT_INFO).read_text())
+    except (CheckpointError, OSError, ValueError) as err:
+        st.error(f"{checkpoint.path.name}: {err}")
+        return
+    preprocessing = info["preprocessing"]
+    source = st.radio("Input", ["Val/test shard", "Image (PNG/JPG/TIFF)", "NIfTI volume"], horizontal=True, key="source")
+
+    image, truth, mask, volume = None, None, None, None
+    if source == "Val/test shard":
+        shards = shards_of(run, data_root)
+        splits = [s for s in ("val", "test") if shards and shard_paths(shards, s, "paired")]
+        if not splits:
+            st.info(f"No val/test shards for this run inside the data folder {data_root} (the run's data: {run.config.get('data')}).")
+            return
+        split = st.radio("Split", splits, horizontal=True, key="split")
+        samples = cached_split(str(shards), split)
+        index = st.slider("Slice", 0, len(samples) - 1, len(samples) // 2, key="slice")
+        sample = samples[index]
+        st.caption(f"{sample['key']} ({sample['meta'].get('subject')}, {sample['meta'].get('site')})")
+        source_contrast, target_contrast = CONTRASTS[direction]
+        image, truth, mask = sample[source_contrast], sample[target_contrast], sample["mask"]
+    elif source == "Image (PNG/JPG/TIFF)":
+        upload = st.file_uploader("Image", type=["png", "jpg", "jpeg", "tif", "tiff"], key="image_upload")
+        if upload is None:
+            return
+        if upload.size > MAX_IMAGE_MB * 2**20:
+            st.error(f"{upload.name}: larger than {MAX_IMAGE_MB} MB")
+            return
+        try:
+            fitted = fit_image(load_image(upload.getvalue()), preprocessing["size"])[:, :, None]
+            mask = foreground(fitted)
+            image = normalize(fitted, mask)[0][:, :, 0]
+            mask = mask[:, :, 0]
+        except VolumeError as err:
+            st.error(f"{upload.name}: {err}")
+            return
+    else:
+        upload = st.file_uploader("Volume", type=["nii", "gz"], key="volume_upload")
+        if upload is None:
+            return
+        if upload.size > MAX_VOLUME_MB * 2**20:
+            st.error(f"{upload.name}: larger than {MAX_VOLUME_MB} MB")
+            return
+        data = upload.getvalue()
+        try:
+            shape, affine, prepared = cached_volume(hashlib.sha1(data).hexdigest(), data, preprocessing)
+        except VolumeError as err:
+            st.error(f"{upload.name}: {err}")
+            return
+        index = st.slider("Axial slice", 0, len(prepared.images) - 1, len(prepared.images) // 2, key="volume_slice")
+        image, volume = prepared.images[index], (upload.name, shape, affine, prepared)
+
+    tensor = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))[None, None]
+    translated = translate(net, tensor)
+    cycled = translate(back, translated)
+    row = {"input": image, "translation": translated[0, 0].numpy(), "cycle": cycled[0, 0].numpy()}
+    if truth is not None:
+        error = np.abs(row["translation"] - truth) * mask
+        row.update({"ground truth": truth, "|error| ×4": np.clip(error * 4, 0, 1)})
+        scores = slice_metrics(translated, torch.from_numpy(truth)[None, None], torch.from_numpy(mask)[None, None])
+        st.write(f"masked SSIM **{scores['ssim_masked'].item():.3f}**, masked PSNR **{scores['psnr_masked'].item():.2f} dB**, "
+                 f"whole-image SSIM {scores['ssim'].item():.3f}")
+    show_row(row)
+    st.download_button("Download this translation (16-bit PNG)", encode_png16(row["translation"]), f"{direction}.png", "image/png")
+    if volume is not None and st.button("Translate the whole volume", key="translate_volume"):
+        name, shape, affine, prepared = volume
+        with st.spinner(f"translating {len(prepared.images)} slices"):
+            result = restore_volume(prepared, translate_slices(net, prepared.images), shape, affine)
+        buf = io.BytesIO(nib.Nifti1Image(result.astype(np.float32), affine).to_bytes())
+        stem = name[:-7] if name.endswith(".nii.gz") else name.rsplit(".", 1)[0]
+        st.download_button("Download the translated volume (NIfTI)", gzip.compress(buf.getvalue()),
+                           f"{stem}_{direction.replace('_', '-')}.nii.gz", "application/gzip", key="volume_download")
+
+
+def main() -> None:
+    st.set_page_config(page_title="mri-cyclegan", layout="wide")
+    runs_root, data_root = roots()
+    st.sidebar.title("mri-cyclegan")
+    st.sidebar.caption(f"runs: {runs_root}")
+    page = st.sidebar.radio("Page", ["Runs", "Compare", "Run", "Translate"], key="page")
+    runs = cached_runs(str(runs_root))
+    if page == "Runs":
+        page_runs(runs)
+        return
+    if page == "Compare":
+        page_compare(runs)
+        return
+    if not runs:
+        st.info(f"No runs in {runs_root}.")
+        return
+    name = st.sidebar.selectbox("Run", [r.name for r in runs], key="run")
+    run = R.read_run(R.safe_child(runs_root, name))
+    page_run(run) if page == "Run" else page_translate(run, data_root)
+
+
+main()

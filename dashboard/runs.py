@@ -1,0 +1,164 @@
+"""What the dashboard knows about a runs folder, read through the run-folder contract (train/rundir.py).
+No Streamlit here, so it is fast to test and to benchmark. Nothing outside the runs root is read, and a broken
+run becomes a RunInfo with an `error`, never an exception for the whole page."""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from train import rundir
+
+RUNNING_WITHIN_S = 600  # a run without summary.json whose metrics changed this recently is taken as running
+CONFIG_SUMMARY_KEYS = ("generator", "size", "ngf", "batch_size", "lr", "gan_loss", "lambda_cycle", "lambda_structure", "mixed_precision")
+WANDB_URL = re.compile(r"https://wandb\.ai/[\w./-]+/runs/\w+")
+
+
+class UnsafePath(ValueError):
+    pass
+
+
+def safe_child(root: Path, name: str) -> Path:
+    """root/name for a plain folder name inside root; anything with '..', a separator or an absolute path is refused."""
+    if not name or name in (".", "..") or "/" in name or "\\" in name or Path(name).is_absolute() or ".." in name:
+        raise UnsafePath(f"refused run name {name!r}: plain names inside the runs folder only")
+    path = (root / name).resolve()
+    if path.parent != root.resolve():
+        raise UnsafePath(f"refused run name {name!r}: outside the runs folder")
+    return path
+
+
+@dataclass
+class RunInfo:
+    name: str
+    path: Path
+    status: str = "crashed"  # running | finished | stopped | crashed | broken
+    config: dict = field(default_factory=dict)
+    steps: int = 0
+    total_steps: int | None = None
+    best: dict | None = None
+    last: dict | None = None
+    best_checkpoint_step: int | None = None
+    error: str | None = None
+
+    def row(self) -> dict:
+        """One line of the run list."""
+        best, last = self.best or {}, self.last or {}
+        return {"run": self.name, "status": self.status, "steps": self.steps, "total": self.total_steps,
+                **{k: self.config.get(k) for k in CONFIG_SUMMARY_KEYS},
+                "best SSIM": best.get("val/ssim_masked_mean"), "best step": best.get("step"),
+                "last SSIM T1→T2": last.get("val/t1_to_t2/ssim_masked"), "last SSIM T2→T1": last.get("val/t2_to_t1/ssim_masked"),
+                "last PSNR T1→T2": last.get("val/t1_to_t2/psnr_masked"), "last PSNR T2→T1": last.get("val/t2_to_t1/psnr_masked"),
+                "problem": self.error or ""}
+
+
+def _tail_rows(path: Path, max_bytes: int = 64_000) -> list[dict]:
+    """The last rows of metrics.jsonl without reading a long file whole."""
+    with open(path, "rb") as f:
+        f.seek(0, 2)
+        size = f.tell()
+        f.seek(max(0, size - max_bytes))
+        lines = f.read().decode(errors="replace").splitlines()[1 if size > max_bytes else 0:]
+    rows = []
+    for line in lines:
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return rows
+
+
+def read_run(path: Path, now: float | None = None) -> RunInfo:
+    info = RunInfo(path.name, path)
+    try:
+        config = yaml.safe_load((path / rundir.CONFIG).read_text()) if (path / rundir.CONFIG).exists() else None
+        if config is not None and not isinstance(config, dict):
+            raise ValueError("config.yaml is not a mapping")
+        info.config = config or {}
+        summary_path, metrics_path = path / rundir.SUMMARY, path / rundir.METRICS
+        if summary_path.exists():
+            summary = json.loads(summary_path.read_text())
+            info.status = summary["status"]
+            info.steps, info.total_steps = summary["steps"], summary.get("total_steps")
+            info.best, info.last = summary.get("best"), summary.get("last")
+            info.best_checkpoint_step = summary.get("best_checkpoint_step")
+        elif metrics_path.exists():
+            rows = _tail_rows(metrics_path)
+            info.steps = max((r.get("step", 0) for r in rows), default=0)
+            vals = [r for r in rows if "val/ssim_masked_mean" in r]
+            info.last = vals[-1] if vals else None
+            info.best = max(vals, key=lambda r: r["val/ssim_masked_mean"]) if vals else None
+            recent = (now or time.time()) - metrics_path.stat().st_mtime < RUNNING_WITHIN_S
+            info.status = "running" if recent else "crashed"
+        elif not info.config:
+            info.status, info.error = "broken", "no config.yaml, metrics.jsonl or summary.json: not a run folder"
+        else:
+            info.status = "crashed"
+    except (OSError, ValueError, KeyError, TypeError, yaml.YAMLError) as err:
+        info.status, info.error = "broken", f"{type(err).__name__}: {err}"
+    return info
+
+
+def list_runs(root: Path) -> list[RunInfo]:
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    return [read_run(p) for p in sorted(root.iterdir()) if p.is_dir() and not p.name.startswith(".")]
+
+
+def metrics_table(run: Path):
+    """All metrics rows of a run as a DataFrame (pandas comes with Streamlit)."""
+    import pandas as pd
+
+    return pd.DataFrame(rundir.read_metrics(run))
+
+
+@dataclass
+class CheckpointInfo:
+    step: int
+    path: Path
+    time: float | None
+    size_mb: float
+    val: dict
+    best: bool
+    error: str | None = None
+
+
+def list_checkpoints(run: RunInfo) -> list[CheckpointInfo]:
+    out = []
+    for step, path in rundir.list_checkpoints(run.path):
+        size = sum(f.stat().st_size for f in path.iterdir() if f.is_file()) / 2**20
+        try:
+            info = json.loads((path / rundir.CHECKPOINT_INFO).read_text())
+            missing = [n for n in rundir.GENERATORS.values() if not (path / n).is_file()]
+            error = f"missing {', '.join(missing)}" if missing else None
+            out.append(CheckpointInfo(step, path, info.get("time"), size, info.get("val") or {}, step == run.best_checkpoint_step, error))
+        except (OSError, ValueError) as err:
+            out.append(CheckpointInfo(step, path, None, size, {}, False, f"unreadable {rundir.CHECKPOINT_INFO}: {err}"))
+    return out
+
+
+def wandb_link(run: Path) -> str | None:
+    """The W&B page of an online run, or the `wandb sync` command for an offline one."""
+    folder = Path(run) / "wandb"
+    if not folder.is_dir():
+        return None
+    offline = sorted(folder.glob("offline-run-*"))
+    if offline:
+        return f"wandb sync {offline[-1]}"
+    for log in sorted(folder.glob("run-*/logs/debug.log"), reverse=True):
+        if found := WANDB_URL.search(log.read_text(errors="replace")):
+            return found.group(0)
+    return None
+
+
+def config_diff(runs: list[RunInfo]) -> list[dict]:
+    """Options whose values differ between the runs: one row per option, one column per run."""
+    keys = sorted({k for r in runs for k in r.config})
+    return [{"option": k, **{r.name: r.config.get(k) for r in runs}} for k in keys
+            if len({json.dumps(r.config.get(k), sort_keys=True) for r in runs}) > 1]

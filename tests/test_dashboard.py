@@ -1,0 +1,207 @@
+"""Every dashboard page under streamlit.testing.AppTest, on a runs folder with a finished, a crashed and a broken
+run; the path guard; and one end-to-end run in a real headless Chromium (Playwright)."""
+
+from __future__ import annotations
+
+import io
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tarfile
+import time
+import urllib.request
+
+import numpy as np
+import pytest
+import yaml
+from PIL import Image
+from streamlit.testing.v1 import AppTest
+
+from conftest import ROOT
+from dashboard import runs as R
+from train import rundir
+
+
+@pytest.fixture(scope="module")
+def runs_root(trained, shards_dir, tmp_path_factory):
+    root = tmp_path_factory.mktemp("dash") / "runs"
+    shutil.copytree(trained, root / "base")
+    crashed = root / "crashed"
+    shutil.copytree(trained, crashed)
+    (crashed / rundir.SUMMARY).unlink()
+    os.utime(crashed / rundir.METRICS, (1e9, 1e9))  # long silent: not running
+    config = yaml.safe_load((crashed / rundir.CONFIG).read_text())
+    (crashed / rundir.CONFIG).write_text(yaml.safe_dump({**config, "lr": 0.001}))
+    for path in crashed.glob("checkpoints/*/G_*.safetensors"):
+        path.write_bytes(b"not safetensors")
+    broken = root / "broken"
+    broken.mkdir()
+    (broken / rundir.CONFIG).write_text("size: [unclosed\n")
+    (root / "empty-folder").mkdir()
+    return root
+
+
+@pytest.fixture
+def app(runs_root, shards_dir, monkeypatch):
+    monkeypatch.setenv("MRI_CYCLEGAN_RUNS", str(runs_root))
+    monkeypatch.setenv("MRI_CYCLEGAN_DATA", str(shards_dir.parent))
+    at = AppTest.from_file(str(ROOT / "dashboard" / "app.py"), default_timeout=120)
+    return at.run()
+
+
+def go(at, page, run=None):
+    at.sidebar.radio(key="page").set_value(page).run()
+    if run:
+        at.sidebar.selectbox(key="run").set_value(run).run()
+    assert not at.exception, [e.value for e in at.exception]
+    return at
+
+
+def test_runs_page_lists_every_run_with_status_and_scores(app):
+    assert not app.exception
+    table = app.dataframe[0].value.set_index("run")
+    assert table.loc["base", "status"] == "finished" and table.loc["base", "steps"] == 40
+    assert table.loc["crashed", "status"] == "crashed" and table.loc["broken", "status"] == "broken"
+    assert -1 <= table.loc["base", "best SSIM"] <= 1 and table.loc["base", "lr"] == 0.0002
+    warnings = " ".join(w.value for w in app.warning)
+    assert "broken" in warnings and "empty-folder" in warnings and "base:" not in warnings
+
+
+def test_compare_page_overlays_curves_diffs_configs_and_exports(app):
+    at = go(app, "Compare")
+    at.multiselect(key="compare_runs").set_value(["base", "crashed"]).run()
+    captions = [c.value for c in at.caption]
+    assert "loss/cycle" in captions and "val/t1_to_t2/ssim_masked" in captions
+    diff = at.dataframe[0].value
+    assert list(diff["option"]) == ["lr"] and list(diff["crashed"]) == [0.001]
+    assert at.get("download_button")[0].proto.label.startswith("Download the comparison")
+    assert any("not logged to W&B" in m.value for m in at.markdown)
+    at.radio(key="compare_x").set_value("epoch").run()
+    assert not at.exception
+
+
+def test_run_page_shows_predictions_gif_and_checkpoints(app):
+    at = go(app, "Run", "base")
+    assert at.select_slider(key="epoch").value == 1
+    at.select_slider(key="epoch").set_value(0).run()
+    assert len(at.image) >= 2  # prediction grid + GIF
+    checkpoints = at.dataframe[0].value
+    assert list(checkpoints["step"]) == sorted(checkpoints["step"]) and checkpoints["step"].iloc[-1] == 40
+    assert (checkpoints["best"] == "★").sum() == 1
+
+
+def test_run_page_names_a_broken_run(app):
+    at = go(app, "Run", "broken")
+    assert any("broken" in e.value and "Error" in e.value for e in at.error)
+
+
+def test_translate_a_val_slice_with_ground_truth_and_metrics(app):
+    at = go(app, "Translate", "base")
+    assert at.selectbox(key="checkpoint").value.best, "the best checkpoint is preselected"
+    assert any("masked SSIM" in m.value for m in at.markdown)
+    assert len(at.image) == 5  # input, translation, cycle, ground truth, error
+    at.radio(key="direction").set_value("t2_to_t1").run()
+    at.slider(key="slice").set_value(0).run()
+    assert not at.exception and any("masked SSIM" in m.value for m in at.markdown)
+
+
+def test_translate_an_uploaded_image(app):
+    at = go(app, "Translate", "base")
+    at.radio(key="source").set_value("Image (PNG/JPG/TIFF)").run()
+    y, x = np.mgrid[:181, :217]
+    head = (((x - 108) / 90) ** 2 + ((y - 90) / 80) ** 2 < 1) * 200
+    buf = io.BytesIO()
+    Image.fromarray(head.astype(np.uint8)).convert("RGB").save(buf, format="PNG")
+    at.file_uploader(key="image_upload").upload("slice.png", buf.getvalue(), "image/png")
+    at.run()
+    assert not at.exception and len(at.image) == 3  # input, translation, cycle: no ground truth
+
+
+def test_translate_an_uploaded_volume_and_download_it(app, ixi_tars):
+    with tarfile.open(ixi_tars / "IXI-T1.tar") as tar:
+        member = sorted(tar.getmembers(), key=lambda m: m.name)[0]
+        data = tar.extractfile(member).read()
+    at = go(app, "Translate", "base")
+    at.radio(key="source").set_value("NIfTI volume").run()
+    at.file_uploader(key="volume_upload").upload(member.name, data, "application/gzip")
+    at.run()
+    assert at.slider(key="volume_slice").max > 5
+    at.button(key="translate_volume").click().run()
+    assert not at.exception
+    labels = [b.proto.label for b in at.get("download_button")]
+    assert "Download the translated volume (NIfTI)" in labels
+
+
+def test_translate_rejects_a_file_that_is_not_an_image(app):
+    at = go(app, "Translate", "base")
+    at.radio(key="source").set_value("Image (PNG/JPG/TIFF)").run()
+    at.file_uploader(key="image_upload").upload("scan.png", b"definitely not a png", "image/png")
+    at.run()
+    assert not at.exception and any("scan.png" in e.value and "not a readable image" in e.value for e in at.error)
+
+
+def test_translate_with_a_corrupt_checkpoint_says_so(app):
+    at = go(app, "Translate", "crashed")
+    assert any("cannot load the generator" in e.value for e in at.error)
+
+
+@pytest.mark.parametrize("name", ["..", "../etc", "/etc", "a/b", "x..y"])
+def test_run_names_cannot_leave_the_runs_folder(runs_root, name):
+    with pytest.raises(R.UnsafePath):
+        R.safe_child(runs_root, name)
+    assert R.safe_child(runs_root, "base") == (runs_root / "base").resolve()
+
+
+@pytest.fixture(scope="module")
+def chromium():
+    if not os.path.exists("/usr/bin/chromium"):
+        setup = subprocess.run(["bash", "dashboard/setup-browser.sh"], cwd=ROOT, capture_output=True, text=True, timeout=900)
+        if setup.returncode != 0:
+            pytest.skip(f"Chromium could not be installed by dashboard/setup-browser.sh: {(setup.stderr or setup.stdout)[-500:]}")
+    return "/usr/bin/chromium"
+
+
+@pytest.fixture
+def served(runs_root, shards_dir):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = subprocess.Popen([sys.executable, "-m", "streamlit", "run", "dashboard/app.py", "--server.port", str(port),
+                               "--", "--runs", str(runs_root), "--data", str(shards_dir.parent)],
+                              cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 60
+    while True:
+        try:
+            if urllib.request.urlopen(f"{url}/_stcore/health", timeout=2).read() == b"ok":
+                break
+        except OSError:
+            assert time.time() < deadline and server.poll() is None, "streamlit did not start"
+            time.sleep(0.5)
+    yield url
+    server.terminate()
+    server.wait(timeout=30)
+
+
+def test_in_a_real_browser_select_a_run_and_translate(chromium, served, tmp_path):
+    from playwright.sync_api import expect, sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium, args=["--no-sandbox"])
+        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        page.goto(served)
+        expect(page.get_by_role("heading", name="Runs")).to_be_visible(timeout=60_000)
+        sidebar = page.get_by_test_id("stSidebar")
+        sidebar.get_by_text("Translate", exact=True).click()
+        expect(page.get_by_role("heading", name="Translate with base")).to_be_visible(timeout=60_000)
+        expect(page.get_by_text("masked SSIM")).to_be_visible(timeout=60_000)
+        main = page.get_by_test_id("stMain")
+        expect(main.get_by_text("ground truth", exact=True)).to_be_visible()
+        assert main.locator("img").count() >= 5
+        shot = tmp_path / "translate.png"
+        page.screenshot(path=str(shot), full_page=True)
+        browser.close()
+    with Image.open(shot) as im:
+        assert im.size[0] == 1400 and np.asarray(im.convert("L")).std() > 10, "a rendered page, not a blank one"
