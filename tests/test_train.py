@@ -187,3 +187,14 @@ def test_structure_loss_is_trained_and_logged(shards_dir, tmp_path):
     rows = [r for r in rundir.read_metrics(out) if "loss/structure" in r]
     assert rows and all(r["loss/structure"] > 0 for r in rows)
     assert all(r["loss/G"] >= r["loss/structure"] for r in rows)
+
+
+def test_every_option_is_documented_with_its_default():
+    import dataclasses
+
+    from train.config import Config
+
+    table = (ROOT / "docs" / "training.md").read_text()
+    for f in dataclasses.fields(Config):
+        default = "(required)" if f.metadata.get("required") else repr(f.default)
+        assert f"| `--{f.name}` | `{default}` |" in table, f"docs/training.md lacks --{f.name} (default {default})"
