@@ -13,13 +13,17 @@ LAUNCH = $(if $(filter-out 0 1,$(GPUS)),--multi_gpu --num_processes $(GPUS),--nu
 setup: $(VENV)/.installed
 
 # CPU-only machines get the CPU build of torch first (a plain `torch` requirement pulls a multi-GB CUDA
-# build); with a GPU the normal build comes in with the project's dependencies.
+# build): the machine's own CPU wheel when pip's find-links folder holds one, else PyTorch's CPU index.
+# With a GPU the normal build comes in with the project's dependencies.
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	if ! command -v nvidia-smi >/dev/null 2>&1; then \
-	  $(BIN)/pip install -q --no-index torch==2.13.0 2>/dev/null || \
-	  $(BIN)/pip install -q torch --index-url https://download.pytorch.org/whl/cpu; \
+	  if ls "$${PIP_FIND_LINKS:-/nonexistent}"/torch-2.13.0*.whl >/dev/null 2>&1; then \
+	    $(BIN)/pip install -q torch==2.13.0; \
+	  else \
+	    $(BIN)/pip install -q torch --index-url https://download.pytorch.org/whl/cpu --extra-index-url https://pypi.org/simple; \
+	  fi; \
 	fi
 	$(BIN)/pip install -q -e '.[dev]'
 	touch $@
