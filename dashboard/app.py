@@ -30,6 +30,7 @@ from dashboard import runs as R
 from shards.format import encode_png16, shard_paths
 from shards.preprocess import VolumeError, fit_image, foreground, load_image, load_nifti, normalize
 from train.data import val_samples
+from train.fidelity import MODES, HallucinationMap
 from train.inference import CheckpointError, load_generator, prepare_volume, restore_volume, translate, translate_slices
 from train.metrics import slice_metrics
 
@@ -62,6 +63,11 @@ def cached_metrics(run: str, mtime: float) -> pd.DataFrame:
 @st.cache_resource(show_spinner=False, max_entries=8)
 def cached_generator(checkpoint: str, direction: str, mtime: float):
     return load_generator(Path(checkpoint), direction)[0]
+
+
+@st.cache_resource(show_spinner=False, max_entries=4)
+def cached_map(checkpoint: str, direction: str, mode: str, mtime: float) -> HallucinationMap:
+    return HallucinationMap(mode, Path(checkpoint), direction)
 
 
 @st.cache_data(show_spinner=False, max_entries=4)
@@ -157,6 +163,13 @@ def show_row(images: dict[str, np.ndarray]) -> None:
         column.image(np.clip(image, 0, 1), caption=caption, clamp=True, width="stretch")
 
 
+def overlay(image: np.ndarray, heat: np.ndarray, gain: float = 8.0) -> np.ndarray:
+    """Grayscale image with `heat` (x gain, clipped to 1) blended in red: where the map flags, it shows."""
+    alpha = np.clip(heat * gain, 0, 1)[..., None]
+    gray = np.repeat(np.clip(image, 0, 1)[..., None], 3, axis=-1)
+    return gray * (1 - alpha) + np.array([1.0, 0.1, 0.1]) * alpha
+
+
 def shards_of(run: R.RunInfo, data_root: Path) -> Path | None:
     shards = Path(str(run.config.get("data", ""))).resolve()
     return shards if shards.is_relative_to(data_root) and shards.is_dir() else None
@@ -173,6 +186,9 @@ def page_translate(run: R.RunInfo, data_root: Path) -> None:
                               format_func=lambda c: f"step {c.step}" + (" (best)" if c.best else ""))
     direction = st.radio("Direction", ["t1_to_t2", "t2_to_t1"], horizontal=True, key="direction",
                          format_func=lambda d: {"t1_to_t2": "T1 → T2", "t2_to_t1": "T2 → T1"}[d])
+    mode = st.selectbox("Hallucination map", ["none", *MODES], key="uncertainty",
+                        help="tta: spread under flips and shifts; cycle: |back-translation - input|; "
+                             "ensemble: spread across the run's kept checkpoints (docs/fidelity.md)")
     try:
         mtime = (checkpoint.path / R.rundir.CHECKPOINT_INFO).stat().st_mtime
         net = cached_generator(str(checkpoint.path), direction, mtime)
@@ -181,10 +197,16 @@ def page_translate(run: R.RunInfo, data_root: Path) -> None:
     except (CheckpointError, OSError, ValueError) as err:
         st.error(f"{checkpoint.path.name}: {err}")
         return
+    hallucination = None
+    if mode != "none":
+        try:
+            hallucination = cached_map(str(checkpoint.path), direction, mode, mtime)
+        except CheckpointError as err:
+            st.warning(f"Hallucination map: {err}")
     preprocessing = info["preprocessing"]
     source = st.radio("Input", ["Val/test shard", "Image (PNG/JPG/TIFF)", "NIfTI volume"], horizontal=True, key="source")
 
-    image, truth, mask, volume = None, None, None, None
+    image, truth, mask, volume, lesion = None, None, None, None, None
     if source == "Val/test shard":
         shards = shards_of(run, data_root)
         splits = [s for s in ("val", "test") if shards and shard_paths(shards, s, "paired")]
@@ -197,7 +219,7 @@ def page_translate(run: R.RunInfo, data_root: Path) -> None:
         sample = samples[index]
         st.caption(f"{sample['key']} ({sample['meta'].get('subject')}, {sample['meta'].get('site')})")
         source_contrast, target_contrast = CONTRASTS[direction]
-        image, truth, mask = sample[source_contrast], sample[target_contrast], sample["mask"]
+        image, truth, mask, lesion = sample[source_contrast], sample[target_contrast], sample["mask"], sample.get("lesion")
     elif source == "Image (PNG/JPG/TIFF)":
         upload = st.file_uploader("Image", type=["png", "jpg", "jpeg", "tif", "tiff"], key="image_upload")
         if upload is None:
@@ -239,6 +261,13 @@ def page_translate(run: R.RunInfo, data_root: Path) -> None:
         scores = slice_metrics(translated, torch.from_numpy(truth)[None, None], torch.from_numpy(mask)[None, None])
         st.write(f"masked SSIM **{scores['ssim_masked'].item():.3f}**, masked PSNR **{scores['psnr_masked'].item():.2f} dB**, "
                  f"whole-image SSIM {scores['ssim'].item():.3f}")
+    if hallucination is not None:
+        heat = hallucination(tensor, translated)[0, 0].numpy() * (mask if mask is not None else 1)
+        row["hallucination map"] = overlay(row["translation"], heat)
+        st.caption(f"Hallucination map ({mode}): red where the model is unsure; mean inside the head "
+                   f"{heat[mask].mean() if mask is not None else heat.mean():.4f}, max {heat.max():.3f} (intensity units, shown x8).")
+    if lesion is not None and lesion.any():
+        row["lesion mask"] = overlay(truth, lesion.astype(np.float32), gain=0.6)
     show_row(row)
     st.download_button("Download this translation (16-bit PNG)", encode_png16(row["translation"]), f"{direction}.png", "image/png")
     if volume is not None and st.button("Translate the whole volume", key="translate_volume"):

@@ -46,6 +46,10 @@ def main(argv=None) -> int:
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--downsample", type=int, default=1, help="divide IXI's matrix by this (same field of view); for fast tests")
     s.add_argument("--workers", type=int, default=None)
+    s.add_argument("--lesions", action="store_true",
+                   help="give ~10%% of subjects white-matter lesions; masks in IXI-lesions.tar, subjects in holdout.txt")
+    s.add_argument("--holdout-anatomy", action="store_true",
+                   help="give ~5%% of subjects enlarged ventricles, listed in holdout.txt (never trained on)")
 
     p = commands.add_parser("pack", help="T1/T2 sources -> WebDataset shards split by subject")
     p.add_argument("--t1", required=True, help="IXI tar, folder of .nii/.nii.gz, or folder of 2D images")
@@ -59,6 +63,9 @@ def main(argv=None) -> int:
     p.add_argument("--shard-size", type=int, default=1000, help="samples per shard (closed at a subject boundary)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted pack into --out")
     p.add_argument("--strict", action="store_true", help="fail if any file is skipped")
+    p.add_argument("--lesions", default=None, help="lesion masks (tar or folder of <subject>-lesion.nii.gz): "
+                   "carried into val/test as lesion.png; their subjects never go to train")
+    p.add_argument("--holdout", default=None, help="text file of subject ids (one per line, # comments) kept out of train")
 
     i = commands.add_parser("inspect", help="print the manifest summary and write a contact sheet PNG")
     i.add_argument("dir")
@@ -72,13 +79,15 @@ def main(argv=None) -> int:
         elif args.command == "synth":
             from .synth import synthesize
 
-            table = synthesize(args.out, args.subjects, args.seed, args.downsample, args.workers)
-            print(f"{args.out}: {sum('T1' in s.contrasts for s in table)} T1, {sum('T2' in s.contrasts for s in table)} T2 volumes")
+            table = synthesize(args.out, args.subjects, args.seed, args.downsample, args.workers, args.lesions, args.holdout_anatomy)
+            print(f"{args.out}: {sum('T1' in s.contrasts for s in table)} T1, {sum('T2' in s.contrasts for s in table)} T2 volumes"
+                  f", {sum(s.lesions > 0 for s in table)} with lesions, {sum(s.variant is not None for s in table)} with held-out anatomy")
         elif args.command == "pack":
             if args.size < 16 or args.size & (args.size - 1):
                 parser.error(f"--size must be a power of two >= 16 (the U-Net halves it down to 1), got {args.size}")
             options = PackOptions(args.size, args.fov, args.split, args.seed, args.shard_size)
-            manifest = pack(args.t1, args.t2, args.out, options, args.workers, args.resume, args.strict)
+            manifest = pack(args.t1, args.t2, args.out, options, args.workers, args.resume, args.strict,
+                            lesions_src=args.lesions, holdout_file=args.holdout)
             from .inspect import summary
 
             print(summary(manifest))

@@ -9,8 +9,9 @@ Layout of a shards folder (documented in docs/formats.md):
     DIR/test/paired-000000.tar ...
 
 Each sample is `<subject>_z<NNN>` with members `t1.png` and/or `t2.png` (16-bit grayscale, [0,1] scaled
-to [0,65535]), `mask.png` (8-bit, 0/255) in paired samples, and `json` (subject, site, contrasts, slice,
-spacing_mm, normalization). Plain `webdataset.WebDataset` reads them without this package.
+to [0,65535]), `mask.png` (8-bit, 0/255) in paired samples, `lesion.png` (8-bit, 0/255) in paired samples of
+subjects packed with a lesion mask, and `json` (subject, site, contrasts, slice, spacing_mm, normalization).
+Plain `webdataset.WebDataset` reads them without this package.
 """
 
 from __future__ import annotations
@@ -85,24 +86,29 @@ def decode_mask(data: bytes) -> np.ndarray:
         return np.asarray(im) > 127
 
 
-def encode_sample(key: str, images: dict[str, np.ndarray], meta: dict, mask: np.ndarray | None = None) -> dict:
+def encode_sample(key: str, images: dict[str, np.ndarray], meta: dict, mask: np.ndarray | None = None,
+                  lesion: np.ndarray | None = None) -> dict:
     """Build a webdataset sample dict of bytes. `images` maps contrast ('t1'/'t2') to a [0,1] slice."""
     sample = {"__key__": key, "json": json.dumps(meta, sort_keys=True).encode()}
     for contrast, image in images.items():
         sample[f"{contrast}.png"] = encode_png16(image)
     if mask is not None:
         sample["mask.png"] = encode_mask(mask)
+    if lesion is not None:
+        sample["lesion.png"] = encode_mask(lesion)
     return sample
 
 
 def decode_sample(sample: dict) -> dict:
-    """Raw webdataset sample (bytes per member) -> {'key', 'meta', 't1'/'t2': float32 [0,1], 'mask': bool}."""
+    """Raw webdataset sample (bytes per member) -> {'key', 'meta', 't1'/'t2': float32 [0,1], 'mask'/'lesion': bool}."""
     out = {"key": sample["__key__"], "meta": json.loads(sample["json"])}
     for contrast in CONTRASTS:
         if f"{contrast}.png" in sample:
             out[contrast] = decode_png16(sample[f"{contrast}.png"])
     if "mask.png" in sample:
         out["mask"] = decode_mask(sample["mask.png"])
+    if "lesion.png" in sample:
+        out["lesion"] = decode_mask(sample["lesion.png"])
     return out
 
 

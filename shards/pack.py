@@ -22,8 +22,8 @@ import webdataset as wds
 from tqdm import tqdm
 
 from . import __version__
-from .format import (FORMAT_VERSION, MANIFEST, SPLITS, STREAMS, ShardsError, encode_sample, sample_key,
-                     shard_name, write_json_atomic)
+from .format import (FORMAT_VERSION, MANIFEST, SPLITS, STREAMS, ShardsError, encode_sample, safe_subject,
+                     sample_key, shard_name, write_json_atomic)
 from .preprocess import (VolumeError, axial_grid, fit_image, foreground, kept_slices, load_image, load_nifti,
                          normalize, resample, to_image)
 from .sources import VolumeRef, list_source, read_bytes
@@ -50,8 +50,10 @@ class Task:
     refs: tuple[VolumeRef, ...]
 
 
-def assign_splits(t1: dict[str, VolumeRef], t2: dict[str, VolumeRef], fractions, seed: int) -> dict[str, list[str]]:
-    """Deterministic subject split. Val/test draw only from subjects with both contrasts (they are paired)."""
+def assign_splits(t1: dict[str, VolumeRef], t2: dict[str, VolumeRef], fractions, seed: int,
+                  held_out: frozenset[str] = frozenset()) -> dict[str, list[str]]:
+    """Deterministic subject split. Val/test draw only from subjects with both contrasts (they are paired).
+    `held_out` subjects never go to train: they are dealt to test and val first, which grow to hold them."""
     if len(fractions) != 3 or any(f < 0 for f in fractions) or not 0.999 < sum(fractions) < 1.001:
         raise ValueError(f"--split must be three non-negative fractions summing to 1, got {fractions}")
     everyone = sorted(set(t1) | set(t2))
@@ -63,18 +65,35 @@ def assign_splits(t1: dict[str, VolumeRef], t2: dict[str, VolumeRef], fractions,
         n_val, n_test = (max(n, 1) if f > 0 else 0 for n, f in zip((n_val, n_test), fractions[1:]))
     n_val = min(n_val, len(paired))
     n_test = min(n_test, len(paired) - n_val)
-    val, test = sorted(paired[:n_val]), sorted(paired[n_val:n_val + n_test])
-    held = set(val) | set(test)
-    return {"train": [s for s in everyone if s not in held], "val": val, "test": test}
+    held = [s for s in paired if s in held_out]
+    rest = [s for s in paired if s not in held_out]
+    val, test = held[1::2], held[0::2]
+    fill = max(0, n_val - len(val))
+    val, test = val + rest[:fill], test + rest[fill:fill + max(0, n_test - len(test))]
+    kept_out = set(val) | set(test) | set(held_out)
+    return {"train": [s for s in everyone if s not in kept_out], "val": sorted(val), "test": sorted(test)}
 
 
-def plan(t1_refs, t2_refs, options: PackOptions) -> tuple[list[Task], dict[str, list[str]]]:
+def plan(t1_refs, t2_refs, options: PackOptions, lesion_refs=(), holdout=frozenset()) -> tuple[list[Task], dict[str, list[str]]]:
+    """Tasks in writing order, and the split. Subjects with a lesion mask are held out like `holdout`."""
     t1 = {r.subject: r for r in t1_refs}
     t2 = {r.subject: r for r in t2_refs}
-    splits = assign_splits(t1, t2, options.split, options.seed)
+    lesion = {r.subject: r for r in lesion_refs}
+    splits = assign_splits(t1, t2, options.split, options.seed, frozenset(holdout) | frozenset(lesion))
     tasks = [Task("train", c, s, (refs[s],)) for c, refs in (("t1", t1), ("t2", t2)) for s in splits["train"] if s in refs]
-    tasks += [Task(split, "paired", s, (t1[s], t2[s])) for split in ("val", "test") for s in splits[split]]
+    tasks += [Task(split, "paired", s, (t1[s], t2[s]) + ((lesion[s],) if s in lesion else ()))
+              for split in ("val", "test") for s in splits[split]]
     return tasks, splits
+
+
+def read_holdout(path) -> frozenset[str]:
+    """Subject ids, one per line; '#' starts a comment."""
+    try:
+        lines = Path(path).read_text().splitlines()
+    except OSError as err:
+        raise ShardsError(f"--holdout {path}: cannot read ({err.strerror})") from err
+    ids = [line.split("#", 1)[0].strip() for line in lines]
+    return frozenset(safe_subject(i) for i in ids if i)
 
 
 def process(task: Task, options: PackOptions) -> dict:
@@ -143,9 +162,19 @@ def _paired(volumes, options: PackOptions) -> list[dict]:
     keep = [z for z in kept_slices(m1) if area[z] >= 0.5 * m1[:, :, z].sum()]
     spacing = [float(grid.affine[i, i]) for i in range(3)]
     meta = {"t1": norm1, "t2": norm2}
+    lesion = _lesion_mask(volumes["lesion"], grid) if "lesion" in volumes else None
     return [encode_sample(sample_key(t1_ref.subject, z), {"t1": to_image(n1[:, :, z]), "t2": to_image(n2[:, :, z])},
-                          _meta(t1_ref, ["t1", "t2"], z, spacing, meta), mask=to_image(both[:, :, z]))
+                          _meta(t1_ref, ["t1", "t2"], z, spacing, meta), mask=to_image(both[:, :, z]),
+                          lesion=None if lesion is None else to_image(lesion[:, :, z]))
             for z in keep]
+
+
+def _lesion_mask(volume, grid) -> np.ndarray:
+    """A lesion mask resampled onto the paired grid: trilinear, then half-way threshold."""
+    (data, affine, _), ref = volume
+    if ref.kind != "nifti":
+        raise VolumeError(f"{ref.name}: lesion masks must be NIfTI volumes")
+    return resample((data > 0).astype(np.float32), affine, grid) >= 0.5
 
 
 class StreamWriter:
@@ -181,13 +210,21 @@ class StreamWriter:
 
 
 def pack(t1_src, t2_src, out, options: PackOptions = PackOptions(), workers: int | None = None,
-         resume: bool = False, strict: bool = False, progress: bool = True) -> dict:
+         resume: bool = False, strict: bool = False, progress: bool = True, lesions_src=None, holdout_file=None) -> dict:
     """Pack both sources into `out`. Returns the manifest. Raises ShardsError when nothing usable remains,
-    or under `strict` when anything was skipped."""
+    or under `strict` when anything was skipped. Subjects with a mask in `lesions_src`, or listed in
+    `holdout_file`, go to val/test only; their masks travel with their paired slices."""
     out = Path(out)
     t1_refs, t1_skipped = list_source(t1_src, "t1")
     t2_refs, t2_skipped = list_source(t2_src, "t2")
-    tasks, splits = plan(t1_refs, t2_refs, options)
+    lesion_refs, lesion_skipped = list_source(lesions_src, "lesion") if lesions_src else ([], [])
+    holdout = read_holdout(holdout_file) if holdout_file else frozenset()
+    tasks, splits = plan(t1_refs, t2_refs, options, lesion_refs, holdout)
+    held_out = sorted(holdout | {r.subject for r in lesion_refs})
+    unpaired_held = [s for s in held_out if s not in splits["val"] + splits["test"]]
+    listing_skipped = t1_skipped + t2_skipped + lesion_skipped + [
+        {"file": s, "reason": "held out of training, but without both T1 and T2 it cannot be a paired val/test subject"}
+        for s in unpaired_held]
     fingerprint = hashlib.sha256(json.dumps([asdict(options), [asdict(t) for t in tasks]], sort_keys=True, default=str).encode()).hexdigest()
     state = _open_state(out, fingerprint, resume)
     finished = {(s, stream, subject) for s in SPLITS for stream in STREAMS[s]
@@ -215,7 +252,8 @@ def pack(t1_src, t2_src, out, options: PackOptions = PackOptions(), workers: int
         writer.close()
     state["files"] += pending_files
     state["skipped"] += pending_skipped
-    manifest = _manifest(out, state, splits, options, t1_src, t2_src, t1_skipped + t2_skipped, time.time() - started, len(todo))
+    held = {"subjects": held_out, "lesion_masks": sorted(r.subject for r in lesion_refs)}
+    manifest = _manifest(out, state, splits, held, options, t1_src, t2_src, listing_skipped, time.time() - started, len(todo))
     write_json_atomic(out / MANIFEST, manifest)
     (out / STATE).unlink(missing_ok=True)
     train = manifest["splits"]["train"]["slices"]
@@ -273,7 +311,7 @@ def _open_state(out: Path, fingerprint: str, resume: bool) -> dict:
     return state
 
 
-def _manifest(out, state, splits, options: PackOptions, t1_src, t2_src, listing_skipped, seconds, volumes) -> dict:
+def _manifest(out, state, splits, held_out, options: PackOptions, t1_src, t2_src, listing_skipped, seconds, volumes) -> dict:
     split_info = {}
     for split in SPLITS:
         streams = {stream: state["streams"][f"{split}/{stream}"] for stream in STREAMS[split]}
@@ -291,6 +329,7 @@ def _manifest(out, state, splits, options: PackOptions, t1_src, t2_src, listing_
         "sources": {"t1": str(t1_src), "t2": str(t2_src)},
         "files": sorted(state["files"], key=lambda f: f["file"]),
         "planned_splits": splits,
+        "held_out": held_out,  # subjects kept out of train (val/test only), and those with lesion masks
         "splits": split_info,
         "image_size": options.size,
         "spacing_mm": options.fov_mm / options.size,

@@ -3,22 +3,23 @@
 One `Anatomy` is drawn per subject; its tissue map is a function of world position, so a subject's T1 and T2
 are the same anatomy sampled on two different voxel grids. Structures: scalp with a fat layer, skull with
 marrow, CSF, a folded cortical grey-matter ribbon, white matter, deep grey matter, lateral ventricles, an
-interhemispheric fissure, cerebellum with folia, brainstem, eyes and sinuses.
+interhemispheric fissure, cerebellum with folia, brainstem, eyes and sinuses. Optionally, focal white-matter
+lesions (dark on T1, bright on T2, like MS plaques or oedema) for the fidelity test set.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 from scipy import ndimage
 
-AIR, SOFT, FAT, BONE, MARROW, CSF, GM, WM, DEEP_GM, VITREOUS = range(10)
+AIR, SOFT, FAT, BONE, MARROW, CSF, GM, WM, DEEP_GM, VITREOUS, LESION = range(11)
 
 # relative signal per tissue: T1 has WM > GM > CSF, T2 has CSF > GM > WM
 CONTRAST_LUT = {
-    "T1": np.array([0.0, 0.45, 1.0, 0.05, 0.70, 0.15, 0.55, 0.85, 0.66, 0.12], np.float32),
-    "T2": np.array([0.0, 0.35, 0.75, 0.05, 0.50, 1.00, 0.70, 0.45, 0.60, 0.95], np.float32),
+    "T1": np.array([0.0, 0.45, 1.0, 0.05, 0.70, 0.15, 0.55, 0.85, 0.66, 0.12, 0.38], np.float32),
+    "T2": np.array([0.0, 0.35, 0.75, 0.05, 0.50, 1.00, 0.70, 0.45, 0.60, 0.95, 0.88], np.float32),
 }
 
 # IXI's three hospitals: scanner gain, contrast gamma, noise (fraction of gain) and bias-field strength differ.
@@ -42,6 +43,7 @@ class Anatomy:
     cortex_depth: float  # mm of grey matter above white matter at a gyral crown
     gyri_k: np.ndarray  # (K,3) wave vectors of the folding field, rad/mm
     gyri_phase: np.ndarray  # (K,)
+    lesions: np.ndarray = field(default_factory=lambda: np.zeros((0, 4), np.float32))  # (L,4) head-coord centre mm, radius mm
 
     @classmethod
     def random(cls, rng: np.random.Generator, components: int = 14) -> "Anatomy":
@@ -58,6 +60,22 @@ class Anatomy:
             gyri_k=(2 * np.pi / wavelength) * directions,
             gyri_phase=rng.uniform(0, 2 * np.pi, size=components),
         )
+
+
+    def to_world(self, p: np.ndarray) -> np.ndarray:
+        """Head coordinates -> world (RAS mm); the inverse of the mapping at the top of tissue_labels."""
+        return (p * self.scale) @ self.rotation.T + self.shift
+
+    def with_lesions(self, rng: np.random.Generator, count: int, radius_mm=(3.0, 8.0)) -> "Anatomy":
+        """The same anatomy with `count` spherical lesions centred in cerebral white matter."""
+        lesions = []
+        for _ in range(1000):
+            if len(lesions) == count:
+                break
+            centre = rng.uniform(-1, 1, size=3) * (40, 55, 35) + (0, 0, 14)
+            if tissue_labels(self.to_world(centre)[None], self)[0] == WM:
+                lesions.append((*centre, rng.uniform(*radius_mm)))
+        return replace(self, lesions=np.array(lesions, np.float32).reshape(-1, 4))
 
 
 def _rotation(ax: float, ay: float, az: float) -> np.ndarray:
@@ -136,6 +154,9 @@ def tissue_labels(world: np.ndarray, anatomy: Anatomy) -> np.ndarray:
     labels[in_cb & ((cerebellum > -7) | (np.sin(cerebellum * 1.6) > 0.1))] = GM
     labels[in_cb & (np.sin(cerebellum * 1.6) > 0.85) & (cerebellum > -9)] = CSF
     labels[(brainstem < 0) & (cerebrum > 0) & (cerebellum > 0)] = WM
+    for *centre, radius in anatomy.lesions:  # lesions replace white matter only, so they never cross the cortex
+        inside = np.linalg.norm(p - np.asarray(centre, np.float32), axis=-1) < radius
+        labels[inside & (labels == WM)] = LESION
     return labels.reshape(shape)
 
 
@@ -151,6 +172,15 @@ def bias_field(world: np.ndarray, coefficients: np.ndarray) -> np.ndarray:
     x, y, z = np.moveaxis(world / 100.0, -1, 0)
     terms = np.stack([x, y, z, x * y, x * z, y * z, x * x, y * y, z * z], -1)
     return np.exp(terms @ coefficients.astype(np.float32))
+
+
+def lesion_mask(anatomy: Anatomy, shape, affine: np.ndarray, slab_size: int = 32) -> np.ndarray:
+    """uint8 mask (1 = lesion) of `anatomy`'s lesions on the voxel grid (shape, affine)."""
+    mask = np.zeros(shape, np.uint8)
+    for start in range(0, shape[0], slab_size):
+        slab = slice(start, min(start + slab_size, shape[0]))
+        mask[slab] = tissue_labels(voxel_world(shape, affine, slab), anatomy) == LESION
+    return mask
 
 
 def render(anatomy: Anatomy, contrast: str, site: str, shape, affine: np.ndarray, rng: np.random.Generator,

@@ -16,9 +16,9 @@ from .format import safe_subject
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
-IXI_NAME = re.compile(r"^(IXI\d{3})-(Guys|HH|IOP)-\d{4}-(T1|T2)\.nii(?:\.gz)?$")
-BIDS_NAME = re.compile(r"^(sub-[A-Za-z0-9]+)(?:_ses-([A-Za-z0-9]+))?(?:_[a-z]+-[A-Za-z0-9]+)*_(T1|T2)w\.nii(?:\.gz)?$")
-NAME_HELP = "expected IXI<id>-<Guys|HH|IOP>-<nnnn>-T1.nii.gz or BIDS sub-<id>[_ses-<id>]_T1w.nii.gz"
+IXI_NAME = re.compile(r"^(IXI\d{3})-(Guys|HH|IOP)-\d{4}-(T1|T2|lesion)\.nii(?:\.gz)?$")
+BIDS_NAME = re.compile(r"^(sub-[A-Za-z0-9]+)(?:_ses-([A-Za-z0-9]+))?(?:_[a-z]+-[A-Za-z0-9]+)*_(T1w|T2w|lesion)\.nii(?:\.gz)?$")
+NAME_HELP = "expected IXI<id>-<Guys|HH|IOP>-<nnnn>-<T1|T2|lesion>.nii.gz or BIDS sub-<id>[_ses-<id>]_<T1w|T2w|lesion>.nii.gz"
 
 
 class SourceError(ValueError):
@@ -31,7 +31,7 @@ class VolumeRef:
 
     subject: str
     site: str | None
-    contrast: str  # "t1" | "t2"
+    contrast: str  # "t1" | "t2" | "lesion" (a lesion mask)
     name: str  # shown in messages and the manifest
     kind: str  # "nifti" | "image"
     path: str
@@ -66,7 +66,7 @@ def _identify(filename: str, contrast: str, kind: str) -> tuple[str, str | None]
     for pattern, site_group in ((IXI_NAME, 2), (BIDS_NAME, None)):
         match = pattern.match(filename)
         if match:
-            found = match.group(3).lower()
+            found = match.group(3).lower().removesuffix("w")
             if found != contrast:
                 raise ValueError(f"is a {found.upper()} file in the --{contrast} source")
             subject = match.group(1) + (f"-ses-{match.group(2)}" if pattern is BIDS_NAME and match.group(2) else "")

@@ -4,6 +4,11 @@ T1 is a sagittal 256x256x150 acquisition at 0.9375x0.9375x1.2 mm (voxel axes P, 
 axial 256x256x130 acquisition at 0.9375x0.9375x1.2 mm (voxel axes L, P, S). A few subjects miss one contrast,
 as in IXI (581 T1, 578 T2). `downsample` keeps the field of view and divides the matrix, for fast tests and
 the demo; its noise is that of the full-size image block-averaged (SNR grows with the voxel volume).
+
+The fidelity test set (docs/fidelity.md): `lesions` gives some subjects focal white-matter lesions and writes
+their masks on the T2 grid to IXI-lesions.tar; `holdout_anatomy` gives some subjects enlarged ventricles, an
+anatomy no training subject has. Both kinds are listed in holdout.txt, which `pack --holdout` keeps out of
+training.
 """
 
 from __future__ import annotations
@@ -13,14 +18,14 @@ import io
 import os
 import tarfile
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 from tqdm import tqdm
 
-from .phantom import Anatomy, render
+from .phantom import Anatomy, lesion_mask, render
 
 # shape, voxel size (mm), voxel-axis directions in RAS, centre of the field of view (mm)
 GEOMETRY = {
@@ -28,6 +33,10 @@ GEOMETRY = {
     "T2": ((256, 256, 130), (0.9375, 0.9375, 1.2), ((-1, 0, 0), (0, -1, 0), (0, 0, 1)), (0, 0, 10)),
 }
 SITE_SHARES = (("Guys", 0.55), ("HH", 0.32), ("IOP", 0.13))
+HOLDOUT_FILE = "holdout.txt"
+LESION_TAR = "IXI-lesions.tar"
+MIN_SUBJECTS_FOR_HOLDOUT = 10  # below this, held-out subjects would leave pack's val/test or train nearly empty
+ENLARGED_VENTRICLES = (2.0, 2.4)  # ventricle_scale; training subjects draw from 0.7-1.5
 
 
 @dataclass(frozen=True)
@@ -36,9 +45,19 @@ class Subject:
     site: str
     series: int
     contrasts: tuple[str, ...]
+    lesions: int = 0
+    variant: str | None = None  # "enlarged-ventricles" for the held-out anatomy
+
+    @property
+    def ident(self) -> str:
+        return f"IXI{self.number:03d}"
+
+    @property
+    def held_out(self) -> bool:
+        return bool(self.lesions or self.variant)
 
     def filename(self, contrast: str) -> str:
-        return f"IXI{self.number:03d}-{self.site}-{self.series:04d}-{contrast}.nii.gz"
+        return f"{self.ident}-{self.site}-{self.series:04d}-{contrast}.nii.gz"
 
 
 def subjects(count: int, seed: int) -> list[Subject]:
@@ -52,6 +71,27 @@ def subjects(count: int, seed: int) -> list[Subject]:
         for n, index in enumerate(single):
             contrasts[index] = ("T1",) if n % 2 == 0 else ("T2",)
     return [Subject(int(n), str(s), int(rng.integers(0, 10000)), c) for n, s, c in zip(numbers, sites, contrasts)]
+
+
+def mark_held_out(table: list[Subject], seed: int, lesions: bool, holdout_anatomy: bool) -> list[Subject]:
+    """About 10% of the paired subjects get 3-6 lesions, and about 5% enlarged ventricles (disjoint sets)."""
+    if not (lesions or holdout_anatomy):
+        return table
+    if len(table) < MIN_SUBJECTS_FOR_HOLDOUT:
+        flags = " ".join(f for f, on in (("--lesions", lesions), ("--holdout-anatomy", holdout_anatomy)) if on)
+        raise ValueError(f"{flags} needs --subjects >= {MIN_SUBJECTS_FOR_HOLDOUT}: those subjects are kept out of training "
+                         f"for val/test, and {len(table)} subjects leave no room for them")
+    rng = np.random.default_rng([seed, 1])
+    paired = [i for i, s in enumerate(table) if len(s.contrasts) == 2]
+    order = [paired[i] for i in rng.permutation(len(paired))]
+    n_lesion = max(1, round(0.1 * len(table))) if lesions else 0
+    n_variant = max(1, round(0.05 * len(table))) if holdout_anatomy else 0
+    table = list(table)
+    for i in order[:n_lesion]:
+        table[i] = replace(table[i], lesions=int(rng.integers(3, 7)))
+    for i in order[n_lesion:n_lesion + n_variant]:
+        table[i] = replace(table[i], variant="enlarged-ventricles")
+    return table
 
 
 def grid(contrast: str, downsample: int = 1) -> tuple[tuple[int, int, int], np.ndarray]:
@@ -71,15 +111,30 @@ def nifti_bytes(data: np.ndarray, affine: np.ndarray) -> bytes:
     return gzip.compress(image.to_bytes(), compresslevel=4, mtime=0)
 
 
+def subject_anatomy(subject: Subject, rng: np.random.Generator, seed: int) -> Anatomy:
+    """The subject's anatomy, drawn from `rng`, with its variant and lesions. These draw from their own
+    stream, so a subject is otherwise the same with or without them."""
+    anatomy = Anatomy.random(rng)
+    variant_rng = np.random.default_rng([seed, subject.number, 1])
+    if subject.variant == "enlarged-ventricles":
+        anatomy = replace(anatomy, ventricle_scale=float(variant_rng.uniform(*ENLARGED_VENTRICLES)))
+    if subject.lesions:
+        anatomy = anatomy.with_lesions(variant_rng, subject.lesions)
+    return anatomy
+
+
 def render_subject(subject: Subject, seed: int, downsample: int) -> dict[str, bytes]:
     """Both contrasts of one subject as .nii.gz bytes. Deterministic in (seed, subject number)."""
     rng = np.random.default_rng([seed, subject.number])
-    anatomy = Anatomy.random(rng)
+    anatomy = subject_anatomy(subject, rng, seed)
     out = {}
     for contrast in subject.contrasts:
         shape, affine = grid(contrast, downsample)
         image = render(anatomy, contrast, subject.site, shape, affine, rng, voxels_averaged=downsample**3)
         out[contrast] = nifti_bytes(image, affine)
+    if subject.lesions:
+        shape, affine = grid("T2", downsample)
+        out["lesion"] = nifti_bytes(lesion_mask(anatomy, shape, affine), affine)
     return out
 
 
@@ -90,14 +145,17 @@ def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     tar.addfile(info, io.BytesIO(data))
 
 
-def synthesize(out: str | os.PathLike, count: int, seed: int = 0, downsample: int = 1, workers: int | None = None):
-    """Write out/IXI-T1.tar and out/IXI-T2.tar (flat member names, as IXI ships them)."""
+def synthesize(out: str | os.PathLike, count: int, seed: int = 0, downsample: int = 1, workers: int | None = None,
+               lesions: bool = False, holdout_anatomy: bool = False):
+    """Write out/IXI-T1.tar and out/IXI-T2.tar (flat member names, as IXI ships them), and with `lesions`
+    or `holdout_anatomy` also IXI-lesions.tar and holdout.txt."""
     if count < 1:
         raise ValueError("--subjects must be at least 1")
+    table = mark_held_out(subjects(count, seed), seed, lesions, holdout_anatomy)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    table = subjects(count, seed)
-    parts = {c: out / f"IXI-{c}.tar.part" for c in ("T1", "T2")}
+    names = {"T1": "IXI-T1.tar", "T2": "IXI-T2.tar", **({"lesion": LESION_TAR} if lesions else {})}
+    parts = {c: out / f"{name}.part" for c, name in names.items()}
     tars = {c: tarfile.open(p, "w", format=tarfile.USTAR_FORMAT) for c, p in parts.items()}
     try:
         with ProcessPoolExecutor(max_workers=workers or os.cpu_count()) as pool:
@@ -109,5 +167,10 @@ def synthesize(out: str | os.PathLike, count: int, seed: int = 0, downsample: in
         for tar in tars.values():
             tar.close()
     for contrast, part in parts.items():
-        os.replace(part, out / f"IXI-{contrast}.tar")
+        os.replace(part, out / names[contrast])
+    if lesions or holdout_anatomy:
+        lines = [f"{s.ident}  # {f'{s.lesions} lesions' if s.lesions else s.variant}" for s in table if s.held_out]
+        tmp = out / f"{HOLDOUT_FILE}.part"
+        tmp.write_text("# subjects `pack --holdout` keeps out of training (val/test only)\n" + "\n".join(lines) + "\n")
+        os.replace(tmp, out / HOLDOUT_FILE)
     return table

@@ -107,6 +107,17 @@ def test_translate_a_val_slice_with_ground_truth_and_metrics(app):
     assert not at.exception and any("masked SSIM" in m.value for m in at.markdown)
 
 
+def test_translate_shows_a_hallucination_map_overlay(app):
+    at = go(app, "Translate", "base")
+    for mode in ("tta", "ensemble"):  # the run keeps two checkpoints, so ensemble works
+        at.selectbox(key="uncertainty").set_value(mode).run()
+        assert not at.exception and not at.warning
+        assert len(at.image) == 6  # input, translation, cycle, ground truth, error, hallucination map
+        assert any(f"Hallucination map ({mode})" in c.value for c in at.caption)
+        overlay = at.image[5].proto.imgs[0]
+        assert overlay.caption == "hallucination map"
+
+
 def test_translate_an_uploaded_image(app):
     at = go(app, "Translate", "base")
     at.radio(key="source").set_value("Image (PNG/JPG/TIFF)").run()

@@ -1,6 +1,6 @@
 """Paired evaluation of both directions on a test (or val) split, reported per subject as papers do.
 
-    python -m train.evaluate --checkpoint RUN/checkpoints/step-NNNNNNN --data SHARDS/test --out DIR [--overwrite]
+    python -m train.evaluate --checkpoint RUN/checkpoints/step-NNNNNNN --data SHARDS/test [SHARDS/val] --out DIR [--overwrite]
 
 Per slice, the same metrics as the trainer's validation (train/metrics.py: data range 1, SSIM with an 11x11
 Gaussian window, σ 1.5, inside the head mask). Per subject, slices are pooled over the mask: masked SSIM is
@@ -9,7 +9,11 @@ them, MAE likewise. Across subjects: mean ± std. `slice_mean` repeats the train
 evaluating the val split reproduces the logged validation.
 
 DIR gets report.json, report.csv (one row per subject), report.md and figure.png (worst, median and best
-slice per direction: input | translation | ground truth | |error| x4).
+slice per direction: input | translation | ground truth | |error| x4 [| hallucination map x4]).
+
+Fidelity (train/fidelity.py, docs/fidelity.md): with `--uncertainty tta|cycle|ensemble` the report adds how
+well the hallucination map flags pixels with |error| > --error-threshold (AUROC); where the shards carry
+lesion masks, it adds lesion metrics (visible fraction, lesion-to-ring contrast against the truth, MAE).
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ from PIL import Image
 
 from shards.format import decode_sample
 from train import rundir
+from train.fidelity import MODES, ErrorDetection, HallucinationMap, lesion_contrasts, lesion_summary, stack_subject
 from train.inference import CheckpointError, device_for_inference, load_generator, translate
 from train.metrics import slice_metrics
 
@@ -63,17 +68,42 @@ def batched(iterable, n):
         yield chunk
 
 
-def score(nets: dict, paths: list[str], batch_size: int, device: torch.device) -> dict:
-    """Per-slice metrics for both directions, streamed (a test split does not fit in memory at 256²)."""
+def score(nets: dict, paths: list[str], batch_size: int, device: torch.device, maps: dict | None = None,
+          detectors: dict | None = None) -> tuple[dict, dict]:
+    """Per-slice metrics for both directions, streamed (a test split does not fit in memory at 256²).
+    With `maps`, feeds each direction's ErrorDetection. Also returns, per direction and lesion subject, the
+    slices that hold lesions, with their translations."""
     rows = {name: [] for name, _, _ in DIRECTIONS}
+    lesion_slices = {name: {} for name, _, _ in DIRECTIONS}
     for chunk in batched(read_samples(paths), batch_size):
         tensors = {k: torch.from_numpy(np.stack([s[k] for s in chunk]))[:, None].to(device) for k in ("t1", "t2", "mask")}
         for name, source, target in DIRECTIONS:
-            metrics = slice_metrics(translate(nets[name], tensors[source]), tensors[target], tensors["mask"])
+            pred = translate(nets[name], tensors[source])
+            metrics = slice_metrics(pred, tensors[target], tensors["mask"])
+            if maps:
+                detectors[name].update(maps[name](tensors[source], pred), pred, tensors[target], tensors["mask"])
             for i, sample in enumerate(chunk):
                 rows[name].append({"key": sample["key"], "subject": sample["meta"]["subject"],
                                    **{k: float(v[i]) for k, v in metrics.items()}})
-    return rows
+                if "lesion" in sample and sample["lesion"].any():
+                    lesion_slices[name].setdefault(sample["meta"]["subject"], []).append(
+                        {"z": sample["meta"]["slice"], "lesion": sample["lesion"], "mask": sample["mask"],
+                         "pred": pred[i, 0].cpu().numpy(), "truth": sample[target]})
+    return rows, lesion_slices
+
+
+def lesion_report(lesion_slices: dict) -> dict:
+    """Per direction: lesion metrics over all lesion subjects (docs/fidelity.md)."""
+    report = {}
+    for name, subjects in lesion_slices.items():
+        lesions, errors = [], []
+        for slices in subjects.values():
+            stacked = stack_subject(slices)
+            lesions += lesion_contrasts(stacked["lesion"], stacked["mask"], {"pred": stacked["pred"], "truth": stacked["truth"]})
+            errors.append(np.abs(stacked["pred"] - stacked["truth"])[stacked["lesion"]])
+        if lesions:
+            report[name] = {"subjects": len(subjects), **lesion_summary(lesions, errors)}
+    return report
 
 
 def per_subject(rows: list[dict]) -> list[dict]:
@@ -94,8 +124,8 @@ def mean_std(values) -> dict:
     return {"mean": float(values.mean()), "std": float(values.std(ddof=1)) if len(values) > 1 else 0.0}
 
 
-def figure(nets: dict, paths: list[str], rows: dict, device: torch.device) -> np.ndarray:
-    """Worst, median and best slice by masked SSIM, per direction."""
+def figure(nets: dict, paths: list[str], rows: dict, device: torch.device, maps: dict | None = None) -> np.ndarray:
+    """Worst, median and best slice by masked SSIM, per direction; with `maps`, the hallucination map too."""
     picks = {}
     for name, _, _ in DIRECTIONS:
         ranked = sorted(rows[name], key=lambda r: r["ssim_masked"])
@@ -107,9 +137,13 @@ def figure(nets: dict, paths: list[str], rows: dict, device: torch.device) -> np
         for label in ("worst", "median", "best"):
             key = next(k for k, tags in picks.items() if (name, label) in tags)
             s = samples[key]
-            pred = translate(nets[name], torch.from_numpy(s[source])[None, None].to(device))[0, 0].cpu().numpy()
-            error = np.clip(np.abs(pred - s[target]) * ERROR_GAIN, 0, 1) * s["mask"]
-            grid_rows.append([s[source], pred, s[target], error])
+            image = torch.from_numpy(s[source])[None, None].to(device)
+            pred = translate(nets[name], image)
+            error = np.clip(np.abs(pred[0, 0].cpu().numpy() - s[target]) * ERROR_GAIN, 0, 1) * s["mask"]
+            row = [s[source], pred[0, 0].cpu().numpy(), s[target], error]
+            if maps:
+                row.append(np.clip(maps[name](image, pred)[0, 0].cpu().numpy() * ERROR_GAIN, 0, 1) * s["mask"])
+            grid_rows.append(row)
     return rundir.prediction_grid(grid_rows)
 
 
@@ -120,38 +154,64 @@ def report_markdown(report: dict) -> str:
              "| direction | masked SSIM | masked PSNR (dB) | masked MAE |", "|---|---|---|---|"]
     for name, _, _ in DIRECTIONS:
         s = report["directions"][name]["summary"]
-        lines.append(f"| {name.replace('_', ' ').replace('t1', 'T1').replace('t2', 'T2')} | {s['ssim_masked']['mean']:.3f} ± "
+        lines.append(f"| {direction_label(name)} | {s['ssim_masked']['mean']:.3f} ± "
                      f"{s['ssim_masked']['std']:.3f} | {s['psnr_masked']['mean']:.2f} ± {s['psnr_masked']['std']:.2f} | "
                      f"{s['mae_masked']['mean']:.4f} ± {s['mae_masked']['std']:.4f} |")
-    lines += ["", "figure.png: per direction the worst, median and best slice by masked SSIM; columns input, translation, "
-              f"ground truth, |error| x{ERROR_GAIN}.", ""]
+    if "uncertainty" in report:
+        u = report["uncertainty"]
+        lines += ["", f"Hallucination map `{u['mode']}`: AUROC for pixels with |error| > {u['error_threshold']} inside the head.", "",
+                  "| direction | AUROC | pixels above the threshold |", "|---|---|---|"]
+        for name, _, _ in DIRECTIONS:
+            d = u["directions"][name]
+            auroc = "n/a (one class)" if d["auroc"] is None else f"{d['auroc']:.3f}"
+            lines.append(f"| {direction_label(name)} | {auroc} | {100 * d['large_error_fraction']:.1f}% |")
+    if report.get("lesions"):
+        lines += ["", "Lesions (3D components of the lesion masks; contrast = lesion vs a 2-pixel ring of surrounding tissue):", "",
+                  "| direction | subjects | lesions | visible | contrast: truth | translation | ratio | lesion MAE |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for name, d in report["lesions"].items():
+            lines.append(f"| {direction_label(name)} | {d['subjects']} | {d['lesions']} | {100 * d['visible_fraction']:.0f}% | "
+                         f"{d['contrast_truth']:+.3f} | {d['contrast_translation']:+.3f} | {d['contrast_ratio']:.2f} | {d['mae_lesion']:.4f} |")
+    columns = f"input, translation, ground truth, |error| x{ERROR_GAIN}" + (f", hallucination map x{ERROR_GAIN}" if "uncertainty" in report else "")
+    lines += ["", f"figure.png: per direction the worst, median and best slice by masked SSIM; columns {columns}.", ""]
     return "\n".join(lines)
+
+
+def direction_label(name: str) -> str:
+    return name.replace("_", " ").replace("t1", "T1").replace("t2", "T2")
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", type=Path, required=True, help="RUN/checkpoints/step-NNNNNNN, or a run folder for its best checkpoint")
-    parser.add_argument("--data", type=Path, required=True, help="a split folder of paired shards, e.g. SHARDS/test")
+    parser.add_argument("--data", type=Path, nargs="+", required=True, help="split folders of paired shards, e.g. SHARDS/test")
     parser.add_argument("--out", type=Path, required=True, help="report folder (created)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing report folder")
     parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--uncertainty", choices=MODES, default=None,
+                        help="add a hallucination map and its AUROC for large errors (docs/fidelity.md)")
+    parser.add_argument("--error-threshold", type=float, default=0.1,
+                        help="|error| above which a pixel counts as wrong for the AUROC, in [0,1] intensity units")
     args = parser.parse_args(argv)
 
     if args.out.exists() and not args.overwrite:
         raise SystemExit(f"error: --out {args.out} already exists; pass --overwrite to replace it")
-    paths = split_shards(args.data)
+    paths = [path for folder in args.data for path in split_shards(folder)]
     device = device_for_inference()
     try:
         loaded = {name: load_generator(args.checkpoint, name, device) for name, _, _ in DIRECTIONS}
+        maps = {name: HallucinationMap(args.uncertainty, args.checkpoint, name, device)
+                for name, _, _ in DIRECTIONS} if args.uncertainty else None
     except CheckpointError as err:
         raise SystemExit(f"error: --checkpoint {err}")
 
     nets = {name: net for name, (net, _) in loaded.items()}
     checkpoint = loaded["t1_to_t2"][1]["path"]
-    rows = score(nets, paths, args.batch_size, device)
+    detectors = {name: ErrorDetection(args.error_threshold) for name, _, _ in DIRECTIONS}
+    rows, lesion_slices = score(nets, paths, args.batch_size, device, maps, detectors)
     if not rows["t1_to_t2"]:
-        raise SystemExit(f"error: --data {args.data}: the shards hold no samples")
-    report = {"checkpoint": checkpoint, "step": loaded["t1_to_t2"][1].get("step"), "data": str(args.data),
+        raise SystemExit(f"error: --data {' '.join(map(str, args.data))}: the shards hold no samples")
+    report = {"checkpoint": checkpoint, "step": loaded["t1_to_t2"][1].get("step"), "data": " ".join(map(str, args.data)),
               "subjects": len({r["subject"] for r in rows["t1_to_t2"]}), "slices": len(rows["t1_to_t2"]), "directions": {}}
     for name, _, _ in DIRECTIONS:
         subjects = per_subject(rows[name])
@@ -159,6 +219,10 @@ def main(argv=None) -> int:
             "summary": {k: mean_std([s[k] for s in subjects]) for k in POOLED},
             "slice_mean": {k: float(np.mean([r[k] for r in rows[name]])) for k in SLICE},
             "subjects": subjects}
+    if maps:
+        report["uncertainty"] = {"mode": args.uncertainty, "error_threshold": args.error_threshold,
+                                 "directions": {name: detectors[name].result() for name, _, _ in DIRECTIONS}}
+    report["lesions"] = lesion_report(lesion_slices)
 
     tmp = args.out.with_name(f".{args.out.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -172,7 +236,7 @@ def main(argv=None) -> int:
             writer.writerow([subject, by_direction["t1_to_t2"][subject]["slices"],
                              *[f"{by_direction[name][subject][k]:.6f}" for name, _, _ in DIRECTIONS for k in POOLED]])
     buf = io.BytesIO()
-    Image.fromarray(figure(nets, paths, rows, device)).save(buf, format="PNG")
+    Image.fromarray(figure(nets, paths, rows, device, maps)).save(buf, format="PNG")
     (tmp / "figure.png").write_bytes(buf.getvalue())
     (tmp / "report.md").write_text(report_markdown(report))
     if args.out.exists():

@@ -1,13 +1,14 @@
 """Translate T1 <-> T2 with a trained checkpoint: NIfTI volumes in, NIfTI volumes out (2D images too).
 
     python -m train.translate --checkpoint RUN/checkpoints/step-NNNNNNN --direction t1-to-t2 \\
-        --input FILE_OR_DIR --output DIR [--overwrite] [--batch-size 8]
+        --input FILE_OR_DIR --output DIR [--uncertainty tta|cycle|ensemble] [--overwrite] [--batch-size 8]
 
 Each volume is reoriented to RAS, resampled onto the training grid, normalized as the shards were,
 translated slice by slice in the axial plane and resampled back: the output has the input's shape and
 affine. Output intensities are the target contrast in [0,1] (the shards' normalization: 0 and 1 are the
 0.5th and 99.5th percentiles of the head), float32, 0 outside the head. Images (PNG/JPG/TIFF) give
-16-bit PNGs of the input's size.
+16-bit PNGs of the input's size. With --uncertainty, each translation gets a hallucination map beside it
+(`<name>_<direction>_uncertainty-<mode>`, same grid, in the same intensity units; train/fidelity.py).
 """
 
 from __future__ import annotations
@@ -23,7 +24,8 @@ from tqdm import tqdm
 
 from shards.format import encode_png16
 from shards.preprocess import VolumeError, load_image, load_nifti
-from train.inference import CheckpointError, device_for_inference, load_generator, translate_image, translate_volume
+from train.fidelity import MODES, HallucinationMap
+from train.inference import CheckpointError, device_for_inference, image_outputs, load_generator, translator, volume_outputs
 
 VOLUME_SUFFIXES = (".nii", ".nii.gz")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
@@ -47,10 +49,11 @@ def list_inputs(path: Path) -> list[Path]:
     return [path]
 
 
-def output_path(path: Path, out_dir: Path, direction: str) -> Path:
+def output_path(path: Path, out_dir: Path, direction: str, uncertainty: str | None = None) -> Path:
     ext = suffix(path)
     stem = path.name[: -len(ext)]
-    return out_dir / f"{stem}_{direction}{'.nii.gz' if ext in VOLUME_SUFFIXES else '.png'}"
+    tag = f"_uncertainty-{uncertainty}" if uncertainty else ""
+    return out_dir / f"{stem}_{direction}{tag}{'.nii.gz' if ext in VOLUME_SUFFIXES else '.png'}"
 
 
 def write_volume(path: Path, data: np.ndarray, like: nib.Nifti1Image) -> None:
@@ -77,15 +80,22 @@ def main(argv=None) -> int:
     parser.add_argument("--output", type=Path, required=True, help="folder for the translations")
     parser.add_argument("--overwrite", action="store_true", help="replace translations that already exist")
     parser.add_argument("--batch-size", type=int, default=8, help="slices per forward pass")
+    parser.add_argument("--uncertainty", choices=MODES, default=None,
+                        help="also write a hallucination map per translation (docs/fidelity.md)")
     args = parser.parse_args(argv)
 
+    device = device_for_inference()
     try:
-        net, info = load_generator(args.checkpoint, args.direction, device_for_inference())
+        net, info = load_generator(args.checkpoint, args.direction, device)
+        fns = {"translation": translator(net)}
+        if args.uncertainty:
+            fns["uncertainty"] = HallucinationMap(args.uncertainty, args.checkpoint, args.direction, device)
     except CheckpointError as err:
         raise SystemExit(f"error: --checkpoint {err}")
     inputs = list_inputs(args.input)
-    targets = {p: output_path(p, args.output, args.direction) for p in inputs}
-    existing = [str(t) for t in targets.values() if t.exists()]
+    targets = {p: {name: output_path(p, args.output, args.direction, args.uncertainty if name == "uncertainty" else None)
+                   for name in fns} for p in inputs}
+    existing = [str(t) for paths in targets.values() for t in paths.values() if t.exists()]
     if existing and not args.overwrite:
         raise SystemExit(f"error: {existing[0]} already exists ({len(existing)} in all); pass --overwrite to replace")
     args.output.mkdir(parents=True, exist_ok=True)
@@ -97,15 +107,18 @@ def main(argv=None) -> int:
         try:
             if suffix(path) in VOLUME_SUFFIXES:
                 data, affine, _ = load_nifti(path.read_bytes())
-                translated = translate_volume(net, data, affine, preprocessing, args.batch_size, progress=True)
-                write_volume(targets[path], translated, nib.load(path))
+                outputs = volume_outputs(fns, data, affine, preprocessing, device, args.batch_size, progress=True)
+                for name, volume in outputs.items():
+                    write_volume(targets[path][name], volume, nib.load(path))
             else:
-                write_png(targets[path], translate_image(net, load_image(path.read_bytes()), preprocessing["size"]))
+                outputs = image_outputs(fns, load_image(path.read_bytes()), preprocessing["size"], device)
+                for name, image in outputs.items():
+                    write_png(targets[path][name], image)
         except VolumeError as err:
             print(f"error: {path}: {err}", file=sys.stderr)
             failed += 1
             continue
-        print(f"{path} -> {targets[path]} ({time.time() - start:.1f}s)")
+        print(f"{path} -> {', '.join(str(t) for t in targets[path].values())} ({time.time() - start:.1f}s)")
     return 1 if failed else 0
 
 

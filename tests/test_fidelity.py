@@ -1,0 +1,219 @@
+"""The fidelity test set (lesions, held-out anatomy), hallucination maps and lesion metrics (docs/fidelity.md)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tarfile
+from dataclasses import replace
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+import webdataset as wds
+from scipy import ndimage
+
+from conftest import run_module
+from shards.format import decode_sample, read_manifest, shard_paths
+from shards.pack import assign_splits
+from shards.preprocess import Grid, load_nifti, resample
+from shards.phantom import CSF, tissue_labels, voxel_world
+from shards.synth import MIN_SUBJECTS_FOR_HOLDOUT, grid, mark_held_out, render_subject, subject_anatomy, subjects
+from train.fidelity import ErrorDetection, HallucinationMap, lesion_contrasts, lesion_summary
+from train.inference import CheckpointError, load_generator, resolve_checkpoint, translate
+
+
+@pytest.fixture(scope="module")
+def fidelity_tars(tmp_path_factory):
+    out = tmp_path_factory.mktemp("ixi-fidelity")
+    run_module("shards", "synth", "--out", out, "--subjects", 12, "--seed", 3, "--downsample", 4, "--lesions", "--holdout-anatomy")
+    return out
+
+
+@pytest.fixture(scope="module")
+def fidelity_shards(fidelity_tars, tmp_path_factory):
+    out = tmp_path_factory.mktemp("shards-fidelity") / "s64"
+    run_module("shards", "pack", "--t1", fidelity_tars / "IXI-T1.tar", "--t2", fidelity_tars / "IXI-T2.tar", "--out", out,
+               "--size", 64, "--workers", 2, "--lesions", fidelity_tars / "IXI-lesions.tar", "--holdout", fidelity_tars / "holdout.txt")
+    return out
+
+
+def held_out_ids(tars) -> dict[str, str]:
+    lines = [line.split("#") for line in (tars / "holdout.txt").read_text().splitlines() if not line.startswith("#")]
+    return {ident.strip(): note.strip() for ident, note in lines}
+
+
+def lesion_and_ring_contrast(image: np.ndarray, lesion: np.ndarray) -> float:
+    rows = lesion_contrasts(lesion, image > 0.05 * image.max(), {"image": image})
+    return float(np.mean([r["image"]["contrast"] for r in rows]))
+
+
+def test_lesions_are_dark_on_t1_bright_on_t2_with_a_mask_on_the_t2_grid():
+    table = mark_held_out(subjects(12, seed=3), seed=3, lesions=True, holdout_anatomy=False)
+    subject = next(s for s in table if s.lesions)
+    volumes = render_subject(subject, seed=3, downsample=4)
+    t1, t1_affine, _ = load_nifti(volumes["T1"])
+    t2, t2_affine, _ = load_nifti(volumes["T2"])
+    mask, mask_affine, _ = load_nifti(volumes["lesion"])
+    assert mask.shape == t2.shape and np.allclose(mask_affine, t2_affine) and mask.sum() > 5
+    assert lesion_and_ring_contrast(t2, mask > 0) > 0.3, "lesions are hyperintense on T2"
+    # the T1 grid differs: carry the mask into T1 space through world coordinates
+    mask_t1 = resample((mask > 0).astype(np.float32), mask_affine, Grid(t1.shape, t1_affine)) >= 0.5
+    assert lesion_and_ring_contrast(t1, mask_t1) < -0.2, "and hypointense on T1"
+    # everything but the lesions is the same subject: the lesion stream is separate
+    plain = render_subject(replace(subject, lesions=0), seed=3, downsample=4)
+    plain_t2, _, _ = load_nifti(plain["T2"])
+    outside = ~ndimage.binary_dilation(mask > 0, np.ones((3, 3, 3)), iterations=2)  # the partial-volume blur reaches 2 voxels
+    assert np.abs(plain_t2 - t2)[outside].max() == 0 and "lesion" not in plain
+
+
+def test_held_out_anatomy_has_enlarged_ventricles():
+    table = mark_held_out(subjects(20, seed=5), seed=5, lesions=False, holdout_anatomy=True)
+    subject = next(s for s in table if s.variant)
+    assert subject.variant == "enlarged-ventricles" and not any(s.lesions for s in table)
+    anatomy = lambda s: subject_anatomy(s, np.random.default_rng([5, s.number]), seed=5)  # noqa: E731
+    assert anatomy(subject).ventricle_scale >= 2.0 > 1.5 >= max(anatomy(s).ventricle_scale for s in table if not s.variant)
+    # the ventricles (CSF in a box around them) grow; nothing else about the subject changes
+    shape, affine = grid("T2", 4)
+    world = voxel_world(shape, affine, slice(None))
+    box = (np.abs(world[..., 0]) < 30) & (np.abs(world[..., 1]) < 45) & (world[..., 2] > 0) & (world[..., 2] < 40)
+    csf = lambda a: ((tissue_labels(world, a) == CSF) & box).sum()  # noqa: E731
+    assert csf(anatomy(subject)) > 1.5 * csf(anatomy(replace(subject, variant=None)))
+
+
+def test_synth_writes_masks_and_the_holdout_list(fidelity_tars):
+    held = held_out_ids(fidelity_tars)
+    assert sum("lesions" in note for note in held.values()) == 1 and sum(n == "enlarged-ventricles" for n in held.values()) == 1
+    with tarfile.open(fidelity_tars / "IXI-lesions.tar") as tar:
+        names = tar.getnames()
+    lesion_subject = next(i for i, n in held.items() if "lesions" in n)
+    assert len(names) == 1 and names[0].startswith(lesion_subject) and names[0].endswith("-lesion.nii.gz")
+
+
+def test_too_few_subjects_for_lesions_is_a_clear_error(tmp_path):
+    result = run_module("shards", "synth", "--out", tmp_path / "x", "--subjects", MIN_SUBJECTS_FOR_HOLDOUT - 1, "--lesions", check=False)
+    assert result.returncode == 1 and "--lesions needs --subjects >= 10" in result.stderr
+    assert not (tmp_path / "x").exists(), "nothing is written"
+
+
+def test_held_out_subjects_never_train_and_lesion_masks_travel_with_their_slices(fidelity_tars, fidelity_shards):
+    manifest = read_manifest(fidelity_shards)
+    held = set(held_out_ids(fidelity_tars))
+    assert set(manifest["held_out"]["subjects"]) == held
+    assert not held & set(manifest["splits"]["train"]["subjects"])
+    assert held <= set(manifest["splits"]["val"]["subjects"]) | set(manifest["splits"]["test"]["subjects"])
+    lesion_subject = manifest["held_out"]["lesion_masks"][0]
+    lesion_pixels = 0
+    for split in ("val", "test"):
+        for raw in wds.WebDataset(shard_paths(fidelity_shards, split, "paired"), shardshuffle=False, nodesplitter=None, workersplitter=None):
+            sample = decode_sample(raw)
+            assert ("lesion" in sample) == (sample["meta"]["subject"] == lesion_subject)
+            if "lesion" in sample:
+                lesion_pixels += int(sample["lesion"].sum())
+                assert not (sample["lesion"] & ~sample["mask"]).any(), "lesions lie inside the head"
+    assert lesion_pixels > 5
+
+
+def test_split_puts_held_out_subjects_in_val_and_test_and_is_unchanged_without_them():
+    refs = {f"S{i:02d}": object() for i in range(20)}
+    plain = assign_splits(refs, refs, (0.8, 0.1, 0.1), seed=0)
+    assert plain == assign_splits(refs, refs, (0.8, 0.1, 0.1), seed=0, held_out=frozenset())
+    held = frozenset(["S03", "S07", "S11"])
+    split = assign_splits(refs, refs, (0.8, 0.1, 0.1), seed=0, held_out=held)
+    assert not held & set(split["train"]) and held <= set(split["val"]) | set(split["test"])
+    assert len(split["train"]) == 20 - len(split["val"]) - len(split["test"])
+
+
+def test_lesion_contrast_visibility_and_error_on_known_images():
+    truth = np.full((3, 20, 20), 0.5, np.float32)
+    lesion = np.zeros_like(truth, bool)
+    lesion[1, 4:7, 4:7] = True  # lesion A
+    lesion[:, 12:15, 12:15] = True  # lesion B spans three slices: one 3D component
+    truth[lesion] = 1.0  # contrast +1 against the 0.5 ring
+    erased = truth.copy()
+    erased[1, 4:7, 4:7] = 0.5  # A erased, B kept at +0.6
+    erased[:, 12:15, 12:15] = 0.8
+    head = np.ones_like(lesion)
+    rows = lesion_contrasts(lesion, head, {"pred": erased, "truth": truth})
+    assert len(rows) == 2 and sorted(r["pixels"] for r in rows) == [9, 27]
+    summary = lesion_summary(rows, [np.abs(erased - truth)[lesion]])
+    assert summary["lesions"] == 2 and summary["visible_fraction"] == 0.5
+    assert summary["contrast_truth"] == pytest.approx(1.0) and summary["contrast_translation"] == pytest.approx(0.3)
+    assert summary["contrast_ratio"] == pytest.approx(0.3)
+    assert summary["mae_lesion"] == pytest.approx((9 * 0.5 + 27 * 0.2) / 36)
+
+
+def test_error_detection_auroc():
+    rng = np.random.default_rng(0)
+    target = torch.from_numpy(rng.uniform(size=(4, 1, 16, 16)).astype(np.float32))
+    pred = target + torch.from_numpy(rng.normal(scale=0.1, size=target.shape).astype(np.float32))
+    mask = torch.ones_like(target, dtype=torch.bool)
+    perfect, blind = ErrorDetection(0.1), ErrorDetection(0.1)
+    perfect.update((pred - target).abs(), pred, target, mask)
+    blind.update(torch.rand(target.shape), pred, target, mask)
+    assert perfect.result()["auroc"] > 0.99 and 0.4 < blind.result()["auroc"] < 0.6
+    assert 0.2 < perfect.result()["large_error_fraction"] < 0.5
+    one_class = ErrorDetection(10.0)
+    one_class.update(torch.rand(target.shape), pred, target, mask)
+    assert one_class.result()["auroc"] is None
+
+
+def test_hallucination_maps(trained):
+    checkpoint = resolve_checkpoint(trained)
+    images = torch.rand(2, 1, 64, 64)
+    net, _ = load_generator(checkpoint, "t1_to_t2")
+    back, _ = load_generator(checkpoint, "t2_to_t1")
+    cycle = HallucinationMap("cycle", checkpoint, "t1_to_t2")(images)
+    assert torch.allclose(cycle, (translate(back, translate(net, images)) - images).abs())
+    tta = HallucinationMap("tta", checkpoint, "t1_to_t2")(images)
+    assert tta.shape == images.shape and tta.min() >= 0 and tta.max() > 0
+    ensemble = HallucinationMap("ensemble", trained, "t1_to_t2")(images)  # the run keeps two checkpoints
+    assert ensemble.shape == images.shape and ensemble.max() > 0
+
+
+def test_ensemble_needs_two_checkpoints(trained, shards_dir, tmp_path):
+    run = tmp_path / "one"
+    shutil.copytree(trained, run)
+    kept = sorted((run / "checkpoints").iterdir())
+    shutil.rmtree(kept[0])
+    with pytest.raises(CheckpointError, match="needs a run folder with at least two kept checkpoints"):
+        HallucinationMap("ensemble", kept[1], "t1_to_t2")
+    result = run_module("train.evaluate", "--checkpoint", kept[1], "--data", shards_dir / "test", "--out", tmp_path / "e",
+                        "--uncertainty", "ensemble", check=False)
+    assert result.returncode != 0 and str(kept[1]) in result.stderr and "ensemble" in result.stderr
+
+
+def test_evaluate_reports_auroc_and_lesion_metrics(trained, fidelity_shards, tmp_path):
+    out = tmp_path / "report"
+    run_module("train.evaluate", "--checkpoint", trained, "--data", fidelity_shards / "test", "--out", out, "--uncertainty", "tta")
+    report = json.loads((out / "report.json").read_text())
+    for direction in ("t1_to_t2", "t2_to_t1"):
+        auroc = report["uncertainty"]["directions"][direction]["auroc"]
+        assert 0 <= auroc <= 1
+    assert report["uncertainty"]["mode"] == "tta" and report["uncertainty"]["error_threshold"] == 0.1
+    manifest = read_manifest(fidelity_shards)
+    lesion_in_test = set(manifest["held_out"]["lesion_masks"]) & set(manifest["splits"]["test"]["subjects"])
+    if lesion_in_test:
+        lesions = report["lesions"]["t1_to_t2"]
+        assert lesions["subjects"] == 1 and lesions["lesions"] >= 1 and 0 <= lesions["visible_fraction"] <= 1
+        assert lesions["contrast_truth"] > 0 > report["lesions"]["t2_to_t1"]["contrast_truth"]
+    else:
+        assert report["lesions"] == {}
+    assert "AUROC" in (out / "report.md").read_text()
+
+
+def test_translate_writes_a_hallucination_map_beside_each_volume(trained, fidelity_tars, tmp_path):
+    with tarfile.open(fidelity_tars / "IXI-T2.tar") as tar:
+        member = sorted(tar.getmembers(), key=lambda m: m.name)[0]
+        volume = tmp_path / member.name
+        volume.write_bytes(tar.extractfile(member).read())
+    run_module("train.translate", "--checkpoint", trained, "--direction", "t2-to-t1", "--input", volume,
+               "--output", tmp_path / "out", "--uncertainty", "cycle")
+    stem = member.name[: -len(".nii.gz")]
+    translation = nib.load(tmp_path / "out" / f"{stem}_t2-to-t1.nii.gz")
+    hmap = nib.load(tmp_path / "out" / f"{stem}_t2-to-t1_uncertainty-cycle.nii.gz")
+    source = nib.load(volume)
+    assert hmap.shape == translation.shape == source.shape and np.allclose(hmap.affine, source.affine)
+    data = np.asarray(hmap.dataobj)
+    assert data.min() >= 0 and data.max() > 0

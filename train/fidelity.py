@@ -1,0 +1,139 @@
+"""Fidelity: where a translation may invent or erase anatomy, and whether known lesions survive it.
+
+Hallucination maps (one per translation, same size, intensity units of the [0,1] image):
+  tta       spread (std) of the translations of flipped and shifted copies of the input, each moved back;
+            where the model is sure, the copies agree (test-time augmentation, Wang et al. 2019).
+  cycle     |F(G(x)) - x|: what the way back cannot recover was not carried through the translation.
+  ensemble  spread across the run's kept checkpoints (needs a run folder with at least two).
+
+Lesion metrics compare each lesion (a 3D connected component of a subject's lesion mask) with the
+normal-appearing tissue in a ring around it (2 pixels wide, inside the head): contrast = (lesion mean -
+ring mean) / ring mean, in the translation and in the ground truth. A lesion counts as visible when its
+translated contrast has the sign of the true one and at least half its size.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from scipy import ndimage
+from torchmetrics.classification import BinaryAUROC
+
+from train import rundir
+from train.inference import DIRECTIONS, CheckpointError, load_generator, resolve_checkpoint, translate
+
+MODES = ("tta", "cycle", "ensemble")
+REVERSE = {"t1_to_t2": "t2_to_t1", "t2_to_t1": "t1_to_t2"}
+TTA_SHIFTS = ((0, 0), (2, 0), (-2, 0), (0, 2), (0, -2))  # pixels (rows, cols); each with and without a left-right flip
+RING_PIXELS = 2
+VISIBLE_FRACTION = 0.5
+# AUROC thresholds: fine where maps concentrate (small spreads), coarse above
+AUROC_THRESHOLDS = torch.cat([torch.linspace(0, 0.1, 501), torch.linspace(0.1, 1, 181)[1:]])
+
+
+class HallucinationMap:
+    """Loads what a mode needs from a checkpoint (or its run folder) and maps [0,1] slices to their spread."""
+
+    def __init__(self, mode: str, checkpoint: Path, direction: str, device: torch.device | str = "cpu"):
+        if mode not in MODES:
+            raise CheckpointError(f"unknown uncertainty mode {mode!r}: choose one of {', '.join(MODES)}")
+        self.mode = mode
+        direction = DIRECTIONS.get(direction, direction)  # the CLI spelling t1-to-t2 too
+        checkpoint = resolve_checkpoint(checkpoint)
+        self.net, _ = load_generator(checkpoint, direction, device)
+        if mode == "cycle":
+            self.back, _ = load_generator(checkpoint, REVERSE[direction], device)
+        if mode == "ensemble":
+            run = Path(checkpoint).parent.parent
+            kept = [path for _, path in rundir.list_checkpoints(run)]
+            if len(kept) < 2:
+                raise CheckpointError(f"{checkpoint}: uncertainty mode 'ensemble' needs a run folder with at least two "
+                                      f"kept checkpoints, {run} has {len(kept)}; use tta or cycle")
+            self.members = [load_generator(path, direction, device)[0] for path in kept]
+
+    @torch.no_grad()
+    def __call__(self, images: torch.Tensor, translated: torch.Tensor | None = None) -> torch.Tensor:
+        """images (N,1,H,W) in [0,1] -> map (N,1,H,W); `translated` saves a forward pass in cycle mode."""
+        if self.mode == "cycle":
+            translated = translate(self.net, images) if translated is None else translated
+            return (translate(self.back, translated) - images).abs()
+        if self.mode == "ensemble":
+            return torch.stack([translate(net, images) for net in self.members]).std(0)
+        copies = []
+        for flip in (False, True):
+            for dy, dx in TTA_SHIFTS:
+                x = images.flip(-1) if flip else images
+                y = translate(self.net, x.roll((dy, dx), dims=(-2, -1))).roll((-dy, -dx), dims=(-2, -1))
+                copies.append(y.flip(-1) if flip else y)
+        return torch.stack(copies).std(0)
+
+
+class ErrorDetection:
+    """Streaming AUROC of a hallucination map as a detector of pixels whose |error| exceeds a threshold,
+    inside the head mask (binned, so memory does not grow with the test set)."""
+
+    def __init__(self, error_threshold: float):
+        self.error_threshold = error_threshold
+        self.auroc = BinaryAUROC(thresholds=AUROC_THRESHOLDS)
+        self.positives = self.pixels = 0
+
+    def update(self, uncertainty: torch.Tensor, pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> None:
+        inside = mask.bool()
+        large = ((pred - target).abs() > self.error_threshold)[inside]
+        self.auroc.update(uncertainty[inside].float().clamp(0, 1).cpu(), large.long().cpu())
+        self.positives += int(large.sum())
+        self.pixels += int(inside.sum())
+
+    def result(self) -> dict:
+        both = 0 < self.positives < self.pixels  # AUROC is undefined with one class only
+        return {"auroc": float(self.auroc.compute()) if both else None,
+                "large_error_fraction": self.positives / max(self.pixels, 1)}
+
+
+def lesion_contrasts(lesion: np.ndarray, head: np.ndarray, images: dict[str, np.ndarray]) -> list[dict]:
+    """Per lesion of one subject: its size and, per image, the lesion-to-ring contrast and lesion mean.
+    lesion, head: (Z,H,W) bool, consecutive slices; images: name -> (Z,H,W) float."""
+    labels, count = ndimage.label(lesion)
+    in_plane = np.zeros((3, 3, 3), bool)
+    in_plane[1] = ndimage.generate_binary_structure(2, 1)
+    out = []
+    for index, bounds in enumerate(ndimage.find_objects(labels), start=1):
+        pad = tuple(slice(max(s.start - (RING_PIXELS if i else 0), 0), s.stop + (RING_PIXELS if i else 0))
+                    for i, s in enumerate(bounds))
+        inside = labels[pad] == index
+        ring = ndimage.binary_dilation(inside, in_plane, iterations=RING_PIXELS) & ~lesion[pad] & head[pad]
+        if not ring.any():
+            continue
+        row = {"pixels": int(inside.sum())}
+        for name, image in images.items():
+            core, around = image[pad][inside].mean(), image[pad][ring].mean()
+            row[name] = {"contrast": float((core - around) / max(around, 1e-3)), "mean": float(core)}
+        out.append(row)
+    return out
+
+
+def lesion_summary(lesions: list[dict], abs_errors: list[np.ndarray]) -> dict:
+    """Direction-level lesion metrics from lesion_contrasts rows (images 'pred' and 'truth') and the
+    |error| of every lesion pixel."""
+    truth = np.array([r["truth"]["contrast"] for r in lesions])
+    pred = np.array([r["pred"]["contrast"] for r in lesions])
+    visible = (np.sign(pred) == np.sign(truth)) & (np.abs(pred) >= VISIBLE_FRACTION * np.abs(truth))
+    errors = np.concatenate(abs_errors) if abs_errors else np.zeros(0)
+    return {"lesions": len(lesions), "visible_fraction": float(visible.mean()),
+            "contrast_truth": float(truth.mean()), "contrast_translation": float(pred.mean()),
+            "contrast_ratio": float(pred.mean() / truth.mean()), "mae_lesion": float(errors.mean()) if errors.size else None}
+
+
+def stack_subject(slices: list[dict]) -> dict[str, np.ndarray]:
+    """A subject's paired slices (dicts with 'z' and arrays) -> (Z,H,W) arrays in slice order. Gaps in z
+    (slices pack left out) get empty planes, so lesions never join across them."""
+    slices = sorted(slices, key=lambda s: s["z"])
+    z0, z1 = slices[0]["z"], slices[-1]["z"]
+    shape = slices[0]["lesion"].shape
+    out = {k: np.zeros((z1 - z0 + 1, *shape), slices[0][k].dtype) for k in slices[0] if k != "z"}
+    for s in slices:
+        for k in out:
+            out[k][s["z"] - z0] = s[k]
+    return out
