@@ -217,3 +217,11 @@ def test_translate_writes_a_hallucination_map_beside_each_volume(trained, fideli
     assert hmap.shape == translation.shape == source.shape and np.allclose(hmap.affine, source.affine)
     data = np.asarray(hmap.dataobj)
     assert data.min() >= 0 and data.max() > 0
+
+
+def test_pack_names_a_missing_holdout_file(fidelity_tars, tmp_path):
+    missing = tmp_path / "nope.txt"
+    result = run_module("shards", "pack", "--t1", fidelity_tars / "IXI-T1.tar", "--t2", fidelity_tars / "IXI-T2.tar",
+                        "--out", tmp_path / "s", "--holdout", missing, check=False)
+    assert result.returncode == 1 and f"--holdout {missing}" in result.stderr
+    assert not (tmp_path / "s").exists(), "nothing is written"

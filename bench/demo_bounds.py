@@ -1,0 +1,85 @@
+"""What masked SSIM can the demo's data and budget show? Two reference points for `make demo`'s result.
+
+    python bench/demo_bounds.py [--ixi data/demo/ixi] [--steps 1300]
+
+The demo's synthetic IXI (run `make demo` first) is packed again with every subject paired
+(--split 0,0.8,0.2): the 0.8 part trains the references, the 0.2 part scores them, with train/metrics.py.
+- lookup table: per source-intensity bin (64 bins), the mean target intensity over the training pairs. The
+  best any pixel-wise intensity mapping can do; a CycleGAN below it has not learned the contrast.
+- supervised U-Net: the demo's generator (64², ngf 32, batch 4, Adam 2e-4) trained with L1 on the *paired*
+  slices for the demo's step budget. Paired supervision is information CycleGAN does not get, so this is a
+  generous upper reference for the unpaired model at the same size and budget.
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from train.data import val_samples
+from train.metrics import slice_metrics
+from train.networks import build_generator
+
+ROOT = Path(__file__).resolve().parents[1]
+BINS = 64
+
+
+def arrays(samples: list[dict]) -> dict[str, torch.Tensor]:
+    return {k: torch.from_numpy(np.stack([s[k] for s in samples]))[:, None] for k in ("t1", "t2", "mask")}
+
+
+def lookup_table(train: dict, test: dict, source: str, target: str) -> torch.Tensor:
+    inside = train["mask"]
+    bins = (train[source][inside] * BINS).long().clamp(0, BINS - 1)
+    sums = torch.zeros(BINS).index_add_(0, bins, train[target][inside])
+    counts = torch.zeros(BINS).index_add_(0, bins, torch.ones_like(train[target][inside]))
+    table = sums / counts.clamp(min=1)
+    return table[(test[source] * BINS).long().clamp(0, BINS - 1)] * test["mask"]
+
+
+def supervised(train: dict, test: dict, source: str, target: str, steps: int, seed: int) -> torch.Tensor:
+    torch.manual_seed(seed)
+    net = build_generator("unet", train[source].shape[-1], 32)
+    optimizer = torch.optim.Adam(net.parameters(), 2e-4, betas=(0.5, 0.999))
+    for _ in range(steps):
+        i = torch.randint(0, len(train[source]), (4,))
+        loss = F.l1_loss(net(train[source][i] * 2 - 1), train[target][i] * 2 - 1)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    net.eval()
+    with torch.no_grad():
+        return torch.cat([(net(x * 2 - 1) + 1) / 2 for x in test[source].split(32)]).clamp(0, 1)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--ixi", type=Path, default=ROOT / "data" / "demo" / "ixi")
+    parser.add_argument("--size", type=int, default=64)
+    parser.add_argument("--steps", type=int, default=1300)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    if not (args.ixi / "IXI-T1.tar").is_file():
+        raise SystemExit(f"error: --ixi {args.ixi}: no IXI-T1.tar; run `make demo` first or pass the folder")
+    with tempfile.TemporaryDirectory() as tmp:
+        subprocess.run([sys.executable, "-m", "shards", "pack", "--t1", args.ixi / "IXI-T1.tar", "--t2", args.ixi / "IXI-T2.tar",
+                        "--out", Path(tmp) / "paired", "--size", str(args.size), "--split", "0,0.8,0.2"],
+                       cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
+        train, test = (arrays(val_samples(str(Path(tmp) / "paired"), split)) for split in ("val", "test"))
+    print(f"{len(train['t1'])} training pairs, {len(test['t1'])} test slices; masked SSIM (mean over test slices)")
+    for source, target in (("t1", "t2"), ("t2", "t1")):
+        scores = {name: slice_metrics(pred, test[target], test["mask"])["ssim_masked"].mean().item()
+                  for name, pred in (("lookup table", lookup_table(train, test, source, target)),
+                                     (f"supervised U-Net, {args.steps} steps", supervised(train, test, source, target, args.steps, args.seed)))}
+        print(f"{source.upper()} -> {target.upper()}: " + ", ".join(f"{k} {v:.3f}" for k, v in scores.items()), flush=True)
+
+
+if __name__ == "__main__":
+    main()
