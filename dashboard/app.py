@@ -66,8 +66,8 @@ def cached_generator(checkpoint: str, direction: str, mtime: float):
 
 
 @st.cache_resource(show_spinner=False, max_entries=4)
-def cached_map(checkpoint: str, direction: str, mode: str, mtime: float) -> HallucinationMap:
-    return HallucinationMap(mode, Path(checkpoint), direction)
+def cached_map(checkpoint: str, direction: str, mode: str, mtime: float, _loaded: dict) -> HallucinationMap:
+    return HallucinationMap(mode, Path(checkpoint), direction, loaded=_loaded)  # _loaded: not part of the cache key
 
 
 @st.cache_data(show_spinner=False, max_entries=4)
@@ -200,7 +200,7 @@ def page_translate(run: R.RunInfo, data_root: Path) -> None:
     hallucination = None
     if mode != "none":
         try:
-            hallucination = cached_map(str(checkpoint.path), direction, mode, mtime)
+            hallucination = cached_map(str(checkpoint.path), direction, mode, mtime, {direction: net, OTHER[direction]: back})
         except CheckpointError as err:
             st.warning(f"Hallucination map: {err}")
     preprocessing = info["preprocessing"]

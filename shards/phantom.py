@@ -61,7 +61,6 @@ class Anatomy:
             gyri_phase=rng.uniform(0, 2 * np.pi, size=components),
         )
 
-
     def to_world(self, p: np.ndarray) -> np.ndarray:
         """Head coordinates -> world (RAS mm); the inverse of the mapping at the top of tissue_labels."""
         return (p * self.scale) @ self.rotation.T + self.shift
@@ -167,6 +166,21 @@ def voxel_world(shape, affine: np.ndarray, slab: slice) -> np.ndarray:
     return ijk @ affine[:3, :3].T.astype(np.float32) + affine[:3, 3].astype(np.float32)
 
 
+def _slabs(shape, affine: np.ndarray, slab_size: int = 32):
+    """(slab, world coordinates of its voxels) along shape[0], a slab at a time to bound memory."""
+    for start in range(0, shape[0], slab_size):
+        slab = slice(start, min(start + slab_size, shape[0]))
+        yield slab, voxel_world(shape, affine, slab)
+
+
+def tissue_volume(anatomy: Anatomy, shape, affine: np.ndarray) -> np.ndarray:
+    """uint8 tissue labels of `anatomy` on the voxel grid (shape, affine); `== LESION` is its lesion mask."""
+    labels = np.empty(shape, np.uint8)
+    for slab, world in _slabs(shape, affine):
+        labels[slab] = tissue_labels(world, anatomy)
+    return labels
+
+
 def bias_field(world: np.ndarray, coefficients: np.ndarray) -> np.ndarray:
     """Smooth multiplicative field: exp of a quadratic polynomial in world position (units of 100 mm)."""
     x, y, z = np.moveaxis(world / 100.0, -1, 0)
@@ -174,28 +188,18 @@ def bias_field(world: np.ndarray, coefficients: np.ndarray) -> np.ndarray:
     return np.exp(terms @ coefficients.astype(np.float32))
 
 
-def lesion_mask(anatomy: Anatomy, shape, affine: np.ndarray, slab_size: int = 32) -> np.ndarray:
-    """uint8 mask (1 = lesion) of `anatomy`'s lesions on the voxel grid (shape, affine)."""
-    mask = np.zeros(shape, np.uint8)
-    for start in range(0, shape[0], slab_size):
-        slab = slice(start, min(start + slab_size, shape[0]))
-        mask[slab] = tissue_labels(voxel_world(shape, affine, slab), anatomy) == LESION
-    return mask
-
-
-def render(anatomy: Anatomy, contrast: str, site: str, shape, affine: np.ndarray, rng: np.random.Generator,
-           slab_size: int = 32, voxels_averaged: float = 1.0) -> np.ndarray:
-    """MR magnitude image (int16, scanner units) of `anatomy` on the voxel grid (shape, affine).
+def render(labels: np.ndarray, contrast: str, site: str, affine: np.ndarray, rng: np.random.Generator,
+           voxels_averaged: float = 1.0) -> np.ndarray:
+    """MR magnitude image (int16, scanner units) of a tissue volume from `tissue_volume` on its grid.
     `voxels_averaged`: each voxel stands for this many of the site's native voxels, so its noise is the
     native noise / sqrt(voxels_averaged), as if the native image had been block-averaged."""
     params = SITES[site]
     lut = CONTRAST_LUT[contrast] ** params["gamma"]
     coefficients = rng.normal(scale=params["bias"], size=9)
+    shape = labels.shape
     image = np.empty(shape, np.float32)
-    for start in range(0, shape[0], slab_size):
-        slab = slice(start, min(start + slab_size, shape[0]))
-        world = voxel_world(shape, affine, slab)
-        image[slab] = lut[tissue_labels(world, anatomy)] * bias_field(world, coefficients)
+    for slab, world in _slabs(shape, affine):
+        image[slab] = lut[labels[slab]] * bias_field(world, coefficients)
     ndimage.gaussian_filter(image, sigma=0.6, output=image)  # partial-volume blur
     sigma = params["noise"] / np.sqrt(voxels_averaged)
     image = np.hypot(image + rng.normal(scale=sigma, size=shape).astype(np.float32),

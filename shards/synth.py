@@ -25,7 +25,7 @@ import nibabel as nib
 import numpy as np
 from tqdm import tqdm
 
-from .phantom import Anatomy, lesion_mask, render
+from .phantom import LESION, Anatomy, render, tissue_volume
 
 # shape, voxel size (mm), voxel-axis directions in RAS, centre of the field of view (mm)
 GEOMETRY = {
@@ -130,11 +130,10 @@ def render_subject(subject: Subject, seed: int, downsample: int) -> dict[str, by
     out = {}
     for contrast in subject.contrasts:
         shape, affine = grid(contrast, downsample)
-        image = render(anatomy, contrast, subject.site, shape, affine, rng, voxels_averaged=downsample**3)
-        out[contrast] = nifti_bytes(image, affine)
-    if subject.lesions:
-        shape, affine = grid("T2", downsample)
-        out["lesion"] = nifti_bytes(lesion_mask(anatomy, shape, affine), affine)
+        labels = tissue_volume(anatomy, shape, affine)
+        out[contrast] = nifti_bytes(render(labels, contrast, subject.site, affine, rng, voxels_averaged=downsample**3), affine)
+        if subject.lesions and contrast == "T2":  # the mask lives on the T2 grid, where lesions are bright
+            out["lesion"] = nifti_bytes((labels == LESION).astype(np.uint8), affine)
     return out
 
 

@@ -170,6 +170,10 @@ def test_hallucination_maps(trained):
     assert tta.shape == images.shape and tta.min() >= 0 and tta.max() > 0
     ensemble = HallucinationMap("ensemble", trained, "t1_to_t2")(images)  # the run keeps two checkpoints
     assert ensemble.shape == images.shape and ensemble.max() > 0
+    # generators the caller holds are the ones used, not loaded again
+    identity = torch.nn.Identity()
+    held = HallucinationMap("cycle", checkpoint, "t1_to_t2", loaded={"t1_to_t2": identity, "t2_to_t1": identity})
+    assert held.net is identity and held.back is identity and held(images).max() < 1e-6
 
 
 def test_ensemble_needs_two_checkpoints(trained, shards_dir, tmp_path):

@@ -139,8 +139,9 @@ def figure(nets: dict, paths: list[str], rows: dict, device: torch.device, maps:
             s = samples[key]
             image = torch.from_numpy(s[source])[None, None].to(device)
             pred = translate(nets[name], image)
-            error = np.clip(np.abs(pred[0, 0].cpu().numpy() - s[target]) * ERROR_GAIN, 0, 1) * s["mask"]
-            row = [s[source], pred[0, 0].cpu().numpy(), s[target], error]
+            translated = pred[0, 0].cpu().numpy()
+            error = np.clip(np.abs(translated - s[target]) * ERROR_GAIN, 0, 1) * s["mask"]
+            row = [s[source], translated, s[target], error]
             if maps:
                 row.append(np.clip(maps[name](image, pred)[0, 0].cpu().numpy() * ERROR_GAIN, 0, 1) * s["mask"])
             grid_rows.append(row)
@@ -200,12 +201,12 @@ def main(argv=None) -> int:
     device = device_for_inference()
     try:
         loaded = {name: load_generator(args.checkpoint, name, device) for name, _, _ in DIRECTIONS}
-        maps = {name: HallucinationMap(args.uncertainty, args.checkpoint, name, device)
+        nets = {name: net for name, (net, _) in loaded.items()}
+        maps = {name: HallucinationMap(args.uncertainty, args.checkpoint, name, device, loaded=nets)
                 for name, _, _ in DIRECTIONS} if args.uncertainty else None
     except CheckpointError as err:
         raise SystemExit(f"error: --checkpoint {err}")
 
-    nets = {name: net for name, (net, _) in loaded.items()}
     checkpoint = loaded["t1_to_t2"][1]["path"]
     detectors = {name: ErrorDetection(args.error_threshold) for name, _, _ in DIRECTIONS}
     rows, lesion_slices = score(nets, paths, args.batch_size, device, maps, detectors)

@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from scipy import ndimage
+from torch import nn
 from torchmetrics.classification import BinaryAUROC
 
 from train import rundir
@@ -36,15 +37,19 @@ AUROC_THRESHOLDS = torch.cat([torch.linspace(0, 0.1, 501), torch.linspace(0.1, 1
 class HallucinationMap:
     """Loads what a mode needs from a checkpoint (or its run folder) and maps [0,1] slices to their spread."""
 
-    def __init__(self, mode: str, checkpoint: Path, direction: str, device: torch.device | str = "cpu"):
+    def __init__(self, mode: str, checkpoint: Path, direction: str, device: torch.device | str = "cpu",
+                 loaded: dict[str, nn.Module] | None = None):
+        """`loaded`: the checkpoint's generators the caller already holds, by direction (not loaded twice)."""
         if mode not in MODES:
             raise CheckpointError(f"unknown uncertainty mode {mode!r}: choose one of {', '.join(MODES)}")
         self.mode = mode
         direction = DIRECTIONS.get(direction, direction)  # the CLI spelling t1-to-t2 too
         checkpoint = resolve_checkpoint(checkpoint)
-        self.net, _ = load_generator(checkpoint, direction, device)
-        if mode == "cycle":
-            self.back, _ = load_generator(checkpoint, REVERSE[direction], device)
+        loaded = loaded or {}
+
+        def generator(name: str) -> nn.Module:
+            return loaded[name] if name in loaded else load_generator(checkpoint, name, device)[0]
+
         if mode == "ensemble":
             run = Path(checkpoint).parent.parent
             kept = [path for _, path in rundir.list_checkpoints(run)]
@@ -52,6 +57,10 @@ class HallucinationMap:
                 raise CheckpointError(f"{checkpoint}: uncertainty mode 'ensemble' needs a run folder with at least two "
                                       f"kept checkpoints, {run} has {len(kept)}; use tta or cycle")
             self.members = [load_generator(path, direction, device)[0] for path in kept]
+            return
+        self.net = generator(direction)
+        if mode == "cycle":
+            self.back = generator(REVERSE[direction])
 
     @torch.no_grad()
     def __call__(self, images: torch.Tensor, translated: torch.Tensor | None = None) -> torch.Tensor:

@@ -25,7 +25,8 @@ from tqdm import tqdm
 from shards.format import encode_png16
 from shards.preprocess import VolumeError, load_image, load_nifti
 from train.fidelity import MODES, HallucinationMap
-from train.inference import CheckpointError, device_for_inference, image_outputs, load_generator, translator, volume_outputs
+from train.inference import (DIRECTIONS, CheckpointError, device_for_inference, image_outputs, load_generator,
+                             translator, volume_outputs)
 
 VOLUME_SUFFIXES = (".nii", ".nii.gz")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
@@ -89,7 +90,8 @@ def main(argv=None) -> int:
         net, info = load_generator(args.checkpoint, args.direction, device)
         fns = {"translation": translator(net)}
         if args.uncertainty:
-            fns["uncertainty"] = HallucinationMap(args.uncertainty, args.checkpoint, args.direction, device)
+            fns["uncertainty"] = HallucinationMap(args.uncertainty, args.checkpoint, args.direction, device,
+                                                 loaded={DIRECTIONS[args.direction]: net})
     except CheckpointError as err:
         raise SystemExit(f"error: --checkpoint {err}")
     inputs = list_inputs(args.input)
