@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 from conftest import ROOT, SMALL, train
 from shards.format import shard_paths
 from train import rundir
-from train.data import SliceStream
+from train.data import SliceStream, augment
 
 def test_losses_fall_and_the_run_folder_is_complete(trained):
     config = yaml.safe_load((trained / "config.yaml").read_text())
@@ -143,6 +143,17 @@ def test_each_rank_and_worker_reads_a_disjoint_part(shards_dir):
         assert len(parts[0] | parts[1]) == total
 
 
+def test_augmentation_keeps_the_background_at_zero():
+    head = torch.zeros(1, 64, 64)
+    head[:, 16:48, 20:44] = torch.linspace(0.2, 1.0, 24)  # a bright "head" in zero air
+    rng = torch.Generator().manual_seed(0)
+    for _ in range(50):
+        out = augment(head, rng)
+        assert out.shape == head.shape and 0 <= out.min() and out.max() <= 1
+        assert out[:, :8].abs().max() == 0 and out[:, -8:].abs().max() == 0  # air stays air
+        assert out.sum() > 0.5 * head.sum()  # the head is still there
+
+
 @pytest.mark.parametrize("case", ["missing", "empty", "keys", "size", "resume", "option", "yaml", "stale"])
 def test_bad_input_fails_before_training(case, shards_dir, trained, tmp_path):
     args = ["--data", shards_dir, "--out", tmp_path / "run", *SMALL, "--max_steps", 2]
@@ -187,6 +198,30 @@ def test_structure_loss_is_trained_and_logged(shards_dir, tmp_path):
     rows = [r for r in rundir.read_metrics(out) if "loss/structure" in r]
     assert rows and all(r["loss/structure"] > 0 for r in rows)
     assert all(r["loss/G"] >= r["loss/structure"] for r in rows)
+
+
+def test_wandb_mode_follows_the_flag_then_wandb_mode_then_the_login(monkeypatch, tmp_path):
+    from train.config import Config
+    from train.main import wandb_mode
+
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc login
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    config = Config(data="d", out="o")
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    assert wandb_mode(config) == "offline"
+    monkeypatch.setenv("WANDB_API_KEY", "key")
+    assert wandb_mode(config) == "online"
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    assert wandb_mode(config) == "disabled"
+    assert wandb_mode(Config(data="d", out="o", wandb="offline")) == "offline"
+    assert wandb_mode(Config(data="d", out="o", report_to="none")) == "disabled"
+
+
+def test_the_demo_config_is_valid():
+    from train.config import load_config
+
+    config = load_config(["--config", str(ROOT / "train" / "demo.yaml"), "--data", "d", "--out", "o"])
+    assert (config.size, config.max_steps, config.gan_loss) == (64, 1300, "lsgan")
 
 
 def test_every_option_is_documented_with_its_default():

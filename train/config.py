@@ -47,7 +47,7 @@ class Config:
     # data pipeline
     num_workers: int = option(2, "DataLoader workers per process")
     shuffle_buffer: int = option(500, "samples in the shuffle buffer of each stream")
-    augment: bool = option(True, "random flips, small affine and intensity (gamma/contrast) jitter")
+    augment: bool = option(True, "random flips, small affine and intensity (gamma/gain) jitter")
     # precision and devices
     mixed_precision: str = option("no", "Accelerate mixed precision", choices=["no", "fp16", "bf16"])
     channels_last: bool = option(False, "channels_last memory format (helps convolutions on recent GPUs)")
@@ -61,7 +61,8 @@ class Config:
     log_every: int = option(10, "log losses and images/s every N steps")
     max_bad_steps: int = option(5, "stop after this many consecutive steps with NaN/inf losses")
     report_to: str = option("wandb", "experiment tracker", choices=["wandb", "none"])
-    wandb: str = option("", "W&B mode: online, offline or disabled (default: offline unless an API key is set)", choices=["", "online", "offline", "disabled"])
+    wandb: str = option("", "W&B mode: online, offline or disabled (default: $WANDB_MODE if set, else online with an API key, else offline)",
+                        choices=["", "online", "offline", "disabled"])
     wandb_project: str = option("mri-cyclegan", "W&B project")
     wandb_group: str = option("", "W&B group (e.g. an ablation's name)")
     wandb_tags: str = option("", "comma-separated W&B tags")
@@ -85,8 +86,10 @@ def _parse_bool(text: str) -> bool:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    # defaults are None so a flag given on the command line is told apart from the YAML file's value;
+    # the help shows each option's real default instead
     parser = argparse.ArgumentParser(description="Train a T1<->T2 CycleGAN (run with `accelerate launch train/main.py`).",
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter, allow_abbrev=False)
+                                     allow_abbrev=False)
     parser.add_argument("--config", help="YAML file of options; flags given here override it")
     for f in dataclasses.fields(Config):
         kind = {"bool": _parse_bool, "int": int, "float": float}.get(f.type, str)  # annotations are strings here

@@ -57,7 +57,8 @@ def check_shards(root: str, size: int | None = None) -> dict:
 
 
 def augment(image: torch.Tensor, rng: torch.Generator) -> torch.Tensor:
-    """(1,H,W) in [0,1]: left-right flip, small affine (+-5 deg, +-5% scale, +-4% shift), gamma and contrast."""
+    """(1,H,W) in [0,1]: left-right flip, small affine (+-5 deg, +-5% scale, +-4% shift), gamma and gain.
+    Intensity changes are multiplicative, so the air around the head stays at zero as in every shard."""
     u = torch.rand(7, generator=rng)
     if u[0] < 0.5:
         image = image.flip(-1)
@@ -69,9 +70,8 @@ def augment(image: torch.Tensor, rng: torch.Generator) -> torch.Tensor:
     grid = F.affine_grid(theta[None], [1, *image.shape], align_corners=False)
     image = F.grid_sample(image[None], grid, mode="bilinear", padding_mode="zeros", align_corners=False)[0]
     gamma = math.exp((u[5].item() - 0.5) * 0.4)  # 0.82 .. 1.22
-    contrast = 0.9 + u[6].item() * 0.2
-    image = image.clamp(0, 1) ** gamma
-    return (0.5 + (image - 0.5) * contrast).clamp(0, 1)
+    gain = 0.9 + u[6].item() * 0.2
+    return (image.clamp(0, 1) ** gamma * gain).clamp(0, 1)
 
 
 class SliceStream(IterableDataset):

@@ -97,6 +97,8 @@ def wandb_mode(config: Config) -> str:
         return "disabled"
     if config.wandb:
         return config.wandb
+    if os.environ.get("WANDB_MODE") in ("online", "offline", "disabled"):  # W&B's own switch, as users expect
+        return os.environ["WANDB_MODE"]
     netrc = Path.home() / ".netrc"
     logged_in = netrc.exists() and "api.wandb.ai" in netrc.read_text(errors="ignore")
     return "online" if os.environ.get("WANDB_API_KEY") or logged_in else "offline"
