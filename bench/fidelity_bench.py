@@ -28,6 +28,8 @@ VARIANTS = {
     "plain": [],
     "mind": ["--lambda_structure", "5"],
     "mind-noidt": ["--lambda_structure", "5", "--lambda_identity", "0"],
+    # train/demo.yaml's settings, the best at 64² in bench/demo_settings.py
+    "mind-lsgan": ["--lambda_structure", "5", "--lambda_identity", "0", "--gan_loss", "lsgan", "--augment", "false", "--lr", "5e-4"],
 }
 
 
