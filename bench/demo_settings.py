@@ -39,7 +39,7 @@ VARIANTS = {
 
 
 def flags(settings: dict, only_changed: bool = False) -> list[str]:
-    return [f"--{k} {v}" for k, v in settings.items() if not only_changed or SEED[k] != v]
+    return [token for k, v in settings.items() if not only_changed or SEED[k] != v for token in (f"--{k}", v)]
 
 
 def val_rows(run_dir: Path) -> list[dict]:
@@ -65,7 +65,7 @@ def main() -> None:
             name = pending.pop(0)
             (args.out / name).mkdir(parents=True, exist_ok=True)
             command = [sys.executable, "train/main.py", "--config", "train/demo.yaml", "--data", str(args.data),
-                       "--out", str(args.out / name), "--resume", "auto", *" ".join(flags(VARIANTS[name])).split()]
+                       "--out", str(args.out / name), "--resume", "auto", *flags(VARIANTS[name])]
             with open(args.out / f"{name}.log", "w") as log:
                 running[name] = (subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT), time.time())
         time.sleep(5)
