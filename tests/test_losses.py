@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from train.losses import ImagePool, mind
+from train.losses import ImagePool, generator_losses, mind
+from train.networks import CycleGenerators, Discriminators, build_discriminator, build_generator
 
 
 def phantom(shift: int = 0) -> torch.Tensor:
@@ -49,3 +50,20 @@ def test_image_pool_returns_history_and_round_trips_its_state():
     out_a, out_b = pool.query(batch), clone.query(batch)
     assert torch.equal(out_a, out_b), "same history and RNG, same answer"
     assert {float(v) for v in out_a[:, 0, 0, 0]} - {10.0}, "some images come from the history"
+
+
+def test_identity_passes_are_skipped_when_the_identity_loss_is_off():
+    torch.manual_seed(0)
+    gens = CycleGenerators(build_generator("unet", 32, 4), build_generator("unet", 32, 4))
+    discs = Discriminators(build_discriminator(4), build_discriminator(4))
+    real_a, real_b = torch.rand(2, 1, 32, 32) * 2 - 1, torch.rand(2, 1, 32, 32) * 2 - 1
+    calls = []
+    gens.g_ab.register_forward_hook(lambda module, inputs, output: calls.append(inputs[0].shape[0]))
+    with_identity, losses_on = generator_losses(gens, discs, real_a, real_b, "lsgan", 10.0, 0.5)
+    assert calls == [4, 2] and losses_on["identity"] > 0  # translation + identity in one batch, then the cycle
+    calls.clear()
+    without, losses_off = generator_losses(gens, discs, real_a, real_b, "lsgan", 10.0, 0.0)
+    assert calls == [2, 2] and "idt_b" not in without and losses_off["identity"] == 0
+    for key in ("fake_a", "fake_b", "rec_a", "rec_b"):  # instance norm: the batch it rode in changes nothing
+        torch.testing.assert_close(without[key], with_identity[key], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(losses_off["G"], losses_on["G"] - losses_on["identity"], atol=1e-5, rtol=1e-5)

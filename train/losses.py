@@ -45,12 +45,13 @@ def generator_losses(gens, discs, real_a, real_b, kind: str, lambda_cycle: float
                      lambda_structure: float = 0.0):
     """Fool both (frozen) discriminators, cycle back, keep identity and (optionally) structure. Returns the
     generated images and the losses; losses["G"] is what the generators minimize."""
-    fakes = gens(real_a, real_b)
+    fakes = gens(real_a, real_b, identity=bool(lambda_identity))
     judged_a, judged_b = discs(fakes["fake_a"], fakes["fake_b"])
     adversarial = gan_loss(judged_a, True, kind) + gan_loss(judged_b, True, kind)
     cycle = lambda_cycle * (F.l1_loss(fakes["rec_a"].float(), real_a) + F.l1_loss(fakes["rec_b"].float(), real_b))
-    identity = lambda_cycle * lambda_identity * (F.l1_loss(fakes["idt_a"].float(), real_a) + F.l1_loss(fakes["idt_b"].float(), real_b))
-    structure = torch.zeros((), device=real_a.device)
+    identity = structure = torch.zeros((), device=real_a.device)
+    if lambda_identity:
+        identity = lambda_cycle * lambda_identity * (F.l1_loss(fakes["idt_a"].float(), real_a) + F.l1_loss(fakes["idt_b"].float(), real_b))
     if lambda_structure:  # structure-constrained CycleGAN (Yang et al. 2018): MIND of input vs. translation
         structure = lambda_structure * (F.l1_loss(mind(fakes["fake_b"]), mind(real_a)) + F.l1_loss(mind(fakes["fake_a"]), mind(real_b)))
     return fakes, {"G": adversarial + cycle + identity + structure, "G_adv": adversarial, "cycle": cycle,

@@ -134,7 +134,12 @@ class CycleGenerators(nn.Module):
         super().__init__()
         self.g_ab, self.g_ba = g_ab, g_ba
 
-    def forward(self, real_a, real_b):
+    def forward(self, real_a, real_b, identity: bool = True):
+        """Translations, reconstructions and, with `identity`, each generator applied to its own target
+        contrast (a third of the generators' work, skipped when the identity loss is off)."""
+        if not identity:
+            fake_b, fake_a = self.g_ab(real_a), self.g_ba(real_b)
+            return {"fake_a": fake_a, "fake_b": fake_b, "rec_a": self.g_ba(fake_b), "rec_b": self.g_ab(fake_a)}
         n = real_a.shape[0]
         fake_b, idt_b = self.g_ab(torch.cat([real_a, real_b])).split(n)  # instance norm: batching changes nothing
         fake_a, idt_a = self.g_ba(torch.cat([real_b, real_a])).split(n)
