@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from train.losses import ImagePool, generator_losses, mind
@@ -67,3 +68,18 @@ def test_identity_passes_are_skipped_when_the_identity_loss_is_off():
     for key in ("fake_a", "fake_b", "rec_a", "rec_b"):  # instance norm: the batch it rode in changes nothing
         torch.testing.assert_close(without[key], with_identity[key], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(losses_off["G"], losses_on["G"] - losses_on["identity"], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("layers,patch", [(1, 16), (2, 34), (3, 70)])
+def test_patchgan_depth_sets_the_patch_each_logit_judges(layers, patch):
+    disc = build_discriminator(4, layers)
+    for i, module in enumerate(disc.model):  # instance norm's statistics span the whole image; the convolutions don't
+        if isinstance(module, torch.nn.InstanceNorm2d):
+            disc.model[i] = torch.nn.Identity()
+    image = torch.rand(1, 1, 128, 128, requires_grad=True)
+    logits = disc(image)
+    logits[0, 0, logits.shape[2] // 2, logits.shape[3] // 2].backward()
+    rows, cols = image.grad[0, 0].abs().gt(0).nonzero().unbind(1)
+    assert (rows.max() - rows.min() + 1, cols.max() - cols.min() + 1) == (patch, patch)
+    with pytest.raises(ValueError, match="at least 1 layer"):
+        build_discriminator(4, 0)

@@ -18,7 +18,9 @@ from safetensors.torch import load_file
 
 from conftest import ROOT, SMALL, train
 from shards.format import shard_paths
+from train import main as trainer
 from train import rundir
+from train.config import load_config
 from train.data import SliceStream, augment
 
 def test_losses_fall_and_the_run_folder_is_complete(trained):
@@ -100,8 +102,6 @@ def test_sigterm_checkpoints_and_exits_cleanly(shards_dir, tmp_path):
 
 def test_nan_guard_skips_and_then_stops(shards_dir, tmp_path, monkeypatch):
     import torch.nn.functional as F
-
-    from train import main as trainer
 
     real_l1 = F.l1_loss
     calls = {"n": 0}
@@ -233,3 +233,15 @@ def test_every_option_is_documented_with_its_default():
     for f in dataclasses.fields(Config):
         default = "(required)" if f.metadata.get("required") else repr(f.default)
         assert f"| `--{f.name}` | `{default}` |" in table, f"docs/training.md lacks --{f.name} (default {default})"
+
+
+def test_resume_compares_architecture_with_defaults_for_options_newer_than_the_checkpoint(tmp_path):
+    config = load_config(["--data", "d", "--out", "o", "--disc_layers", "2"])
+    checkpoint = tmp_path / "step-0000010"
+    checkpoint.mkdir()
+    saved = {**config.to_dict(), "size": 64}
+    del saved["disc_layers"]  # written before the option existed: it had the default, 3
+    (checkpoint / rundir.CHECKPOINT_INFO).write_text(json.dumps({"config": saved}))
+    with pytest.raises(SystemExit, match="disc_layers: checkpoint 3 vs now 2"):
+        trainer.check_compatible(checkpoint, config, 64)
+    trainer.check_compatible(checkpoint, load_config(["--data", "d", "--out", "o"]), 64)

@@ -29,6 +29,7 @@ class Config:
     generator: str = option("unet", "generator architecture", choices=["unet", "resnet9"])
     ngf: int = option(64, "generator base width")
     ndf: int = option(64, "discriminator base width")
+    disc_layers: int = option(3, "PatchGAN depth: 3 judges 70x70 patches (the reference, for 256x256), 2 judges 34x34, 1 judges 16x16")
     # losses and optimizer
     gan_loss: str = option("bce", "adversarial loss: bce (BCE with logits, as in the seed) or lsgan", choices=["bce", "lsgan"])
     lambda_cycle: float = option(10.0, "cycle-consistency L1 weight (lambda)")
@@ -72,9 +73,13 @@ class Config:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
+    @classmethod
+    def defaults(cls) -> dict:
+        return {f.name: f.default for f in dataclasses.fields(cls)}
+
 
 # options that change the networks or the data: a checkpoint made with others cannot continue this run
-ARCHITECTURE_KEYS = ("size", "generator", "ngf", "ndf")
+ARCHITECTURE_KEYS = ("size", "generator", "ngf", "ndf", "disc_layers")
 
 
 def _parse_bool(text: str) -> bool:

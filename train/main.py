@@ -127,6 +127,7 @@ def resolve_resume(config: Config, out: Path) -> Path | None:
 
 def check_compatible(path: Path, config: Config, size: int) -> None:
     saved = json.loads((path / rundir.CHECKPOINT_INFO).read_text())["config"]
+    saved = {**Config.defaults(), **saved}  # an option newer than the checkpoint had its default then
     current = {**config.to_dict(), "size": size}
     differ = [f"{k}: checkpoint {saved.get(k)!r} vs now {current[k]!r}" for k in ARCHITECTURE_KEYS if saved.get(k) != current[k]]
     if differ:
@@ -168,7 +169,7 @@ def main(argv=None) -> int:
 
     # models, optimizers, schedules
     gens = CycleGenerators(build_generator(config.generator, size, config.ngf), build_generator(config.generator, size, config.ngf))
-    discs = Discriminators(build_discriminator(config.ndf), build_discriminator(config.ndf))
+    discs = Discriminators(build_discriminator(config.ndf, config.disc_layers), build_discriminator(config.ndf, config.disc_layers))
     if config.channels_last:
         gens, discs = gens.to(memory_format=torch.channels_last), discs.to(memory_format=torch.channels_last)
     opt_g = torch.optim.Adam(gens.parameters(), lr=config.lr, betas=(config.beta1, config.beta2))

@@ -123,8 +123,10 @@ def build_generator(arch: str, size: int, ngf: int = 64) -> nn.Module:
     raise ValueError(f"unknown generator {arch!r}: choose unet or resnet9")
 
 
-def build_discriminator(ndf: int = 64) -> nn.Module:
-    return init_weights(PatchDiscriminator(ndf=ndf))
+def build_discriminator(ndf: int = 64, layers: int = 3) -> nn.Module:
+    if layers < 1:
+        raise ValueError(f"a PatchGAN needs at least 1 layer, got {layers}")
+    return init_weights(PatchDiscriminator(ndf=ndf, layers=layers))
 
 
 class CycleGenerators(nn.Module):
