@@ -221,7 +221,7 @@ def test_the_demo_config_is_valid():
     from train.config import load_config
 
     config = load_config(["--config", str(ROOT / "train" / "demo.yaml"), "--data", "d", "--out", "o"])
-    assert (config.size, config.max_steps, config.gan_loss) == (64, 1300, "lsgan")
+    assert (config.size, config.max_steps, config.gan_loss) == (64, 1500, "lsgan")
 
 
 def test_every_option_is_documented_with_its_default():
