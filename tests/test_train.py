@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import signal
 import subprocess
@@ -20,7 +21,7 @@ from conftest import ROOT, SMALL, train
 from shards.format import shard_paths
 from train import main as trainer
 from train import rundir
-from train.config import load_config
+from train.config import Config, load_config
 from train.data import SliceStream, augment
 
 def test_losses_fall_and_the_run_folder_is_complete(trained):
@@ -201,34 +202,25 @@ def test_structure_loss_is_trained_and_logged(shards_dir, tmp_path):
 
 
 def test_wandb_mode_follows_the_flag_then_wandb_mode_then_the_login(monkeypatch, tmp_path):
-    from train.config import Config
-    from train.main import wandb_mode
-
     monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc login
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
     config = Config(data="d", out="o")
     monkeypatch.delenv("WANDB_MODE", raising=False)
-    assert wandb_mode(config) == "offline"
+    assert trainer.wandb_mode(config) == "offline"
     monkeypatch.setenv("WANDB_API_KEY", "key")
-    assert wandb_mode(config) == "online"
+    assert trainer.wandb_mode(config) == "online"
     monkeypatch.setenv("WANDB_MODE", "disabled")
-    assert wandb_mode(config) == "disabled"
-    assert wandb_mode(Config(data="d", out="o", wandb="offline")) == "offline"
-    assert wandb_mode(Config(data="d", out="o", report_to="none")) == "disabled"
+    assert trainer.wandb_mode(config) == "disabled"
+    assert trainer.wandb_mode(Config(data="d", out="o", wandb="offline")) == "offline"
+    assert trainer.wandb_mode(Config(data="d", out="o", report_to="none")) == "disabled"
 
 
 def test_the_demo_config_is_valid():
-    from train.config import load_config
-
     config = load_config(["--config", str(ROOT / "train" / "demo.yaml"), "--data", "d", "--out", "o"])
     assert (config.size, config.max_steps, config.gan_loss) == (64, 1500, "lsgan")
 
 
 def test_every_option_is_documented_with_its_default():
-    import dataclasses
-
-    from train.config import Config
-
     table = (ROOT / "docs" / "training.md").read_text()
     for f in dataclasses.fields(Config):
         default = "(required)" if f.metadata.get("required") else repr(f.default)
