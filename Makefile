@@ -4,9 +4,11 @@ VENV := .venv
 BIN := $(VENV)/bin
 DATA := data/demo
 RUN := runs/demo
-# all GPUs when there are several, else one process (on a CPU-only machine: one process using every core)
+# all GPUs when there are several, else one process; without a GPU that process gets every core (accelerate
+# launch gives it one thread unless told: 30% slower on 2 cores, docs/benchmarks.md)
 GPUS = $(shell nvidia-smi -L 2>/dev/null | grep -c ^GPU)
-LAUNCH = $(if $(filter-out 0 1,$(GPUS)),--multi_gpu --num_processes $(GPUS),--num_processes 1)
+LAUNCH = $(if $(filter-out 0 1,$(GPUS)),--multi_gpu --num_processes $(GPUS),--num_processes 1) \
+  $(if $(filter 0,$(GPUS)),--num_cpu_threads_per_process $(shell nproc))
 
 .PHONY: setup test demo clean
 
