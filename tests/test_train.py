@@ -237,3 +237,13 @@ def test_resume_compares_architecture_with_defaults_for_options_newer_than_the_c
     with pytest.raises(SystemExit, match="disc_layers: checkpoint 3 vs now 2"):
         trainer.check_compatible(checkpoint, config, 64)
     trainer.check_compatible(checkpoint, load_config(["--data", "d", "--out", "o"]), 64)
+
+
+@pytest.mark.parametrize("gpus, expected, absent", [
+    ("0", "--num_processes 1 --num_cpu_threads_per_process", "--multi_gpu"),
+    ("1", "--num_processes 1", "--num_cpu_threads_per_process"),
+    ("4", "--multi_gpu --num_processes 4", "--num_cpu_threads_per_process")])
+def test_make_demo_launches_all_gpus_or_one_cpu_process_with_every_core(gpus, expected, absent):
+    dry_run = subprocess.run(["make", "-n", "-B", "demo", f"GPUS={gpus}"], cwd=ROOT, capture_output=True, text=True, check=True)
+    launch = next(line for line in dry_run.stdout.splitlines() if "accelerate launch" in line)
+    assert expected in launch and absent not in launch
