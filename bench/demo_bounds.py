@@ -1,6 +1,6 @@
 """What masked SSIM can the demo's data and budget show? Two reference points for `make demo`'s result.
 
-    python bench/demo_bounds.py [--ixi data/demo/ixi] [--steps 1300]
+    python bench/demo_bounds.py [--ixi data/demo/ixi] [--steps N (default: train/demo.yaml's max_steps)]
 
 The demo's synthetic IXI (run `make demo` first) is packed again with every subject paired
 (--split 0,0.8,0.2): the 0.8 part trains the references, the 0.2 part scores them, with train/metrics.py.
@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+import yaml
 
 from train.data import val_samples
 from train.metrics import slice_metrics
@@ -63,7 +64,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--ixi", type=Path, default=ROOT / "data" / "demo" / "ixi")
     parser.add_argument("--size", type=int, default=64)
-    parser.add_argument("--steps", type=int, default=1300)
+    parser.add_argument("--steps", type=int, default=yaml.safe_load((ROOT / "train" / "demo.yaml").read_text())["max_steps"])
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     if not (args.ixi / "IXI-T1.tar").is_file():

@@ -1,5 +1,5 @@
 """Which CycleGAN settings learn most in the demo's budget: each variant trains `train/demo.yaml` (64², ngf 32,
-batch 4, 1300 steps) with a few flags changed, on the demo's shards, and the table gives its val masked SSIM.
+batch 4, its step count) with a few flags changed, on the demo's shards, and the table gives its val masked SSIM.
 
     make demo                                      # once, for data/demo/shards
     python bench/demo_settings.py [--data data/demo/shards] [--out bench-out/demo-settings] [--jobs 2]
