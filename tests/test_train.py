@@ -220,6 +220,21 @@ def test_the_demo_config_is_valid():
     assert (config.size, config.max_steps, config.gan_loss) == (64, 1500, "lsgan")
 
 
+@pytest.mark.parametrize("where", ["flag", "yaml"])
+def test_counts_below_their_minimum_are_errors_that_name_the_option(where, tmp_path, capsys):
+    argv = ["--data", "d", "--out", "o"]
+    if where == "flag":
+        argv += ["--disc_layers", "0"]
+    else:
+        (tmp_path / "c.yaml").write_text("batch_size: 0\n")
+        argv += ["--config", str(tmp_path / "c.yaml")]
+    with pytest.raises(SystemExit):
+        load_config(argv)
+    expected = "--disc_layers 0: must be at least 1" if where == "flag" else "--batch_size 0: must be at least 1"
+    assert expected in capsys.readouterr().err
+    assert load_config(["--data", "d", "--out", "o", "--pool_size", "0", "--disc_layers", "1"]).disc_layers == 1
+
+
 def test_every_option_is_documented_with_its_default():
     table = (ROOT / "docs" / "training.md").read_text()
     for f in dataclasses.fields(Config):
