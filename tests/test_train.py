@@ -235,6 +235,19 @@ def test_counts_below_their_minimum_are_errors_that_name_the_option(where, tmp_p
     assert load_config(["--data", "d", "--out", "o", "--pool_size", "0", "--disc_layers", "1"]).disc_layers == 1
 
 
+def test_yaml_values_must_fit_their_option_type(tmp_path, capsys):
+    config = tmp_path / "c.yaml"
+    config.write_text("lr: 2e-4\nngf: 32\naugment: false\n")  # PyYAML reads 2e-4 as a string
+    loaded = load_config(["--data", "d", "--out", "o", "--config", str(config)])
+    assert (loaded.lr, loaded.ngf, loaded.augment) == (2e-4, 32, False)
+    for text, expected in (("ngf: wide\n", "ngf: expected int, got 'wide'"), ("augment: 1\n", "augment: expected bool, got 1"),
+                           ("batch_size: 2.5\n", "batch_size: expected int, got 2.5")):
+        config.write_text(text)
+        with pytest.raises(SystemExit):
+            load_config(["--data", "d", "--out", "o", "--config", str(config)])
+        assert f"--config {config}: {expected}" in capsys.readouterr().err
+
+
 def test_every_option_is_documented_with_its_default():
     table = (ROOT / "docs" / "training.md").read_text()
     for f in dataclasses.fields(Config):

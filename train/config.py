@@ -90,6 +90,26 @@ def _parse_bool(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true/false, got {text!r}")
 
 
+def _from_yaml(value, type_name: str):
+    """A YAML value as an option's type (annotations are strings here). Numbers written as text pass, since
+    PyYAML reads `2e-4` as a string; bools never pass as numbers. Raises ValueError."""
+    try:
+        if type_name == "bool":
+            if isinstance(value, bool):
+                return value
+        elif isinstance(value, bool):
+            pass
+        elif type_name == "float" and isinstance(value, (int, float, str)):
+            return float(value)
+        elif type_name == "int" and isinstance(value, (int, str)):
+            return int(value)
+        elif type_name == "str" and isinstance(value, str):
+            return value
+    except ValueError:
+        pass
+    raise ValueError(f"expected {type_name}, got {value!r}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     # defaults are None so a flag given on the command line is told apart from the YAML file's value;
     # the help shows each option's real default instead
@@ -119,6 +139,12 @@ def load_config(argv=None) -> Config:
         unknown = sorted(set(loaded) - known)
         if unknown:
             parser.error(f"--config {path}: unknown option(s) {', '.join(unknown)}")
+        for f in dataclasses.fields(Config):
+            if f.name in loaded:
+                try:
+                    loaded[f.name] = _from_yaml(loaded[f.name], f.type)
+                except ValueError as err:
+                    parser.error(f"--config {path}: {f.name}: {err}")
         values.update(loaded)
     values.update({k: v for k, v in vars(args).items() if k != "config" and v is not None})
     for f in dataclasses.fields(Config):
@@ -126,7 +152,7 @@ def load_config(argv=None) -> Config:
             parser.error(f"--{f.name} is required")
         if f.metadata.get("choices") and f.name in values and values[f.name] not in f.metadata["choices"]:
             parser.error(f"{f.name}: {values[f.name]!r} is not one of {f.metadata['choices']}")
-        if "minimum" in f.metadata and isinstance(values.get(f.name), (int, float)) and values[f.name] < f.metadata["minimum"]:
+        if "minimum" in f.metadata and f.name in values and values[f.name] < f.metadata["minimum"]:
             parser.error(f"--{f.name} {values[f.name]!r}: must be at least {f.metadata['minimum']}")
     return Config(**values)
 
