@@ -23,8 +23,10 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 # the settings every variant spells out (on top of train/demo.yaml), so the table does not depend on the yaml's
-SEED = {"gan_loss": "bce", "augment": "true", "lr": "2e-4", "lambda_structure": "0", "lambda_identity": "0.5"}  # the seed notebook's
+SEED = {"gan_loss": "bce", "augment": "true", "lr": "2e-4", "lambda_structure": "0", "lambda_identity": "0.5",
+        "lambda_cycle": "10", "pool_size": "50"}  # the seed notebook's
 STRUCTURE = {**SEED, "gan_loss": "lsgan", "augment": "false", "lambda_structure": "5", "lambda_identity": "0"}
+FASTER = {**STRUCTURE, "lr": "5e-4"}
 VARIANTS = {
     "seed": SEED,
     "lsgan-noaug": {**SEED, "gan_loss": "lsgan", "augment": "false"},
@@ -33,8 +35,16 @@ VARIANTS = {
     "augment": {**STRUCTURE, "augment": "true"},
     "mind10-noidt": {**STRUCTURE, "lambda_structure": "10"},
     "mind20-noidt": {**STRUCTURE, "lambda_structure": "20"},
-    "lr5e-4": {**STRUCTURE, "lr": "5e-4"},
+    "lr5e-4": FASTER,
     "lr1e-3": {**STRUCTURE, "lr": "1e-3"},
+    "cyc20": {**FASTER, "lambda_cycle": "20"},
+    "cyc20-mind10": {**FASTER, "lambda_cycle": "20", "lambda_structure": "10"},
+    "pool0": {**FASTER, "pool_size": "0"},
+    "cyc5": {**FASTER, "lambda_cycle": "5"},
+    "cyc2.5": {**FASTER, "lambda_cycle": "2.5"},
+    "cyc5-mind10": {**FASTER, "lambda_cycle": "5", "lambda_structure": "10"},
+    "cyc5-mind2.5": {**FASTER, "lambda_cycle": "5", "lambda_structure": "2.5"},
+    "cyc5-lr7e-4": {**FASTER, "lambda_cycle": "5", "lr": "7e-4"},
 }
 
 
