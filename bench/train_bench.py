@@ -1,6 +1,9 @@
 """Training-step throughput, achieved FLOP/s and peak memory of the CycleGAN on this machine.
 
-    python bench/train_bench.py [--sizes 256 128] [--batch 1] [--steps 5] [--generator unet]
+    python bench/train_bench.py [--sizes 256 128] [--batch 1] [--steps 5] [--generator unet] [--ngf 64]
+                                [--gan_loss bce] [--lambda_identity 0.5] [--lambda_structure 0]
+    OMP_NUM_THREADS=1 python bench/train_bench.py --sizes 64 --batch 4 --ngf 32 --gan_loss lsgan \
+        --lambda_identity 0 --lambda_structure 5                  # the demo's step on one thread
 
 Runs the trainer's own step (train.losses + Adam on both generators and both discriminators, image pool
 included) on random inputs, each size in a fresh process so peak RSS is per size. FLOPs are counted with
@@ -34,7 +37,7 @@ def matmul_flops(n: int = 2048, seconds: float = 3.0) -> float:
     return 2 * n**3 * count / (time.perf_counter() - start)
 
 
-def one_size(size: int, batch: int, steps: int, generator: str, ngf: int, results) -> None:
+def one_size(size: int, batch: int, steps: int, generator: str, ngf: int, losses: dict, results) -> None:
     torch.manual_seed(0)
     gens = CycleGenerators(build_generator(generator, size, ngf), build_generator(generator, size, ngf))
     discs = Discriminators(build_discriminator(ngf), build_discriminator(ngf))
@@ -45,13 +48,14 @@ def one_size(size: int, batch: int, steps: int, generator: str, ngf: int, result
     def step():
         real_a, real_b = torch.rand(batch, 1, size, size) * 2 - 1, torch.rand(batch, 1, size, size) * 2 - 1
         discs.requires_grad_(False)
-        fakes, losses_g = generator_losses(gens, discs, real_a, real_b, "bce", 10.0, 0.5)
+        fakes, losses_g = generator_losses(gens, discs, real_a, real_b, losses["gan_loss"], 10.0, losses["lambda_identity"],
+                                           losses["lambda_structure"])
         discs.requires_grad_(True)
         opt_g.zero_grad(set_to_none=True)
         losses_g["G"].backward()
         opt_g.step()
         fake_a, fake_b = pools[0].query(fakes["fake_a"].detach()), pools[1].query(fakes["fake_b"].detach())
-        losses_d = discriminator_losses(discs, real_a, real_b, fake_a, fake_b, "bce")
+        losses_d = discriminator_losses(discs, real_a, real_b, fake_a, fake_b, losses["gan_loss"])
         opt_d.zero_grad(set_to_none=True)
         losses_d["D"].backward()
         opt_d.step()
@@ -75,16 +79,20 @@ def main():
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--generator", default="unet", choices=["unet", "resnet9"])
     parser.add_argument("--ngf", type=int, default=64)
+    parser.add_argument("--gan_loss", default="bce", choices=["bce", "lsgan"])
+    parser.add_argument("--lambda_identity", type=float, default=0.5, help="0 skips the identity passes, as the trainer does")
+    parser.add_argument("--lambda_structure", type=float, default=0.0, help="MIND structure loss weight")
     args = parser.parse_args()
 
     print(f"machine: {platform.machine()} {platform.processor() or ''}, {os.cpu_count()} cores, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads")
     peak = matmul_flops()
     print(f"fp32 matmul (2048^2): {peak / 1e9:.1f} GFLOP/s")
+    losses = {k: getattr(args, k) for k in ("gan_loss", "lambda_identity", "lambda_structure")}
     ctx = mp.get_context("spawn")  # a fresh process per size: peak RSS belongs to that size alone
     for size in args.sizes:
         results = ctx.Queue()
-        proc = ctx.Process(target=one_size, args=(size, args.batch, args.steps, args.generator, args.ngf, results))
+        proc = ctx.Process(target=one_size, args=(size, args.batch, args.steps, args.generator, args.ngf, losses, results))
         proc.start()
         r = results.get()
         proc.join()
