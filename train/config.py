@@ -93,18 +93,14 @@ def _parse_bool(text: str) -> bool:
 def _from_yaml(value, type_name: str):
     """A YAML value as an option's type (annotations are strings here). Numbers written as text pass, since
     PyYAML reads `2e-4` as a string; bools never pass as numbers. Raises ValueError."""
+    is_number = isinstance(value, (int, float)) and not isinstance(value, bool)
     try:
-        if type_name == "bool":
-            if isinstance(value, bool):
-                return value
-        elif isinstance(value, bool):
-            pass
-        elif type_name == "float" and isinstance(value, (int, float, str)):
-            return float(value)
-        elif type_name == "int" and isinstance(value, (int, str)):
-            return int(value)
-        elif type_name == "str" and isinstance(value, str):
+        if isinstance(value, {"bool": bool, "str": str}.get(type_name, ())):
             return value
+        if type_name == "float" and (is_number or isinstance(value, str)):
+            return float(value)
+        if type_name == "int" and (isinstance(value, str) or is_number and isinstance(value, int)):
+            return int(value)
     except ValueError:
         pass
     raise ValueError(f"expected {type_name}, got {value!r}")
