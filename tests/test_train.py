@@ -55,6 +55,12 @@ def test_losses_fall_and_the_run_folder_is_complete(trained):
     assert not list(trained.rglob("*.tmp"))
 
 
+def test_adam_runs_fused_on_cpu(trained):
+    for name in ("optimizer.bin", "optimizer_1.bin"):  # generators', discriminators'
+        state = torch.load(rundir.checkpoint_dir(trained, 40) / name, weights_only=True)
+        assert [group["fused"] for group in state["param_groups"]] == [True], name
+
+
 def test_resume_from_a_checkpoint_reproduces_the_uninterrupted_run(trained, tmp_path):
     """Same final weights whether or not the run stopped at step 30: model, optimizer, LR schedule, pools,
     RNG and data position all continue exactly."""
