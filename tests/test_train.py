@@ -74,6 +74,31 @@ def test_resume_from_a_checkpoint_reproduces_the_uninterrupted_run(trained, tmp_
         assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a), name
 
 
+def test_ema_generators_are_what_checkpoints_hold_and_resume_exactly(shards_dir, tmp_path):
+    """With --ema_decay the inference generators are the moving average (not the trained weights), and the
+    average is part of the resumable state: a run resumed at step 10 ends with the same average."""
+    args = ["--data", shards_dir, *SMALL, "--max_steps", 20, "--steps_per_epoch", 10, "--checkpoint_every", 10, "--ema_decay", 0.9]
+    train(*args, "--out", tmp_path / "ema")
+    last = rundir.checkpoint_dir(tmp_path / "ema", 20)
+    trained_weights = load_file(str(last / "model.safetensors"))  # Accelerate's copy of the prepared generators
+    average = torch.load(last / "custom_checkpoint_0.pkl", weights_only=False)["ema"]
+    assert average["n_averaged"].item() == 20
+    for name, prefix in (("t1_to_t2", "g_ab."), ("t2_to_t1", "g_ba.")):
+        inference = load_file(str(last / rundir.GENERATORS[name]))
+        assert all(torch.equal(inference[k], average[f"module.{prefix}{k}"]) for k in inference), name
+        assert not all(torch.allclose(inference[k], trained_weights[prefix + k]) for k in inference), name
+    rows = [r for r in rundir.read_metrics(tmp_path / "ema") if "val/ssim_masked_mean" in r]
+    assert [r["step"] for r in rows] == [10, 20]
+
+    train(*args, "--out", tmp_path / "resumed", "--resume", rundir.checkpoint_dir(tmp_path / "ema", 10))
+    for name in rundir.GENERATORS.values():
+        a, b = load_file(str(last / name)), load_file(str(rundir.checkpoint_dir(tmp_path / "resumed", 20) / name))
+        assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a), name
+
+    without = train(*args[:-2], "--out", tmp_path / "resumed", "--resume", "auto", check=False, timeout=120)
+    assert without.returncode != 0 and "ema_decay: checkpoint 0.9 vs now 0.0" in without.stderr, without.stderr[-2000:]
+
+
 def test_resume_after_sigkill_reaches_the_same_final_step(shards_dir, tmp_path):
     out = tmp_path / "killed"
     args = ["train/main.py", "--data", shards_dir, "--out", out, *SMALL, "--max_steps", 40, "--steps_per_epoch", 20,
@@ -227,7 +252,7 @@ def test_the_demo_config_is_valid():
 
 
 @pytest.mark.parametrize("where", ["flag", "yaml"])
-def test_counts_below_their_minimum_are_errors_that_name_the_option(where, tmp_path, capsys):
+def test_options_outside_their_range_are_errors_that_name_the_option(where, tmp_path, capsys):
     argv = ["--data", "d", "--out", "o"]
     if where == "flag":
         argv += ["--disc_layers", "0"]
@@ -238,6 +263,9 @@ def test_counts_below_their_minimum_are_errors_that_name_the_option(where, tmp_p
         load_config(argv)
     expected = "--disc_layers 0: must be at least 1" if where == "flag" else "--batch_size 0: must be at least 1"
     assert expected in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        load_config(["--data", "d", "--out", "o", "--ema_decay", "1"])  # an average that never moves
+    assert "--ema_decay 1.0: must be below 1" in capsys.readouterr().err
     assert load_config(["--data", "d", "--out", "o", "--pool_size", "0", "--disc_layers", "1"]).disc_layers == 1
 
 

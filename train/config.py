@@ -39,6 +39,9 @@ class Config:
     lr: float = option(2e-4, "Adam learning rate for generators and discriminators")
     beta1: float = option(0.5, "Adam beta1")
     beta2: float = option(0.999, "Adam beta2")
+    ema_decay: float = option(0.0, "keep an exponential moving average of the generator weights with this decay (e.g. 0.995, "
+                              "about the last 1/(1-decay) steps); validation, checkpoints' generators and inference use it. 0 = off",
+                              minimum=0, below=1)
     # schedule
     batch_size: int = option(1, "images per process per step, for each contrast", minimum=1)
     epochs: int = option(10, "number of epochs; the learning rate decays linearly to 0 over the second half", minimum=1)
@@ -78,8 +81,8 @@ class Config:
         return {f.name: f.default for f in dataclasses.fields(cls)}
 
 
-# options that change the networks or the data: a checkpoint made with others cannot continue this run
-ARCHITECTURE_KEYS = ("size", "generator", "ngf", "ndf", "disc_layers")
+# options that change the networks or what a checkpoint holds: a checkpoint made with others cannot continue this run
+ARCHITECTURE_KEYS = ("size", "generator", "ngf", "ndf", "disc_layers", "ema_decay")
 
 
 def _parse_bool(text: str) -> bool:
@@ -150,6 +153,8 @@ def load_config(argv=None) -> Config:
             parser.error(f"{f.name}: {values[f.name]!r} is not one of {f.metadata['choices']}")
         if "minimum" in f.metadata and f.name in values and values[f.name] < f.metadata["minimum"]:
             parser.error(f"--{f.name} {values[f.name]!r}: must be at least {f.metadata['minimum']}")
+        if "below" in f.metadata and f.name in values and values[f.name] >= f.metadata["below"]:
+            parser.error(f"--{f.name} {values[f.name]!r}: must be below {f.metadata['below']}")
     return Config(**values)
 
 
