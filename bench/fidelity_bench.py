@@ -30,6 +30,9 @@ VARIANTS = {
     "mind-noidt": ["--lambda_structure", "5", "--lambda_identity", "0"],
     # train/demo.yaml's settings, the best at 64² in bench/demo_settings.py
     "mind-lsgan": ["--lambda_structure", "5", "--lambda_identity", "0", "--gan_loss", "lsgan", "--augment", "false", "--lr", "5e-4"],
+    # and half the reference cycle weight, the lever at 64² (docs/benchmarks.md)
+    "mind-lsgan-cyc5": ["--lambda_structure", "5", "--lambda_identity", "0", "--gan_loss", "lsgan", "--augment", "false", "--lr", "5e-4",
+                        "--lambda_cycle", "5"],
 }
 
 
