@@ -6,9 +6,9 @@ The demo's synthetic IXI (run `make demo` first) is packed again with every subj
 (--split 0,0.8,0.2): the 0.8 part trains the references, the 0.2 part scores them, with train/metrics.py.
 - lookup table: per source-intensity bin (64 bins), the mean target intensity over the training pairs. The
   best any pixel-wise intensity mapping can do; a CycleGAN below it has not learned the contrast.
-- supervised U-Net: the demo's generator (64², ngf 32, batch 4, Adam 2e-4) trained with L1 on the *paired*
-  slices for the demo's step budget. Paired supervision is information CycleGAN does not get, so this is a
-  generous upper reference for the unpaired model at the same size and budget.
+- supervised U-Net: the demo's generator (64², train/demo.yaml's ngf and batch size, Adam 2e-4) trained with
+  L1 on the *paired* slices for the demo's step budget. Paired supervision is information CycleGAN does not
+  get, so this is a generous upper reference for the unpaired model at the same size and budget.
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ from train.metrics import slice_metrics
 from train.networks import build_generator
 
 ROOT = Path(__file__).resolve().parents[1]
+DEMO = yaml.safe_load((ROOT / "train" / "demo.yaml").read_text())
 BINS = 64
 
 
@@ -47,10 +48,10 @@ def lookup_table(train: dict, test: dict, source: str, target: str) -> torch.Ten
 
 def supervised(train: dict, test: dict, source: str, target: str, steps: int, seed: int) -> torch.Tensor:
     torch.manual_seed(seed)
-    net = build_generator("unet", train[source].shape[-1], 32)
+    net = build_generator("unet", train[source].shape[-1], DEMO["ngf"])
     optimizer = torch.optim.Adam(net.parameters(), 2e-4, betas=(0.5, 0.999))
     for _ in range(steps):
-        i = torch.randint(0, len(train[source]), (4,))
+        i = torch.randint(0, len(train[source]), (DEMO["batch_size"],))
         loss = F.l1_loss(net(train[source][i] * 2 - 1), train[target][i] * 2 - 1)
         optimizer.zero_grad()
         loss.backward()
@@ -64,7 +65,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--ixi", type=Path, default=ROOT / "data" / "demo" / "ixi")
     parser.add_argument("--size", type=int, default=64)
-    parser.add_argument("--steps", type=int, default=yaml.safe_load((ROOT / "train" / "demo.yaml").read_text())["max_steps"])
+    parser.add_argument("--steps", type=int, default=DEMO["max_steps"])
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     if not (args.ixi / "IXI-T1.tar").is_file():

@@ -1,5 +1,6 @@
-"""Which CycleGAN settings learn most in the demo's budget: each variant trains `train/demo.yaml` (64², ngf 32,
-batch 4, its step count) with a few flags changed, on the demo's shards, and the table gives its val masked SSIM.
+"""Which CycleGAN settings learn most in the demo's budget: each variant trains `train/demo.yaml` (64², its
+widths, batch and step count unless the variant sets them) with a few flags changed, on the demo's shards, and
+the table gives its val masked SSIM.
 
     make demo                                      # once, for data/demo/shards
     python bench/demo_settings.py [--data data/demo/shards] [--out bench-out/demo-settings] [--jobs 2]
@@ -27,6 +28,7 @@ SEED = {"gan_loss": "bce", "augment": "true", "lr": "2e-4", "lambda_structure": 
         "lambda_cycle": "10", "pool_size": "50"}  # the seed notebook's
 STRUCTURE = {**SEED, "gan_loss": "lsgan", "augment": "false", "lambda_structure": "5", "lambda_identity": "0"}
 FASTER = {**STRUCTURE, "lr": "5e-4"}
+B8_1600 = {**FASTER, "lambda_cycle": "5", "batch_size": "8", "ngf": "24", "max_steps": "1600", "steps_per_epoch": "160"}
 VARIANTS = {
     "seed": SEED,
     "lsgan-noaug": {**SEED, "gan_loss": "lsgan", "augment": "false"},
@@ -45,11 +47,17 @@ VARIANTS = {
     "cyc5-mind10": {**FASTER, "lambda_cycle": "5", "lambda_structure": "10"},
     "cyc5-mind2.5": {**FASTER, "lambda_cycle": "5", "lambda_structure": "2.5"},
     "cyc5-lr7e-4": {**FASTER, "lambda_cycle": "5", "lr": "7e-4"},
+    "b8-ngf24": {**FASTER, "lambda_cycle": "5", "batch_size": "8", "ngf": "24"},
+    "b8-900": {**FASTER, "lambda_cycle": "5", "batch_size": "8", "max_steps": "900", "steps_per_epoch": "90"},
+    "b8-ngf24-1600": B8_1600,
+    "b8-ngf24-1600-lr7e-4": {**B8_1600, "lr": "7e-4"},
+    "b8-ngf24-1600-lr7e-4-ema.995": {**B8_1600, "lr": "7e-4", "ema_decay": "0.995"},
+    "b8-ngf24-1600-lr7e-4-ema.998": {**B8_1600, "lr": "7e-4", "ema_decay": "0.998"},
 }
 
 
 def flags(settings: dict, only_changed: bool = False) -> list[str]:
-    return [token for k, v in settings.items() if not only_changed or SEED[k] != v for token in (f"--{k}", v)]
+    return [token for k, v in settings.items() if not only_changed or SEED.get(k) != v for token in (f"--{k}", v)]
 
 
 def val_rows(run_dir: Path) -> list[dict]:
