@@ -29,6 +29,7 @@ SEED = {"gan_loss": "bce", "augment": "true", "lr": "2e-4", "lambda_structure": 
 STRUCTURE = {**SEED, "gan_loss": "lsgan", "augment": "false", "lambda_structure": "5", "lambda_identity": "0"}
 FASTER = {**STRUCTURE, "lr": "5e-4"}
 B8_1600 = {**FASTER, "lambda_cycle": "5", "batch_size": "8", "ngf": "24", "max_steps": "1600", "steps_per_epoch": "160"}
+DEMO = {**B8_1600, "lr": "7e-4", "ema_decay": "0.995"}  # train/demo.yaml's settings since they won
 VARIANTS = {
     "seed": SEED,
     "lsgan-noaug": {**SEED, "gan_loss": "lsgan", "augment": "false"},
@@ -51,8 +52,10 @@ VARIANTS = {
     "b8-900": {**FASTER, "lambda_cycle": "5", "batch_size": "8", "max_steps": "900", "steps_per_epoch": "90"},
     "b8-ngf24-1600": B8_1600,
     "b8-ngf24-1600-lr7e-4": {**B8_1600, "lr": "7e-4"},
-    "b8-ngf24-1600-lr7e-4-ema.995": {**B8_1600, "lr": "7e-4", "ema_decay": "0.995"},
-    "b8-ngf24-1600-lr7e-4-ema.998": {**B8_1600, "lr": "7e-4", "ema_decay": "0.998"},
+    "b8-ngf24-1600-lr7e-4-ema.995": DEMO,
+    "b8-ngf24-1600-lr7e-4-ema.998": {**DEMO, "ema_decay": "0.998"},
+    "demo-seed1": {**DEMO, "seed": "1"},
+    "demo-seed2": {**DEMO, "seed": "2"},
 }
 
 

@@ -2,8 +2,8 @@
 
     python bench/train_bench.py [--sizes 256 128] [--batch 1] [--steps 5] [--generator unet] [--ngf 64]
                                 [--gan_loss bce] [--lambda_identity 0.5] [--lambda_structure 0]
-    OMP_NUM_THREADS=1 python bench/train_bench.py --sizes 64 --batch 4 --ngf 32 --gan_loss lsgan \
-        --lambda_identity 0 --lambda_structure 5                  # the demo's step on one thread
+    OMP_NUM_THREADS=1 python bench/train_bench.py --sizes 64 --batch 8 --ngf 24 --gan_loss lsgan \
+        --lambda_identity 0 --lambda_structure 5                  # the demo's step on one thread (ndf = ngf here)
 
 Runs the trainer's own step (train.losses + Adam on both generators and both discriminators, image pool
 included) on random inputs, each size in a fresh process so peak RSS is per size. FLOPs are counted with
