@@ -34,6 +34,8 @@ VARIANTS = {
     "mind-lsgan": MIND_LSGAN,
     # and half the reference cycle weight, the lever at 64² (docs/benchmarks.md)
     "mind-lsgan-cyc5": [*MIND_LSGAN, "--lambda_cycle", "5"],
+    # and the demo's moving average of the generator weights
+    "mind-lsgan-cyc5-ema": [*MIND_LSGAN, "--lambda_cycle", "5", "--ema_decay", "0.995"],
 }
 
 
