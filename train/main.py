@@ -185,8 +185,10 @@ def main(argv=None) -> int:
     gens, discs, opt_g, opt_d = accelerator.prepare(gens, discs, opt_g, opt_d)
     pools = {"a": ImagePool(config.pool_size, config.seed), "b": ImagePool(config.pool_size, config.seed + 1)}
     state = TrainState()
+    trained_gens = accelerator.unwrap_model(gens)
+    ema = AveragedModel(trained_gens, multi_avg_fn=get_ema_multi_avg_fn(config.ema_decay)) if config.ema_decay else None
     # the generators that validation, checkpoints and inference use: the trained ones or their moving average
-    ema = AveragedModel(accelerator.unwrap_model(gens), multi_avg_fn=get_ema_multi_avg_fn(config.ema_decay)) if config.ema_decay else None
+    inference_gens = ema.module if ema else trained_gens
     kept = StateDict(train=state, sched_g=sched_g, sched_d=sched_d, pool_a=pools["a"], pool_b=pools["b"], **({"ema": ema} if ema else {}))
     accelerator.register_for_checkpointing(kept)
     if resume_path:
@@ -279,7 +281,7 @@ def main(argv=None) -> int:
                 continue
             state.bad_in_a_row = 0
             if ema:
-                ema.update_parameters(accelerator.unwrap_model(gens))
+                ema.update_parameters(trained_gens)
             sched_g.step()
             sched_d.step()
             state.step += 1
@@ -309,13 +311,12 @@ def main(argv=None) -> int:
 
             at_epoch_end = state.step == epoch_end
             if (config.val_every and state.step % config.val_every == 0) or at_epoch_end:
-                scores = validate(accelerator, ema.module if ema else accelerator.unwrap_model(gens), val, previews, out, epoch,
-                                  state, config, at_epoch_end)
+                scores = validate(accelerator, inference_gens, val, previews, out, epoch, state, config, at_epoch_end)
                 if scores and is_main:
                     metrics_log.write({"step": state.step, "epoch": epoch, **scores})
             stop_now = any_rank(accelerator, stop.flag or (is_main and (out / rundir.STOP).exists()))
             if state.step % config.checkpoint_every == 0 or state.step == total_steps or stop_now:
-                save_checkpoint(accelerator, gens, ema.module if ema else None, out, state, epoch, config, size, last, preprocessing)
+                save_checkpoint(accelerator, gens, inference_gens, out, state, epoch, config, size, last, preprocessing)
             if stop_now:
                 status = "stopped"
                 if is_main:
@@ -393,8 +394,8 @@ def translate_both(model: CycleGenerators, t1: torch.Tensor, t2: torch.Tensor, a
             (("t1_to_t2", fake_t2), ("t2_to_t1", fake_t1), ("t1_cycle", cycle_t1), ("t2_cycle", cycle_t2))}
 
 
-def save_checkpoint(accelerator, gens, ema: CycleGenerators | None, out: Path, state: TrainState, epoch: int, config: Config,
-                    size: int, last: dict, preprocessing: dict) -> None:
+def save_checkpoint(accelerator, gens, inference_gens: CycleGenerators, out: Path, state: TrainState, epoch: int,
+                    config: Config, size: int, last: dict, preprocessing: dict) -> None:
     """Accelerate state + inference generators (the moving average where kept), written to a hidden folder and
     renamed when complete."""
     rows = rundir.read_metrics(out) if accelerator.is_main_process else []
@@ -416,8 +417,7 @@ def save_checkpoint(accelerator, gens, ema: CycleGenerators | None, out: Path, s
     if accelerator.is_main_process:
         if len(set(rank_checksums)) > 1:
             print(f"warning: step {state.step}: generator weights differ across ranks: {rank_checksums}", flush=True)
-        inference = ema or model
-        for name, net in (("t1_to_t2", inference.g_ab), ("t2_to_t1", inference.g_ba)):
+        for name, net in (("t1_to_t2", inference_gens.g_ab), ("t2_to_t1", inference_gens.g_ba)):
             save_file({k: v.detach().float().contiguous().cpu() for k, v in net.state_dict().items()}, str(tmp / rundir.GENERATORS[name]))
         rundir.write_json(tmp / rundir.CHECKPOINT_INFO, {
             "step": state.step, "epoch": epoch, "time": time.time(), "val": {k: v for k, v in (val or {}).items() if k.startswith("val/")},
