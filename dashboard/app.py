@@ -31,7 +31,8 @@ from shards.format import encode_png16, shard_paths
 from shards.preprocess import VolumeError, fit_image, foreground, load_image, load_nifti, normalize
 from train.data import val_samples
 from train.fidelity import MODES, HallucinationMap
-from train.inference import CheckpointError, load_generator, prepare_volume, restore_volume, translate, translate_slices
+from train.inference import (CheckpointError, FlipShiftMean, load_generator, prepare_volume, restore_volume, translate,
+                             translate_slices)
 from train.metrics import slice_metrics
 
 MAX_IMAGE_MB, MAX_VOLUME_MB = 20, 300
@@ -61,13 +62,15 @@ def cached_metrics(run: str, mtime: float) -> pd.DataFrame:
 
 
 @st.cache_resource(show_spinner=False, max_entries=8)
-def cached_generator(checkpoint: str, direction: str, mtime: float):
-    return load_generator(Path(checkpoint), direction)[0]
+def cached_generator(checkpoint: str, direction: str, mtime: float, tta: bool):
+    net = load_generator(Path(checkpoint), direction)[0]
+    return FlipShiftMean(net) if tta else net
 
 
 @st.cache_resource(show_spinner=False, max_entries=4)
-def cached_map(checkpoint: str, direction: str, mode: str, mtime: float, _loaded: dict) -> HallucinationMap:
-    return HallucinationMap(mode, Path(checkpoint), direction, loaded=_loaded)  # _loaded: not part of the cache key
+def cached_map(checkpoint: str, direction: str, mode: str, mtime: float, tta: bool, _loaded: dict) -> HallucinationMap:
+    # _loaded is left out of the cache key; tta stands for it (the cycle map runs the loaded, maybe averaging, generators)
+    return HallucinationMap(mode, Path(checkpoint), direction, loaded=_loaded)
 
 
 @st.cache_data(show_spinner=False, max_entries=4)
@@ -189,10 +192,13 @@ def page_translate(run: R.RunInfo, data_root: Path) -> None:
     mode = st.selectbox("Hallucination map", ["none", *MODES], key="uncertainty",
                         help="tta: spread under flips and shifts; cycle: |back-translation - input|; "
                              "ensemble: spread across the run's kept checkpoints (docs/fidelity.md)")
+    tta = st.checkbox("Average flipped and shifted copies (TTA)", value=bool(run.config.get("val_tta")), key="tta",
+                      help="translate 10 flipped and shifted copies of the slice and average them, as --tta in train.evaluate; "
+                           "on by default where the run validated that way (--val_tta)")
     try:
         mtime = (checkpoint.path / R.rundir.CHECKPOINT_INFO).stat().st_mtime
-        net = cached_generator(str(checkpoint.path), direction, mtime)
-        back = cached_generator(str(checkpoint.path), OTHER[direction], mtime)
+        net = cached_generator(str(checkpoint.path), direction, mtime, tta)
+        back = cached_generator(str(checkpoint.path), OTHER[direction], mtime, tta)
         info = R.json.loads((checkpoint.path / R.rundir.CHECKPOINT_INFO).read_text())
     except (CheckpointError, OSError, ValueError) as err:
         st.error(f"{checkpoint.path.name}: {err}")
@@ -200,7 +206,7 @@ def page_translate(run: R.RunInfo, data_root: Path) -> None:
     hallucination = None
     if mode != "none":
         try:
-            hallucination = cached_map(str(checkpoint.path), direction, mode, mtime, {direction: net, OTHER[direction]: back})
+            hallucination = cached_map(str(checkpoint.path), direction, mode, mtime, tta, {direction: net, OTHER[direction]: back})
         except CheckpointError as err:
             st.warning(f"Hallucination map: {err}")
     preprocessing = info["preprocessing"]

@@ -118,6 +118,20 @@ def test_translate_shows_a_hallucination_map_overlay(app):
         assert overlay.caption == "hallucination map"
 
 
+def scores_line(at) -> str:
+    return next(m.value for m in at.markdown if "masked SSIM" in m.value)
+
+
+def test_translate_can_average_flipped_and_shifted_copies(app):
+    at = go(app, "Translate", "base")
+    assert at.checkbox(key="tta").value is False, "off for a run that did not validate with --val_tta"
+    single = scores_line(at)
+    at.checkbox(key="tta").check().run()
+    at.selectbox(key="uncertainty").set_value("cycle").run()
+    assert not at.exception and not at.warning
+    assert scores_line(at) != single and len(at.image) == 6
+
+
 def test_translate_an_uploaded_image(app):
     at = go(app, "Translate", "base")
     at.radio(key="source").set_value("Image (PNG/JPG/TIFF)").run()

@@ -14,10 +14,10 @@ import torch
 from PIL import Image
 from torch import nn
 
-from conftest import run_module
+from conftest import SMALL, run_module, train
 from shards.preprocess import load_nifti
 from train import rundir
-from train.inference import resolve_checkpoint, translate_volume
+from train.inference import FlipShiftMean, resolve_checkpoint, translate_volume
 
 
 class PassThrough(nn.Module):
@@ -29,6 +29,23 @@ class PassThrough(nn.Module):
 
     def forward(self, x):
         return x
+
+
+class ShiftRight(PassThrough):
+    """A 'generator' that is not flip-equivariant: moves the image one pixel right (circularly)."""
+
+    def forward(self, x):
+        return x.roll(1, dims=-1)
+
+
+def test_test_time_augmentation_moves_each_copy_back_before_averaging():
+    x = torch.rand(2, 1, 16, 16)
+    copies = FlipShiftMean(PassThrough()).copies(x)
+    assert copies.shape == (10, 2, 1, 16, 16)
+    assert torch.equal(copies, x.expand_as(copies)), "every flipped/shifted copy lands back on the input"
+    # shifts commute with a one-pixel move, flips mirror it: half the copies move right, half left
+    averaged = FlipShiftMean(ShiftRight())(x)
+    assert torch.allclose(averaged, (x.roll(1, dims=-1) + x.roll(-1, dims=-1)) / 2)
 
 
 @pytest.fixture(scope="module")
@@ -136,6 +153,31 @@ def test_evaluate_reports_per_subject_and_matches_validation(trained, shards_dir
     with Image.open(tmp_path / "report" / "figure.png") as im:
         assert im.size == (4 * 64 + 3 * 2, 6 * 64 + 5 * 2)  # worst/median/best x 2 directions; 4 columns
     assert "masked SSIM" in (tmp_path / "report" / "report.md").read_text()
+
+
+def test_val_tta_validates_what_evaluate_tta_reports_and_translate_tta_writes(shards_dir, tmp_path):
+    run = tmp_path / "tta"
+    train("--data", shards_dir, "--out", run, *SMALL, "--max_steps", 6, "--steps_per_epoch", 6, "--val_tta", "true")
+    logged = next(r for r in rundir.read_metrics(run) if r["step"] == 6 and "val/ssim_masked_mean" in r)
+    checkpoint = rundir.checkpoint_dir(run, 6)
+    for tta in (True, False):
+        out = tmp_path / f"report-tta-{tta}"
+        run_module("train.evaluate", "--checkpoint", checkpoint, "--data", shards_dir / "val", "--out", out, *["--tta"] * tta)
+        report = json.loads((out / "report.json").read_text())
+        assert report["tta"] is tta and ("--tta" in (out / "report.md").read_text()) is tta
+        evaluated = [report["directions"][d]["slice_mean"]["ssim_masked"] for d in ("t1_to_t2", "t2_to_t1")]
+        matches = evaluated == pytest.approx([logged[f"val/{d}/ssim_masked"] for d in ("t1_to_t2", "t2_to_t1")], abs=1e-4)
+        assert matches is tta, (tta, evaluated, logged)
+    image = tmp_path / "slice.png"
+    Image.fromarray((np.random.default_rng(1).random((64, 64)) * 255).astype(np.uint8)).save(image)
+    translations = []
+    for tta in (True, False):
+        run_module("train.translate", "--checkpoint", checkpoint, "--direction", "t1-to-t2", "--input", image,
+                   "--output", tmp_path / f"translated-{tta}", *["--tta"] * tta)
+        with Image.open(tmp_path / f"translated-{tta}" / "slice_t1-to-t2.png") as im:
+            translations.append(np.asarray(im, dtype=np.float64))
+    assert translations[0].shape == translations[1].shape == (64, 64)
+    assert np.abs(translations[0] - translations[1]).mean() > 65, "the averaged translation differs from the single pass (by > 0.1%)"
 
 
 @pytest.mark.parametrize("case", ["exists", "checkpoint", "data"])

@@ -58,6 +58,8 @@ class Config:
     # validation, checkpoints, logging
     val_every: int = option(0, "validate every N steps (0 = at the end of every epoch)", minimum=0)
     val_max_slices: int = option(256, "validation slices used per validation (all ranks together)", minimum=1)
+    val_tta: bool = option(False, "validate, draw the predictions and pick the best checkpoint on the mean of 10 flipped and shifted "
+                           "copies of each slice (test-time augmentation, as --tta in train.evaluate and train.translate)")
     preview_slices: int = option(4, "fixed val slices drawn in predictions/epoch-NNN.png", minimum=0)
     checkpoint_every: int = option(500, "checkpoint every N steps (and always at the end)", minimum=1)
     checkpoints_total_limit: int = option(3, "keep the newest K checkpoints, plus the best by val SSIM", minimum=1)

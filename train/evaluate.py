@@ -1,12 +1,13 @@
 """Paired evaluation of both directions on a test (or val) split, reported per subject as papers do.
 
-    python -m train.evaluate --checkpoint RUN/checkpoints/step-NNNNNNN --data SHARDS/test [SHARDS/val] --out DIR [--overwrite]
+    python -m train.evaluate --checkpoint RUN/checkpoints/step-NNNNNNN --data SHARDS/test [SHARDS/val] --out DIR [--overwrite] [--tta]
 
 Per slice, the same metrics as the trainer's validation (train/metrics.py: data range 1, SSIM with an 11x11
 Gaussian window, σ 1.5, inside the head mask). Per subject, slices are pooled over the mask: masked SSIM is
 the mean of the SSIM map over all the subject's masked pixels, PSNR comes from the mean squared error over
 them, MAE likewise. Across subjects: mean ± std. `slice_mean` repeats the trainer's per-slice averages, so
-evaluating the val split reproduces the logged validation.
+evaluating the val split reproduces the logged validation (with --tta where the run validated with --val_tta).
+With --tta each translation is the mean of 10 flipped and shifted copies (train/inference.py).
 
 DIR gets report.json, report.csv (one row per subject), report.md and figure.png (worst, median and best
 slice per direction: input | translation | ground truth | |error| x4 [| hallucination map x4]).
@@ -35,7 +36,7 @@ from PIL import Image
 from shards.format import decode_sample
 from train import rundir
 from train.fidelity import MODES, ErrorDetection, HallucinationMap, lesion_contrasts, lesion_summary, stack_subject
-from train.inference import CheckpointError, device_for_inference, load_generator, translate
+from train.inference import CheckpointError, FlipShiftMean, device_for_inference, load_generator, translate
 from train.metrics import slice_metrics
 
 DIRECTIONS = (("t1_to_t2", "t1", "t2"), ("t2_to_t1", "t2", "t1"))
@@ -151,7 +152,8 @@ def figure(nets: dict, paths: list[str], rows: dict, device: torch.device, maps:
 def report_markdown(report: dict) -> str:
     lines = [f"# Evaluation of `{report['checkpoint']}` (step {report['step']})", "",
              f"{report['subjects']} subjects, {report['slices']} slices from `{report['data']}`. Per subject, pooled inside "
-             "the head mask; mean ± std across subjects.", "",
+             "the head mask; mean ± std across subjects."
+             + (" Translations: the mean of 10 flipped and shifted copies (--tta)." if report["tta"] else ""), "",
              "| direction | masked SSIM | masked PSNR (dB) | masked MAE |", "|---|---|---|---|"]
     for name, _, _ in DIRECTIONS:
         s = report["directions"][name]["summary"]
@@ -189,6 +191,8 @@ def main(argv=None) -> int:
     parser.add_argument("--out", type=Path, required=True, help="report folder (created)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing report folder")
     parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--tta", action="store_true",
+                        help="translate as the mean of 10 flipped and shifted copies (test-time augmentation; 10x the compute)")
     parser.add_argument("--uncertainty", choices=MODES, default=None,
                         help="add a hallucination map and its AUROC for large errors (docs/fidelity.md)")
     parser.add_argument("--error-threshold", type=float, default=0.1,
@@ -201,7 +205,7 @@ def main(argv=None) -> int:
     device = device_for_inference()
     try:
         loaded = {name: load_generator(args.checkpoint, name, device) for name, _, _ in DIRECTIONS}
-        nets = {name: net for name, (net, _) in loaded.items()}
+        nets = {name: FlipShiftMean(net) if args.tta else net for name, (net, _) in loaded.items()}
         maps = {name: HallucinationMap(args.uncertainty, args.checkpoint, name, device, loaded=nets)
                 for name, _, _ in DIRECTIONS} if args.uncertainty else None
     except CheckpointError as err:
@@ -213,7 +217,8 @@ def main(argv=None) -> int:
     if not rows["t1_to_t2"]:
         raise SystemExit(f"error: --data {' '.join(map(str, args.data))}: the shards hold no samples")
     report = {"checkpoint": checkpoint, "step": loaded["t1_to_t2"][1].get("step"), "data": " ".join(map(str, args.data)),
-              "subjects": len({r["subject"] for r in rows["t1_to_t2"]}), "slices": len(rows["t1_to_t2"]), "directions": {}}
+              "subjects": len({r["subject"] for r in rows["t1_to_t2"]}), "slices": len(rows["t1_to_t2"]), "tta": args.tta,
+              "directions": {}}
     for name, _, _ in DIRECTIONS:
         subjects = per_subject(rows[name])
         report["directions"][name] = {

@@ -23,11 +23,10 @@ from torch import nn
 from torchmetrics.classification import BinaryAUROC
 
 from train import rundir
-from train.inference import DIRECTIONS, CheckpointError, load_generator, resolve_checkpoint, translate
+from train.inference import DIRECTIONS, CheckpointError, FlipShiftMean, load_generator, resolve_checkpoint, translate
 
 MODES = ("tta", "cycle", "ensemble")
 REVERSE = {"t1_to_t2": "t2_to_t1", "t2_to_t1": "t1_to_t2"}
-TTA_SHIFTS = ((0, 0), (2, 0), (-2, 0), (0, 2), (0, -2))  # pixels (rows, cols); each with and without a left-right flip
 RING_PIXELS = 2
 VISIBLE_FRACTION = 0.5
 # AUROC thresholds: fine where maps concentrate (small spreads), coarse above
@@ -59,6 +58,8 @@ class HallucinationMap:
             self.members = [load_generator(path, direction, device)[0] for path in kept]
             return
         self.net = generator(direction)
+        if mode == "tta" and not isinstance(self.net, FlipShiftMean):
+            self.net = FlipShiftMean(self.net)
         if mode == "cycle":
             self.back = generator(REVERSE[direction])
 
@@ -70,13 +71,7 @@ class HallucinationMap:
             return (translate(self.back, translated) - images).abs()
         if self.mode == "ensemble":
             return torch.stack([translate(net, images) for net in self.members]).std(0)
-        copies = []
-        for flip in (False, True):
-            for dy, dx in TTA_SHIFTS:
-                x = images.flip(-1) if flip else images
-                y = translate(self.net, x.roll((dy, dx), dims=(-2, -1))).roll((-dy, -dx), dims=(-2, -1))
-                copies.append(y.flip(-1) if flip else y)
-        return torch.stack(copies).std(0)
+        return ((self.net.copies(images * 2 - 1).float() + 1) / 2).clamp(0, 1).std(0)
 
 
 class ErrorDetection:

@@ -79,6 +79,32 @@ def translate(net: nn.Module, images: torch.Tensor) -> torch.Tensor:
     return ((net(images * 2 - 1).float() + 1) / 2).clamp(0, 1)
 
 
+# test-time augmentation: each copy of the input is shifted by (rows, cols) pixels, with and without a left-right flip
+TTA_SHIFTS = ((0, 0), (2, 0), (-2, 0), (0, 2), (0, -2))
+
+
+class FlipShiftMean(nn.Module):
+    """A generator run on 10 flipped and shifted copies of its input, each translation moved back, averaged.
+    Texture the generator invents differs from copy to copy and averages out; anatomy does not. `copies` are
+    the translations themselves, whose spread is the tta hallucination map (train/fidelity.py)."""
+
+    def __init__(self, net: nn.Module):
+        super().__init__()
+        self.net = net
+
+    def copies(self, x: torch.Tensor) -> torch.Tensor:
+        """(N,C,H,W) in the network's [-1,1] -> (10,N,C,H,W)"""
+        out = []
+        for flip in (False, True):
+            for dy, dx in TTA_SHIFTS:
+                y = self.net((x.flip(-1) if flip else x).roll((dy, dx), dims=(-2, -1))).roll((-dy, -dx), dims=(-2, -1))
+                out.append(y.flip(-1) if flip else y)
+        return torch.stack(out)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.copies(x).mean(0)
+
+
 def device_for_inference() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 

@@ -34,6 +34,7 @@ from shards.format import ShardsError
 from train import rundir
 from train.config import ARCHITECTURE_KEYS, Config, load_config, save_config
 from train.data import check_shards, evenly_spaced, train_loaders, val_samples
+from train.inference import FlipShiftMean
 from train.losses import ImagePool, discriminator_losses, generator_losses
 from train.metrics import slice_metrics
 from train.networks import CycleGenerators, Discriminators, build_discriminator, build_generator
@@ -189,6 +190,9 @@ def main(argv=None) -> int:
     ema = AveragedModel(trained_gens, multi_avg_fn=get_ema_multi_avg_fn(config.ema_decay)) if config.ema_decay else None
     # the generators that validation, checkpoints and inference use: the trained ones or their moving average
     inference_gens = ema.module if ema else trained_gens
+    # --val_tta scores the mean of flipped and shifted copies; the weights and checkpoints stay the same
+    val_gens = (CycleGenerators(FlipShiftMean(inference_gens.g_ab), FlipShiftMean(inference_gens.g_ba))
+                if config.val_tta else inference_gens)
     kept = StateDict(train=state, sched_g=sched_g, sched_d=sched_d, pool_a=pools["a"], pool_b=pools["b"], **({"ema": ema} if ema else {}))
     accelerator.register_for_checkpointing(kept)
     if resume_path:
@@ -311,7 +315,7 @@ def main(argv=None) -> int:
 
             at_epoch_end = state.step == epoch_end
             if (config.val_every and state.step % config.val_every == 0) or at_epoch_end:
-                scores = validate(accelerator, inference_gens, val, previews, out, epoch, state, config, at_epoch_end)
+                scores = validate(accelerator, val_gens, val, previews, out, epoch, state, config, at_epoch_end)
                 if scores and is_main:
                     metrics_log.write({"step": state.step, "epoch": epoch, **scores})
             stop_now = any_rank(accelerator, stop.flag or (is_main and (out / rundir.STOP).exists()))

@@ -1,13 +1,14 @@
 """Translate T1 <-> T2 with a trained checkpoint: NIfTI volumes in, NIfTI volumes out (2D images too).
 
     python -m train.translate --checkpoint RUN/checkpoints/step-NNNNNNN --direction t1-to-t2 \\
-        --input FILE_OR_DIR --output DIR [--uncertainty tta|cycle|ensemble] [--overwrite] [--batch-size 8]
+        --input FILE_OR_DIR --output DIR [--tta] [--uncertainty tta|cycle|ensemble] [--overwrite] [--batch-size 8]
 
 Each volume is reoriented to RAS, resampled onto the training grid, normalized as the shards were,
 translated slice by slice in the axial plane and resampled back: the output has the input's shape and
 affine. Output intensities are the target contrast in [0,1] (the shards' normalization: 0 and 1 are the
 0.5th and 99.5th percentiles of the head), float32, 0 outside the head. Images (PNG/JPG/TIFF) give
-16-bit PNGs of the input's size. With --uncertainty, each translation gets a hallucination map beside it
+16-bit PNGs of the input's size. --tta translates 10 flipped and shifted copies of each slice and averages
+them. With --uncertainty, each translation gets a hallucination map beside it
 (`<name>_<direction>_uncertainty-<mode>`, same grid, in the same intensity units; train/fidelity.py).
 """
 
@@ -25,8 +26,8 @@ from tqdm import tqdm
 from shards.format import encode_png16
 from shards.preprocess import VolumeError, load_image, load_nifti
 from train.fidelity import MODES, HallucinationMap
-from train.inference import (DIRECTIONS, CheckpointError, device_for_inference, image_outputs, load_generator,
-                             translator, volume_outputs)
+from train.inference import (DIRECTIONS, CheckpointError, FlipShiftMean, device_for_inference, image_outputs,
+                             load_generator, translator, volume_outputs)
 
 VOLUME_SUFFIXES = (".nii", ".nii.gz")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
@@ -81,6 +82,8 @@ def main(argv=None) -> int:
     parser.add_argument("--output", type=Path, required=True, help="folder for the translations")
     parser.add_argument("--overwrite", action="store_true", help="replace translations that already exist")
     parser.add_argument("--batch-size", type=int, default=8, help="slices per forward pass")
+    parser.add_argument("--tta", action="store_true",
+                        help="translate as the mean of 10 flipped and shifted copies (test-time augmentation; 10x the compute)")
     parser.add_argument("--uncertainty", choices=MODES, default=None,
                         help="also write a hallucination map per translation (docs/fidelity.md)")
     args = parser.parse_args(argv)
@@ -88,6 +91,7 @@ def main(argv=None) -> int:
     device = device_for_inference()
     try:
         net, info = load_generator(args.checkpoint, args.direction, device)
+        net = FlipShiftMean(net) if args.tta else net
         fns = {"translation": translator(net)}
         if args.uncertainty:
             fns["uncertainty"] = HallucinationMap(args.uncertainty, args.checkpoint, args.direction, device,
