@@ -23,6 +23,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 import yaml
+from torch import nn
 
 from train.data import val_samples
 from train.metrics import slice_metrics
@@ -37,13 +38,25 @@ def arrays(samples: list[dict]) -> dict[str, torch.Tensor]:
     return {k: torch.from_numpy(np.stack([s[k] for s in samples]))[:, None] for k in ("t1", "t2", "mask")}
 
 
+class LookupTable(nn.Module):
+    """Per source-intensity bin, the mean target intensity of the fitting pixels; a 'generator' in the
+    networks' [-1,1] convention, so the project's scoring (train.evaluate) can run it like a checkpoint's."""
+
+    def __init__(self, source: torch.Tensor, target: torch.Tensor, fit: torch.Tensor):
+        """source, target: [0,1] images; fit: bool mask of the pixels to fit on."""
+        super().__init__()
+        bins = (source[fit] * BINS).long().clamp(0, BINS - 1)
+        sums = torch.zeros(BINS).index_add_(0, bins, target[fit].float())
+        counts = torch.zeros(BINS).index_add_(0, bins, torch.ones_like(target[fit], dtype=torch.float32))
+        self.register_buffer("table", sums / counts.clamp(min=1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.table[((x + 1) / 2 * BINS).long().clamp(0, BINS - 1)] * 2 - 1
+
+
 def lookup_table(train: dict, test: dict, source: str, target: str) -> torch.Tensor:
-    inside = train["mask"]
-    bins = (train[source][inside] * BINS).long().clamp(0, BINS - 1)
-    sums = torch.zeros(BINS).index_add_(0, bins, train[target][inside])
-    counts = torch.zeros(BINS).index_add_(0, bins, torch.ones_like(train[target][inside]))
-    table = sums / counts.clamp(min=1)
-    return table[(test[source] * BINS).long().clamp(0, BINS - 1)] * test["mask"]
+    table = LookupTable(train[source], train[target], train["mask"])
+    return (table(test[source] * 2 - 1) + 1) / 2 * test["mask"]
 
 
 def supervised(train: dict, test: dict, source: str, target: str, steps: int, seed: int) -> torch.Tensor:

@@ -2,7 +2,7 @@
 synthetic IXI with lesions and a held-out anatomy (docs/fidelity.md).
 
     python bench/fidelity_bench.py [--out bench-out/fidelity] [--subjects 30] [--size 128] [--steps 600]
-                                   [--variants plain mind] [--uncertainty tta]
+                                   [--variants plain mind] [--uncertainty tta] [--tta]
 
 Stages: `shards synth --lesions --holdout-anatomy` (downsample 256/size) -> `shards pack --lesions --holdout`
 -> per variant `train/main.py` -> `train.evaluate --uncertainty` on val+test, which hold every lesion and
@@ -21,6 +21,14 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+import numpy as np
+import torch
+from scipy import ndimage
+
+from demo_bounds import LookupTable  # bench/, the script's own folder
+from train.evaluate import DIRECTIONS, POOLED, lesion_report, mean_std, per_subject, read_samples, score, split_shards
+from train.fidelity import RING_PIXELS
 
 ROOT = Path(__file__).resolve().parents[1]
 # train/demo.yaml's settings when they were the best at 64² in bench/demo_settings.py (spelled out, so a row's
@@ -45,6 +53,23 @@ def run(*args, **kwargs) -> float:
     return time.time() - start
 
 
+def lookup_reference(shards: Path) -> dict:
+    """bench/demo_bounds.py's per-intensity lookup table, as a report like train.evaluate's: fitted on the
+    scored slices' head pixels away from every lesion (paired truth no CycleGAN gets: a generous reference for
+    what a mapping without context keeps), then scored and lesion-measured by train.evaluate's own code."""
+    paths = [*split_shards(shards / "test"), *split_shards(shards / "val")]
+    samples = list(read_samples(paths))
+    images = {k: torch.from_numpy(np.stack([s[k] for s in samples])) for k in ("t1", "t2", "mask")}
+    lesions = np.stack([s.get("lesion", np.zeros_like(s["mask"])) for s in samples])
+    near_lesion = ndimage.binary_dilation(lesions, np.array([[[0, 1, 0], [1, 1, 1], [0, 1, 0]]], bool), iterations=RING_PIXELS + 1)
+    fit = images["mask"] & ~torch.from_numpy(near_lesion)
+    nets = {name: LookupTable(images[source], images[target], fit) for name, source, target in DIRECTIONS}
+    rows, lesion_slices = score(nets, paths, 32, torch.device("cpu"))
+    return {"directions": {name: {"summary": {k: mean_std([s[k] for s in per_subject(rows[name])]) for k in POOLED}}
+                           for name, _, _ in DIRECTIONS},
+            "lesions": lesion_report(lesion_slices)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=ROOT / "bench-out" / "fidelity")
@@ -55,6 +80,7 @@ def main() -> None:
     parser.add_argument("--ngf", type=int, default=32)
     parser.add_argument("--variants", nargs="+", choices=sorted(VARIANTS), default=["plain", "mind"])
     parser.add_argument("--uncertainty", choices=["tta", "cycle", "ensemble"], default="tta")
+    parser.add_argument("--tta", action="store_true", help="score the mean of 10 flipped and shifted copies (train.evaluate --tta)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     out = args.out.resolve()
@@ -77,21 +103,24 @@ def main() -> None:
                 "--batch_size", args.batch_size, "--max_steps", args.steps, "--steps_per_epoch", max(args.steps // 4, 1),
                 "--checkpoint_every", args.steps, "--checkpoints_total_limit", 2, "--num_workers", 1, "--report_to", "none",
                 "--seed", args.seed, "--resume", "auto", *VARIANTS[name], env=env)
-        report_dir = out / "reports" / f"{name}-{args.size}-{args.steps}-{args.uncertainty}"
+        report_dir = out / "reports" / f"{name}-{args.size}-{args.steps}-{args.uncertainty}{'-tta-mean' * args.tta}"
         checkpoint = max((run_dir / "checkpoints").glob("step-*"))  # the step budget's last checkpoint, not val-selected
         timings[f"evaluate_{name}_s"] = run("-m", "train.evaluate", "--checkpoint", checkpoint, "--data", shards / "test", shards / "val",
-                                            "--out", report_dir, "--overwrite", "--uncertainty", args.uncertainty, stdout=subprocess.DEVNULL)
+                                            "--out", report_dir, "--overwrite", "--uncertainty", args.uncertainty, *["--tta"] * args.tta,
+                                            stdout=subprocess.DEVNULL)
         results[name] = json.loads((report_dir / "report.json").read_text())
+    results["lookup table (reference)"] = lookup_reference(shards)
 
     lines = [f"{args.subjects} synthetic subjects at {args.size}², {args.steps} steps of batch {args.batch_size}, ngf/ndf {args.ngf}; "
-             f"evaluated on val+test (held-out subjects only); hallucination map: {args.uncertainty}. "
+             f"evaluated on val+test (held-out subjects only); hallucination map: {args.uncertainty}"
+             f"{'; translations: the mean of 10 flipped and shifted copies (--tta)' * args.tta}. "
              f"Machine: {platform.machine()}, {os.cpu_count()} cores, {platform.python_version()}.", "",
              "| variant | direction | masked SSIM | masked PSNR | AUROC | lesions visible | lesion contrast ratio | lesion MAE |",
              "|---|---|---|---|---|---|---|---|"]
     for name, report in results.items():
         for direction in ("t1_to_t2", "t2_to_t1"):
             s = report["directions"][direction]["summary"]
-            auroc = report["uncertainty"]["directions"][direction]["auroc"]
+            auroc = report["uncertainty"]["directions"][direction]["auroc"] if "uncertainty" in report else None
             lesion = report["lesions"].get(direction)
             lesion_cells = (f"{100 * lesion['visible_fraction']:.0f}% of {lesion['lesions']} | {lesion['contrast_ratio']:.2f} | "
                             f"{lesion['mae_lesion']:.3f}") if lesion else "- | - | -"

@@ -249,7 +249,7 @@ def test_wandb_mode_follows_the_flag_then_wandb_mode_then_the_login(monkeypatch,
 def test_the_demo_config_is_valid():
     config = load_config(["--config", str(ROOT / "train" / "demo.yaml"), "--data", "d", "--out", "o"])
     assert (config.size, config.max_steps, config.gan_loss, config.lambda_cycle, config.ema_decay, config.val_tta) == \
-        (64, 1400, "lsgan", 5.0, 0.995, True)
+        (64, 1600, "lsgan", 5.0, 0.995, True)
     assert "--tta" in next(line for line in (ROOT / "Makefile").read_text().splitlines() if "train.evaluate" in line), \
         "make demo evaluates the way the demo validates"
 
