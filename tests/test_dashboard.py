@@ -122,7 +122,7 @@ def scores_line(at) -> str:
     return next(m.value for m in at.markdown if "masked SSIM" in m.value)
 
 
-def test_translate_can_average_flipped_and_shifted_copies(app):
+def test_translate_can_average_flipped_and_shifted_copies(app, runs_root):
     at = go(app, "Translate", "base")
     assert at.checkbox(key="tta").value is False, "off for a run that did not validate with --val_tta"
     single = scores_line(at)
@@ -130,6 +130,15 @@ def test_translate_can_average_flipped_and_shifted_copies(app):
     at.selectbox(key="uncertainty").set_value("cycle").run()
     assert not at.exception and not at.warning
     assert scores_line(at) != single and len(at.image) == 6
+
+    config = runs_root / "base" / rundir.CONFIG
+    original = config.read_text()
+    config.write_text(yaml.safe_dump({**yaml.safe_load(original), "val_tta": True}))
+    try:
+        fresh = AppTest.from_file(str(ROOT / "dashboard" / "app.py"), default_timeout=120).run()
+        assert go(fresh, "Translate", "base").checkbox(key="tta").value is True, "on for a run that validated with --val_tta"
+    finally:
+        config.write_text(original)
 
 
 def test_translate_an_uploaded_image(app):
