@@ -71,7 +71,7 @@ class HallucinationMap:
             return (translate(self.back, translated) - images).abs()
         if self.mode == "ensemble":
             return torch.stack([translate(net, images) for net in self.members]).std(0)
-        return ((self.net.copies(images * 2 - 1).float() + 1) / 2).clamp(0, 1).std(0)
+        return translate(self.net.copies, images).std(0)
 
 
 class ErrorDetection:

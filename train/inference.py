@@ -74,8 +74,8 @@ def load_generator(checkpoint: Path, direction: str, device: str | torch.device 
 
 
 @torch.no_grad()
-def translate(net: nn.Module, images: torch.Tensor) -> torch.Tensor:
-    """[0,1] slices (N,1,H,W) -> [0,1] translations; the network works in [-1,1]."""
+def translate(net: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor) -> torch.Tensor:
+    """[0,1] slices (N,1,H,W) -> [0,1] translations; the network (or FlipShiftMean.copies) works in [-1,1]."""
     return ((net(images * 2 - 1).float() + 1) / 2).clamp(0, 1)
 
 
