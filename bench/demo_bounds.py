@@ -1,13 +1,16 @@
 """What masked SSIM can the demo's data and budget show? Two reference points for `make demo`'s result.
 
-    python bench/demo_bounds.py [--ixi data/demo/ixi] [--steps N (default: train/demo.yaml's max_steps)]
+    python bench/demo_bounds.py [--ixi data/demo/ixi] [--steps N] [--size S] [--ngf N] [--batch-size B]
+
+--steps, --ngf and --batch-size default to train/demo.yaml's; --size to 64. docs/fidelity.md runs it on the
+fidelity set at 128² with the fidelity bench's budget.
 
 The demo's synthetic IXI (run `make demo` first) is packed again with every subject paired
 (--split 0,0.8,0.2): the 0.8 part trains the references, the 0.2 part scores them, with train/metrics.py.
 - lookup table: per source-intensity bin (64 bins), the mean target intensity over the training pairs. The
   best any pixel-wise intensity mapping can do; a CycleGAN below it has not learned the contrast.
-- supervised U-Net: the demo's generator (64², train/demo.yaml's ngf and batch size, Adam 2e-4) trained with
-  L1 on the *paired* slices for the demo's step budget. Paired supervision is information CycleGAN does not
+- supervised U-Net: the demo's generator (a U-Net of --ngf, Adam 2e-4) trained with L1 on the *paired*
+  slices for --steps batches of --batch-size. Paired supervision is information CycleGAN does not
   get, so this is a generous upper reference for the unpaired model at the same size and budget.
 """
 
@@ -59,12 +62,13 @@ def lookup_table(train: dict, test: dict, source: str, target: str) -> torch.Ten
     return (table(test[source] * 2 - 1) + 1) / 2 * test["mask"]
 
 
-def supervised(train: dict, test: dict, source: str, target: str, steps: int, seed: int) -> torch.Tensor:
+def supervised(train: dict, test: dict, source: str, target: str, steps: int, ngf: int, batch_size: int,
+               seed: int) -> torch.Tensor:
     torch.manual_seed(seed)
-    net = build_generator("unet", train[source].shape[-1], DEMO["ngf"])
+    net = build_generator("unet", train[source].shape[-1], ngf)
     optimizer = torch.optim.Adam(net.parameters(), 2e-4, betas=(0.5, 0.999))
     for _ in range(steps):
-        i = torch.randint(0, len(train[source]), (DEMO["batch_size"],))
+        i = torch.randint(0, len(train[source]), (batch_size,))
         loss = F.l1_loss(net(train[source][i] * 2 - 1), train[target][i] * 2 - 1)
         optimizer.zero_grad()
         loss.backward()
@@ -79,6 +83,8 @@ def main() -> None:
     parser.add_argument("--ixi", type=Path, default=ROOT / "data" / "demo" / "ixi")
     parser.add_argument("--size", type=int, default=64)
     parser.add_argument("--steps", type=int, default=DEMO["max_steps"])
+    parser.add_argument("--ngf", type=int, default=DEMO["ngf"])
+    parser.add_argument("--batch-size", type=int, default=DEMO["batch_size"])
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     if not (args.ixi / "IXI-T1.tar").is_file():
@@ -92,7 +98,7 @@ def main() -> None:
     for source, target in (("t1", "t2"), ("t2", "t1")):
         scores = {name: slice_metrics(pred, test[target], test["mask"])["ssim_masked"].mean().item()
                   for name, pred in (("lookup table", lookup_table(train, test, source, target)),
-                                     (f"supervised U-Net, {args.steps} steps", supervised(train, test, source, target, args.steps, args.seed)))}
+                                     (f"supervised U-Net, {args.steps} steps of {args.batch_size}", supervised(train, test, source, target, args.steps, args.ngf, args.batch_size, args.seed)))}
         print(f"{source.upper()} -> {target.upper()}: " + ", ".join(f"{k} {v:.3f}" for k, v in scores.items()), flush=True)
 
 
