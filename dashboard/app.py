@@ -36,7 +36,7 @@ from train.inference import (CheckpointError, FlipShiftMean, load_generator, pre
 from train.metrics import slice_metrics
 
 MAX_IMAGE_MB, MAX_VOLUME_MB = 20, 300
-LOSSES = ["loss/G", "loss/G_adv", "loss/cycle", "loss/identity", "loss/structure", "loss/D"]
+LOSSES = ["loss/G", "loss/G_adv", "loss/cycle", "loss/identity", "loss/structure", "loss/nce", "loss/D"]
 VAL = ["val/t1_to_t2/ssim_masked", "val/t2_to_t1/ssim_masked", "val/t1_to_t2/psnr_masked", "val/t2_to_t1/psnr_masked",
        "val/t1_cycle/ssim", "val/t2_cycle/ssim"]
 OTHER = {"t1_to_t2": "t2_to_t1", "t2_to_t1": "t1_to_t2"}

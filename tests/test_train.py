@@ -232,6 +232,24 @@ def test_structure_loss_is_trained_and_logged(shards_dir, tmp_path):
     assert all(r["loss/G"] >= r["loss/structure"] for r in rows)
 
 
+def test_patch_nce_heads_train_checkpoint_and_resume_exactly(shards_dir, tmp_path):
+    args = ["--data", shards_dir, *SMALL, "--max_steps", 20, "--steps_per_epoch", 10, "--checkpoint_every", 10, "--lambda_nce", 1]
+    train(*args, "--out", tmp_path / "nce")
+    rows = [r for r in rundir.read_metrics(tmp_path / "nce") if "loss/nce" in r]
+    assert rows and all(r["loss/nce"] > 0 for r in rows) and all(r["loss/G"] >= r["loss/nce"] for r in rows)
+    heads = [load_file(str(rundir.checkpoint_dir(tmp_path / "nce", step) / "model_2.safetensors")) for step in (10, 20)]
+    assert not all(torch.equal(heads[0][k], heads[1][k]) for k in heads[0]), "the projection heads train"
+
+    train(*args, "--out", tmp_path / "resumed", "--resume", rundir.checkpoint_dir(tmp_path / "nce", 10))
+    for name in (*rundir.GENERATORS.values(), "model_2.safetensors"):
+        a = load_file(str(rundir.checkpoint_dir(tmp_path / "nce", 20) / name))
+        b = load_file(str(rundir.checkpoint_dir(tmp_path / "resumed", 20) / name))
+        assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a), name
+
+    without = train(*args[:-2], "--out", tmp_path / "resumed", "--resume", "auto", check=False, timeout=120)
+    assert without.returncode != 0 and "lambda_nce: checkpoint 1.0 vs now 0.0" in without.stderr, without.stderr[-2000:]
+
+
 def test_wandb_mode_follows_the_flag_then_wandb_mode_then_the_login(monkeypatch, tmp_path):
     monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc login
     monkeypatch.delenv("WANDB_API_KEY", raising=False)

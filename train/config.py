@@ -35,6 +35,8 @@ class Config:
     lambda_cycle: float = option(10.0, "cycle-consistency L1 weight (lambda)")
     lambda_identity: float = option(0.5, "identity L1 weight as a fraction of lambda_cycle")
     lambda_structure: float = option(0.0, "MIND structure-consistency L1 between each input and its translation (0 = off, the seed's plain CycleGAN)")
+    lambda_nce: float = option(0.0, "PatchNCE weight (CUT's patch contrastive loss, both ways): each patch of a translation should match the "
+                               "input's patch at the same place in the generators' encoder features (0 = off)", minimum=0)
     pool_size: int = option(50, "history pool of generated images shown to the discriminators", minimum=0)
     lr: float = option(2e-4, "Adam learning rate for generators and discriminators")
     beta1: float = option(0.5, "Adam beta1")
@@ -84,7 +86,8 @@ class Config:
 
 
 # options that change the networks or what a checkpoint holds: a checkpoint made with others cannot continue this run
-ARCHITECTURE_KEYS = ("size", "generator", "ngf", "ndf", "disc_layers", "ema_decay")
+# (lambda_nce: PatchNCE's projection heads are trained and checkpointed beside the generators)
+ARCHITECTURE_KEYS = ("size", "generator", "ngf", "ndf", "disc_layers", "ema_decay", "lambda_nce")
 
 
 def _parse_bool(text: str) -> bool:

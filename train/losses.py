@@ -1,12 +1,14 @@
-"""CycleGAN objectives (Zhu et al. 2017) and the discriminators' history pool of generated images
-(Shrivastava et al. 2017)."""
+"""CycleGAN objectives (Zhu et al. 2017), the structure losses that keep anatomy (MIND, PatchNCE) and the
+discriminators' history pool of generated images (Shrivastava et al. 2017)."""
 
 from __future__ import annotations
 
 import random
+from contextlib import contextmanager, nullcontext
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 
 def gan_loss(logits: torch.Tensor, real: bool, kind: str) -> torch.Tensor:
@@ -41,11 +43,72 @@ def mind(images: torch.Tensor, dilation: int = 2) -> torch.Tensor:
     return descriptor / descriptor.amax(1, keepdim=True)
 
 
+class PatchNCE(nn.Module):
+    """Patch contrastive loss of CUT (Park et al., *Contrastive learning for unpaired image-to-image translation*,
+    ECCV 2020), both ways as in DCLGAN (Han et al., CVPR Workshops 2021): a patch of the translation, seen by the
+    generator that takes it back, should match the input's patch at the same place (seen by the generator that
+    made the translation) better than the input's other patches. Features are the outputs of each generator's
+    first `layers` convolutions (the encoder), projected by a small MLP per layer; the projection heads are the
+    only weights this adds, and they train with the generators.
+
+    The features are recorded in the cycle's own passes (`recording`), so the loss costs no extra generator
+    pass: G_ab reads the real T1 then, on the way back, the translated T1; G_ba the same for T2."""
+
+    def __init__(self, g_ab: nn.Module, g_ba: nn.Module, layers: int = 4, patches: int = 256, dim: int = 256,
+                 temperature: float = 0.07):
+        super().__init__()
+        # a plain dict, so the generators' convolutions are not registered (and trained, saved) a second time here
+        self.taps = {name: [m for m in net.modules() if type(m) is nn.Conv2d][:layers] for name, net in (("g_ab", g_ab), ("g_ba", g_ba))}
+        self.heads = nn.ModuleDict({name: nn.ModuleList(
+            nn.Sequential(nn.Linear(conv.out_channels, dim), nn.ReLU(), nn.Linear(dim, dim)) for conv in convs)
+            for name, convs in self.taps.items()})
+        self.patches, self.temperature = patches, temperature
+
+    @contextmanager
+    def recording(self):
+        """Within the block, each call of a generator appends [its tapped features, one per layer] to
+        calls[name]."""
+        calls = {name: [] for name in self.taps}
+        handles = []
+        for name, convs in self.taps.items():
+            for layer, conv in enumerate(convs):
+                def record(module, args, output, name=name, layer=layer):
+                    if layer == 0:
+                        calls[name].append([])
+                    calls[name][-1].append(output)
+                handles.append(conv.register_forward_hook(record))
+        try:
+            yield calls
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    def forward(self, calls: dict, n: int) -> torch.Tensor:
+        """Mean InfoNCE over layers and both directions. calls[name][0] is the generator's pass over its real
+        input (the first n images; an identity pass may follow in the same batch), calls[name][1] its pass over
+        the other generator's translation."""
+        losses = []
+        for made_by, taken_back_by in (("g_ab", "g_ba"), ("g_ba", "g_ab")):
+            for layer, (source, translated) in enumerate(zip(calls[made_by][0], calls[taken_back_by][1])):
+                source = source[:n].flatten(2).transpose(1, 2)  # B x HW x C
+                translated = translated.flatten(2).transpose(1, 2)
+                places = torch.randperm(source.shape[1], device=source.device)[:self.patches]
+                keys = F.normalize(self.heads[made_by][layer](source[:, places].float()), dim=-1).detach()
+                queries = F.normalize(self.heads[taken_back_by][layer](translated[:, places].float()), dim=-1)
+                logits = queries @ keys.transpose(1, 2) / self.temperature  # B x P x P: the diagonal is the same place
+                target = torch.arange(len(places), device=logits.device).repeat(len(logits))
+                losses.append(F.cross_entropy(logits.flatten(0, 1), target))
+        return torch.stack(losses).mean()
+
+
 def generator_losses(gens, discs, real_a, real_b, kind: str, lambda_cycle: float, lambda_identity: float,
-                     lambda_structure: float = 0.0):
-    """Fool both (frozen) discriminators, cycle back, keep identity and (optionally) structure. Returns the
-    generated images and the losses; losses["G"] is what the generators minimize."""
-    fakes = gens(real_a, real_b, identity=bool(lambda_identity))
+                     lambda_structure: float = 0.0, nce: nn.Module | None = None, lambda_nce: float = 0.0):
+    """Fool both (frozen) discriminators, cycle back, keep identity and (optionally) structure: MIND and/or
+    PatchNCE (`nce`, possibly wrapped for DDP). Returns the generated images and the losses; losses["G"] is
+    what the generators minimize."""
+    patch_nce = getattr(nce, "module", nce)
+    with patch_nce.recording() if lambda_nce else nullcontext() as calls:
+        fakes = gens(real_a, real_b, identity=bool(lambda_identity))
     judged_a, judged_b = discs(fakes["fake_a"], fakes["fake_b"])
     adversarial = gan_loss(judged_a, True, kind) + gan_loss(judged_b, True, kind)
     cycle = lambda_cycle * (F.l1_loss(fakes["rec_a"].float(), real_a) + F.l1_loss(fakes["rec_b"].float(), real_b))
@@ -54,8 +117,9 @@ def generator_losses(gens, discs, real_a, real_b, kind: str, lambda_cycle: float
         identity = lambda_cycle * lambda_identity * (F.l1_loss(fakes["idt_a"].float(), real_a) + F.l1_loss(fakes["idt_b"].float(), real_b))
     if lambda_structure:  # structure-constrained CycleGAN (Yang et al. 2018): MIND of input vs. translation
         structure = lambda_structure * (F.l1_loss(mind(fakes["fake_b"]), mind(real_a)) + F.l1_loss(mind(fakes["fake_a"]), mind(real_b)))
-    return fakes, {"G": adversarial + cycle + identity + structure, "G_adv": adversarial, "cycle": cycle,
-                   "identity": identity, "structure": structure}
+    patch = lambda_nce * nce(calls, real_a.shape[0]) if lambda_nce else torch.zeros((), device=real_a.device)
+    return fakes, {"G": adversarial + cycle + identity + structure + patch, "G_adv": adversarial, "cycle": cycle,
+                   "identity": identity, "structure": structure, "nce": patch}
 
 
 def discriminator_losses(discs, real_a, real_b, fake_a, fake_b, kind: str) -> dict[str, torch.Tensor]:

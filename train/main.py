@@ -35,12 +35,12 @@ from train import rundir
 from train.config import ARCHITECTURE_KEYS, Config, load_config, save_config
 from train.data import check_shards, evenly_spaced, train_loaders, val_samples
 from train.inference import FlipShiftMean
-from train.losses import ImagePool, discriminator_losses, generator_losses
+from train.losses import ImagePool, PatchNCE, discriminator_losses, generator_losses
 from train.metrics import slice_metrics
 from train.networks import CycleGenerators, Discriminators, build_discriminator, build_generator
 
 
-LOSS_NAMES = ("G", "G_adv", "cycle", "identity", "structure", "D", "D_t1", "D_t2")
+LOSS_NAMES = ("G", "G_adv", "cycle", "identity", "structure", "nce", "D", "D_t1", "D_t2")
 
 
 @dataclass
@@ -174,16 +174,20 @@ def main(argv=None) -> int:
     discs = Discriminators(build_discriminator(config.ndf, config.disc_layers), build_discriminator(config.ndf, config.disc_layers))
     if config.channels_last:
         gens, discs = gens.to(memory_format=torch.channels_last), discs.to(memory_format=torch.channels_last)
+    nce = PatchNCE(gens.g_ab, gens.g_ba) if config.lambda_nce else None
     # one fused kernel per step instead of a loop of small ones: 11% of the demo's step on CPU
     adam = {"lr": config.lr, "betas": (config.beta1, config.beta2), "fused": accelerator.device.type in ("cpu", "cuda")}
-    opt_g, opt_d = torch.optim.Adam(gens.parameters(), **adam), torch.optim.Adam(discs.parameters(), **adam)
+    opt_g = torch.optim.Adam([*gens.parameters(), *(nce.parameters() if nce else [])], **adam)
+    opt_d = torch.optim.Adam(discs.parameters(), **adam)
     world = accelerator.num_processes
     steps_per_epoch = config.steps_per_epoch or max(1, min(manifest["splits"]["train"]["slices"].values()) // (config.batch_size * world))
     total_steps = config.max_steps or config.epochs * steps_per_epoch
     # schedulers are stepped once per optimizer step on every rank: kept out of prepare(), which would step them world times
     sched_g = torch.optim.lr_scheduler.LambdaLR(opt_g, linear_decay(total_steps))
     sched_d = torch.optim.lr_scheduler.LambdaLR(opt_d, linear_decay(total_steps))
-    gens, discs, opt_g, opt_d = accelerator.prepare(gens, discs, opt_g, opt_d)
+    # PatchNCE's heads come last, so checkpoints without them keep their file names
+    gens, discs, opt_g, opt_d, *heads = accelerator.prepare(gens, discs, opt_g, opt_d, *([nce] if nce else []))
+    nce = heads[0] if heads else None
     pools = {"a": ImagePool(config.pool_size, config.seed), "b": ImagePool(config.pool_size, config.seed + 1)}
     state = TrainState()
     trained_gens = accelerator.unwrap_model(gens)
@@ -247,7 +251,7 @@ def main(argv=None) -> int:
             discs_plain.requires_grad_(False)
             with accelerator.autocast():
                 fakes, losses_g = generator_losses(gens, discs_plain, real_a, real_b, config.gan_loss, config.lambda_cycle,
-                                                     config.lambda_identity, config.lambda_structure)
+                                                     config.lambda_identity, config.lambda_structure, nce, config.lambda_nce)
             discs_plain.requires_grad_(True)
             bad = any_rank(accelerator, not torch.isfinite(losses_g["G"]).item())
             if not bad:
@@ -317,7 +321,7 @@ def main(argv=None) -> int:
                     metrics_log.write({"step": state.step, "epoch": epoch, **scores})
             stop_now = any_rank(accelerator, stop.flag or (is_main and (out / rundir.STOP).exists()))
             if state.step % config.checkpoint_every == 0 or state.step == total_steps or stop_now:
-                save_checkpoint(accelerator, gens, inference_gens, out, state, epoch, config, size, last, preprocessing)
+                save_checkpoint(accelerator, [gens, *heads], inference_gens, out, state, epoch, config, size, last, preprocessing)
             if stop_now:
                 status = "stopped"
                 if is_main:
@@ -395,7 +399,7 @@ def translate_both(model: CycleGenerators, t1: torch.Tensor, t2: torch.Tensor, a
             (("t1_to_t2", fake_t2), ("t2_to_t1", fake_t1), ("t1_cycle", cycle_t1), ("t2_cycle", cycle_t2))}
 
 
-def save_checkpoint(accelerator, gens, inference_gens: CycleGenerators, out: Path, state: TrainState, epoch: int,
+def save_checkpoint(accelerator, trained: list, inference_gens: CycleGenerators, out: Path, state: TrainState, epoch: int,
                     config: Config, size: int, last: dict, preprocessing: dict) -> None:
     """Accelerate state + inference generators (the moving average where kept), written to a hidden folder and
     renamed when complete."""
@@ -411,9 +415,9 @@ def save_checkpoint(accelerator, gens, inference_gens: CycleGenerators, out: Pat
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp))
-    # DDP keeps replicas identical; record each rank's parameter sum so a divergence is visible
-    model = accelerator.unwrap_model(gens)
-    checksum = torch.stack([p.detach().double().sum() for p in model.parameters()]).sum()
+    # DDP keeps replicas identical; record each rank's sum of the trained generator-side weights so a divergence is visible
+    params = [p for net in trained for p in accelerator.unwrap_model(net).parameters()]
+    checksum = torch.stack([p.detach().double().sum() for p in params]).sum()
     rank_checksums = accelerator.gather(checksum[None].to(accelerator.device)).tolist()
     if accelerator.is_main_process:
         if len(set(rank_checksums)) > 1:
