@@ -2,7 +2,7 @@
 synthetic IXI with lesions and a held-out anatomy (docs/fidelity.md).
 
     python bench/fidelity_bench.py [--out bench-out/fidelity] [--subjects 30] [--size 128] [--steps 600]
-                                   [--variants plain mind] [--uncertainty tta] [--tta]
+                                   [--variants plain mind] [--uncertainty tta] [--tta] [--seed 0] [--train-seed N]
 
 Stages: `shards synth --lesions --holdout-anatomy` (downsample 256/size) -> `shards pack --lesions --holdout`
 -> per variant `train/main.py` -> `train.evaluate --uncertainty` on val+test, which hold every lesion and
@@ -44,6 +44,8 @@ VARIANTS = {
     "mind-lsgan-cyc5": [*MIND_LSGAN, "--lambda_cycle", "5"],
     # and the demo's moving average of the generator weights
     "mind-lsgan-cyc5-ema": [*MIND_LSGAN, "--lambda_cycle", "5", "--ema_decay", "0.995"],
+    # and CUT's patch contrastive loss, both ways
+    "mind-lsgan-cyc5-nce": [*MIND_LSGAN, "--lambda_cycle", "5", "--lambda_nce", "1"],
 }
 
 
@@ -81,7 +83,9 @@ def main() -> None:
     parser.add_argument("--variants", nargs="+", choices=sorted(VARIANTS), default=["plain", "mind"])
     parser.add_argument("--uncertainty", choices=["tta", "cycle", "ensemble"], default="tta")
     parser.add_argument("--tta", action="store_true", help="score the mean of 10 flipped and shifted copies (train.evaluate --tta)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="seed of the synthetic subjects and, by default, of training")
+    parser.add_argument("--train-seed", type=int, help="seed of the training runs (default: --seed); another seed of a variant "
+                        "gets its own run folder, NAME-SIZE-STEPS-seedN, on the same data")
     args = parser.parse_args()
     out = args.out.resolve()
     ixi, shards = out / "ixi", out / f"shards-{args.size}"
@@ -94,16 +98,18 @@ def main() -> None:
     if not (shards / "manifest.json").exists():
         timings["pack_s"] = run("-m", "shards", "pack", "--t1", ixi / "IXI-T1.tar", "--t2", ixi / "IXI-T2.tar", "--out", shards,
                                 "--size", args.size, "--lesions", ixi / "IXI-lesions.tar", "--holdout", ixi / "holdout.txt")
+    train_seed = args.seed if args.train_seed is None else args.train_seed
     results = {}
     for name in args.variants:
-        run_dir = out / "runs" / f"{name}-{args.size}-{args.steps}"
+        run_name = f"{name}-{args.size}-{args.steps}{f'-seed{train_seed}' * (train_seed != args.seed)}"
+        run_dir = out / "runs" / run_name
         if not (run_dir / "summary.json").exists():
             timings[f"train_{name}_s"] = run(
                 "train/main.py", "--data", shards, "--out", run_dir, "--size", args.size, "--ngf", args.ngf, "--ndf", args.ngf,
                 "--batch_size", args.batch_size, "--max_steps", args.steps, "--steps_per_epoch", max(args.steps // 4, 1),
                 "--checkpoint_every", args.steps, "--checkpoints_total_limit", 2, "--num_workers", 1, "--report_to", "none",
-                "--seed", args.seed, "--resume", "auto", *VARIANTS[name], env=env)
-        report_dir = out / "reports" / f"{name}-{args.size}-{args.steps}-{args.uncertainty}{'-tta-mean' * args.tta}"
+                "--seed", train_seed, "--resume", "auto", *VARIANTS[name], env=env)
+        report_dir = out / "reports" / f"{run_name}-{args.uncertainty}{'-tta-mean' * args.tta}"
         checkpoint = max((run_dir / "checkpoints").glob("step-*"))  # the step budget's last checkpoint, not val-selected
         timings[f"evaluate_{name}_s"] = run("-m", "train.evaluate", "--checkpoint", checkpoint, "--data", shards / "test", shards / "val",
                                             "--out", report_dir, "--overwrite", "--uncertainty", args.uncertainty, *["--tta"] * args.tta,
@@ -111,7 +117,8 @@ def main() -> None:
         results[name] = json.loads((report_dir / "report.json").read_text())
     results["lookup table (reference)"] = lookup_reference(shards)
 
-    lines = [f"{args.subjects} synthetic subjects at {args.size}², {args.steps} steps of batch {args.batch_size}, ngf/ndf {args.ngf}; "
+    lines = [f"{args.subjects} synthetic subjects at {args.size}², {args.steps} steps of batch {args.batch_size}, ngf/ndf {args.ngf}, "
+             f"training seed {train_seed}; "
              f"evaluated on val+test (held-out subjects only); hallucination map: {args.uncertainty}"
              f"{'; translations: the mean of 10 flipped and shifted copies (--tta)' * args.tta}. "
              f"Machine: {platform.machine()}, {os.cpu_count()} cores, {platform.python_version()}.", "",
