@@ -52,7 +52,7 @@ class PatchNCE(nn.Module):
     only weights this adds, and they train with the generators.
 
     The features are recorded in the cycle's own passes (`recording`), so the loss costs no extra generator
-    pass: G_ab reads the real T1 then, on the way back, the translated T1; G_ba the same for T2."""
+    pass: G_ab reads the real T1, then on the way back the T1 that G_ba made; G_ba the same for T2."""
 
     def __init__(self, g_ab: nn.Module, g_ba: nn.Module, layers: int = 4, patches: int = 256, dim: int = 256,
                  temperature: float = 0.07):
