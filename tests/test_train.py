@@ -23,6 +23,7 @@ from train import main as trainer
 from train import rundir
 from train.config import Config, load_config
 from train.data import SliceStream, augment
+from train.inference import load_generator, translate
 
 def test_losses_fall_and_the_run_folder_is_complete(trained):
     config = yaml.safe_load((trained / "config.yaml").read_text())
@@ -41,7 +42,7 @@ def test_losses_fall_and_the_run_folder_is_complete(trained):
     assert steps[-1] == 40 and len(steps) <= 3  # newest 2 plus the best
     last = rundir.checkpoint_dir(trained, 40)
     info = json.loads((last / rundir.CHECKPOINT_INFO).read_text())
-    assert info["generator"] == {"arch": "unet", "size": 64, "ngf": 16, "input_range": [-1, 1]}
+    assert info["generator"] == {"arch": "unet", "size": 64, "ngf": 16, "unet_depth": 0, "input_range": [-1, 1]}
     weights = load_file(str(last / rundir.GENERATORS["t1_to_t2"]))
     assert all(torch.isfinite(v).all() for v in weights.values())
     predictions = rundir.list_predictions(trained)
@@ -186,12 +187,12 @@ def test_augmentation_keeps_the_background_at_zero():
         assert out.sum() > 0.5 * head.sum()  # the head is still there
 
 
-@pytest.mark.parametrize("case", ["missing", "empty", "keys", "size", "resume", "option", "yaml", "stale"])
+@pytest.mark.parametrize("case", ["missing", "empty", "keys", "size", "resume", "option", "yaml", "stale", "depth"])
 def test_bad_input_fails_before_training(case, shards_dir, trained, tmp_path):
     args = ["--data", shards_dir, "--out", tmp_path / "run", *SMALL, "--max_steps", 2]
     expect = {"missing": "no such folder", "empty": "manifest.json", "keys": "lack t1.png", "size": "--size is 128",
               "resume": "not a checkpoint", "option": "unrecognized arguments: --bogus", "yaml": "unknown option(s) bogus",
-              "stale": "different configuration"}[case]
+              "stale": "different configuration", "depth": "--unet_depth 7: needs --generator unet and 2..6 levels at size 64"}[case]
     if case == "missing":
         args[1] = tmp_path / "nowhere"
     elif case == "empty":
@@ -217,6 +218,8 @@ def test_bad_input_fails_before_training(case, shards_dir, trained, tmp_path):
     elif case == "yaml":
         (tmp_path / "c.yaml").write_text("bogus: 1\n")
         args += ["--config", tmp_path / "c.yaml"]
+    elif case == "depth":
+        args += ["--unet_depth", "7"]
     elif case == "stale":
         args = [a if a != "16" else "8" for a in args] + ["--resume", rundir.checkpoint_dir(trained, 40)]
     result = train(*args, check=False, timeout=120)
@@ -230,6 +233,16 @@ def test_structure_loss_is_trained_and_logged(shards_dir, tmp_path):
     rows = [r for r in rundir.read_metrics(out) if "loss/structure" in r]
     assert rows and all(r["loss/structure"] > 0 for r in rows)
     assert all(r["loss/G"] >= r["loss/structure"] for r in rows)
+
+
+def test_a_shallow_unet_trains_and_its_checkpoint_loads_for_inference(shards_dir, tmp_path):
+    out = tmp_path / "shallow"
+    train("--data", shards_dir, "--out", out, *SMALL, "--max_steps", 4, "--checkpoint_every", 4, "--unet_depth", 3)
+    checkpoint = rundir.checkpoint_dir(out, 4)
+    assert json.loads((checkpoint / rundir.CHECKPOINT_INFO).read_text())["generator"]["unet_depth"] == 3
+    net, _ = load_generator(checkpoint, "t1_to_t2")  # built at depth 3, else its weights would not load
+    assert sum(1 for m in net.modules() if isinstance(m, torch.nn.ConvTranspose2d)) == 3
+    assert translate(net, torch.rand(2, 1, 64, 64)).shape == (2, 1, 64, 64)
 
 
 def test_patch_nce_heads_train_checkpoint_and_resume_exactly(shards_dir, tmp_path):

@@ -28,6 +28,8 @@ class Config:
     # networks
     generator: str = option("unet", "generator architecture", choices=["unet", "resnet9"])
     ngf: int = option(64, "generator base width", minimum=1)
+    unet_depth: int = option(0, "U-Net stride-2 levels (the reference's num_downs); 0 = down to 1x1, log2(size). Fewer levels "
+                             "bound what each output pixel sees to about 4 x 2**depth pixels (30 at 3, 62 at 4)", minimum=0)
     ndf: int = option(64, "discriminator base width", minimum=1)
     disc_layers: int = option(3, "PatchGAN depth: 3 judges 70x70 patches (the reference, for 256x256), 2 judges 34x34, 1 judges 16x16", minimum=1)
     # losses and optimizer
@@ -87,7 +89,7 @@ class Config:
 
 # options that change the networks or what a checkpoint holds: a checkpoint made with others cannot continue this run
 # (lambda_nce: PatchNCE's projection heads are trained and checkpointed beside the generators)
-ARCHITECTURE_KEYS = ("size", "generator", "ngf", "ndf", "disc_layers", "ema_decay", "lambda_nce")
+ARCHITECTURE_KEYS = ("size", "generator", "ngf", "unet_depth", "ndf", "disc_layers", "ema_decay", "lambda_nce")
 
 
 def _parse_bool(text: str) -> bool:

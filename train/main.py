@@ -150,6 +150,9 @@ def main(argv=None) -> int:
     if config.resume and config.resume != "auto" and not Path(config.resume).exists():
         raise SystemExit(f"error: --resume {config.resume}: no such checkpoint folder")
 
+    levels = size.bit_length() - 1  # a U-Net down to 1x1
+    if config.unet_depth and (config.generator != "unet" or not 2 <= config.unet_depth <= levels):
+        raise SystemExit(f"error: --unet_depth {config.unet_depth}: needs --generator unet and 2..{levels} levels at size {size}")
     if config.mixed_precision == "fp16" and not torch.cuda.is_available():
         raise SystemExit("error: --mixed_precision fp16 needs a GPU and none is visible; use bf16 or no on CPU")
 
@@ -170,7 +173,7 @@ def main(argv=None) -> int:
         check_compatible(resume_path, config, size)
 
     # models, optimizers, schedules
-    gens = CycleGenerators(build_generator(config.generator, size, config.ngf), build_generator(config.generator, size, config.ngf))
+    gens = CycleGenerators(*(build_generator(config.generator, size, config.ngf, config.unet_depth) for _ in range(2)))
     discs = Discriminators(build_discriminator(config.ndf, config.disc_layers), build_discriminator(config.ndf, config.disc_layers))
     if config.channels_last:
         gens, discs = gens.to(memory_format=torch.channels_last), discs.to(memory_format=torch.channels_last)
@@ -427,7 +430,8 @@ def save_checkpoint(accelerator, trained: list, inference_gens: CycleGenerators,
         rundir.write_json(tmp / rundir.CHECKPOINT_INFO, {
             "step": state.step, "epoch": epoch, "time": time.time(), "val": {k: v for k, v in (val or {}).items() if k.startswith("val/")},
             "train": last, "config": {**config.to_dict(), "size": size}, "rank_checksums": rank_checksums,
-            "generator": {"arch": config.generator, "size": size, "ngf": config.ngf, "input_range": [-1, 1]},
+            "generator": {"arch": config.generator, "size": size, "ngf": config.ngf, "unet_depth": config.unet_depth,
+                          "input_range": [-1, 1]},
             "preprocessing": preprocessing})
         if final.exists():
             shutil.rmtree(final)

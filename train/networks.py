@@ -40,13 +40,19 @@ class UNetBlock(nn.Module):
 
 
 class UNetGenerator(nn.Module):
-    """U-Net whose depth follows the image size: 256x256x1 is encoded down to 1x1x512 and back."""
+    """U-Net of `depth` stride-2 levels (the reference's num_downs). By default the depth follows the image
+    size: 256x256x1 is encoded down to 1x1x512 and back, so every output pixel sees the whole slice. A
+    shallower U-Net stops at a coarser grid: each output pixel's convolutions see about 4 x 2**depth pixels
+    across (30 at depth 3, 62 at depth 4), though instance norm still shares statistics over the slice."""
 
-    def __init__(self, size: int = 256, channels: int = 1, ngf: int = 64, dropout: bool = False):
+    def __init__(self, size: int = 256, channels: int = 1, ngf: int = 64, dropout: bool = False, depth: int = 0):
         super().__init__()
-        depth = int(math.log2(size))
-        if 2**depth != size or depth < 4:
+        full = int(math.log2(size))
+        if 2**full != size or full < 4:
             raise ValueError(f"U-Net needs a power-of-two size >= 16, got {size}")
+        depth = depth or full
+        if not 2 <= depth <= full:
+            raise ValueError(f"U-Net depth must be 2..{full} for size {size} (0 = {full}), got {depth}")
         widths = [ngf * min(2**i, 8) for i in range(depth)]  # 64, 128, 256, 512, 512, ...
         block = UNetBlock(widths[-2], widths[-1], None)
         for level in range(depth - 2, 0, -1):
@@ -115,9 +121,9 @@ def init_weights(module: nn.Module, std: float = 0.02) -> nn.Module:
     return module
 
 
-def build_generator(arch: str, size: int, ngf: int = 64) -> nn.Module:
+def build_generator(arch: str, size: int, ngf: int = 64, unet_depth: int = 0) -> nn.Module:
     if arch == "unet":
-        return init_weights(UNetGenerator(size, ngf=ngf))
+        return init_weights(UNetGenerator(size, ngf=ngf, depth=unet_depth))
     if arch == "resnet9":
         return init_weights(ResnetGenerator(ngf=ngf, blocks=9))
     raise ValueError(f"unknown generator {arch!r}: choose unet or resnet9")
