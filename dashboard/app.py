@@ -258,7 +258,7 @@ def page_translate(run: R.RunInfo, data_root: Path) -> None:
         image, volume = prepared.images[index], (upload.name, shape, affine, prepared)
 
     tensor = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))[None, None]
-    translated = translate(net, tensor)
+    translated, heat = hallucination(net, tensor) if hallucination is not None else (translate(net, tensor), None)
     cycled = translate(back, translated)
     row = {"input": image, "translation": translated[0, 0].numpy(), "cycle": cycled[0, 0].numpy()}
     if truth is not None:
@@ -267,8 +267,8 @@ def page_translate(run: R.RunInfo, data_root: Path) -> None:
         scores = slice_metrics(translated, torch.from_numpy(truth)[None, None], torch.from_numpy(mask)[None, None])
         st.write(f"masked SSIM **{scores['ssim_masked'].item():.3f}**, masked PSNR **{scores['psnr_masked'].item():.2f} dB**, "
                  f"whole-image SSIM {scores['ssim'].item():.3f}")
-    if hallucination is not None:
-        heat = hallucination(tensor, translated)[0, 0].numpy() * (mask if mask is not None else 1)
+    if heat is not None:
+        heat = heat[0, 0].numpy() * (mask if mask is not None else 1)
         row["hallucination map"] = overlay(row["translation"], heat)
         st.caption(f"Hallucination map ({mode}): red where the model is unsure; mean inside the head "
                    f"{heat[mask].mean() if mask is not None else heat.mean():.4f}, max {heat.max():.3f} (intensity units, shown x8).")

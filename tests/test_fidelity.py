@@ -21,7 +21,7 @@ from shards.preprocess import Grid, load_nifti, resample
 from shards.phantom import CSF, tissue_labels, voxel_world
 from shards.synth import MIN_SUBJECTS_FOR_HOLDOUT, grid, mark_held_out, render_subject, subject_anatomy, subjects
 from train.fidelity import ErrorDetection, HallucinationMap, lesion_contrasts, lesion_summary
-from train.inference import CheckpointError, load_generator, resolve_checkpoint, translate
+from train.inference import CheckpointError, FlipShiftMean, load_generator, resolve_checkpoint, translate
 
 
 @pytest.fixture(scope="module")
@@ -159,21 +159,48 @@ def test_error_detection_auroc():
     assert one_class.result()["auroc"] is None
 
 
+class Counted(torch.nn.Module):
+    def __init__(self, net: torch.nn.Module):
+        super().__init__()
+        self.net, self.calls = net, 0
+
+    def forward(self, x):
+        self.calls += 1
+        return self.net(x)
+
+
 def test_hallucination_maps(trained):
     checkpoint = resolve_checkpoint(trained)
     images = torch.rand(2, 1, 64, 64)
     net, _ = load_generator(checkpoint, "t1_to_t2")
     back, _ = load_generator(checkpoint, "t2_to_t1")
-    cycle = HallucinationMap("cycle", checkpoint, "t1_to_t2")(images)
-    assert torch.allclose(cycle, (translate(back, translate(net, images)) - images).abs())
-    tta = HallucinationMap("tta", checkpoint, "t1_to_t2")(images)
+    translated, cycle = HallucinationMap("cycle", checkpoint, "t1_to_t2")(net, images)
+    assert torch.equal(translated, translate(net, images))
+    assert torch.allclose(cycle, (translate(back, translated) - images).abs())
+    _, tta = HallucinationMap("tta", checkpoint, "t1_to_t2")(net, images)
     assert tta.shape == images.shape and tta.min() >= 0 and tta.max() > 0
-    ensemble = HallucinationMap("ensemble", trained, "t1_to_t2")(images)  # the run keeps two checkpoints
+    _, ensemble = HallucinationMap("ensemble", trained, "t1_to_t2")(net, images)  # the run keeps two checkpoints
     assert ensemble.shape == images.shape and ensemble.max() > 0
     # generators the caller holds are the ones used, not loaded again
     identity = torch.nn.Identity()
     held = HallucinationMap("cycle", checkpoint, "t1_to_t2", loaded={"t1_to_t2": identity, "t2_to_t1": identity})
-    assert held.net is identity and held.back is identity and held(images).max() < 1e-6
+    assert held.back is identity and held(identity, images)[1].max() < 1e-6
+
+
+def test_averaged_translation_and_tta_map_share_their_copies(trained):
+    """--tta with --uncertainty tta: the 10 copies are both the translation (mean) and the map (std), run once."""
+    checkpoint = resolve_checkpoint(trained)
+    images = torch.rand(2, 1, 64, 64)
+    counted = Counted(load_generator(checkpoint, "t1_to_t2")[0])
+    averaged = FlipShiftMean(counted)
+    hallucination = HallucinationMap("tta", checkpoint, "t1_to_t2", loaded={"t1_to_t2": averaged})
+    translated, spread = hallucination(averaged, images)
+    assert counted.calls == 10
+    assert torch.allclose(translated, translate(averaged, images), atol=1e-6)
+    assert torch.allclose(spread, translate(averaged.copies, images).std(0), atol=1e-6)
+    counted.calls = 0
+    single, _ = hallucination(counted, images)  # a single-pass translation beside the map: 1 + 10 passes
+    assert counted.calls == 11 and torch.equal(single, translate(counted, images))
 
 
 def test_ensemble_needs_two_checkpoints(trained, shards_dir, tmp_path):

@@ -79,10 +79,12 @@ def score(nets: dict, paths: list[str], batch_size: int, device: torch.device, m
     for chunk in batched(read_samples(paths), batch_size):
         tensors = {k: torch.from_numpy(np.stack([s[k] for s in chunk]))[:, None].to(device) for k in ("t1", "t2", "mask")}
         for name, source, target in DIRECTIONS:
-            pred = translate(nets[name], tensors[source])
-            metrics = slice_metrics(pred, tensors[target], tensors["mask"])
             if maps:
-                detectors[name].update(maps[name](tensors[source], pred), pred, tensors[target], tensors["mask"])
+                pred, spread = maps[name](nets[name], tensors[source])
+                detectors[name].update(spread, pred, tensors[target], tensors["mask"])
+            else:
+                pred = translate(nets[name], tensors[source])
+            metrics = slice_metrics(pred, tensors[target], tensors["mask"])
             for i, sample in enumerate(chunk):
                 rows[name].append({"key": sample["key"], "subject": sample["meta"]["subject"],
                                    **{k: float(v[i]) for k, v in metrics.items()}})
@@ -139,12 +141,12 @@ def figure(nets: dict, paths: list[str], rows: dict, device: torch.device, maps:
             key = next(k for k, tags in picks.items() if (name, label) in tags)
             s = samples[key]
             image = torch.from_numpy(s[source])[None, None].to(device)
-            pred = translate(nets[name], image)
+            pred, spread = maps[name](nets[name], image) if maps else (translate(nets[name], image), None)
             translated = pred[0, 0].cpu().numpy()
             error = np.clip(np.abs(translated - s[target]) * ERROR_GAIN, 0, 1) * s["mask"]
             row = [s[source], translated, s[target], error]
             if maps:
-                row.append(np.clip(maps[name](image, pred)[0, 0].cpu().numpy() * ERROR_GAIN, 0, 1) * s["mask"])
+                row.append(np.clip(spread[0, 0].cpu().numpy() * ERROR_GAIN, 0, 1) * s["mask"])
             grid_rows.append(row)
     return rundir.prediction_grid(grid_rows)
 

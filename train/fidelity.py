@@ -57,21 +57,26 @@ class HallucinationMap:
                                       f"kept checkpoints, {run} has {len(kept)}; use tta or cycle")
             self.members = [load_generator(path, direction, device)[0] for path in kept]
             return
-        self.net = generator(direction)
-        if mode == "tta" and not isinstance(self.net, FlipShiftMean):
-            self.net = FlipShiftMean(self.net)
+        if mode == "tta":
+            self.averaged = generator(direction)
+            if not isinstance(self.averaged, FlipShiftMean):
+                self.averaged = FlipShiftMean(self.averaged)
         if mode == "cycle":
             self.back = generator(REVERSE[direction])
 
     @torch.no_grad()
-    def __call__(self, images: torch.Tensor, translated: torch.Tensor | None = None) -> torch.Tensor:
-        """images (N,1,H,W) in [0,1] -> map (N,1,H,W); `translated` saves a forward pass in cycle mode."""
+    def __call__(self, net: nn.Module, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """[0,1] images (N,1,H,W) -> (their translation by `net`, the map). When `net` is the averaging generator
+        (--tta) that the tta map spreads, its 10 copies run once: their mean is the translation, their std the map."""
+        if self.mode == "tta" and net is self.averaged:
+            copies = translate(net.copies, images)
+            return copies.mean(0), copies.std(0)
+        translated = translate(net, images)
         if self.mode == "cycle":
-            translated = translate(self.net, images) if translated is None else translated
-            return (translate(self.back, translated) - images).abs()
+            return translated, (translate(self.back, translated) - images).abs()
         if self.mode == "ensemble":
-            return torch.stack([translate(net, images) for net in self.members]).std(0)
-        return translate(self.net.copies, images).std(0)
+            return translated, torch.stack([translate(member, images) for member in self.members]).std(0)
+        return translated, translate(self.averaged.copies, images).std(0)
 
 
 class ErrorDetection:

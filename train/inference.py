@@ -109,27 +109,29 @@ def device_for_inference() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-SliceFn = Callable[[torch.Tensor], torch.Tensor]  # (B,1,H,W) [0,1] slices -> (B,1,H,W), e.g. a translation
+# (B,1,H,W) [0,1] slices -> named (B,1,H,W) outputs: a translation, and maybe its hallucination map
+SliceFn = Callable[[torch.Tensor], dict[str, torch.Tensor]]
 
 
 @torch.no_grad()
 def apply_to_slices(fn: SliceFn, slices: np.ndarray, device: torch.device, batch_size: int = 8,
-                    progress: bool = False) -> np.ndarray:
-    """(N, H, W) [0,1] float32 -> (N, H, W) outputs of `fn`, in batches on `device`."""
-    out = np.empty_like(slices, dtype=np.float32)
+                    progress: bool = False) -> dict[str, np.ndarray]:
+    """(N, H, W) [0,1] float32 -> each of `fn`'s outputs as (N, H, W), in batches on `device`."""
+    out = {}
     for start in tqdm(range(0, len(slices), batch_size), disable=not progress, desc="slices", unit="batch", leave=False):
         batch = torch.from_numpy(np.ascontiguousarray(slices[start:start + batch_size]))[:, None].to(device)
-        out[start:start + batch_size] = fn(batch)[:, 0].float().cpu().numpy()
+        for name, result in fn(batch).items():
+            out.setdefault(name, np.empty_like(slices, dtype=np.float32))[start:start + batch_size] = result[:, 0].float().cpu().numpy()
     return out
 
 
 def translator(net: nn.Module) -> SliceFn:
-    return lambda images: translate(net, images)
+    return lambda images: {"translation": translate(net, images)}
 
 
 def translate_slices(net: nn.Module, slices: np.ndarray, batch_size: int = 8, progress: bool = False) -> np.ndarray:
     """(N, H, W) [0,1] float32 -> (N, H, W) translations, in batches on the network's device."""
-    return apply_to_slices(translator(net), slices, next(net.parameters()).device, batch_size, progress)
+    return apply_to_slices(translator(net), slices, next(net.parameters()).device, batch_size, progress)["translation"]
 
 
 @dataclass
@@ -161,32 +163,26 @@ def restore_volume(prepared: PreparedVolume, translated: np.ndarray, shape: tupl
     return np.clip(resample(on_grid, prepared.grid.affine, Grid(tuple(shape), affine)), 0.0, 1.0)
 
 
-def volume_outputs(fns: dict[str, SliceFn], data: np.ndarray, affine: np.ndarray, preprocessing: dict,
+def volume_outputs(fn: SliceFn, data: np.ndarray, affine: np.ndarray, preprocessing: dict,
                    device: torch.device, batch_size: int = 8, progress: bool = False) -> dict[str, np.ndarray]:
-    """A 3D volume in any orientation -> per slice function (a translation, a hallucination map) its output on
-    the input's voxel grid: prepared as the training data was, run slice by slice where there is head,
-    resampled back."""
+    """A 3D volume in any orientation -> each of `fn`'s outputs (a translation, a hallucination map) on the
+    input's voxel grid: prepared as the training data was, run slice by slice where there is head, resampled back."""
     prepared = prepare_volume(data, affine, preprocessing)
-    return {name: restore_volume(prepared, apply_to_slices(fn, prepared.images, device, batch_size, progress), data.shape, affine)
-            for name, fn in fns.items()}
+    return {name: restore_volume(prepared, slices, data.shape, affine)
+            for name, slices in apply_to_slices(fn, prepared.images, device, batch_size, progress).items()}
 
 
 def translate_volume(net: nn.Module, data: np.ndarray, affine: np.ndarray, preprocessing: dict, batch_size: int = 8,
                      progress: bool = False) -> np.ndarray:
     """A 3D volume -> its translation on the same voxel grid, in [0,1]."""
     device = next(net.parameters()).device
-    return volume_outputs({"translation": translator(net)}, data, affine, preprocessing, device, batch_size, progress)["translation"]
+    return volume_outputs(translator(net), data, affine, preprocessing, device, batch_size, progress)["translation"]
 
 
-def image_outputs(fns: dict[str, SliceFn], image: np.ndarray, size: int, device: torch.device) -> dict[str, np.ndarray]:
-    """A 2D image of any size (already read as float) -> per slice function its output at the input's size."""
+def image_outputs(fn: SliceFn, image: np.ndarray, size: int, device: torch.device) -> dict[str, np.ndarray]:
+    """A 2D image of any size (already read as float) -> each of `fn`'s outputs at the input's size."""
     fitted = fit_image(image, size)[:, :, None]
     mask = foreground(fitted)
     normalized, _ = normalize(fitted, mask)
-    return {name: unfit_image(apply_to_slices(fn, normalized[None, :, :, 0], device)[0] * mask[:, :, 0], image.shape)
-            for name, fn in fns.items()}
-
-
-def translate_image(net: nn.Module, image: np.ndarray, size: int) -> np.ndarray:
-    """A 2D image of any size -> its translation at the input's size, in [0,1]."""
-    return image_outputs({"translation": translator(net)}, image, size, next(net.parameters()).device)["translation"]
+    return {name: unfit_image(slices[0] * mask[:, :, 0], image.shape)
+            for name, slices in apply_to_slices(fn, normalized[None, :, :, 0], device).items()}

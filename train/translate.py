@@ -27,7 +27,7 @@ from shards.format import encode_png16
 from shards.preprocess import VolumeError, load_image, load_nifti
 from train.fidelity import MODES, HallucinationMap
 from train.inference import (DIRECTIONS, CheckpointError, FlipShiftMean, device_for_inference, image_outputs,
-                             load_generator, translator, volume_outputs)
+                             load_generator, translate, volume_outputs)
 
 VOLUME_SUFFIXES = (".nii", ".nii.gz")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
@@ -92,15 +92,21 @@ def main(argv=None) -> int:
     try:
         net, info = load_generator(args.checkpoint, args.direction, device)
         net = FlipShiftMean(net) if args.tta else net
-        fns = {"translation": translator(net)}
-        if args.uncertainty:
-            fns["uncertainty"] = HallucinationMap(args.uncertainty, args.checkpoint, args.direction, device,
-                                                 loaded={DIRECTIONS[args.direction]: net})
+        hallucination = HallucinationMap(args.uncertainty, args.checkpoint, args.direction, device,
+                                         loaded={DIRECTIONS[args.direction]: net}) if args.uncertainty else None
     except CheckpointError as err:
         raise SystemExit(f"error: --checkpoint {err}")
+
+    def outputs_of(images):
+        if hallucination is None:
+            return {"translation": translate(net, images)}
+        translated, spread = hallucination(net, images)  # one pass for both where they share copies
+        return {"translation": translated, "uncertainty": spread}
+
     inputs = list_inputs(args.input)
+    names = ["translation"] + (["uncertainty"] if args.uncertainty else [])
     targets = {p: {name: output_path(p, args.output, args.direction, args.uncertainty if name == "uncertainty" else None)
-                   for name in fns} for p in inputs}
+                   for name in names} for p in inputs}
     existing = [str(t) for paths in targets.values() for t in paths.values() if t.exists()]
     if existing and not args.overwrite:
         raise SystemExit(f"error: {existing[0]} already exists ({len(existing)} in all); pass --overwrite to replace")
@@ -113,11 +119,11 @@ def main(argv=None) -> int:
         try:
             if suffix(path) in VOLUME_SUFFIXES:
                 data, affine, _ = load_nifti(path.read_bytes())
-                outputs = volume_outputs(fns, data, affine, preprocessing, device, args.batch_size, progress=True)
+                outputs = volume_outputs(outputs_of, data, affine, preprocessing, device, args.batch_size, progress=True)
                 for name, volume in outputs.items():
                     write_volume(targets[path][name], volume, nib.load(path))
             else:
-                outputs = image_outputs(fns, load_image(path.read_bytes()), preprocessing["size"], device)
+                outputs = image_outputs(outputs_of, load_image(path.read_bytes()), preprocessing["size"], device)
                 for name, image in outputs.items():
                     write_png(targets[path][name], image)
         except VolumeError as err:
