@@ -36,7 +36,7 @@ from PIL import Image
 from shards.format import decode_sample
 from train import rundir
 from train.fidelity import MODES, ErrorDetection, HallucinationMap, lesion_contrasts, lesion_summary, stack_subject
-from train.inference import CheckpointError, FlipShiftMean, device_for_inference, load_generator, translate
+from train.inference import TTA_HELP, CheckpointError, FlipShiftMean, device_for_inference, load_generator, translate
 from train.metrics import slice_metrics
 
 DIRECTIONS = (("t1_to_t2", "t1", "t2"), ("t2_to_t1", "t2", "t1"))
@@ -193,8 +193,7 @@ def main(argv=None) -> int:
     parser.add_argument("--out", type=Path, required=True, help="report folder (created)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing report folder")
     parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--tta", action="store_true",
-                        help="translate as the mean of 10 flipped and shifted copies (test-time augmentation; 10x the compute)")
+    parser.add_argument("--tta", action="store_true", help=TTA_HELP)
     parser.add_argument("--uncertainty", choices=MODES, default=None,
                         help="add a hallucination map and its AUROC for large errors (docs/fidelity.md)")
     parser.add_argument("--error-threshold", type=float, default=0.1,

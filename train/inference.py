@@ -81,6 +81,7 @@ def translate(net: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor)
 
 # test-time augmentation: each copy of the input is shifted by (rows, cols) pixels, with and without a left-right flip
 TTA_SHIFTS = ((0, 0), (2, 0), (-2, 0), (0, 2), (0, -2))
+TTA_HELP = "translate as the mean of 10 flipped and shifted copies (test-time augmentation; 10x the compute)"
 
 
 class FlipShiftMean(nn.Module):

@@ -26,7 +26,7 @@ from tqdm import tqdm
 from shards.format import encode_png16
 from shards.preprocess import VolumeError, load_image, load_nifti
 from train.fidelity import MODES, HallucinationMap
-from train.inference import (DIRECTIONS, CheckpointError, FlipShiftMean, device_for_inference, image_outputs,
+from train.inference import (DIRECTIONS, TTA_HELP, CheckpointError, FlipShiftMean, device_for_inference, image_outputs,
                              load_generator, translate, volume_outputs)
 
 VOLUME_SUFFIXES = (".nii", ".nii.gz")
@@ -82,8 +82,7 @@ def main(argv=None) -> int:
     parser.add_argument("--output", type=Path, required=True, help="folder for the translations")
     parser.add_argument("--overwrite", action="store_true", help="replace translations that already exist")
     parser.add_argument("--batch-size", type=int, default=8, help="slices per forward pass")
-    parser.add_argument("--tta", action="store_true",
-                        help="translate as the mean of 10 flipped and shifted copies (test-time augmentation; 10x the compute)")
+    parser.add_argument("--tta", action="store_true", help=TTA_HELP)
     parser.add_argument("--uncertainty", choices=MODES, default=None,
                         help="also write a hallucination map per translation (docs/fidelity.md)")
     args = parser.parse_args(argv)
