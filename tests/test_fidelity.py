@@ -142,6 +142,25 @@ def test_lesion_contrast_visibility_and_error_on_known_images():
     assert summary["contrast_truth"] == pytest.approx(1.0) and summary["contrast_translation"] == pytest.approx(0.3)
     assert summary["contrast_ratio"] == pytest.approx(0.3)
     assert summary["mae_lesion"] == pytest.approx((9 * 0.5 + 27 * 0.2) / 36)
+    assert "flagged_fraction" not in summary  # no map, no flags
+
+
+def test_a_map_that_stands_out_at_a_lesion_flags_it():
+    truth = np.full((3, 20, 20), 0.5, np.float32)
+    lesion = np.zeros_like(truth, bool)
+    lesion[1, 4:7, 4:7] = True  # A: erased, and the map is high there
+    lesion[:, 12:15, 12:15] = True  # B: kept, and the map is as low as anywhere
+    truth[lesion] = 1.0
+    pred = truth.copy()
+    pred[1, 4:7, 4:7] = 0.5
+    uncertainty = np.random.default_rng(0).uniform(0, 0.01, truth.shape).astype(np.float32)
+    uncertainty[1, 4:7, 4:7] = 0.2
+    rows = lesion_contrasts(lesion, np.ones_like(lesion), {"pred": pred, "truth": truth}, uncertainty)
+    ranks = sorted(r["map_rank"] for r in rows)
+    assert ranks[0] < 0.9 and ranks[1] == pytest.approx(1 - 9 / lesion.size)  # A's 9 pixels are the map's top ones
+    summary = lesion_summary(rows, [np.abs(pred - truth)[lesion]])
+    assert summary["flagged_fraction"] == 0.5 and summary["lost_flagged_fraction"] == 1.0
+    assert summary["map_rank"] == pytest.approx(sum(ranks) / 2)
 
 
 def test_error_detection_auroc():
@@ -229,6 +248,8 @@ def test_evaluate_reports_auroc_and_lesion_metrics(trained, fidelity_shards, tmp
         lesions = report["lesions"]["t1_to_t2"]
         assert lesions["subjects"] == 1 and lesions["lesions"] >= 1 and 0 <= lesions["visible_fraction"] <= 1
         assert lesions["contrast_truth"] > 0 > report["lesions"]["t2_to_t1"]["contrast_truth"]
+        assert 0 <= lesions["map_rank"] <= 1 and 0 <= lesions["flagged_fraction"] <= 1
+        assert "lost lesions flagged" in (out / "report.md").read_text()
     else:
         assert report["lesions"] == {}
     assert "AUROC" in (out / "report.md").read_text()

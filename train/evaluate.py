@@ -14,7 +14,8 @@ slice per direction: input | translation | ground truth | |error| x4 [| hallucin
 
 Fidelity (train/fidelity.py, docs/fidelity.md): with `--uncertainty tta|cycle|ensemble` the report adds how
 well the hallucination map flags pixels with |error| > --error-threshold (AUROC); where the shards carry
-lesion masks, it adds lesion metrics (visible fraction, lesion-to-ring contrast against the truth, MAE).
+lesion masks, it adds lesion metrics (visible fraction, lesion-to-ring contrast against the truth, MAE) and,
+with a map, how many lesions the map flags.
 """
 
 from __future__ import annotations
@@ -35,7 +36,8 @@ from PIL import Image
 
 from shards.format import decode_sample
 from train import rundir
-from train.fidelity import MODES, ErrorDetection, HallucinationMap, lesion_contrasts, lesion_summary, stack_subject
+from train.fidelity import (FLAGGED_RANK, MODES, ErrorDetection, HallucinationMap, lesion_contrasts, lesion_summary,
+                            stack_subject)
 from train.inference import TTA_HELP, CheckpointError, FlipShiftMean, device_for_inference, load_generator, translate
 from train.metrics import slice_metrics
 
@@ -91,7 +93,8 @@ def score(nets: dict, paths: list[str], batch_size: int, device: torch.device, m
                 if "lesion" in sample and sample["lesion"].any():
                     lesion_slices[name].setdefault(sample["meta"]["subject"], []).append(
                         {"z": sample["meta"]["slice"], "lesion": sample["lesion"], "mask": sample["mask"],
-                         "pred": pred[i, 0].cpu().numpy(), "truth": sample[target]})
+                         "pred": pred[i, 0].cpu().numpy(), "truth": sample[target],
+                         **({"map": spread[i, 0].cpu().numpy()} if maps else {})})
     return rows, lesion_slices
 
 
@@ -102,7 +105,8 @@ def lesion_report(lesion_slices: dict) -> dict:
         lesions, errors = [], []
         for slices in subjects.values():
             stacked = stack_subject(slices)
-            lesions += lesion_contrasts(stacked["lesion"], stacked["mask"], {"pred": stacked["pred"], "truth": stacked["truth"]})
+            lesions += lesion_contrasts(stacked["lesion"], stacked["mask"], {"pred": stacked["pred"], "truth": stacked["truth"]},
+                                        stacked.get("map"))
             errors.append(np.abs(stacked["pred"] - stacked["truth"])[stacked["lesion"]])
         if lesions:
             report[name] = {"subjects": len(subjects), **lesion_summary(lesions, errors)}
@@ -177,6 +181,14 @@ def report_markdown(report: dict) -> str:
         for name, d in report["lesions"].items():
             lines.append(f"| {direction_label(name)} | {d['subjects']} | {d['lesions']} | {100 * d['visible_fraction']:.0f}% | "
                          f"{d['contrast_truth']:+.3f} | {d['contrast_translation']:+.3f} | {d['contrast_ratio']:.2f} | {d['mae_lesion']:.4f} |")
+        flagged = {name: d for name, d in report["lesions"].items() if "flagged_fraction" in d}
+        if flagged:
+            lines += ["", f"Hallucination map at the lesions (rank: the fraction of head pixels whose map is lower than the "
+                      f"lesion's mean; flagged: rank >= {FLAGGED_RANK}):", "",
+                      "| direction | mean map rank | lesions flagged | lost lesions flagged |", "|---|---|---|---|"]
+            for name, d in flagged.items():
+                lost = "-" if d["lost_flagged_fraction"] is None else f"{100 * d['lost_flagged_fraction']:.0f}%"
+                lines.append(f"| {direction_label(name)} | {d['map_rank']:.2f} | {100 * d['flagged_fraction']:.0f}% | {lost} |")
     columns = f"input, translation, ground truth, |error| x{ERROR_GAIN}" + (f", hallucination map x{ERROR_GAIN}" if "uncertainty" in report else "")
     lines += ["", f"figure.png: per direction the worst, median and best slice by masked SSIM; columns {columns}.", ""]
     return "\n".join(lines)

@@ -9,7 +9,9 @@ Hallucination maps (one per translation, same size, intensity units of the [0,1]
 Lesion metrics compare each lesion (a 3D connected component of a subject's lesion mask) with the
 normal-appearing tissue in a ring around it (2 pixels wide, inside the head): contrast = (lesion mean -
 ring mean) / ring mean, in the translation and in the ground truth. A lesion counts as visible when its
-translated contrast has the sign of the true one and at least half its size.
+translated contrast has the sign of the true one and at least half its size. Where there is a hallucination
+map, a lesion counts as flagged when the map's mean over it is above 90% of the head's pixels (its map rank
+>= 0.9): the map warns where it matters most, at a lesion the translation may have lost.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ MODES = ("tta", "cycle", "ensemble")
 REVERSE = {"t1_to_t2": "t2_to_t1", "t2_to_t1": "t1_to_t2"}
 RING_PIXELS = 2
 VISIBLE_FRACTION = 0.5
+FLAGGED_RANK = 0.9
 # AUROC thresholds: fine where maps concentrate (small spreads), coarse above
 AUROC_THRESHOLDS = torch.cat([torch.linspace(0, 0.1, 501), torch.linspace(0.1, 1, 181)[1:]])
 
@@ -101,9 +104,12 @@ class ErrorDetection:
                 "large_error_fraction": self.positives / max(self.pixels, 1)}
 
 
-def lesion_contrasts(lesion: np.ndarray, head: np.ndarray, images: dict[str, np.ndarray]) -> list[dict]:
-    """Per lesion of one subject: its size and, per image, the lesion-to-ring contrast and lesion mean.
-    lesion, head: (Z,H,W) bool, consecutive slices; images: name -> (Z,H,W) float."""
+def lesion_contrasts(lesion: np.ndarray, head: np.ndarray, images: dict[str, np.ndarray],
+                     uncertainty: np.ndarray | None = None) -> list[dict]:
+    """Per lesion of one subject: its size and, per image, the lesion-to-ring contrast and lesion mean; with an
+    `uncertainty` map, the fraction of head pixels whose map is below the lesion's mean (its map rank).
+    lesion, head: (Z,H,W) bool, consecutive slices; images, uncertainty: (Z,H,W) float."""
+    head_map = np.sort(uncertainty[head]) if uncertainty is not None else None
     labels, count = ndimage.label(lesion)
     in_plane = np.zeros((3, 3, 3), bool)
     in_plane[1] = ndimage.generate_binary_structure(2, 1)
@@ -119,20 +125,28 @@ def lesion_contrasts(lesion: np.ndarray, head: np.ndarray, images: dict[str, np.
         for name, image in images.items():
             core, around = image[pad][inside].mean(), image[pad][ring].mean()
             row[name] = {"contrast": float((core - around) / max(around, 1e-3)), "mean": float(core)}
+        if head_map is not None:
+            row["map_rank"] = float(np.searchsorted(head_map, uncertainty[pad][inside].mean()) / len(head_map))
         out.append(row)
     return out
 
 
 def lesion_summary(lesions: list[dict], abs_errors: list[np.ndarray]) -> dict:
-    """Direction-level lesion metrics from lesion_contrasts rows (images 'pred' and 'truth') and the
-    |error| of every lesion pixel."""
+    """Direction-level lesion metrics from lesion_contrasts rows (images 'pred' and 'truth', maybe map ranks)
+    and the |error| of every lesion pixel."""
     truth = np.array([r["truth"]["contrast"] for r in lesions])
     pred = np.array([r["pred"]["contrast"] for r in lesions])
     visible = (np.sign(pred) == np.sign(truth)) & (np.abs(pred) >= VISIBLE_FRACTION * np.abs(truth))
     errors = np.concatenate(abs_errors) if abs_errors else np.zeros(0)
-    return {"lesions": len(lesions), "visible_fraction": float(visible.mean()),
-            "contrast_truth": float(truth.mean()), "contrast_translation": float(pred.mean()),
-            "contrast_ratio": float(pred.mean() / truth.mean()), "mae_lesion": float(errors.mean()) if errors.size else None}
+    summary = {"lesions": len(lesions), "visible_fraction": float(visible.mean()),
+               "contrast_truth": float(truth.mean()), "contrast_translation": float(pred.mean()),
+               "contrast_ratio": float(pred.mean() / truth.mean()), "mae_lesion": float(errors.mean()) if errors.size else None}
+    if all("map_rank" in r for r in lesions):
+        rank = np.array([r["map_rank"] for r in lesions])
+        flagged = rank >= FLAGGED_RANK
+        summary.update({"map_rank": float(rank.mean()), "flagged_fraction": float(flagged.mean()),
+                        "lost_flagged_fraction": float(flagged[~visible].mean()) if (~visible).any() else None})
+    return summary
 
 
 def stack_subject(slices: list[dict]) -> dict[str, np.ndarray]:
