@@ -46,6 +46,9 @@ VARIANTS = {
     "mind-lsgan-cyc5-ema": [*MIND_LSGAN, "--lambda_cycle", "5", "--ema_decay", "0.995"],
     # and CUT's patch contrastive loss, both ways
     "mind-lsgan-cyc5-nce": [*MIND_LSGAN, "--lambda_cycle", "5", "--lambda_nce", "1"],
+    # and a shallow U-Net: each output pixel sees a 30 (depth 3) or 62 (depth 4) pixel window, not the whole slice
+    "mind-lsgan-cyc5-unet3": [*MIND_LSGAN, "--lambda_cycle", "5", "--unet_depth", "3"],
+    "mind-lsgan-cyc5-unet4": [*MIND_LSGAN, "--lambda_cycle", "5", "--unet_depth", "4"],
 }
 
 
@@ -122,15 +125,17 @@ def main() -> None:
              f"evaluated on val+test (held-out subjects only); hallucination map: {args.uncertainty}"
              f"{'; translations: the mean of 10 flipped and shifted copies (--tta)' * args.tta}. "
              f"Machine: {platform.machine()}, {os.cpu_count()} cores, {platform.python_version()}.", "",
-             "| variant | direction | masked SSIM | masked PSNR | AUROC | lesions visible | lesion contrast ratio | lesion MAE |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| variant | direction | masked SSIM | masked PSNR | AUROC | lesions visible | lesion contrast ratio | lesion MAE "
+             "| lesions flagged by the map |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for name, report in results.items():
         for direction in ("t1_to_t2", "t2_to_t1"):
             s = report["directions"][direction]["summary"]
             auroc = report["uncertainty"]["directions"][direction]["auroc"] if "uncertainty" in report else None
             lesion = report["lesions"].get(direction)
+            flagged = f"{100 * lesion['flagged_fraction']:.0f}%" if lesion and "flagged_fraction" in lesion else "-"
             lesion_cells = (f"{100 * lesion['visible_fraction']:.0f}% of {lesion['lesions']} | {lesion['contrast_ratio']:.2f} | "
-                            f"{lesion['mae_lesion']:.3f}") if lesion else "- | - | -"
+                            f"{lesion['mae_lesion']:.3f} | {flagged}") if lesion else "- | - | - | -"
             lines.append(f"| {name} | {direction.replace('_', ' ')} | {s['ssim_masked']['mean']:.3f} | {s['psnr_masked']['mean']:.2f} | "
                          f"{'-' if auroc is None else f'{auroc:.3f}'} | {lesion_cells} |")
     table = "\n".join(lines)

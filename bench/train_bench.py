@@ -1,7 +1,7 @@
 """Training-step throughput, achieved FLOP/s and peak memory of the CycleGAN on this machine.
 
-    python bench/train_bench.py [--sizes 256 128] [--batch 1] [--steps 5] [--generator unet] [--ngf 64]
-                                [--gan_loss bce] [--lambda_identity 0.5] [--lambda_structure 0]
+    python bench/train_bench.py [--sizes 256 128] [--batch 1] [--steps 5] [--generator unet] [--unet_depth 0]
+                                [--ngf 64] [--gan_loss bce] [--lambda_identity 0.5] [--lambda_structure 0]
     OMP_NUM_THREADS=1 python bench/train_bench.py --sizes 64 --batch 8 --ngf 24 --gan_loss lsgan \
         --lambda_identity 0 --lambda_structure 5                  # the demo's step on one thread (ndf = ngf here)
 
@@ -37,9 +37,9 @@ def matmul_flops(n: int = 2048, seconds: float = 3.0) -> float:
     return 2 * n**3 * count / (time.perf_counter() - start)
 
 
-def one_size(size: int, batch: int, steps: int, generator: str, ngf: int, losses: dict, results) -> None:
+def one_size(size: int, batch: int, steps: int, generator: str, unet_depth: int, ngf: int, losses: dict, results) -> None:
     torch.manual_seed(0)
-    gens = CycleGenerators(build_generator(generator, size, ngf), build_generator(generator, size, ngf))
+    gens = CycleGenerators(*(build_generator(generator, size, ngf, unet_depth) for _ in range(2)))
     discs = Discriminators(build_discriminator(ngf), build_discriminator(ngf))
     adam = {"lr": 2e-4, "betas": (0.5, 0.999), "fused": True}  # as the trainer on CPU
     opt_g, opt_d = torch.optim.Adam(gens.parameters(), **adam), torch.optim.Adam(discs.parameters(), **adam)
@@ -78,6 +78,7 @@ def main():
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--generator", default="unet", choices=["unet", "resnet9"])
+    parser.add_argument("--unet_depth", type=int, default=0, help="U-Net levels, as the trainer's option (0 = down to 1x1)")
     parser.add_argument("--ngf", type=int, default=64)
     parser.add_argument("--gan_loss", default="bce", choices=["bce", "lsgan"])
     parser.add_argument("--lambda_identity", type=float, default=0.5, help="0 skips the identity passes, as the trainer does")
@@ -92,11 +93,13 @@ def main():
     ctx = mp.get_context("spawn")  # a fresh process per size: peak RSS belongs to that size alone
     for size in args.sizes:
         results = ctx.Queue()
-        proc = ctx.Process(target=one_size, args=(size, args.batch, args.steps, args.generator, args.ngf, losses, results))
+        proc = ctx.Process(target=one_size, args=(size, args.batch, args.steps, args.generator, args.unet_depth, args.ngf, losses,
+                                                         results))
         proc.start()
         r = results.get()
         proc.join()
-        print(f"{args.generator} {size}^2 batch {r['batch']}: {r['step_s']:.2f} s/step, {r['images_per_s']:.2f} images/s, "
+        depth = f" depth {args.unet_depth}" if args.unet_depth else ""
+        print(f"{args.generator}{depth} {size}^2 batch {r['batch']}: {r['step_s']:.2f} s/step, {r['images_per_s']:.2f} images/s, "
               f"{r['flops_per_step'] / 1e9:.0f} GFLOP/step, {r['flop_per_s'] / 1e9:.1f} GFLOP/s "
               f"= {100 * r['flop_per_s'] / peak:.0f}% of matmul, peak RSS {r['peak_rss_gib']:.2f} GiB")
 
