@@ -37,7 +37,8 @@ AUROC_THRESHOLDS = torch.cat([torch.linspace(0, 0.1, 501), torch.linspace(0.1, 1
 
 
 class HallucinationMap:
-    """Loads what a mode needs from a checkpoint (or its run folder) and maps [0,1] slices to their spread."""
+    """Loads what a mode needs from a checkpoint (or its run folder); called with a generator and [0,1] slices, gives
+    their translation and its map."""
 
     def __init__(self, mode: str, checkpoint: Path, direction: str, device: torch.device | str = "cpu",
                  loaded: dict[str, nn.Module] | None = None):
