@@ -30,7 +30,7 @@ from dashboard import runs as R
 from shards.format import encode_png16, shard_paths
 from shards.preprocess import VolumeError, fit_image, foreground, load_image, load_nifti, normalize
 from train.data import val_samples
-from train.fidelity import MODES, HallucinationMap
+from train.fidelity import MODES, HallucinationMap, translate_with_map
 from train.inference import (CheckpointError, FlipShiftMean, load_generator, prepare_volume, restore_volume, translate,
                              translate_slices)
 from train.metrics import slice_metrics
@@ -258,7 +258,7 @@ def page_translate(run: R.RunInfo, data_root: Path) -> None:
         image, volume = prepared.images[index], (upload.name, shape, affine, prepared)
 
     tensor = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))[None, None]
-    translated, heat = hallucination(net, tensor) if hallucination is not None else (translate(net, tensor), None)
+    translated, heat = translate_with_map(net, tensor, hallucination)
     cycled = translate(back, translated)
     row = {"input": image, "translation": translated[0, 0].numpy(), "cycle": cycled[0, 0].numpy()}
     if truth is not None:

@@ -37,8 +37,8 @@ from PIL import Image
 from shards.format import decode_sample
 from train import rundir
 from train.fidelity import (FLAGGED_RANK, MODES, ErrorDetection, HallucinationMap, lesion_contrasts, lesion_summary,
-                            stack_subject)
-from train.inference import TTA_HELP, CheckpointError, FlipShiftMean, device_for_inference, load_generator, translate
+                            stack_subject, translate_with_map)
+from train.inference import TTA_HELP, CheckpointError, FlipShiftMean, device_for_inference, load_generator
 from train.metrics import slice_metrics
 
 DIRECTIONS = (("t1_to_t2", "t1", "t2"), ("t2_to_t1", "t2", "t1"))
@@ -81,11 +81,9 @@ def score(nets: dict, paths: list[str], batch_size: int, device: torch.device, m
     for chunk in batched(read_samples(paths), batch_size):
         tensors = {k: torch.from_numpy(np.stack([s[k] for s in chunk]))[:, None].to(device) for k in ("t1", "t2", "mask")}
         for name, source, target in DIRECTIONS:
-            if maps:
-                pred, spread = maps[name](nets[name], tensors[source])
+            pred, spread = translate_with_map(nets[name], tensors[source], maps[name] if maps else None)
+            if spread is not None:
                 detectors[name].update(spread, pred, tensors[target], tensors["mask"])
-            else:
-                pred = translate(nets[name], tensors[source])
             metrics = slice_metrics(pred, tensors[target], tensors["mask"])
             for i, sample in enumerate(chunk):
                 rows[name].append({"key": sample["key"], "subject": sample["meta"]["subject"],
@@ -94,7 +92,7 @@ def score(nets: dict, paths: list[str], batch_size: int, device: torch.device, m
                     lesion_slices[name].setdefault(sample["meta"]["subject"], []).append(
                         {"z": sample["meta"]["slice"], "lesion": sample["lesion"], "mask": sample["mask"],
                          "pred": pred[i, 0].cpu().numpy(), "truth": sample[target],
-                         **({"map": spread[i, 0].cpu().numpy()} if maps else {})})
+                         **({"map": spread[i, 0].cpu().numpy()} if spread is not None else {})})
     return rows, lesion_slices
 
 
@@ -145,11 +143,11 @@ def figure(nets: dict, paths: list[str], rows: dict, device: torch.device, maps:
             key = next(k for k, tags in picks.items() if (name, label) in tags)
             s = samples[key]
             image = torch.from_numpy(s[source])[None, None].to(device)
-            pred, spread = maps[name](nets[name], image) if maps else (translate(nets[name], image), None)
+            pred, spread = translate_with_map(nets[name], image, maps[name] if maps else None)
             translated = pred[0, 0].cpu().numpy()
             error = np.clip(np.abs(translated - s[target]) * ERROR_GAIN, 0, 1) * s["mask"]
             row = [s[source], translated, s[target], error]
-            if maps:
+            if spread is not None:
                 row.append(np.clip(spread[0, 0].cpu().numpy() * ERROR_GAIN, 0, 1) * s["mask"])
             grid_rows.append(row)
     return rundir.prediction_grid(grid_rows)

@@ -83,6 +83,12 @@ class HallucinationMap:
         return translated, translate(self.averaged.copies, images).std(0)
 
 
+def translate_with_map(net: nn.Module, images: torch.Tensor,
+                       hallucination: HallucinationMap | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """[0,1] images -> (their translation by `net`, its hallucination map, or None without one)."""
+    return hallucination(net, images) if hallucination is not None else (translate(net, images), None)
+
+
 class ErrorDetection:
     """Streaming AUROC of a hallucination map as a detector of pixels whose |error| exceeds a threshold,
     inside the head mask (binned, so memory does not grow with the test set)."""

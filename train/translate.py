@@ -25,9 +25,9 @@ from tqdm import tqdm
 
 from shards.format import encode_png16
 from shards.preprocess import VolumeError, load_image, load_nifti
-from train.fidelity import MODES, HallucinationMap
+from train.fidelity import MODES, HallucinationMap, translate_with_map
 from train.inference import (DIRECTIONS, TTA_HELP, CheckpointError, FlipShiftMean, device_for_inference, image_outputs,
-                             load_generator, translate, volume_outputs)
+                             load_generator, volume_outputs)
 
 VOLUME_SUFFIXES = (".nii", ".nii.gz")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
@@ -97,10 +97,8 @@ def main(argv=None) -> int:
         raise SystemExit(f"error: --checkpoint {err}")
 
     def outputs_of(images):
-        if hallucination is None:
-            return {"translation": translate(net, images)}
-        translated, spread = hallucination(net, images)  # one pass for both where they share copies
-        return {"translation": translated, "uncertainty": spread}
+        translated, spread = translate_with_map(net, images, hallucination)  # one pass for both where they share copies
+        return {"translation": translated, **({"uncertainty": spread} if spread is not None else {})}
 
     inputs = list_inputs(args.input)
     names = ["translation"] + (["uncertainty"] if args.uncertainty else [])
