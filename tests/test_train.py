@@ -187,12 +187,13 @@ def test_augmentation_keeps_the_background_at_zero():
         assert out.sum() > 0.5 * head.sum()  # the head is still there
 
 
-@pytest.mark.parametrize("case", ["missing", "empty", "keys", "size", "resume", "option", "yaml", "stale", "depth"])
+@pytest.mark.parametrize("case", ["missing", "empty", "keys", "size", "resume", "option", "yaml", "stale", "depth", "depth-arch"])
 def test_bad_input_fails_before_training(case, shards_dir, trained, tmp_path):
     args = ["--data", shards_dir, "--out", tmp_path / "run", *SMALL, "--max_steps", 2]
     expect = {"missing": "no such folder", "empty": "manifest.json", "keys": "lack t1.png", "size": "--size is 128",
               "resume": "not a checkpoint", "option": "unrecognized arguments: --bogus", "yaml": "unknown option(s) bogus",
-              "stale": "different configuration", "depth": "--unet_depth 7: needs --generator unet and 2..6 levels at size 64"}[case]
+              "stale": "different configuration", "depth": "--unet_depth 7: U-Net depth must be 2..6 for size 64",
+              "depth-arch": "--unet_depth 3: needs --generator unet, not resnet9"}[case]
     if case == "missing":
         args[1] = tmp_path / "nowhere"
     elif case == "empty":
@@ -220,6 +221,8 @@ def test_bad_input_fails_before_training(case, shards_dir, trained, tmp_path):
         args += ["--config", tmp_path / "c.yaml"]
     elif case == "depth":
         args += ["--unet_depth", "7"]
+    elif case == "depth-arch":
+        args += ["--generator", "resnet9", "--unet_depth", "3"]
     elif case == "stale":
         args = [a if a != "16" else "8" for a in args] + ["--resume", rundir.checkpoint_dir(trained, 40)]
     result = train(*args, check=False, timeout=120)

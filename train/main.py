@@ -37,7 +37,7 @@ from train.data import check_shards, evenly_spaced, train_loaders, val_samples
 from train.inference import FlipShiftMean
 from train.losses import ImagePool, PatchNCE, discriminator_losses, generator_losses
 from train.metrics import slice_metrics
-from train.networks import CycleGenerators, Discriminators, build_discriminator, build_generator
+from train.networks import CycleGenerators, Discriminators, build_discriminator, build_generator, unet_levels
 
 
 LOSS_NAMES = ("G", "G_adv", "cycle", "identity", "structure", "nce", "D", "D_t1", "D_t2")
@@ -150,9 +150,13 @@ def main(argv=None) -> int:
     if config.resume and config.resume != "auto" and not Path(config.resume).exists():
         raise SystemExit(f"error: --resume {config.resume}: no such checkpoint folder")
 
-    levels = size.bit_length() - 1  # a U-Net down to 1x1
-    if config.unet_depth and (config.generator != "unet" or not 2 <= config.unet_depth <= levels):
-        raise SystemExit(f"error: --unet_depth {config.unet_depth}: needs --generator unet and 2..{levels} levels at size {size}")
+    if config.unet_depth:
+        if config.generator != "unet":
+            raise SystemExit(f"error: --unet_depth {config.unet_depth}: needs --generator unet, not {config.generator}")
+        try:
+            unet_levels(size, config.unet_depth)
+        except ValueError as err:
+            raise SystemExit(f"error: --unet_depth {config.unet_depth}: {err}")
     if config.mixed_precision == "fp16" and not torch.cuda.is_available():
         raise SystemExit("error: --mixed_precision fp16 needs a GPU and none is visible; use bf16 or no on CPU")
 

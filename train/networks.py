@@ -39,6 +39,17 @@ class UNetBlock(nn.Module):
         return self.model(x) if self.outermost else torch.cat([x, self.model(x)], 1)
 
 
+def unet_levels(size: int, depth: int = 0) -> int:
+    """The stride-2 levels of a U-Net for `size`: `depth`, or down to 1x1 when 0; ValueError where they do not fit."""
+    full = int(math.log2(size))
+    if 2**full != size or full < 4:
+        raise ValueError(f"U-Net needs a power-of-two size >= 16, got {size}")
+    depth = depth or full
+    if not 2 <= depth <= full:
+        raise ValueError(f"U-Net depth must be 2..{full} for size {size} (0 = {full}), got {depth}")
+    return depth
+
+
 class UNetGenerator(nn.Module):
     """U-Net of `depth` stride-2 levels (the reference's num_downs). By default the depth follows the image
     size: 256x256x1 is encoded down to 1x1x512 and back, so every output pixel sees the whole slice. A
@@ -47,12 +58,7 @@ class UNetGenerator(nn.Module):
 
     def __init__(self, size: int = 256, channels: int = 1, ngf: int = 64, dropout: bool = False, depth: int = 0):
         super().__init__()
-        full = int(math.log2(size))
-        if 2**full != size or full < 4:
-            raise ValueError(f"U-Net needs a power-of-two size >= 16, got {size}")
-        depth = depth or full
-        if not 2 <= depth <= full:
-            raise ValueError(f"U-Net depth must be 2..{full} for size {size} (0 = {full}), got {depth}")
+        depth = unet_levels(size, depth)
         widths = [ngf * min(2**i, 8) for i in range(depth)]  # 64, 128, 256, 512, 512, ...
         block = UNetBlock(widths[-2], widths[-1], None)
         for level in range(depth - 2, 0, -1):
