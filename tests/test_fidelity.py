@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 import webdataset as wds
+from PIL import Image
 from scipy import ndimage
 
 from conftest import run_module
@@ -20,6 +21,7 @@ from shards.pack import assign_splits
 from shards.preprocess import Grid, load_nifti, resample
 from shards.phantom import CSF, tissue_labels, voxel_world
 from shards.synth import MIN_SUBJECTS_FOR_HOLDOUT, grid, mark_held_out, render_subject, subject_anatomy, subjects
+from train.evaluate import read_samples, split_shards
 from train.fidelity import ErrorDetection, HallucinationMap, lesion_contrasts, lesion_summary
 from train.inference import CheckpointError, FlipShiftMean, load_generator, resolve_checkpoint, translate
 
@@ -250,8 +252,15 @@ def test_evaluate_reports_auroc_and_lesion_metrics(trained, fidelity_shards, tmp
         assert lesions["contrast_truth"] > 0 > report["lesions"]["t2_to_t1"]["contrast_truth"]
         assert 0 <= lesions["map_rank"] <= 1 and 0 <= lesions["flagged_fraction"] <= 1
         assert "lost lesions flagged" in (out / "report.md").read_text()
+        # one row per direction, both the test split's slice with the most lesion pixels; its mask comes last
+        most = max(int(s["lesion"].sum()) for s in read_samples(split_shards(fidelity_shards / "test")) if "lesion" in s)
+        grid = np.asarray(Image.open(out / "lesions.png"))
+        size = (grid.shape[0] - 2) // 2
+        assert grid.shape == (2 * size + 2, 6 * size + 5 * 2)  # 4 columns, the map, the lesion mask
+        for row in (0, 1):
+            assert (grid[row * (size + 2):row * (size + 2) + size, -size:] == 255).sum() == most
     else:
-        assert report["lesions"] == {}
+        assert report["lesions"] == {} and not (out / "lesions.png").exists()
     assert "AUROC" in (out / "report.md").read_text()
 
 

@@ -10,7 +10,9 @@ evaluating the val split reproduces the logged validation (with --tta where the 
 With --tta each translation is the mean of 10 flipped and shifted copies (train/inference.py).
 
 DIR gets report.json, report.csv (one row per subject), report.md and figure.png (worst, median and best
-slice per direction: input | translation | ground truth | |error| x4 [| hallucination map x4]).
+slice per direction: input | translation | ground truth | |error| x4 [| hallucination map x4]) and, where
+the shards carry lesion masks, lesions.png (per direction the slice with the most lesion pixels, the same
+columns and its lesion mask).
 
 Fidelity (train/fidelity.py, docs/fidelity.md): with `--uncertainty tta|cycle|ensemble` the report adds how
 well the hallucination map flags pixels with |error| > --error-threshold (AUROC); where the shards carry
@@ -22,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import io
 import itertools
 import json
 import shutil
@@ -91,7 +92,7 @@ def score(nets: dict, paths: list[str], batch_size: int, device: torch.device, m
                 if "lesion" in sample and sample["lesion"].any():
                     lesion_slices[name].setdefault(sample["meta"]["subject"], []).append(
                         {"z": sample["meta"]["slice"], "lesion": sample["lesion"], "mask": sample["mask"],
-                         "pred": pred[i, 0].cpu().numpy(), "truth": sample[target],
+                         "input": sample[source], "pred": pred[i, 0].cpu().numpy(), "truth": sample[target],
                          **({"map": spread[i, 0].cpu().numpy()} if spread is not None else {})})
     return rows, lesion_slices
 
@@ -144,13 +145,29 @@ def figure(nets: dict, paths: list[str], rows: dict, device: torch.device, maps:
             s = samples[key]
             image = torch.from_numpy(s[source])[None, None].to(device)
             pred, spread = translate_with_map(nets[name], image, maps[name] if maps else None)
-            translated = pred[0, 0].cpu().numpy()
-            error = np.clip(np.abs(translated - s[target]) * ERROR_GAIN, 0, 1) * s["mask"]
-            row = [s[source], translated, s[target], error]
-            if spread is not None:
-                row.append(np.clip(spread[0, 0].cpu().numpy() * ERROR_GAIN, 0, 1) * s["mask"])
-            grid_rows.append(row)
+            grid_rows.append(figure_row(s[source], pred[0, 0].cpu().numpy(), s[target], s["mask"],
+                                        None if spread is None else spread[0, 0].cpu().numpy()))
     return rundir.prediction_grid(grid_rows)
+
+
+def lesion_figure(lesion_slices: dict) -> np.ndarray | None:
+    """Per direction, the slice with the most lesion pixels, as figure() draws a slice plus its lesion mask;
+    None without lesions."""
+    grid_rows = []
+    for subjects in lesion_slices.values():
+        slices = [s for per_subject in subjects.values() for s in per_subject]
+        if slices:
+            s = max(slices, key=lambda s: s["lesion"].sum())
+            grid_rows.append([*figure_row(s["input"], s["pred"], s["truth"], s["mask"], s.get("map")), s["lesion"].astype(np.float32)])
+    return rundir.prediction_grid(grid_rows) if grid_rows else None
+
+
+def figure_row(source: np.ndarray, pred: np.ndarray, truth: np.ndarray, mask: np.ndarray, spread: np.ndarray | None) -> list:
+    """input, translation, truth, |error| and the map (both amplified, inside the head)."""
+    row = [source, pred, truth, np.clip(np.abs(pred - truth) * ERROR_GAIN, 0, 1) * mask]
+    if spread is not None:
+        row.append(np.clip(spread * ERROR_GAIN, 0, 1) * mask)
+    return row
 
 
 def report_markdown(report: dict) -> str:
@@ -188,7 +205,10 @@ def report_markdown(report: dict) -> str:
                 lost = "-" if d["lost_flagged_fraction"] is None else f"{100 * d['lost_flagged_fraction']:.0f}%"
                 lines.append(f"| {direction_label(name)} | {d['map_rank']:.2f} | {100 * d['flagged_fraction']:.0f}% | {lost} |")
     columns = f"input, translation, ground truth, |error| x{ERROR_GAIN}" + (f", hallucination map x{ERROR_GAIN}" if "uncertainty" in report else "")
-    lines += ["", f"figure.png: per direction the worst, median and best slice by masked SSIM; columns {columns}.", ""]
+    lines += ["", f"figure.png: per direction the worst, median and best slice by masked SSIM; columns {columns}."]
+    if report.get("lesions"):
+        lines.append(f"lesions.png: per direction the slice with the most lesion pixels; columns {columns}, lesion mask.")
+    lines.append("")
     return "\n".join(lines)
 
 
@@ -252,9 +272,10 @@ def main(argv=None) -> int:
         for subject in sorted(by_direction["t1_to_t2"]):
             writer.writerow([subject, by_direction["t1_to_t2"][subject]["slices"],
                              *[f"{by_direction[name][subject][k]:.6f}" for name, _, _ in DIRECTIONS for k in POOLED]])
-    buf = io.BytesIO()
-    Image.fromarray(figure(nets, paths, rows, device, maps)).save(buf, format="PNG")
-    (tmp / "figure.png").write_bytes(buf.getvalue())
+    Image.fromarray(figure(nets, paths, rows, device, maps)).save(tmp / "figure.png")
+    lesions = lesion_figure(lesion_slices)
+    if lesions is not None:
+        Image.fromarray(lesions).save(tmp / "lesions.png")
     (tmp / "report.md").write_text(report_markdown(report))
     if args.out.exists():
         shutil.rmtree(args.out)
