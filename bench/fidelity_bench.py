@@ -49,6 +49,8 @@ VARIANTS = {
     # and a shallow U-Net: each output pixel sees a 30 (depth 3) or 62 (depth 4) pixel window, not the whole slice
     "mind-lsgan-cyc5-unet3": [*MIND_LSGAN, "--lambda_cycle", "5", "--unet_depth", "3"],
     "mind-lsgan-cyc5-unet4": [*MIND_LSGAN, "--lambda_cycle", "5", "--unet_depth", "4"],
+    # and a slower moving average of the generator weights (about the last 1000 steps), for the long runs
+    "mind-lsgan-cyc5-unet3-ema": [*MIND_LSGAN, "--lambda_cycle", "5", "--unet_depth", "3", "--ema_decay", "0.999"],
 }
 
 
