@@ -51,6 +51,8 @@ VARIANTS = {
     "mind-lsgan-cyc5-unet4": [*MIND_LSGAN, "--lambda_cycle", "5", "--unet_depth", "4"],
     # and a slower moving average of the generator weights (about the last 1000 steps), for the long runs
     "mind-lsgan-cyc5-unet3-ema": [*MIND_LSGAN, "--lambda_cycle", "5", "--unet_depth", "3", "--ema_decay", "0.999"],
+    # and 34-pixel discriminator patches: the reference's 70 cover half a 128² slice
+    "mind-lsgan-cyc5-unet3-d2": [*MIND_LSGAN, "--lambda_cycle", "5", "--unet_depth", "3", "--disc_layers", "2"],
 }
 
 
