@@ -34,25 +34,28 @@ ROOT = Path(__file__).resolve().parents[1]
 # train/demo.yaml's settings when they were the best at 64² in bench/demo_settings.py (spelled out, so a row's
 # meaning does not change with the demo)
 MIND_LSGAN = ["--lambda_structure", "5", "--lambda_identity", "0", "--gan_loss", "lsgan", "--augment", "false", "--lr", "5e-4"]
+# and half the reference cycle weight, the lever at 64² (docs/benchmarks.md)
+MIND_LSGAN_CYC5 = [*MIND_LSGAN, "--lambda_cycle", "5"]
+# and a shallow U-Net: each output pixel sees a 30-pixel window, not the whole slice (the best at 128²)
+UNET3 = [*MIND_LSGAN_CYC5, "--unet_depth", "3"]
 # each variant: train/main.py flags on top of the shared ones; "plain" is the seed's CycleGAN
 VARIANTS = {
     "plain": [],
     "mind": ["--lambda_structure", "5"],
     "mind-noidt": ["--lambda_structure", "5", "--lambda_identity", "0"],
     "mind-lsgan": MIND_LSGAN,
-    # and half the reference cycle weight, the lever at 64² (docs/benchmarks.md)
-    "mind-lsgan-cyc5": [*MIND_LSGAN, "--lambda_cycle", "5"],
+    "mind-lsgan-cyc5": MIND_LSGAN_CYC5,
     # and the demo's moving average of the generator weights
-    "mind-lsgan-cyc5-ema": [*MIND_LSGAN, "--lambda_cycle", "5", "--ema_decay", "0.995"],
+    "mind-lsgan-cyc5-ema": [*MIND_LSGAN_CYC5, "--ema_decay", "0.995"],
     # and CUT's patch contrastive loss, both ways
-    "mind-lsgan-cyc5-nce": [*MIND_LSGAN, "--lambda_cycle", "5", "--lambda_nce", "1"],
-    # and a shallow U-Net: each output pixel sees a 30 (depth 3) or 62 (depth 4) pixel window, not the whole slice
-    "mind-lsgan-cyc5-unet3": [*MIND_LSGAN, "--lambda_cycle", "5", "--unet_depth", "3"],
-    "mind-lsgan-cyc5-unet4": [*MIND_LSGAN, "--lambda_cycle", "5", "--unet_depth", "4"],
+    "mind-lsgan-cyc5-nce": [*MIND_LSGAN_CYC5, "--lambda_nce", "1"],
+    "mind-lsgan-cyc5-unet3": UNET3,
+    # a 62-pixel window
+    "mind-lsgan-cyc5-unet4": [*MIND_LSGAN_CYC5, "--unet_depth", "4"],
     # and a slower moving average of the generator weights (about the last 1000 steps), for the long runs
-    "mind-lsgan-cyc5-unet3-ema": [*MIND_LSGAN, "--lambda_cycle", "5", "--unet_depth", "3", "--ema_decay", "0.999"],
+    "mind-lsgan-cyc5-unet3-ema": [*UNET3, "--ema_decay", "0.999"],
     # and 34-pixel discriminator patches: the reference's 70 cover half a 128² slice
-    "mind-lsgan-cyc5-unet3-d2": [*MIND_LSGAN, "--lambda_cycle", "5", "--unet_depth", "3", "--disc_layers", "2"],
+    "mind-lsgan-cyc5-unet3-d2": [*UNET3, "--disc_layers", "2"],
 }
 
 
