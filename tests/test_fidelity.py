@@ -254,11 +254,11 @@ def test_evaluate_reports_auroc_and_lesion_metrics(trained, fidelity_shards, tmp
         assert "lost lesions flagged" in (out / "report.md").read_text()
         # one row per direction, both the test split's slice with the most lesion pixels; its mask comes last
         most = max(int(s["lesion"].sum()) for s in read_samples(split_shards(fidelity_shards / "test")) if "lesion" in s)
-        grid = np.asarray(Image.open(out / "lesions.png"))
-        size = (grid.shape[0] - 2) // 2
-        assert grid.shape == (2 * size + 2, 6 * size + 5 * 2)  # 4 columns, the map, the lesion mask
+        lesion_grid = np.asarray(Image.open(out / "lesions.png"))
+        size = (lesion_grid.shape[0] - 2) // 2
+        assert lesion_grid.shape == (2 * size + 2, 6 * size + 5 * 2)  # 4 columns, the map, the lesion mask
         for row in (0, 1):
-            assert (grid[row * (size + 2):row * (size + 2) + size, -size:] == 255).sum() == most
+            assert (lesion_grid[row * (size + 2):row * (size + 2) + size, -size:] == 255).sum() == most
     else:
         assert report["lesions"] == {} and not (out / "lesions.png").exists()
     assert "AUROC" in (out / "report.md").read_text()
