@@ -56,6 +56,8 @@ VARIANTS = {
     "mind-lsgan-cyc5-unet3-ema": [*UNET3, "--ema_decay", "0.999"],
     # and 34-pixel discriminator patches: the reference's 70 cover half a 128² slice
     "mind-lsgan-cyc5-unet3-d2": [*UNET3, "--disc_layers", "2"],
+    # and discriminators that learn at half the generators' rate (past 12000 steps they win)
+    "mind-lsgan-cyc5-unet3-lrd": [*UNET3, "--lr_d", "2.5e-4"],
 }
 
 

@@ -62,6 +62,19 @@ def test_adam_runs_fused_on_cpu(trained):
         assert [group["fused"] for group in state["param_groups"]] == [True], name
 
 
+def test_discriminators_learn_at_lr_d_and_the_generators_at_lr(trained, shards_dir, tmp_path):
+    def initial_lrs(run, step):  # generators', discriminators'
+        return [torch.load(rundir.checkpoint_dir(run, step) / name, weights_only=True)["param_groups"][0]["initial_lr"]
+                for name in ("optimizer.bin", "optimizer_1.bin")]
+
+    assert initial_lrs(trained, 40) == [2e-4, 2e-4]  # --lr_d 0: the discriminators take --lr
+    out = tmp_path / "lr_d"
+    train("--data", shards_dir, "--out", out, *SMALL, "--max_steps", 10, "--checkpoint_every", 10, "--log_every", 2, "--lr_d", 5e-5)
+    assert initial_lrs(out, 10) == [2e-4, 5e-5]
+    rows = [r for r in rundir.read_metrics(out) if "lr_d" in r and r["step"] <= 4]  # before the decay starts at step 5
+    assert [(r["lr"], r["lr_d"]) for r in rows] == [(2e-4, 5e-5)] * 2
+
+
 def test_resume_from_a_checkpoint_reproduces_the_uninterrupted_run(trained, tmp_path):
     """Same final weights whether or not the run stopped at step 30: model, optimizer, LR schedule, pools,
     RNG and data position all continue exactly."""

@@ -40,7 +40,9 @@ class Config:
     lambda_nce: float = option(0.0, "PatchNCE weight (CUT's patch contrastive loss, both ways): each patch of a translation should match the "
                                "input's patch at the same place in the generators' encoder features (0 = off)", minimum=0)
     pool_size: int = option(50, "history pool of generated images shown to the discriminators", minimum=0)
-    lr: float = option(2e-4, "Adam learning rate for generators and discriminators")
+    lr: float = option(2e-4, "Adam learning rate for the generators, and for the discriminators unless --lr_d")
+    lr_d: float = option(0.0, "Adam learning rate for the discriminators; 0 = --lr. Below --lr the discriminators learn more slowly "
+                         "than the generators (a two time-scale update rule)", minimum=0)
     beta1: float = option(0.5, "Adam beta1")
     beta2: float = option(0.999, "Adam beta2")
     ema_decay: float = option(0.0, "keep an exponential moving average of the generator weights with this decay (e.g. 0.995, "

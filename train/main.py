@@ -185,7 +185,7 @@ def main(argv=None) -> int:
     # one fused kernel per step instead of a loop of small ones: 11% of the demo's step on CPU
     adam = {"lr": config.lr, "betas": (config.beta1, config.beta2), "fused": accelerator.device.type in ("cpu", "cuda")}
     opt_g = torch.optim.Adam([*gens.parameters(), *(nce.parameters() if nce else [])], **adam)
-    opt_d = torch.optim.Adam(discs.parameters(), **adam)
+    opt_d = torch.optim.Adam(discs.parameters(), **{**adam, "lr": config.lr_d or config.lr})
     world = accelerator.num_processes
     steps_per_epoch = config.steps_per_epoch or max(1, min(manifest["splits"]["train"]["slices"].values()) // (config.batch_size * world))
     total_steps = config.max_steps or config.epochs * steps_per_epoch
@@ -309,7 +309,7 @@ def main(argv=None) -> int:
                 elapsed = time.time() - window_start
                 losses = window_losses / window_steps
                 losses = accelerator.reduce(losses, reduction="mean") if world > 1 else losses
-                last = {**{f"loss/{k}": v.item() for k, v in zip(LOSS_NAMES, losses)}, "lr": sched_g.get_last_lr()[0], "images_per_s": window_images / max(elapsed, 1e-9),
+                last = {**{f"loss/{k}": v.item() for k, v in zip(LOSS_NAMES, losses)}, "lr": sched_g.get_last_lr()[0], "lr_d": sched_d.get_last_lr()[0], "images_per_s": window_images / max(elapsed, 1e-9),
                         "nan_steps": state.nan_steps, "skipped_samples": sum(skipped_by_slot.values())}
                 if is_main:
                     metrics_log.write({"step": state.step, "epoch": epoch, **last})
