@@ -88,6 +88,21 @@ def test_resume_from_a_checkpoint_reproduces_the_uninterrupted_run(trained, tmp_
         assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a), name
 
 
+def test_a_resume_takes_the_learning_rates_given_now(trained, tmp_path):
+    """The checkpoint's optimizers hold the old rates; --lr and --lr_d given at resume replace them, at the
+    saved step's place in the linear decay (steps 20..40 of 40: factor 1 - (step - 20) / 20)."""
+    out = tmp_path / "lower_lr"
+    data = yaml.safe_load((trained / "config.yaml").read_text())["data"]
+    train("--data", data, "--out", out, *SMALL, "--max_steps", 40, "--steps_per_epoch", 20, "--checkpoint_every", 10,
+          "--resume", rundir.checkpoint_dir(trained, 30), "--lr", 1e-4, "--lr_d", 4e-5)
+    rows = [r for r in rundir.read_metrics(out) if "lr" in r]
+    assert [r["step"] for r in rows] == [35, 40]
+    assert rows[0]["lr"] == pytest.approx(0.25 * 1e-4) and rows[0]["lr_d"] == pytest.approx(0.25 * 4e-5)
+    for name, lr in (("optimizer.bin", 1e-4), ("optimizer_1.bin", 4e-5)):
+        state = torch.load(rundir.checkpoint_dir(out, 40) / name, weights_only=True)
+        assert state["param_groups"][0]["initial_lr"] == lr, name
+
+
 def test_ema_generators_are_what_checkpoints_hold_and_resume_exactly(shards_dir, tmp_path):
     """With --ema_decay the inference generators are the moving average (not the trained weights), and the
     average is part of the resumable state: a run resumed at step 10 ends with the same average."""

@@ -205,6 +205,12 @@ def main(argv=None) -> int:
     accelerator.register_for_checkpointing(kept)
     if resume_path:
         accelerator.load_state(str(resume_path))
+        # the saved optimizers and schedules carry the old rates and betas; the options given now win (a lower --lr
+        # after a NaN stop), on the saved step's place in the schedule
+        for sched, lr in ((sched_g, config.lr), (sched_d, config.lr_d or config.lr)):
+            sched.base_lrs = [lr] * len(sched.optimizer.param_groups)
+            for group in sched.optimizer.param_groups:
+                group.update(initial_lr=lr, lr=lr * sched.lr_lambdas[0](sched.last_epoch), betas=(config.beta1, config.beta2))
         accelerator.print(f"resumed from {resume_path} at step {state.step}")
 
     loaders = train_loaders(config.data, config, accelerator.process_index, world)
