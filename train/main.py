@@ -185,7 +185,8 @@ def main(argv=None) -> int:
     # one fused kernel per step instead of a loop of small ones: 11% of the demo's step on CPU
     adam = {"lr": config.lr, "betas": (config.beta1, config.beta2), "fused": accelerator.device.type in ("cpu", "cuda")}
     opt_g = torch.optim.Adam([*gens.parameters(), *(nce.parameters() if nce else [])], **adam)
-    opt_d = torch.optim.Adam(discs.parameters(), **{**adam, "lr": config.lr_d or config.lr})
+    lr_d = config.lr_d or config.lr
+    opt_d = torch.optim.Adam(discs.parameters(), **{**adam, "lr": lr_d})
     world = accelerator.num_processes
     steps_per_epoch = config.steps_per_epoch or max(1, min(manifest["splits"]["train"]["slices"].values()) // (config.batch_size * world))
     total_steps = config.max_steps or config.epochs * steps_per_epoch
@@ -207,7 +208,7 @@ def main(argv=None) -> int:
         accelerator.load_state(str(resume_path))
         # the saved optimizers and schedules carry the old rates and betas; the options given now win (a lower --lr
         # after a NaN stop), on the saved step's place in the schedule
-        for sched, lr in ((sched_g, config.lr), (sched_d, config.lr_d or config.lr)):
+        for sched, lr in ((sched_g, config.lr), (sched_d, lr_d)):
             sched.base_lrs = [lr] * len(sched.optimizer.param_groups)
             for group in sched.optimizer.param_groups:
                 group.update(initial_lr=lr, lr=lr * sched.lr_lambdas[0](sched.last_epoch), betas=(config.beta1, config.beta2))
