@@ -56,21 +56,24 @@ def test_losses_fall_and_the_run_folder_is_complete(trained):
     assert not list(trained.rglob("*.tmp"))
 
 
+OPTIMIZERS = ("optimizer.bin", "optimizer_1.bin")  # the generators', the discriminators'
+
+
+def param_groups(run, step) -> list[list[dict]]:
+    """Each optimizer's param groups as the checkpoint at `step` holds them, in OPTIMIZERS order."""
+    return [torch.load(rundir.checkpoint_dir(run, step) / name, weights_only=True)["param_groups"] for name in OPTIMIZERS]
+
+
 def test_adam_runs_fused_on_cpu(trained):
-    for name in ("optimizer.bin", "optimizer_1.bin"):  # generators', discriminators'
-        state = torch.load(rundir.checkpoint_dir(trained, 40) / name, weights_only=True)
-        assert [group["fused"] for group in state["param_groups"]] == [True], name
+    for name, groups in zip(OPTIMIZERS, param_groups(trained, 40)):
+        assert [group["fused"] for group in groups] == [True], name
 
 
 def test_discriminators_learn_at_lr_d_and_the_generators_at_lr(trained, shards_dir, tmp_path):
-    def initial_lrs(run, step):  # generators', discriminators'
-        return [torch.load(rundir.checkpoint_dir(run, step) / name, weights_only=True)["param_groups"][0]["initial_lr"]
-                for name in ("optimizer.bin", "optimizer_1.bin")]
-
-    assert initial_lrs(trained, 40) == [2e-4, 2e-4]  # --lr_d 0: the discriminators take --lr
+    assert [groups[0]["initial_lr"] for groups in param_groups(trained, 40)] == [2e-4, 2e-4]  # --lr_d 0: they take --lr
     out = tmp_path / "lr_d"
     train("--data", shards_dir, "--out", out, *SMALL, "--max_steps", 10, "--checkpoint_every", 10, "--log_every", 2, "--lr_d", 5e-5)
-    assert initial_lrs(out, 10) == [2e-4, 5e-5]
+    assert [groups[0]["initial_lr"] for groups in param_groups(out, 10)] == [2e-4, 5e-5]
     rows = [r for r in rundir.read_metrics(out) if "lr_d" in r and r["step"] <= 4]  # before the decay starts at step 5
     assert [(r["lr"], r["lr_d"]) for r in rows] == [(2e-4, 5e-5)] * 2
 
@@ -98,9 +101,7 @@ def test_a_resume_takes_the_learning_rates_given_now(trained, tmp_path):
     rows = [r for r in rundir.read_metrics(out) if "lr" in r]
     assert [r["step"] for r in rows] == [35, 40]
     assert rows[0]["lr"] == pytest.approx(0.25 * 1e-4) and rows[0]["lr_d"] == pytest.approx(0.25 * 4e-5)
-    for name, lr in (("optimizer.bin", 1e-4), ("optimizer_1.bin", 4e-5)):
-        state = torch.load(rundir.checkpoint_dir(out, 40) / name, weights_only=True)
-        assert state["param_groups"][0]["initial_lr"] == lr, name
+    assert [groups[0]["initial_lr"] for groups in param_groups(out, 40)] == [1e-4, 4e-5]
 
 
 def test_ema_generators_are_what_checkpoints_hold_and_resume_exactly(shards_dir, tmp_path):
