@@ -3,6 +3,7 @@ synthetic IXI with lesions and a held-out anatomy (docs/fidelity.md).
 
     python bench/fidelity_bench.py [--out bench-out/fidelity] [--subjects 30] [--size 128] [--steps 600]
                                    [--variants plain mind] [--uncertainty tta] [--tta] [--seed 0] [--train-seed N]
+                                   [--snapshots N]
 
 Stages: `shards synth --lesions --holdout-anatomy` (downsample 256/size) -> `shards pack --lesions --holdout`
 -> per variant `train/main.py` -> `train.evaluate --uncertainty` on val+test, which hold every lesion and
@@ -98,7 +99,12 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0, help="seed of the synthetic subjects and, by default, of training")
     parser.add_argument("--train-seed", type=int, help="seed of the training runs (default: --seed); another seed of a variant "
                         "gets its own run folder, NAME-SIZE-STEPS-seedN, on the same data")
+    parser.add_argument("--snapshots", type=int, default=1, help="keep N checkpoints spread over the second half of "
+                        "each run, where the learning rate decays (the members of --uncertainty ensemble; the last one is "
+                        "scored); N > 1 gets its own run folder, NAME-SIZE-STEPS-snapN")
     args = parser.parse_args()
+    if not 1 <= args.snapshots <= args.steps // 2:
+        parser.error(f"--snapshots must be between 1 and half of --steps ({args.steps // 2}), got {args.snapshots}")
     out = args.out.resolve()
     ixi, shards = out / "ixi", out / f"shards-{args.size}"
     env = {**os.environ, "WANDB_MODE": "offline"}
@@ -113,13 +119,15 @@ def main() -> None:
     train_seed = args.seed if args.train_seed is None else args.train_seed
     results = {}
     for name in args.variants:
-        run_name = f"{name}-{args.size}-{args.steps}{f'-seed{train_seed}' * (train_seed != args.seed)}"
+        run_name = (f"{name}-{args.size}-{args.steps}{f'-seed{train_seed}' * (train_seed != args.seed)}"
+                    f"{f'-snap{args.snapshots}' * (args.snapshots > 1)}")
         run_dir = out / "runs" / run_name
         if not (run_dir / "summary.json").exists():
             timings[f"train_{name}_s"] = run(
                 "train/main.py", "--data", shards, "--out", run_dir, "--size", args.size, "--ngf", args.ngf, "--ndf", args.ngf,
                 "--batch_size", args.batch_size, "--max_steps", args.steps, "--steps_per_epoch", max(args.steps // 4, 1),
-                "--checkpoint_every", args.steps, "--checkpoints_total_limit", 2, "--num_workers", 1, "--report_to", "none",
+                "--checkpoint_every", args.steps // (2 * args.snapshots) if args.snapshots > 1 else args.steps,
+                "--checkpoints_total_limit", max(args.snapshots, 2), "--num_workers", 1, "--report_to", "none",
                 "--seed", train_seed, "--resume", "auto", *VARIANTS[name], env=env)
         report_dir = out / "reports" / f"{run_name}-{args.uncertainty}{'-tta-mean' * args.tta}"
         checkpoint = max((run_dir / "checkpoints").glob("step-*"))  # the step budget's last checkpoint, not val-selected
