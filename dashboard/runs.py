@@ -15,7 +15,7 @@ import yaml
 from train import rundir
 
 RUNNING_WITHIN_S = 600  # a run without summary.json whose metrics changed this recently is taken as running
-CONFIG_SUMMARY_KEYS = ("generator", "unet_depth", "size", "ngf", "batch_size", "lr", "lr_d", "gan_loss", "lambda_cycle",
+CONFIG_SUMMARY_KEYS = ("generator", "unet_depth", "size", "ngf", "batch_size", "lr", "lr_d", "gan_loss", "lambda_adv", "lambda_cycle",
                        "lambda_structure", "lambda_nce", "mixed_precision")
 WANDB_URL = re.compile(r"https://wandb\.ai/[\w./-]+/runs/\w+")
 

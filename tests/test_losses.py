@@ -120,6 +120,18 @@ def test_identity_passes_are_skipped_when_the_identity_loss_is_off():
     torch.testing.assert_close(losses_off["G"], losses_on["G"] - losses_on["identity"], atol=1e-5, rtol=1e-5)
 
 
+def test_lambda_adv_scales_only_the_adversarial_term():
+    torch.manual_seed(0)
+    gens = CycleGenerators(build_generator("unet", 32, 4), build_generator("unet", 32, 4))
+    discs = Discriminators(build_discriminator(4), build_discriminator(4))
+    real_a, real_b = torch.rand(2, 1, 32, 32) * 2 - 1, torch.rand(2, 1, 32, 32) * 2 - 1
+    _, reference = generator_losses(gens, discs, real_a, real_b, "lsgan", 10.0, 0.0, lambda_structure=5.0)
+    _, quarter = generator_losses(gens, discs, real_a, real_b, "lsgan", 10.0, 0.0, lambda_structure=5.0, lambda_adv=0.25)
+    assert reference["G_adv"] > 0
+    torch.testing.assert_close(quarter["G_adv"], 0.25 * reference["G_adv"])
+    torch.testing.assert_close(quarter["G"] - quarter["G_adv"], reference["G"] - reference["G_adv"])
+
+
 @pytest.mark.parametrize("layers,patch", [(1, 16), (2, 34), (3, 70)])
 def test_patchgan_depth_sets_the_patch_each_logit_judges(layers, patch):
     disc = build_discriminator(4, layers)

@@ -78,6 +78,14 @@ def test_discriminators_learn_at_lr_d_and_the_generators_at_lr(trained, shards_d
     assert [(r["lr"], r["lr_d"]) for r in rows] == [(2e-4, 5e-5)] * 2
 
 
+def test_lambda_adv_reaches_the_generators_loss(trained, shards_dir, tmp_path):
+    assert all(r["loss/G_adv"] > 0 for r in rundir.read_metrics(trained) if "loss/G_adv" in r)
+    out = tmp_path / "no_adv"
+    train("--data", shards_dir, "--out", out, *SMALL, "--max_steps", 4, "--checkpoint_every", 4, "--log_every", 2, "--lambda_adv", 0)
+    rows = [r for r in rundir.read_metrics(out) if "loss/G_adv" in r]
+    assert len(rows) == 2 and all(r["loss/G_adv"] == 0 and r["loss/G"] > 0 for r in rows)
+
+
 def test_resume_from_a_checkpoint_reproduces_the_uninterrupted_run(trained, tmp_path):
     """Same final weights whether or not the run stopped at step 30: model, optimizer, LR schedule, pools,
     RNG and data position all continue exactly."""

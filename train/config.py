@@ -34,6 +34,8 @@ class Config:
     disc_layers: int = option(3, "PatchGAN depth: 3 judges 70x70 patches (the reference, for 256x256), 2 judges 34x34, 1 judges 16x16", minimum=1)
     # losses and optimizer
     gan_loss: str = option("bce", "adversarial loss: bce (BCE with logits, as in the seed) or lsgan", choices=["bce", "lsgan"])
+    lambda_adv: float = option(1.0, "weight of the generators' adversarial loss; below 1 the cycle and structure terms weigh more "
+                               "against fooling the discriminators", minimum=0)
     lambda_cycle: float = option(10.0, "cycle-consistency L1 weight (lambda)")
     lambda_identity: float = option(0.5, "identity L1 weight as a fraction of lambda_cycle")
     lambda_structure: float = option(0.0, "MIND structure-consistency L1 between each input and its translation (0 = off, the seed's plain CycleGAN)")

@@ -102,7 +102,8 @@ class PatchNCE(nn.Module):
 
 
 def generator_losses(gens, discs, real_a, real_b, kind: str, lambda_cycle: float, lambda_identity: float,
-                     lambda_structure: float = 0.0, nce: nn.Module | None = None, lambda_nce: float = 0.0):
+                     lambda_structure: float = 0.0, nce: nn.Module | None = None, lambda_nce: float = 0.0,
+                     lambda_adv: float = 1.0):
     """Fool both (frozen) discriminators, cycle back, keep identity and (optionally) structure: MIND and/or
     PatchNCE (`nce`, possibly wrapped for DDP). Returns the generated images and the losses; losses["G"] is
     what the generators minimize."""
@@ -110,7 +111,7 @@ def generator_losses(gens, discs, real_a, real_b, kind: str, lambda_cycle: float
     with patch_nce.recording() if lambda_nce else nullcontext() as calls:
         fakes = gens(real_a, real_b, identity=bool(lambda_identity))
     judged_a, judged_b = discs(fakes["fake_a"], fakes["fake_b"])
-    adversarial = gan_loss(judged_a, True, kind) + gan_loss(judged_b, True, kind)
+    adversarial = lambda_adv * (gan_loss(judged_a, True, kind) + gan_loss(judged_b, True, kind))
     cycle = lambda_cycle * (F.l1_loss(fakes["rec_a"].float(), real_a) + F.l1_loss(fakes["rec_b"].float(), real_b))
     identity = structure = torch.zeros((), device=real_a.device)
     if lambda_identity:

@@ -265,7 +265,8 @@ def main(argv=None) -> int:
             discs_plain.requires_grad_(False)
             with accelerator.autocast():
                 fakes, losses_g = generator_losses(gens, discs_plain, real_a, real_b, config.gan_loss, config.lambda_cycle,
-                                                     config.lambda_identity, config.lambda_structure, nce, config.lambda_nce)
+                                                     config.lambda_identity, config.lambda_structure, nce, config.lambda_nce,
+                                                     config.lambda_adv)
             discs_plain.requires_grad_(True)
             bad = any_rank(accelerator, not torch.isfinite(losses_g["G"]).item())
             if not bad:
