@@ -59,6 +59,8 @@ VARIANTS = {
     "mind-lsgan-cyc5-unet3-d2": [*UNET3, "--disc_layers", "2"],
     # and discriminators that learn at half the generators' rate (past 12000 steps they win)
     "mind-lsgan-cyc5-unet3-lrd": [*UNET3, "--lr_d", "2.5e-4"],
+    # and half the adversarial weight: the cycle and MIND terms weigh more against fooling the discriminators
+    "mind-lsgan-cyc5-unet3-adv05": [*UNET3, "--lambda_adv", "0.5"],
 }
 
 
