@@ -66,14 +66,20 @@ def test_patch_nce_rewards_a_translation_whose_patches_stay_in_place():
     assert all(not m._forward_hooks for m in [*g_ab.modules(), *g_ba.modules()]), "recording removes its hooks"
 
 
-def test_patch_nce_reads_the_cycle_passes_and_trains_generators_and_heads():
-    """No generator pass is added for it (2 + 2 calls without identity, the first batched with the identity
-    pass with it), it adds to G, and its gradient reaches the generators and both projection heads."""
+def tiny_cycle_gan():
+    """Seeded 32x32 generators, discriminators and a batch of 2 per domain, for the generator-loss tests."""
     torch.manual_seed(0)
     gens = CycleGenerators(build_generator("unet", 32, 4), build_generator("unet", 32, 4))
     discs = Discriminators(build_discriminator(4), build_discriminator(4))
-    nce = PatchNCE(gens.g_ab, gens.g_ba)
     real_a, real_b = torch.rand(2, 1, 32, 32) * 2 - 1, torch.rand(2, 1, 32, 32) * 2 - 1
+    return gens, discs, real_a, real_b
+
+
+def test_patch_nce_reads_the_cycle_passes_and_trains_generators_and_heads():
+    """No generator pass is added for it (2 + 2 calls without identity, the first batched with the identity
+    pass with it), it adds to G, and its gradient reaches the generators and both projection heads."""
+    gens, discs, real_a, real_b = tiny_cycle_gan()
+    nce = PatchNCE(gens.g_ab, gens.g_ba)
     calls = []
     gens.g_ab.register_forward_hook(lambda module, inputs, output: calls.append(inputs[0].shape[0]))
     for lambda_identity, expected in ((0.0, [2, 2]), (0.5, [4, 2])):
@@ -104,10 +110,7 @@ def test_image_pool_returns_history_and_round_trips_its_state():
 
 
 def test_identity_passes_are_skipped_when_the_identity_loss_is_off():
-    torch.manual_seed(0)
-    gens = CycleGenerators(build_generator("unet", 32, 4), build_generator("unet", 32, 4))
-    discs = Discriminators(build_discriminator(4), build_discriminator(4))
-    real_a, real_b = torch.rand(2, 1, 32, 32) * 2 - 1, torch.rand(2, 1, 32, 32) * 2 - 1
+    gens, discs, real_a, real_b = tiny_cycle_gan()
     calls = []
     gens.g_ab.register_forward_hook(lambda module, inputs, output: calls.append(inputs[0].shape[0]))
     with_identity, losses_on = generator_losses(gens, discs, real_a, real_b, "lsgan", 10.0, 0.5)
@@ -121,10 +124,7 @@ def test_identity_passes_are_skipped_when_the_identity_loss_is_off():
 
 
 def test_lambda_adv_scales_only_the_adversarial_term():
-    torch.manual_seed(0)
-    gens = CycleGenerators(build_generator("unet", 32, 4), build_generator("unet", 32, 4))
-    discs = Discriminators(build_discriminator(4), build_discriminator(4))
-    real_a, real_b = torch.rand(2, 1, 32, 32) * 2 - 1, torch.rand(2, 1, 32, 32) * 2 - 1
+    gens, discs, real_a, real_b = tiny_cycle_gan()
     _, reference = generator_losses(gens, discs, real_a, real_b, "lsgan", 10.0, 0.0, lambda_structure=5.0)
     _, quarter = generator_losses(gens, discs, real_a, real_b, "lsgan", 10.0, 0.0, lambda_structure=5.0, lambda_adv=0.25)
     assert reference["G_adv"] > 0
