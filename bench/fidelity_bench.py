@@ -61,6 +61,8 @@ VARIANTS = {
     "mind-lsgan-cyc5-unet3-lrd": [*UNET3, "--lr_d", "2.5e-4"],
     # and half the adversarial weight: the cycle and MIND terms weigh more against fooling the discriminators
     "mind-lsgan-cyc5-unet3-adv05": [*UNET3, "--lambda_adv", "0.5"],
+    # and twice the MIND weight (the later flag wins): edges held closer to the input's
+    "mind10-lsgan-cyc5-unet3": [*UNET3, "--lambda_structure", "10"],
 }
 
 
