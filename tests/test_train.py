@@ -78,6 +78,22 @@ def test_discriminators_learn_at_lr_d_and_the_generators_at_lr(trained, shards_d
     assert [(r["lr"], r["lr_d"]) for r in rows] == [(2e-4, 5e-5)] * 2
 
 
+def test_the_learning_rate_decays_linearly_to_zero_from_lr_decay_start():
+    reference, early, constant = (trainer.linear_decay(40, start) for start in (0.5, 0.25, 1.0))
+    assert [reference(s) for s in (0, 19, 20, 30, 40)] == [1.0, 1.0, 1.0, 0.5, 0.0]
+    assert [early(s) for s in (0, 9, 10, 25, 40)] == [1.0, 1.0, 1.0, 0.5, 0.0]
+    assert [constant(s) for s in (0, 39)] == [1.0, 1.0]
+    assert [trainer.linear_decay(40, 0.0)(s) for s in (0, 10, 40)] == [1.0, 0.75, 0.0]
+
+
+def test_lr_decay_start_reaches_both_optimizers(shards_dir, tmp_path):
+    out = tmp_path / "decay_from_start"
+    train("--data", shards_dir, "--out", out, *SMALL, "--max_steps", 4, "--checkpoint_every", 4, "--log_every", 2,
+          "--lr_decay_start", 0, "--lr_d", 1e-4)
+    rows = [r for r in rundir.read_metrics(out) if "lr_d" in r]
+    assert [(r["step"], r["lr"], r["lr_d"]) for r in rows] == [(2, pytest.approx(1e-4), pytest.approx(5e-5)), (4, 0, 0)]
+
+
 def test_lambda_adv_reaches_the_generators_loss(trained, shards_dir, tmp_path):
     assert all(r["loss/G_adv"] > 0 for r in rundir.read_metrics(trained) if "loss/G_adv" in r)
     out = tmp_path / "no_adv"
@@ -340,6 +356,9 @@ def test_options_outside_their_range_are_errors_that_name_the_option(where, tmp_
     with pytest.raises(SystemExit):
         load_config(["--data", "d", "--out", "o", "--ema_decay", "1"])  # an average that never moves
     assert "--ema_decay 1.0: must be below 1" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        load_config(["--data", "d", "--out", "o", "--lr_decay_start", "1.5"])  # a decay that ends after the last step
+    assert "--lr_decay_start 1.5: must be at most 1" in capsys.readouterr().err
     assert load_config(["--data", "d", "--out", "o", "--pool_size", "0", "--disc_layers", "1"]).disc_layers == 1
 
 

@@ -50,9 +50,12 @@ class Config:
     ema_decay: float = option(0.0, "keep an exponential moving average of the generator weights with this decay (e.g. 0.995, "
                               "about the last 1/(1-decay) steps); validation, checkpoints' generators and inference use it. 0 = off",
                               minimum=0, below=1)
+    lr_decay_start: float = option(0.5, "fraction of the steps after which the learning rates decay linearly to 0 at the last "
+                                   "step (0.5 = the reference's second half; 0 = from the first step; 1 = constant)",
+                                   minimum=0, maximum=1)
     # schedule
     batch_size: int = option(1, "images per process per step, for each contrast", minimum=1)
-    epochs: int = option(10, "number of epochs; the learning rate decays linearly to 0 over the second half", minimum=1)
+    epochs: int = option(10, "number of epochs; the learning rate decays linearly to 0 from --lr_decay_start", minimum=1)
     steps_per_epoch: int = option(0, "steps per epoch; 0 = min(train T1, train T2 slices) / (batch_size x processes)", minimum=0)
     max_steps: int = option(0, "stop after this many steps in total (0 = epochs x steps_per_epoch)", minimum=0)
     seed: int = option(0, "seed for initialization, data order and augmentation")
@@ -164,6 +167,8 @@ def load_config(argv=None) -> Config:
             parser.error(f"{f.name}: {values[f.name]!r} is not one of {f.metadata['choices']}")
         if "minimum" in f.metadata and f.name in values and values[f.name] < f.metadata["minimum"]:
             parser.error(f"--{f.name} {values[f.name]!r}: must be at least {f.metadata['minimum']}")
+        if "maximum" in f.metadata and f.name in values and values[f.name] > f.metadata["maximum"]:
+            parser.error(f"--{f.name} {values[f.name]!r}: must be at most {f.metadata['maximum']}")
         if "below" in f.metadata and f.name in values and values[f.name] >= f.metadata["below"]:
             parser.error(f"--{f.name} {values[f.name]!r}: must be below {f.metadata['below']}")
     return Config(**values)

@@ -88,10 +88,11 @@ class StopRequested:
         self.flag = True
 
 
-def linear_decay(total_steps: int):
-    """LR factor: 1 for the first half of training, then linearly down to 0."""
-    half = total_steps / 2
-    return lambda step: 1.0 if step < half else max(0.0, 1.0 - (step - half) / max(half, 1))
+def linear_decay(total_steps: int, decay_start: float):
+    """LR factor: 1 for the first decay_start of the steps, then linearly down to 0 at the last step."""
+    start = total_steps * decay_start
+    span = max(total_steps - start, 1)
+    return lambda step: 1.0 if step < start else max(0.0, 1.0 - (step - start) / span)
 
 
 def wandb_mode(config: Config) -> str:
@@ -191,8 +192,8 @@ def main(argv=None) -> int:
     steps_per_epoch = config.steps_per_epoch or max(1, min(manifest["splits"]["train"]["slices"].values()) // (config.batch_size * world))
     total_steps = config.max_steps or config.epochs * steps_per_epoch
     # schedulers are stepped once per optimizer step on every rank: kept out of prepare(), which would step them world times
-    sched_g = torch.optim.lr_scheduler.LambdaLR(opt_g, linear_decay(total_steps))
-    sched_d = torch.optim.lr_scheduler.LambdaLR(opt_d, linear_decay(total_steps))
+    sched_g = torch.optim.lr_scheduler.LambdaLR(opt_g, linear_decay(total_steps, config.lr_decay_start))
+    sched_d = torch.optim.lr_scheduler.LambdaLR(opt_d, linear_decay(total_steps, config.lr_decay_start))
     # PatchNCE's heads come last, so checkpoints without them keep their file names
     gens, discs, opt_g, opt_d, *heads = accelerator.prepare(gens, discs, opt_g, opt_d, *([nce] if nce else []))
     nce = heads[0] if heads else None
