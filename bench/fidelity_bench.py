@@ -63,6 +63,8 @@ VARIANTS = {
     "mind-lsgan-cyc5-unet3-adv05": [*UNET3, "--lambda_adv", "0.5"],
     # and twice the MIND weight (the later flag wins): edges held closer to the input's
     "mind10-lsgan-cyc5-unet3": [*UNET3, "--lambda_structure", "10"],
+    # and a learning-rate decay over the last three quarters of the steps, not the last half
+    "mind10-lsgan-cyc5-unet3-decay025": [*UNET3, "--lambda_structure", "10", "--lr_decay_start", "0.25"],
 }
 
 
