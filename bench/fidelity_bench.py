@@ -65,6 +65,8 @@ VARIANTS = {
     "mind10-lsgan-cyc5-unet3": [*UNET3, "--lambda_structure", "10"],
     # and a learning-rate decay over the last three quarters of the steps, not the last half
     "mind10-lsgan-cyc5-unet3-decay025": [*UNET3, "--lambda_structure", "10", "--lr_decay_start", "0.25"],
+    # and a decay from the first step
+    "mind10-lsgan-cyc5-unet3-decay0": [*UNET3, "--lambda_structure", "10", "--lr_decay_start", "0"],
 }
 
 
