@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import operator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -99,6 +100,10 @@ class Config:
 ARCHITECTURE_KEYS = ("size", "generator", "ngf", "unet_depth", "ndf", "disc_layers", "ema_decay", "lambda_nce")
 
 
+# option(..., minimum=, maximum=, below=): each bound, the test a value fails it by, and the error's wording
+BOUNDS = {"minimum": (operator.lt, "at least"), "maximum": (operator.gt, "at most"), "below": (operator.ge, "below")}
+
+
 def _parse_bool(text: str) -> bool:
     if text.lower() in ("1", "true", "yes", "on"):
         return True
@@ -165,12 +170,9 @@ def load_config(argv=None) -> Config:
             parser.error(f"--{f.name} is required")
         if f.metadata.get("choices") and f.name in values and values[f.name] not in f.metadata["choices"]:
             parser.error(f"{f.name}: {values[f.name]!r} is not one of {f.metadata['choices']}")
-        if "minimum" in f.metadata and f.name in values and values[f.name] < f.metadata["minimum"]:
-            parser.error(f"--{f.name} {values[f.name]!r}: must be at least {f.metadata['minimum']}")
-        if "maximum" in f.metadata and f.name in values and values[f.name] > f.metadata["maximum"]:
-            parser.error(f"--{f.name} {values[f.name]!r}: must be at most {f.metadata['maximum']}")
-        if "below" in f.metadata and f.name in values and values[f.name] >= f.metadata["below"]:
-            parser.error(f"--{f.name} {values[f.name]!r}: must be below {f.metadata['below']}")
+        for bound, (outside, wording) in BOUNDS.items():
+            if bound in f.metadata and f.name in values and outside(values[f.name], f.metadata[bound]):
+                parser.error(f"--{f.name} {values[f.name]!r}: must be {wording} {f.metadata[bound]}")
     return Config(**values)
 
 
