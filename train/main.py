@@ -192,8 +192,9 @@ def main(argv=None) -> int:
     steps_per_epoch = config.steps_per_epoch or max(1, min(manifest["splits"]["train"]["slices"].values()) // (config.batch_size * world))
     total_steps = config.max_steps or config.epochs * steps_per_epoch
     # schedulers are stepped once per optimizer step on every rank: kept out of prepare(), which would step them world times
-    sched_g = torch.optim.lr_scheduler.LambdaLR(opt_g, linear_decay(total_steps, config.lr_decay_start))
-    sched_d = torch.optim.lr_scheduler.LambdaLR(opt_d, linear_decay(total_steps, config.lr_decay_start))
+    lr_factor = linear_decay(total_steps, config.lr_decay_start)
+    sched_g = torch.optim.lr_scheduler.LambdaLR(opt_g, lr_factor)
+    sched_d = torch.optim.lr_scheduler.LambdaLR(opt_d, lr_factor)
     # PatchNCE's heads come last, so checkpoints without them keep their file names
     gens, discs, opt_g, opt_d, *heads = accelerator.prepare(gens, discs, opt_g, opt_d, *([nce] if nce else []))
     nce = heads[0] if heads else None
