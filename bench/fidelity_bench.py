@@ -67,7 +67,7 @@ VARIANTS = {
     "mind10-lsgan-cyc5-unet3-decay025": [*UNET3, "--lambda_structure", "10", "--lr_decay_start", "0.25"],
     # and a decay from the first step
     "mind10-lsgan-cyc5-unet3-decay0": [*UNET3, "--lambda_structure", "10", "--lr_decay_start", "0"],
-    # and the reference's generator width (64, not the bench's 32; discriminators stay at 32): 2.3 steps/s, not 4.25
+    # and the reference's generator width (64, not the bench's 32; discriminators stay at 32): 2.6 steps/s, not 4.25
     "mind10-lsgan-cyc5-unet3-ngf64": [*UNET3, "--lambda_structure", "10", "--ngf", "64"],
 }
 
