@@ -39,6 +39,8 @@ MIND_LSGAN = ["--lambda_structure", "5", "--lambda_identity", "0", "--gan_loss",
 MIND_LSGAN_CYC5 = [*MIND_LSGAN, "--lambda_cycle", "5"]
 # and a shallow U-Net: each output pixel sees a 30-pixel window, not the whole slice (the best at 128²)
 UNET3 = [*MIND_LSGAN_CYC5, "--unet_depth", "3"]
+# and twice the MIND weight (the later flag wins): edges held closer to the input's
+MIND10_UNET3 = [*UNET3, "--lambda_structure", "10"]
 # each variant: train/main.py flags on top of the shared ones; "plain" is the seed's CycleGAN
 VARIANTS = {
     "plain": [],
@@ -61,14 +63,13 @@ VARIANTS = {
     "mind-lsgan-cyc5-unet3-lrd": [*UNET3, "--lr_d", "2.5e-4"],
     # and half the adversarial weight: the cycle and MIND terms weigh more against fooling the discriminators
     "mind-lsgan-cyc5-unet3-adv05": [*UNET3, "--lambda_adv", "0.5"],
-    # and twice the MIND weight (the later flag wins): edges held closer to the input's
-    "mind10-lsgan-cyc5-unet3": [*UNET3, "--lambda_structure", "10"],
+    "mind10-lsgan-cyc5-unet3": MIND10_UNET3,
     # and a learning-rate decay over the last three quarters of the steps, not the last half
-    "mind10-lsgan-cyc5-unet3-decay025": [*UNET3, "--lambda_structure", "10", "--lr_decay_start", "0.25"],
+    "mind10-lsgan-cyc5-unet3-decay025": [*MIND10_UNET3, "--lr_decay_start", "0.25"],
     # and a decay from the first step
-    "mind10-lsgan-cyc5-unet3-decay0": [*UNET3, "--lambda_structure", "10", "--lr_decay_start", "0"],
+    "mind10-lsgan-cyc5-unet3-decay0": [*MIND10_UNET3, "--lr_decay_start", "0"],
     # and the reference's generator width (64, not the bench's 32; discriminators stay at 32): 2.6 steps/s, not 4.25
-    "mind10-lsgan-cyc5-unet3-ngf64": [*UNET3, "--lambda_structure", "10", "--ngf", "64"],
+    "mind10-lsgan-cyc5-unet3-ngf64": [*MIND10_UNET3, "--ngf", "64"],
 }
 
 
