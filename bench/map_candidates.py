@@ -3,12 +3,13 @@
     python bench/map_candidates.py --checkpoint RUN/checkpoints/step-NNNNNNN --data SHARDS/test SHARDS/val
                                    [--error-threshold 0.1] [--batch-size 16]
 
-Each candidate is the std of 10 perturbed translations of each slice, scored as train.evaluate scores a map:
-the AUROC for pixels whose |error| exceeds the threshold inside the head (train.fidelity.ErrorDetection), both
-for the single-pass translation and for the mean of the 10 flipped and shifted copies (--tta). Candidates:
+Each candidate is the std of perturbed translations of each slice (10; 14 for rotate-zoom), scored as
+train.evaluate scores a map: the AUROC for pixels whose |error| exceeds the threshold inside the head
+(train.fidelity.ErrorDetection), both for the single-pass translation and for the mean of the 10 flipped and
+shifted copies (--tta). Candidates:
   flip-shift    the `tta` map (train/inference.py FlipShiftMean)
   rotate        rotations of 0, ±5 and ±10 degrees about the slice centre, with and without a left-right flip
-  zoom          zooms of 0.9, 0.95, 1, 1.05 and 1.1
+  zoom          zooms of 0.9, 0.95, 1, 1.05 and 1.1, with and without a flip
   rotate-zoom   both (Wang et al. 2019 augment with flips, rotations and scalings), 14 copies
   dropout-P     dropout at rate P on the input of every transposed convolution, at test time only (dropout
                 injection, Ledda et al. 2023: no retraining)
