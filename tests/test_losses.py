@@ -7,7 +7,7 @@ import copy
 import pytest
 import torch
 
-from train.losses import ImagePool, PatchNCE, generator_losses, mind
+from train.losses import ImagePool, PatchNCE, generator_losses, laplace_nll, mind
 from train.networks import CycleGenerators, Discriminators, build_discriminator, build_generator
 
 
@@ -145,3 +145,30 @@ def test_patchgan_depth_sets_the_patch_each_logit_judges(layers, patch):
     assert (rows.max() - rows.min() + 1, cols.max() - cols.min() + 1) == (patch, patch)
     with pytest.raises(ValueError, match="at least 1 layer"):
         build_discriminator(4, 0)
+
+
+def test_laplace_nll_fits_the_scale_to_the_mean_error_and_leaves_the_translation_alone():
+    torch.manual_seed(0)
+    target = torch.rand(2, 1, 16, 16)
+    mean = (target + 0.2 * torch.randn_like(target)).requires_grad_()
+    log_scale = torch.zeros((), requires_grad=True)
+    optimizer = torch.optim.Adam([log_scale], lr=0.05)
+    for _ in range(400):
+        optimizer.zero_grad()
+        laplace_nll(target, mean, log_scale.exp().expand_as(mean)).backward()
+        optimizer.step()
+    assert log_scale.exp().item() == pytest.approx((target - mean).abs().mean().item(), rel=0.02)
+    assert mean.grad is None  # the translation learns from its own losses only
+
+
+def test_the_aleatoric_term_needs_and_fits_the_reconstructions_scales():
+    torch.manual_seed(0)
+    gens = CycleGenerators(*(build_generator("unet", 32, 4, scale_head=True) for _ in range(2)))
+    discs = Discriminators(build_discriminator(4), build_discriminator(4))
+    real_a, real_b = torch.rand(2, 1, 32, 32) * 2 - 1, torch.rand(2, 1, 32, 32) * 2 - 1
+    fakes, losses = generator_losses(gens, discs, real_a, real_b, "lsgan", 10.0, 0.0, lambda_aleatoric=2.0)
+    expected = 2.0 * (laplace_nll(real_a, fakes["rec_a"], fakes["rec_a_scale"]) + laplace_nll(real_b, fakes["rec_b"], fakes["rec_b_scale"]))
+    assert torch.allclose(losses["aleatoric"], expected)
+    assert torch.allclose(losses["G"], sum(losses[k] for k in ("G_adv", "cycle", "identity", "structure", "nce", "aleatoric")))
+    _, off = generator_losses(gens, discs, real_a, real_b, "lsgan", 10.0, 0.0)
+    assert off["aleatoric"] == 0

@@ -1,4 +1,4 @@
-"""The generators' shape contract: --unet_depth bounds what each output pixel sees."""
+"""The generators' shape contract: --unet_depth bounds what each output pixel sees; --lambda_aleatoric adds a scale head."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from train.networks import build_generator
+from train.networks import MIN_SCALE, CycleGenerators, build_generator
 
 
 def seen_rows(net: nn.Module, size: int) -> tuple[int, int]:
@@ -36,3 +36,33 @@ def test_a_shallow_unet_sees_a_window_and_the_default_sees_the_slice(depth, wind
 def test_a_unet_depth_outside_the_image_is_refused(depth):
     with pytest.raises(ValueError, match=f"U-Net depth must be 2..7 for size 128 \\(0 = 7\\), got {depth}"):
         build_generator("unet", 128, 4, unet_depth=depth)
+
+
+def test_a_scale_head_adds_a_positive_scale_beside_the_same_translation():
+    torch.manual_seed(0)
+    net = build_generator("unet", 32, 4, scale_head=True)
+    x = torch.randn(2, 1, 32, 32)
+    out = net.with_scale(x)
+    assert out.shape == (2, 2, 32, 32)
+    assert torch.equal(out[:, :1], net(x)) and (out[:, 1:] >= MIN_SCALE).all()
+    plain = build_generator("unet", 32, 4)
+    # the head is a second output of the last layer: the parameter names stay, so checkpoints from before it load
+    assert set(plain.state_dict()) == set(net.state_dict())
+    assert [k for k, v in net.state_dict().items() if v.shape != plain.state_dict()[k].shape] == [
+        "model.model.3.weight", "model.model.3.bias"]
+    with pytest.raises(ValueError, match="no scale head"):
+        plain.with_scale(x)
+    with pytest.raises(ValueError, match="needs the unet generator"):
+        build_generator("resnet9", 32, 4, scale_head=True)
+
+
+def test_cycle_generators_return_the_reconstructions_scales_only_with_heads():
+    real_a, real_b = torch.rand(2, 1, 32, 32) * 2 - 1, torch.rand(2, 1, 32, 32) * 2 - 1
+    for heads in (True, False):
+        gens = CycleGenerators(*(build_generator("unet", 32, 4, scale_head=heads) for _ in range(2)))
+        for identity in (True, False):
+            out = gens(real_a, real_b, identity=identity)
+            assert ("rec_a_scale" in out and "rec_b_scale" in out) == heads
+            if heads:
+                assert out["rec_a_scale"].shape == real_a.shape
+                assert torch.equal(out["rec_a"], gens.g_ba(out["fake_b"]))

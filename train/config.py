@@ -42,6 +42,10 @@ class Config:
     lambda_structure: float = option(0.0, "MIND structure-consistency L1 between each input and its translation (0 = off, the seed's plain CycleGAN)")
     lambda_nce: float = option(0.0, "PatchNCE weight (CUT's patch contrastive loss, both ways): each patch of a translation should match the "
                                "input's patch at the same place in the generators' encoder features (0 = off)", minimum=0)
+    lambda_aleatoric: float = option(0.0, "a learned hallucination map: each U-Net generator gets a second output, the per-pixel scale of "
+                                     "a Laplace distribution around its translation, fitted to the cycle reconstruction's error by "
+                                     "this weight times its negative log-likelihood (the translation keeps its L1 losses; UGAC, "
+                                     "Upadhyay et al. 2021). Read by --uncertainty aleatoric. 0 = off, no head", minimum=0)
     pool_size: int = option(50, "history pool of generated images shown to the discriminators", minimum=0)
     lr: float = option(2e-4, "Adam learning rate for the generators, and for the discriminators unless --lr_d")
     lr_d: float = option(0.0, "Adam learning rate for the discriminators; 0 = --lr. Below --lr the discriminators learn more slowly "
@@ -96,8 +100,9 @@ class Config:
 
 
 # options that change the networks or what a checkpoint holds: a checkpoint made with others cannot continue this run
-# (lambda_nce: PatchNCE's projection heads are trained and checkpointed beside the generators)
-ARCHITECTURE_KEYS = ("size", "generator", "ngf", "unet_depth", "ndf", "disc_layers", "ema_decay", "lambda_nce")
+# (lambda_nce: PatchNCE's projection heads are trained and checkpointed beside the generators; lambda_aleatoric:
+# the generators' scale heads)
+ARCHITECTURE_KEYS = ("size", "generator", "ngf", "unet_depth", "ndf", "disc_layers", "ema_decay", "lambda_nce", "lambda_aleatoric")
 
 
 # option(..., minimum=, maximum=, below=): each bound, the test a value fails it by, and the error's wording

@@ -103,10 +103,10 @@ class PatchNCE(nn.Module):
 
 def generator_losses(gens, discs, real_a, real_b, kind: str, lambda_cycle: float, lambda_identity: float,
                      lambda_structure: float = 0.0, nce: nn.Module | None = None, lambda_nce: float = 0.0,
-                     lambda_adv: float = 1.0):
+                     lambda_adv: float = 1.0, lambda_aleatoric: float = 0.0):
     """Fool both (frozen) discriminators, cycle back, keep identity and (optionally) structure: MIND and/or
-    PatchNCE (`nce`, possibly wrapped for DDP). Returns the generated images and the losses; losses["G"] is
-    what the generators minimize."""
+    PatchNCE (`nce`, possibly wrapped for DDP); fit the scale heads, if any, to the cycle's error. Returns the
+    generated images and the losses; losses["G"] is what the generators minimize."""
     patch_nce = getattr(nce, "module", nce)
     with patch_nce.recording() if lambda_nce else nullcontext() as calls:
         fakes = gens(real_a, real_b, identity=bool(lambda_identity))
@@ -119,8 +119,19 @@ def generator_losses(gens, discs, real_a, real_b, kind: str, lambda_cycle: float
     if lambda_structure:  # structure-constrained CycleGAN (Yang et al. 2018): MIND of input vs. translation
         structure = lambda_structure * (F.l1_loss(mind(fakes["fake_b"]), mind(real_a)) + F.l1_loss(mind(fakes["fake_a"]), mind(real_b)))
     patch = lambda_nce * nce(calls, real_a.shape[0]) if lambda_nce else torch.zeros((), device=real_a.device)
-    return fakes, {"G": adversarial + cycle + identity + structure + patch, "G_adv": adversarial, "cycle": cycle,
-                   "identity": identity, "structure": structure, "nce": patch}
+    aleatoric = torch.zeros((), device=real_a.device)
+    if lambda_aleatoric:
+        aleatoric = lambda_aleatoric * (laplace_nll(real_a, fakes["rec_a"], fakes["rec_a_scale"])
+                                        + laplace_nll(real_b, fakes["rec_b"], fakes["rec_b_scale"]))
+    return fakes, {"G": adversarial + cycle + identity + structure + patch + aleatoric, "G_adv": adversarial, "cycle": cycle,
+                   "identity": identity, "structure": structure, "nce": patch, "aleatoric": aleatoric}
+
+
+def laplace_nll(target: torch.Tensor, mean: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """Mean negative log-likelihood of `target` under Laplace(mean, scale), up to a constant: fits the scale to
+    the error |target - mean|. The mean is detached, so only the scale learns from it: the translation keeps its
+    L1 losses (UGAC also divides the mean's error by the scale, which lets a generator give up on hard pixels)."""
+    return ((target - mean.detach()).abs().float() / scale.float() + scale.float().log()).mean()
 
 
 def discriminator_losses(discs, real_a, real_b, fake_a, fake_b, kind: str) -> dict[str, torch.Tensor]:

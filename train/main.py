@@ -40,7 +40,7 @@ from train.metrics import slice_metrics
 from train.networks import CycleGenerators, Discriminators, build_discriminator, build_generator, unet_levels
 
 
-LOSS_NAMES = ("G", "G_adv", "cycle", "identity", "structure", "nce", "D", "D_t1", "D_t2")
+LOSS_NAMES = ("G", "G_adv", "cycle", "identity", "structure", "nce", "aleatoric", "D", "D_t1", "D_t2")
 
 
 @dataclass
@@ -158,6 +158,8 @@ def main(argv=None) -> int:
             unet_levels(size, config.unet_depth)
         except ValueError as err:
             raise SystemExit(f"error: --unet_depth {config.unet_depth}: {err}")
+    if config.lambda_aleatoric and config.generator != "unet":
+        raise SystemExit(f"error: --lambda_aleatoric {config.lambda_aleatoric}: needs --generator unet, not {config.generator}")
     if config.mixed_precision == "fp16" and not torch.cuda.is_available():
         raise SystemExit("error: --mixed_precision fp16 needs a GPU and none is visible; use bf16 or no on CPU")
 
@@ -178,7 +180,8 @@ def main(argv=None) -> int:
         check_compatible(resume_path, config, size)
 
     # models, optimizers, schedules
-    gens = CycleGenerators(*(build_generator(config.generator, size, config.ngf, config.unet_depth) for _ in range(2)))
+    gens = CycleGenerators(*(build_generator(config.generator, size, config.ngf, config.unet_depth, bool(config.lambda_aleatoric))
+                             for _ in range(2)))
     discs = Discriminators(build_discriminator(config.ndf, config.disc_layers), build_discriminator(config.ndf, config.disc_layers))
     if config.channels_last:
         gens, discs = gens.to(memory_format=torch.channels_last), discs.to(memory_format=torch.channels_last)
@@ -268,7 +271,7 @@ def main(argv=None) -> int:
             with accelerator.autocast():
                 fakes, losses_g = generator_losses(gens, discs_plain, real_a, real_b, config.gan_loss, config.lambda_cycle,
                                                      config.lambda_identity, config.lambda_structure, nce, config.lambda_nce,
-                                                     config.lambda_adv)
+                                                     config.lambda_adv, config.lambda_aleatoric)
             discs_plain.requires_grad_(True)
             bad = any_rank(accelerator, not torch.isfinite(losses_g["G"]).item())
             if not bad:
@@ -445,7 +448,7 @@ def save_checkpoint(accelerator, trained: list, inference_gens: CycleGenerators,
             "step": state.step, "epoch": epoch, "time": time.time(), "val": {k: v for k, v in (val or {}).items() if k.startswith("val/")},
             "train": last, "config": {**config.to_dict(), "size": size}, "rank_checksums": rank_checksums,
             "generator": {"arch": config.generator, "size": size, "ngf": config.ngf, "unet_depth": config.unet_depth,
-                          "input_range": [-1, 1]},
+                          "scale_head": bool(config.lambda_aleatoric), "input_range": [-1, 1]},
             "preprocessing": preprocessing})
         if final.exists():
             shutil.rmtree(final)

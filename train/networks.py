@@ -6,7 +6,11 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+
+# smallest Laplace scale a scale head predicts, in the network's [-1,1] units (keeps the likelihood finite)
+MIN_SCALE = 1e-3
 
 
 def _norm(channels: int) -> nn.Module:
@@ -23,8 +27,8 @@ class UNetBlock(nn.Module):
         in_channels = in_channels or outer
         down = nn.Conv2d(in_channels, inner, 4, stride=2, padding=1, bias=False)
         up_in = inner if submodule is None else inner * 2
-        if outermost:
-            layers = [down, submodule, nn.ReLU(True), nn.ConvTranspose2d(up_in, outer, 4, stride=2, padding=1), nn.Tanh()]
+        if outermost:  # raw outputs: UNetGenerator applies the tanh to the translation, not to a scale head
+            layers = [down, submodule, nn.ReLU(True), nn.ConvTranspose2d(up_in, outer, 4, stride=2, padding=1)]
         elif submodule is None:  # innermost: 1x1 bottleneck, no norm on a single pixel
             layers = [nn.LeakyReLU(0.2, True), down, nn.ReLU(True),
                       nn.ConvTranspose2d(up_in, outer, 4, stride=2, padding=1, bias=False), _norm(outer)]
@@ -54,19 +58,32 @@ class UNetGenerator(nn.Module):
     """U-Net of `depth` stride-2 levels (the reference's num_downs). By default the depth follows the image
     size: 256x256x1 is encoded down to 1x1x512 and back, so every output pixel sees the whole slice. A
     shallower U-Net stops at a coarser grid: each output pixel's convolutions see about 4 x 2**depth pixels
-    across (30 at depth 3, 62 at depth 4), though instance norm still shares statistics over the slice."""
+    across (30 at depth 3, 62 at depth 4), though instance norm still shares statistics over the slice.
 
-    def __init__(self, size: int = 256, channels: int = 1, ngf: int = 64, dropout: bool = False, depth: int = 0):
+    With `scale_head`, the last layer has a second output per channel: the scale b of a Laplace distribution
+    around the translation, the generator's own estimate of its error (E|error| = b), as in UGAC (Upadhyay et
+    al., MICCAI 2021). forward() gives the translation alone; with_scale() both."""
+
+    def __init__(self, size: int = 256, channels: int = 1, ngf: int = 64, dropout: bool = False, depth: int = 0,
+                 scale_head: bool = False):
         super().__init__()
+        self.channels, self.scale_head = channels, scale_head
         depth = unet_levels(size, depth)
         widths = [ngf * min(2**i, 8) for i in range(depth)]  # 64, 128, 256, 512, 512, ...
         block = UNetBlock(widths[-2], widths[-1], None)
         for level in range(depth - 2, 0, -1):
             block = UNetBlock(widths[level - 1], widths[level], block, dropout=dropout and widths[level] == ngf * 8)
-        self.model = UNetBlock(channels, widths[0], block, in_channels=channels, outermost=True)
+        self.model = UNetBlock(channels * (1 + scale_head), widths[0], block, in_channels=channels, outermost=True)
 
     def forward(self, x):
-        return self.model(x)
+        return torch.tanh(self.model(x)[:, :self.channels])
+
+    def with_scale(self, x):
+        """(N,C,H,W) -> (N,2C,H,W): the translation in [-1,1], then its Laplace scale (> 0, same units)."""
+        if not self.scale_head:
+            raise ValueError("this generator has no scale head (trained without --lambda_aleatoric)")
+        out = self.model(x)
+        return torch.cat([torch.tanh(out[:, :self.channels]), F.softplus(out[:, self.channels:]) + MIN_SCALE], 1)
 
 
 class ResidualBlock(nn.Module):
@@ -127,9 +144,11 @@ def init_weights(module: nn.Module, std: float = 0.02) -> nn.Module:
     return module
 
 
-def build_generator(arch: str, size: int, ngf: int = 64, unet_depth: int = 0) -> nn.Module:
+def build_generator(arch: str, size: int, ngf: int = 64, unet_depth: int = 0, scale_head: bool = False) -> nn.Module:
     if arch == "unet":
-        return init_weights(UNetGenerator(size, ngf=ngf, depth=unet_depth))
+        return init_weights(UNetGenerator(size, ngf=ngf, depth=unet_depth, scale_head=scale_head))
+    if scale_head:
+        raise ValueError(f"a scale head needs the unet generator, not {arch!r}")
     if arch == "resnet9":
         return init_weights(ResnetGenerator(ngf=ngf, blocks=9))
     raise ValueError(f"unknown generator {arch!r}: choose unet or resnet9")
@@ -150,15 +169,21 @@ class CycleGenerators(nn.Module):
 
     def forward(self, real_a, real_b, identity: bool = True):
         """Translations, reconstructions and, with `identity`, each generator applied to its own target
-        contrast (a third of the generators' work, skipped when the identity loss is off)."""
+        contrast (a third of the generators' work, skipped when the identity loss is off). Generators with a
+        scale head add the reconstructions' predicted scales, rec_a_scale and rec_b_scale."""
         if not identity:
-            fake_b, fake_a = self.g_ab(real_a), self.g_ba(real_b)
-            return {"fake_a": fake_a, "fake_b": fake_b, "rec_a": self.g_ba(fake_b), "rec_b": self.g_ab(fake_a)}
-        n = real_a.shape[0]
-        fake_b, idt_b = self.g_ab(torch.cat([real_a, real_b])).split(n)  # instance norm: batching changes nothing
-        fake_a, idt_a = self.g_ba(torch.cat([real_b, real_a])).split(n)
-        return {"fake_a": fake_a, "fake_b": fake_b, "rec_a": self.g_ba(fake_b), "rec_b": self.g_ab(fake_a),
-                "idt_a": idt_a, "idt_b": idt_b}
+            out = {"fake_b": self.g_ab(real_a), "fake_a": self.g_ba(real_b)}
+        else:
+            n = real_a.shape[0]
+            fake_b, idt_b = self.g_ab(torch.cat([real_a, real_b])).split(n)  # instance norm: batching changes nothing
+            fake_a, idt_a = self.g_ba(torch.cat([real_b, real_a])).split(n)
+            out = {"fake_a": fake_a, "fake_b": fake_b, "idt_a": idt_a, "idt_b": idt_b}
+        for rec, net, fake in (("rec_a", self.g_ba, out["fake_b"]), ("rec_b", self.g_ab, out["fake_a"])):
+            if getattr(net, "scale_head", False):
+                out[rec], out[f"{rec}_scale"] = net.with_scale(fake).chunk(2, 1)
+            else:
+                out[rec] = net(fake)
+        return out
 
 
 class Discriminators(nn.Module):
