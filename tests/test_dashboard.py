@@ -116,6 +116,8 @@ def test_translate_shows_a_hallucination_map_overlay(app):
         assert any(f"Hallucination map ({mode})" in c.value for c in at.caption)
         overlay = at.image[5].proto.imgs[0]
         assert overlay.caption == "hallucination map"
+    at.selectbox(key="uncertainty").set_value("aleatoric").run()  # the run has no scale heads: a warning says why
+    assert not at.exception and any("--lambda_aleatoric" in w.value for w in at.warning) and len(at.image) == 5
 
 
 def scores_line(at) -> str:

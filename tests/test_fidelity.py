@@ -15,7 +15,7 @@ import webdataset as wds
 from PIL import Image
 from scipy import ndimage
 
-from conftest import run_module
+from conftest import SMALL, run_module, train
 from shards.format import decode_sample, read_manifest, shard_paths
 from shards.pack import assign_splits
 from shards.preprocess import Grid, load_nifti, resample
@@ -222,6 +222,45 @@ def test_averaged_translation_and_tta_map_share_their_copies(trained):
     counted.calls = 0
     single, _ = hallucination(counted, images)  # a single-pass translation beside the map: 1 + 10 passes
     assert counted.calls == 11 and torch.equal(single, translate(counted, images))
+
+
+@pytest.fixture(scope="module")
+def trained_with_scales(shards_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs") / "aleatoric"
+    train("--data", shards_dir, "--out", out, *SMALL, "--max_steps", 20, "--steps_per_epoch", 20, "--lambda_aleatoric", 1)
+    return resolve_checkpoint(out)
+
+
+def test_aleatoric_map_is_the_generators_own_error_estimate(trained_with_scales):
+    """The translation and its map come from one pass (or, with --tta, the 10 copies'): the map is the scale
+    head's E|error|, halved into the [0,1] image's units."""
+    images = torch.rand(2, 1, 64, 64)
+    counted = Counted(load_generator(trained_with_scales, "t2_to_t1")[0])
+    counted.with_scale = counted.net.with_scale
+    hallucination = HallucinationMap("aleatoric", trained_with_scales, "t2_to_t1", loaded={"t2_to_t1": counted})
+    translated, scale = hallucination(counted, images)
+    assert torch.allclose(translated, translate(counted.net, images), atol=1e-6)
+    assert torch.allclose(scale, counted.net.with_scale(images * 2 - 1)[:, 1:] / 2)
+    assert counted.calls == 0 and scale.min() > 0
+    averaged = FlipShiftMean(counted.net)
+    tta_translated, tta_scale = hallucination(averaged, images)
+    assert torch.allclose(tta_translated, translate(averaged, images), atol=1e-6)
+    assert torch.allclose(tta_scale, averaged.copies(images * 2 - 1, counted.net.with_scale)[:, :, 1:].mean(0) / 2)
+
+
+def test_aleatoric_map_needs_a_run_trained_with_scale_heads(trained, trained_with_scales, fidelity_shards, shards_dir, tmp_path):
+    checkpoint = resolve_checkpoint(trained)
+    with pytest.raises(CheckpointError, match=f"{checkpoint}.*--lambda_aleatoric"):
+        HallucinationMap("aleatoric", checkpoint, "t1_to_t2")
+    result = train("--data", shards_dir, "--out", tmp_path / "resnet", *SMALL, "--max_steps", 2, "--generator", "resnet9",
+                   "--lambda_aleatoric", 1, check=False)
+    assert result.returncode != 0 and "--lambda_aleatoric 1.0: needs --generator unet" in result.stderr
+    out = tmp_path / "report"
+    run_module("train.evaluate", "--checkpoint", trained_with_scales, "--data", fidelity_shards / "test", "--out", out,
+               "--uncertainty", "aleatoric")
+    report = json.loads((out / "report.json").read_text())
+    assert report["uncertainty"]["mode"] == "aleatoric"
+    assert all(0 <= report["uncertainty"]["directions"][d]["auroc"] <= 1 for d in ("t1_to_t2", "t2_to_t1"))
 
 
 def test_ensemble_needs_two_checkpoints(trained, shards_dir, tmp_path):

@@ -14,7 +14,7 @@ slice per direction: input | translation | ground truth | |error| x4 [| hallucin
 the shards carry lesion masks, lesions.png (per direction the slice with the most lesion pixels, the same
 columns and its lesion mask).
 
-Fidelity (train/fidelity.py, docs/fidelity.md): with `--uncertainty tta|cycle|ensemble` the report adds how
+Fidelity (train/fidelity.py, docs/fidelity.md): with `--uncertainty tta|cycle|ensemble|aleatoric` the report adds how
 well the hallucination map flags pixels with |error| > --error-threshold (AUROC); where the shards carry
 lesion masks, it adds lesion metrics (visible fraction, lesion-to-ring contrast against the truth, MAE) and,
 with a map, how many lesions the map flags.

@@ -5,6 +5,8 @@ Hallucination maps (one per translation, same size, intensity units of the [0,1]
             where the model is sure, the copies agree (test-time augmentation, Wang et al. 2019).
   cycle     |F(G(x)) - x|: what the way back cannot recover was not carried through the translation.
   ensemble  spread across the run's kept checkpoints (needs a run folder with at least two).
+  aleatoric the generator's own estimate of its error, E|error| from its scale head (a run trained with
+            --lambda_aleatoric); with --tta, the mean of the copies' estimates.
 
 Lesion metrics compare each lesion (a 3D connected component of a subject's lesion mask) with the
 normal-appearing tissue in a ring around it (2 pixels wide, inside the head): contrast = (lesion mean -
@@ -27,7 +29,7 @@ from torchmetrics.classification import BinaryAUROC
 from train import rundir
 from train.inference import DIRECTIONS, CheckpointError, FlipShiftMean, load_generator, resolve_checkpoint, translate
 
-MODES = ("tta", "cycle", "ensemble")
+MODES = ("tta", "cycle", "ensemble", "aleatoric")
 REVERSE = {"t1_to_t2": "t2_to_t1", "t2_to_t1": "t1_to_t2"}
 RING_PIXELS = 2
 VISIBLE_FRACTION = 0.5
@@ -67,11 +69,21 @@ class HallucinationMap:
                 self.averaged = FlipShiftMean(self.averaged)
         if mode == "cycle":
             self.back = generator(REVERSE[direction])
+        if mode == "aleatoric":
+            net = generator(direction)
+            if not getattr(getattr(net, "net", net), "scale_head", False):
+                raise CheckpointError(f"{checkpoint}: uncertainty mode 'aleatoric' needs a run trained with --lambda_aleatoric "
+                                      f"(its generators have no scale head); use tta, cycle or ensemble")
 
     @torch.no_grad()
     def __call__(self, net: nn.Module, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """[0,1] images (N,1,H,W) -> (their translation by `net`, the map). When `net` is the averaging generator
         (--tta) that the tta map spreads, its 10 copies run once: their mean is the translation, their std the map."""
+        if self.mode == "aleatoric":
+            x = images * 2 - 1
+            out = net.copies(x, net.net.with_scale).mean(0) if isinstance(net, FlipShiftMean) else net.with_scale(x)
+            translation, scale = out.float().chunk(2, 1)
+            return ((translation + 1) / 2).clamp(0, 1), scale / 2  # the scale in the [0,1] image's units
         if self.mode == "tta" and net is self.averaged:
             copies = translate(net.copies, images)
             return copies.mean(0), copies.std(0)

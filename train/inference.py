@@ -93,12 +93,14 @@ class FlipShiftMean(nn.Module):
         super().__init__()
         self.net = net
 
-    def copies(self, x: torch.Tensor) -> torch.Tensor:
-        """(N,C,H,W) in the network's [-1,1] -> (10,N,C,H,W)"""
+    def copies(self, x: torch.Tensor, through: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+        """(N,C,H,W) in the network's [-1,1] -> (10,N,C',H,W): what the network (or `through`, another of its
+        functions, such as with_scale) makes of each copy"""
+        through = through or self.net
         out = []
         for flip in (False, True):
             for dy, dx in TTA_SHIFTS:
-                y = self.net((x.flip(-1) if flip else x).roll((dy, dx), dims=(-2, -1))).roll((-dy, -dx), dims=(-2, -1))
+                y = through((x.flip(-1) if flip else x).roll((dy, dx), dims=(-2, -1))).roll((-dy, -dx), dims=(-2, -1))
                 out.append(y.flip(-1) if flip else y)
         return torch.stack(out)
 

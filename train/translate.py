@@ -1,7 +1,7 @@
 """Translate T1 <-> T2 with a trained checkpoint: NIfTI volumes in, NIfTI volumes out (2D images too).
 
     python -m train.translate --checkpoint RUN/checkpoints/step-NNNNNNN --direction t1-to-t2 \\
-        --input FILE_OR_DIR --output DIR [--tta] [--uncertainty tta|cycle|ensemble] [--overwrite] [--batch-size 8]
+        --input FILE_OR_DIR --output DIR [--tta] [--uncertainty tta|cycle|ensemble|aleatoric] [--overwrite] [--batch-size 8]
 
 Each volume is reoriented to RAS, resampled onto the training grid, normalized as the shards were,
 translated slice by slice in the axial plane and resampled back: the output has the input's shape and
