@@ -29,7 +29,7 @@ from scipy import ndimage
 
 from demo_bounds import LookupTable  # bench/, the script's own folder
 from train.evaluate import DIRECTIONS, POOLED, lesion_report, mean_std, per_subject, read_samples, score, split_shards
-from train.fidelity import RING_PIXELS
+from train.fidelity import MODES, RING_PIXELS
 
 ROOT = Path(__file__).resolve().parents[1]
 # train/demo.yaml's settings when they were the best at 64² in bench/demo_settings.py (spelled out, so a row's
@@ -72,6 +72,8 @@ VARIANTS = {
     "mind10-lsgan-cyc5-unet3-ngf64": [*MIND10_UNET3, "--ngf", "64"],
     # and a width between the two (48): 3.2 steps/s
     "mind10-lsgan-cyc5-unet3-ngf48": [*MIND10_UNET3, "--ngf", "48"],
+    # and a scale head per generator, fitted to the cycle's error: the map --uncertainty aleatoric reads
+    "mind10-lsgan-cyc5-unet3-aleatoric": [*MIND10_UNET3, "--lambda_aleatoric", "1"],
 }
 
 
@@ -107,7 +109,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=2)
     parser.add_argument("--ngf", type=int, default=32)
     parser.add_argument("--variants", nargs="+", choices=sorted(VARIANTS), default=["plain", "mind"])
-    parser.add_argument("--uncertainty", choices=["tta", "cycle", "ensemble"], default="tta")
+    parser.add_argument("--uncertainty", choices=MODES, default="tta")
     parser.add_argument("--tta", action="store_true", help="score the mean of 10 flipped and shifted copies (train.evaluate --tta)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the synthetic subjects and, by default, of training")
     parser.add_argument("--train-seed", type=int, help="seed of the training runs (default: --seed); another seed of a variant "
