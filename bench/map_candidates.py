@@ -14,6 +14,11 @@ shifted copies (--tta). Candidates:
   dropout-P     dropout at rate P on the input of every transposed convolution, at test time only (dropout
                 injection, Ledda et al. 2023: no retraining)
 Each rotated or zoomed copy is resampled bilinearly and its translation moved back the same way.
+A checkpoint trained with --lambda_aleatoric adds the maps of its scale head:
+  aleatoric     the `aleatoric` map of a single pass
+  aleatoric-tta its mean over the flip-shift copies (the `aleatoric` map with --tta)
+  total         flip-shift and aleatoric-tta as one std, sqrt(spread^2 + 2 b^2) (a Laplace of scale b has
+                variance 2 b^2): the copies' disagreement plus the error each copy expects (Kendall & Gal 2017)
 """
 
 from __future__ import annotations
@@ -81,6 +86,18 @@ def candidates(net: nn.Module) -> dict[str, Callable[[torch.Tensor], torch.Tenso
             **{f"dropout-{rate}": lambda x, rate=rate: dropout_copies(net, x, rate) for rate in DROPOUT_RATES}}
 
 
+SCALE_MAPS = ("aleatoric", "aleatoric-tta", "total")
+
+
+@torch.no_grad()
+def scale_maps(net: nn.Module, images: torch.Tensor, spread: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The SCALE_MAPS of a generator with a scale head, in the [0,1] image's units; `spread`: the flip-shift map."""
+    x = images * 2 - 1
+    single = net.with_scale(x)[:, 1:].float() / 2
+    averaged = FlipShiftMean(net).copies(x, net.with_scale)[:, :, 1:].float().mean(0) / 2
+    return {"aleatoric": single, "aleatoric-tta": averaged, "total": (spread**2 + 2 * averaged**2).sqrt()}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", type=Path, required=True)
@@ -93,15 +110,19 @@ def main() -> None:
     aurocs, start = {}, time.time()
     for name, source, target in DIRECTIONS:
         net = load_generator(args.checkpoint, name)[0]
-        maps = candidates(net)
+        perturbations = candidates(net)
+        names = [*perturbations, *(SCALE_MAPS if getattr(net, "scale_head", False) else ())]
         detectors = {(translation, candidate): ErrorDetection(args.error_threshold)
-                     for translation in ("single pass", "--tta") for candidate in maps}
+                     for translation in ("single pass", "--tta") for candidate in names}
         for chunk in batched(read_samples(paths), args.batch_size):
             x, truth, mask = (torch.from_numpy(np.stack([s[k] for s in chunk]))[:, None] for k in (source, target, "mask"))
-            spreads = {candidate: copies(x) for candidate, copies in maps.items()}
+            spreads = {candidate: copies(x) for candidate, copies in perturbations.items()}
+            maps = {candidate: copies.std(0) for candidate, copies in spreads.items()}
+            if len(names) > len(perturbations):
+                maps.update(scale_maps(net, x, maps["flip-shift"]))
             preds = {"single pass": translate(net, x), "--tta": spreads["flip-shift"].mean(0)}
             for (translation, candidate), detector in detectors.items():
-                detector.update(spreads[candidate].std(0), preds[translation], truth, mask)
+                detector.update(maps[candidate], preds[translation], truth, mask)
         aurocs[name] = {key: detector.result()["auroc"] for key, detector in detectors.items()}
 
     print(f"{args.checkpoint}; pixels with |error| > {args.error_threshold} inside the head; "
