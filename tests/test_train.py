@@ -42,7 +42,7 @@ def test_losses_fall_and_the_run_folder_is_complete(trained):
     assert steps[-1] == 40 and len(steps) <= 3  # newest 2 plus the best
     last = rundir.checkpoint_dir(trained, 40)
     info = json.loads((last / rundir.CHECKPOINT_INFO).read_text())
-    assert info["generator"] == {"arch": "unet", "size": 64, "ngf": 16, "unet_depth": 0, "input_range": [-1, 1]}
+    assert info["generator"] == {"arch": "unet", "size": 64, "ngf": 16, "unet_depth": 0, "scale_head": False, "input_range": [-1, 1]}
     weights = load_file(str(last / rundir.GENERATORS["t1_to_t2"]))
     assert all(torch.isfinite(v).all() for v in weights.values())
     predictions = rundir.list_predictions(trained)
