@@ -236,7 +236,7 @@ def test_aleatoric_map_is_the_generators_own_error_estimate(trained_with_scales)
     head's E|error|, halved into the [0,1] image's units."""
     images = torch.rand(2, 1, 64, 64)
     counted = Counted(load_generator(trained_with_scales, "t2_to_t1")[0])
-    counted.with_scale = counted.net.with_scale
+    counted.with_scale, counted.scale_head = counted.net.with_scale, True
     hallucination = HallucinationMap("aleatoric", trained_with_scales, "t2_to_t1", loaded={"t2_to_t1": counted})
     translated, scale = hallucination(counted, images)
     assert torch.allclose(translated, translate(counted.net, images), atol=1e-6)

@@ -71,7 +71,8 @@ class HallucinationMap:
             self.back = generator(REVERSE[direction])
         if mode == "aleatoric":
             net = generator(direction)
-            if not getattr(getattr(net, "net", net), "scale_head", False):
+            net = net.net if isinstance(net, FlipShiftMean) else net
+            if not getattr(net, "scale_head", False):
                 raise CheckpointError(f"{checkpoint}: uncertainty mode 'aleatoric' needs a run trained with --lambda_aleatoric "
                                       f"(its generators have no scale head); use tta, cycle or ensemble")
 
