@@ -74,6 +74,8 @@ VARIANTS = {
     "mind10-lsgan-cyc5-unet3-ngf48": [*MIND10_UNET3, "--ngf", "48"],
     # and a scale head per generator, fitted to the cycle's error: the map --uncertainty aleatoric reads
     "mind10-lsgan-cyc5-unet3-aleatoric": [*MIND10_UNET3, "--lambda_aleatoric", "1"],
+    # and a tenth of that weight: less of the scale's gradient in the layers it shares with the translation
+    "mind10-lsgan-cyc5-unet3-aleatoric01": [*MIND10_UNET3, "--lambda_aleatoric", "0.1"],
 }
 
 
