@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from train.evaluate import DIRECTIONS, batched, read_samples, split_shards
-from train.fidelity import ErrorDetection
+from train.fidelity import ErrorDetection, HallucinationMap
 from train.inference import FlipShiftMean, load_generator, translate
 
 # (degrees, zoom) per copy; each with and without a left-right flip
@@ -89,12 +89,10 @@ def candidates(net: nn.Module) -> dict[str, Callable[[torch.Tensor], torch.Tenso
 SCALE_MAPS = ("aleatoric", "aleatoric-tta", "total")
 
 
-@torch.no_grad()
-def scale_maps(net: nn.Module, images: torch.Tensor, spread: torch.Tensor) -> dict[str, torch.Tensor]:
-    """The SCALE_MAPS of a generator with a scale head, in the [0,1] image's units; `spread`: the flip-shift map."""
-    x = images * 2 - 1
-    single = net.with_scale(x)[:, 1:].float() / 2
-    averaged = FlipShiftMean(net).copies(x, net.with_scale)[:, :, 1:].float().mean(0) / 2
+def scale_maps(head: HallucinationMap, net: nn.Module, images: torch.Tensor, spread: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The SCALE_MAPS of a generator with a scale head, as --uncertainty aleatoric computes them (`head`), with
+    and without --tta; `spread`: the flip-shift map."""
+    single, averaged = head(net, images)[1], head(FlipShiftMean(net), images)[1]
     return {"aleatoric": single, "aleatoric-tta": averaged, "total": (spread**2 + 2 * averaged**2).sqrt()}
 
 
@@ -112,6 +110,7 @@ def main() -> None:
         net = load_generator(args.checkpoint, name)[0]
         perturbations = candidates(net)
         names = [*perturbations, *(SCALE_MAPS if getattr(net, "scale_head", False) else ())]
+        head = HallucinationMap("aleatoric", args.checkpoint, name, loaded={name: net}) if len(names) > len(perturbations) else None
         detectors = {(translation, candidate): ErrorDetection(args.error_threshold)
                      for translation in ("single pass", "--tta") for candidate in names}
         for chunk in batched(read_samples(paths), args.batch_size):
@@ -119,7 +118,7 @@ def main() -> None:
             spreads = {candidate: copies(x) for candidate, copies in perturbations.items()}
             maps = {candidate: copies.std(0) for candidate, copies in spreads.items()}
             if len(names) > len(perturbations):
-                maps.update(scale_maps(net, x, maps["flip-shift"]))
+                maps.update(scale_maps(head, net, x, maps["flip-shift"]))
             preds = {"single pass": translate(net, x), "--tta": spreads["flip-shift"].mean(0)}
             for (translation, candidate), detector in detectors.items():
                 detector.update(maps[candidate], preds[translation], truth, mask)
