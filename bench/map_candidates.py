@@ -117,7 +117,7 @@ def main() -> None:
             x, truth, mask = (torch.from_numpy(np.stack([s[k] for s in chunk]))[:, None] for k in (source, target, "mask"))
             spreads = {candidate: copies(x) for candidate, copies in perturbations.items()}
             maps = {candidate: copies.std(0) for candidate, copies in spreads.items()}
-            if len(names) > len(perturbations):
+            if head is not None:
                 maps.update(scale_maps(head, net, x, maps["flip-shift"]))
             preds = {"single pass": translate(net, x), "--tta": spreads["flip-shift"].mean(0)}
             for (translation, candidate), detector in detectors.items():
