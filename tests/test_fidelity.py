@@ -23,7 +23,7 @@ from shards.phantom import CSF, tissue_labels, voxel_world
 from shards.synth import MIN_SUBJECTS_FOR_HOLDOUT, grid, mark_held_out, render_subject, subject_anatomy, subjects
 from train.evaluate import read_samples, split_shards
 from train.fidelity import ErrorDetection, HallucinationMap, lesion_contrasts, lesion_summary
-from train.inference import CheckpointError, FlipShiftMean, load_generator, resolve_checkpoint, translate
+from train.inference import CheckpointError, Ensemble, FlipShiftMean, load_generator, load_generators, resolve_checkpoint, translate
 
 
 @pytest.fixture(scope="module")
@@ -273,6 +273,78 @@ def test_ensemble_needs_two_checkpoints(trained, shards_dir, tmp_path):
     result = run_module("train.evaluate", "--checkpoint", kept[1], "--data", shards_dir / "test", "--out", tmp_path / "e",
                         "--uncertainty", "ensemble", check=False)
     assert result.returncode != 0 and str(kept[1]) in result.stderr and "ensemble" in result.stderr
+
+
+def kept_checkpoints(run):
+    return sorted((run / "checkpoints").iterdir())
+
+
+def test_an_ensemble_translates_as_its_members_mean_and_its_maps_spread_over_them(trained):
+    """Several checkpoints: the translation is the members' mean; the tta map is the spread of every member's 10
+    copies together (with --tta their mean is the translation); the ensemble map is the members' spread."""
+    kept = kept_checkpoints(trained)
+    images = torch.rand(2, 1, 64, 64)
+    members = [load_generator(path, "t2_to_t1")[0] for path in kept]
+    net, info = load_generators(kept, "t2-to-t1")
+    assert isinstance(net, Ensemble) and info["members"] == [str(path) for path in kept]
+    singles = torch.stack([translate(member, images) for member in members])
+    assert torch.allclose(translate(net, images), singles.mean(0), atol=1e-6)
+    copies = torch.cat([translate(FlipShiftMean(member).copies, images) for member in members])
+    assert copies.shape[0] == 20 and torch.allclose(translate(FlipShiftMean(net).copies, images), copies, atol=1e-6)
+
+    translated, spread = HallucinationMap("tta", kept, "t2_to_t1")(net, images)
+    assert torch.allclose(translated, singles.mean(0), atol=1e-6) and torch.allclose(spread, copies.std(0), atol=1e-5)
+    averaged = FlipShiftMean(net)
+    translated, spread = HallucinationMap("tta", kept, "t2_to_t1", loaded={"t2_to_t1": averaged})(averaged, images)
+    assert torch.allclose(translated, copies.mean(0), atol=1e-6) and torch.allclose(spread, copies.std(0), atol=1e-5)
+    _, spread = HallucinationMap("ensemble", kept, "t2_to_t1", loaded={"t2_to_t1": net})(net, images)
+    assert torch.allclose(spread, singles.std(0), atol=1e-5) and spread.max() > 0
+    assert load_generators(kept[:1], "t2_to_t1")[0].__class__ is members[0].__class__  # one checkpoint: no ensemble
+
+
+def test_an_ensemble_refuses_a_repeated_or_mismatched_member(trained, trained_with_scales, tmp_path):
+    kept = kept_checkpoints(trained)
+    best = resolve_checkpoint(trained)
+    with pytest.raises(CheckpointError, match=f"{best}: given twice"):
+        load_generators([trained, best], "t1_to_t2")  # the run folder stands for its best checkpoint
+    other = tmp_path / "other"
+    shutil.copytree(kept[0], other)
+    info = json.loads((other / "checkpoint.json").read_text())
+    info["preprocessing"]["fov_mm"] *= 2
+    (other / "checkpoint.json").write_text(json.dumps(info))
+    with pytest.raises(CheckpointError, match=f"{other}: preprocessing .* differs from {kept[0]}'s"):
+        load_generators([kept[0], other], "t1_to_t2")
+    with pytest.raises(CheckpointError, match="'aleatoric' reads one checkpoint's scale heads, not an ensemble's"):
+        HallucinationMap("aleatoric", [trained_with_scales, kept[0]], "t1_to_t2")
+    result = run_module("train.translate", "--checkpoint", kept[0], other, "--direction", "t1-to-t2", "--input", tmp_path,
+                        "--output", tmp_path / "out", check=False)
+    assert result.returncode != 0 and f"--checkpoint {other}: preprocessing" in result.stderr
+
+
+def test_evaluate_and_translate_take_an_ensemble(trained, fidelity_shards, fidelity_tars, tmp_path):
+    kept = kept_checkpoints(trained)
+    reports = {}
+    for name, checkpoints in (("single", kept[:1]), ("ensemble", kept)):
+        run_module("train.evaluate", "--checkpoint", *checkpoints, "--data", fidelity_shards / "test", "--out", tmp_path / name,
+                   "--uncertainty", "tta")
+        reports[name] = json.loads((tmp_path / name / "report.json").read_text())
+    ensemble = reports["ensemble"]
+    assert ensemble["members"] == [str(path) for path in kept] and "members" not in reports["single"]
+    assert ensemble["checkpoint"] == str(kept[0]) and "in an ensemble of 2" in (tmp_path / "ensemble" / "report.md").read_text()
+    assert 0 <= ensemble["uncertainty"]["directions"]["t1_to_t2"]["auroc"] <= 1
+    summary = {name: r["directions"]["t1_to_t2"]["summary"]["ssim_masked"]["mean"] for name, r in reports.items()}
+    assert summary["single"] != summary["ensemble"]
+
+    with tarfile.open(fidelity_tars / "IXI-T1.tar") as tar:
+        member = sorted(tar.getmembers(), key=lambda m: m.name)[0]
+        volume = tmp_path / member.name
+        volume.write_bytes(tar.extractfile(member).read())
+    outputs = {}
+    for name, checkpoints in (("single", kept[:1]), ("ensemble", kept)):
+        run_module("train.translate", "--checkpoint", *checkpoints, "--direction", "t1-to-t2", "--input", volume,
+                   "--output", tmp_path / f"out-{name}")
+        outputs[name] = np.asarray(nib.load(tmp_path / f"out-{name}" / f"{member.name[:-len('.nii.gz')]}_t1-to-t2.nii.gz").dataobj)
+    assert outputs["ensemble"].shape == outputs["single"].shape and not np.allclose(outputs["ensemble"], outputs["single"])
 
 
 def test_evaluate_reports_auroc_and_lesion_metrics(trained, fidelity_shards, tmp_path):

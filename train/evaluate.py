@@ -1,13 +1,15 @@
 """Paired evaluation of both directions on a test (or val) split, reported per subject as papers do.
 
-    python -m train.evaluate --checkpoint RUN/checkpoints/step-NNNNNNN --data SHARDS/test [SHARDS/val] --out DIR [--overwrite] [--tta]
+    python -m train.evaluate --checkpoint RUN/checkpoints/step-NNNNNNN [MORE ...] --data SHARDS/test [SHARDS/val] --out DIR
+                             [--overwrite] [--tta]
 
 Per slice, the same metrics as the trainer's validation (train/metrics.py: data range 1, SSIM with an 11x11
 Gaussian window, σ 1.5, inside the head mask). Per subject, slices are pooled over the mask: masked SSIM is
 the mean of the SSIM map over all the subject's masked pixels, PSNR comes from the mean squared error over
 them, MAE likewise. Across subjects: mean ± std. `slice_mean` repeats the trainer's per-slice averages, so
 evaluating the val split reproduces the logged validation (with --tta where the run validated with --val_tta).
-With --tta each translation is the mean of 10 flipped and shifted copies (train/inference.py).
+With --tta each translation is the mean of 10 flipped and shifted copies (train/inference.py). Several
+checkpoints (independently trained runs) are scored as their ensemble: each translation is the mean of theirs.
 
 DIR gets report.json, report.csv (one row per subject), report.md and figure.png (worst, median and best
 slice per direction: input | translation | ground truth | |error| x4 [| hallucination map x4]) and, where
@@ -39,7 +41,7 @@ from shards.format import decode_sample
 from train import rundir
 from train.fidelity import (FLAGGED_RANK, MODES, ErrorDetection, HallucinationMap, lesion_contrasts, lesion_summary,
                             stack_subject, translate_with_map)
-from train.inference import TTA_HELP, CheckpointError, FlipShiftMean, device_for_inference, load_generator
+from train.inference import ENSEMBLE_HELP, TTA_HELP, CheckpointError, FlipShiftMean, device_for_inference, load_generators
 from train.metrics import slice_metrics
 
 DIRECTIONS = (("t1_to_t2", "t1", "t2"), ("t2_to_t1", "t2", "t1"))
@@ -171,7 +173,9 @@ def figure_row(source: np.ndarray, pred: np.ndarray, truth: np.ndarray, mask: np
 
 
 def report_markdown(report: dict) -> str:
-    lines = [f"# Evaluation of `{report['checkpoint']}` (step {report['step']})", "",
+    members = report.get("members", [])
+    lines = [f"# Evaluation of `{report['checkpoint']}` (step {report['step']})"
+             + (f" in an ensemble of {len(members)}: " + ", ".join(f"`{m}`" for m in members[1:]) if members else ""), "",
              f"{report['subjects']} subjects, {report['slices']} slices from `{report['data']}`. Per subject, pooled inside "
              "the head mask; mean ± std across subjects."
              + (" Translations: the mean of 10 flipped and shifted copies (--tta)." if report["tta"] else ""), "",
@@ -218,7 +222,8 @@ def direction_label(name: str) -> str:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checkpoint", type=Path, required=True, help="RUN/checkpoints/step-NNNNNNN, or a run folder for its best checkpoint")
+    parser.add_argument("--checkpoint", type=Path, nargs="+", required=True,
+                        help="RUN/checkpoints/step-NNNNNNN, or a run folder for its best checkpoint; " + ENSEMBLE_HELP)
     parser.add_argument("--data", type=Path, nargs="+", required=True, help="split folders of paired shards, e.g. SHARDS/test")
     parser.add_argument("--out", type=Path, required=True, help="report folder (created)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing report folder")
@@ -235,7 +240,7 @@ def main(argv=None) -> int:
     paths = [path for folder in args.data for path in split_shards(folder)]
     device = device_for_inference()
     try:
-        loaded = {name: load_generator(args.checkpoint, name, device) for name, _, _ in DIRECTIONS}
+        loaded = {name: load_generators(args.checkpoint, name, device) for name, _, _ in DIRECTIONS}
         nets = {name: FlipShiftMean(net) if args.tta else net for name, (net, _) in loaded.items()}
         maps = {name: HallucinationMap(args.uncertainty, args.checkpoint, name, device, loaded=nets)
                 for name, _, _ in DIRECTIONS} if args.uncertainty else None
@@ -247,7 +252,8 @@ def main(argv=None) -> int:
     rows, lesion_slices = score(nets, paths, args.batch_size, device, maps, detectors)
     if not rows["t1_to_t2"]:
         raise SystemExit(f"error: --data {' '.join(map(str, args.data))}: the shards hold no samples")
-    report = {"checkpoint": checkpoint, "step": loaded["t1_to_t2"][1].get("step"), "data": " ".join(map(str, args.data)),
+    members = {"members": loaded["t1_to_t2"][1]["members"]} if "members" in loaded["t1_to_t2"][1] else {}
+    report = {"checkpoint": checkpoint, **members, "step": loaded["t1_to_t2"][1].get("step"), "data": " ".join(map(str, args.data)),
               "subjects": len({r["subject"] for r in rows["t1_to_t2"]}), "slices": len(rows["t1_to_t2"]), "tta": args.tta,
               "directions": {}}
     for name, _, _ in DIRECTIONS:

@@ -2,9 +2,11 @@
 
 Hallucination maps (one per translation, same size, intensity units of the [0,1] image):
   tta       spread (std) of the translations of flipped and shifted copies of the input, each moved back;
-            where the model is sure, the copies agree (test-time augmentation, Wang et al. 2019).
+            where the model is sure, the copies agree (test-time augmentation, Wang et al. 2019). For an
+            ensemble of checkpoints, the spread of every member's copies together.
   cycle     |F(G(x)) - x|: what the way back cannot recover was not carried through the translation.
-  ensemble  spread across the run's kept checkpoints (needs a run folder with at least two).
+  ensemble  spread across the checkpoints given, or for one checkpoint across its run's kept checkpoints
+            (needs a run folder with at least two).
   aleatoric the generator's own estimate of its error, E|error| from its scale head (a run trained with
             --lambda_aleatoric); with --tta, the mean of the copies' estimates.
 
@@ -27,7 +29,8 @@ from torch import nn
 from torchmetrics.classification import BinaryAUROC
 
 from train import rundir
-from train.inference import DIRECTIONS, CheckpointError, FlipShiftMean, load_generator, resolve_checkpoint, translate
+from train.inference import (DIRECTIONS, CheckpointError, FlipShiftMean, load_generator, load_generators, resolve_checkpoint,
+                             translate)
 
 MODES = ("tta", "cycle", "ensemble", "aleatoric")
 REVERSE = {"t1_to_t2": "t2_to_t1", "t2_to_t1": "t1_to_t2"}
@@ -39,22 +42,27 @@ AUROC_THRESHOLDS = torch.cat([torch.linspace(0, 0.1, 501), torch.linspace(0.1, 1
 
 
 class HallucinationMap:
-    """Loads what a mode needs from a checkpoint (or its run folder); called with a generator and [0,1] slices, gives
-    their translation and its map."""
+    """Loads what a mode needs from a checkpoint (or its run folder), or from several checkpoints, an Ensemble;
+    called with a generator and [0,1] slices, gives their translation and its map."""
 
-    def __init__(self, mode: str, checkpoint: Path, direction: str, device: torch.device | str = "cpu",
+    def __init__(self, mode: str, checkpoint: Path | list[Path], direction: str, device: torch.device | str = "cpu",
                  loaded: dict[str, nn.Module] | None = None):
-        """`loaded`: the checkpoint's generators the caller already holds, by direction (not loaded twice)."""
+        """`loaded`: the checkpoints' generators the caller already holds, by direction (not loaded twice)."""
         if mode not in MODES:
             raise CheckpointError(f"unknown uncertainty mode {mode!r}: choose one of {', '.join(MODES)}")
         self.mode = mode
         direction = DIRECTIONS.get(direction, direction)  # the CLI spelling t1-to-t2 too
-        checkpoint = resolve_checkpoint(checkpoint)
+        checkpoints = [resolve_checkpoint(path) for path in (checkpoint if isinstance(checkpoint, list) else [checkpoint])]
+        checkpoint = checkpoints[0]
         loaded = loaded or {}
 
         def generator(name: str) -> nn.Module:
-            return loaded[name] if name in loaded else load_generator(checkpoint, name, device)[0]
+            return loaded[name] if name in loaded else load_generators(checkpoints, name, device)[0]
 
+        if mode == "ensemble" and len(checkpoints) > 1:
+            net = generator(direction)
+            self.members = list((net.net if isinstance(net, FlipShiftMean) else net).members)
+            return
         if mode == "ensemble":
             run = Path(checkpoint).parent.parent
             kept = [path for _, path in rundir.list_checkpoints(run)]
@@ -70,6 +78,9 @@ class HallucinationMap:
         if mode == "cycle":
             self.back = generator(REVERSE[direction])
         if mode == "aleatoric":
+            if len(checkpoints) > 1:
+                raise CheckpointError(f"{checkpoint} and {len(checkpoints) - 1} more: uncertainty mode 'aleatoric' reads one "
+                                      f"checkpoint's scale heads, not an ensemble's; use tta, cycle or ensemble")
             net = generator(direction)
             net = net.net if isinstance(net, FlipShiftMean) else net
             if not getattr(net, "scale_head", False):

@@ -73,6 +73,37 @@ def load_generator(checkpoint: Path, direction: str, device: str | torch.device 
     return net.to(device).eval(), info
 
 
+class Ensemble(nn.Module):
+    """One direction's generators from independently trained runs (a deep ensemble, Lakshminarayanan et al.
+    2017): the translation is the mean of theirs. FlipShiftMean runs every member on its copies, so the tta
+    map of an ensemble is the spread of all members' copies together."""
+
+    def __init__(self, members: list[nn.Module]):
+        super().__init__()
+        self.members = nn.ModuleList(members)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.stack([member(x) for member in self.members]).mean(0)
+
+
+def load_generators(checkpoints: list[Path], direction: str, device: str | torch.device = "cpu") -> tuple[nn.Module, dict]:
+    """One checkpoint's generator as load_generator gives it, or several checkpoints' Ensemble. Returns
+    (network, the first checkpoint's info, with `members`: every checkpoint's path when there are several)."""
+    loaded = [load_generator(checkpoint, direction, device) for checkpoint in checkpoints]
+    if len(loaded) == 1:
+        return loaded[0]
+    first = loaded[0][1]
+    paths = [info["path"] for _, info in loaded]
+    repeated = next((path for i, path in enumerate(paths) if path in paths[:i]), None)
+    if repeated:
+        raise CheckpointError(f"{repeated}: given twice; an ensemble's members are different checkpoints")
+    for _, info in loaded[1:]:
+        if info["preprocessing"] != first["preprocessing"]:
+            raise CheckpointError(f"{info['path']}: preprocessing {info['preprocessing']} differs from {first['path']}'s "
+                                  f"{first['preprocessing']}; an ensemble's members must be trained on the same grid")
+    return Ensemble([net for net, _ in loaded]), {**first, "members": paths}
+
+
 @torch.no_grad()
 def translate(net: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor) -> torch.Tensor:
     """[0,1] slices (N,1,H,W) -> [0,1] translations; the network (or FlipShiftMean.copies) works in [-1,1]."""
@@ -82,6 +113,8 @@ def translate(net: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor)
 # test-time augmentation: each copy of the input is shifted by (rows, cols) pixels, with and without a left-right flip
 TTA_SHIFTS = ((0, 0), (2, 0), (-2, 0), (0, 2), (0, -2))
 TTA_HELP = "translate as the mean of 10 flipped and shifted copies (test-time augmentation; 10x the compute)"
+ENSEMBLE_HELP = ("several (independently trained runs of the same size): translate as the mean of their "
+                 "translations (a deep ensemble; compute times their number)")
 
 
 class FlipShiftMean(nn.Module):
@@ -95,7 +128,9 @@ class FlipShiftMean(nn.Module):
 
     def copies(self, x: torch.Tensor, through: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
         """(N,C,H,W) in the network's [-1,1] -> (10,N,C',H,W): what the network (or `through`, another of its
-        functions, such as with_scale) makes of each copy"""
+        functions, such as with_scale) makes of each copy; for an Ensemble, (10 x members,N,C,H,W)"""
+        if through is None and isinstance(self.net, Ensemble):
+            return torch.cat([FlipShiftMean(member).copies(x) for member in self.net.members])
         through = through or self.net
         out = []
         for flip in (False, True):

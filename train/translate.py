@@ -1,6 +1,6 @@
 """Translate T1 <-> T2 with a trained checkpoint: NIfTI volumes in, NIfTI volumes out (2D images too).
 
-    python -m train.translate --checkpoint RUN/checkpoints/step-NNNNNNN --direction t1-to-t2 \\
+    python -m train.translate --checkpoint RUN/checkpoints/step-NNNNNNN [MORE ...] --direction t1-to-t2 \\
         --input FILE_OR_DIR --output DIR [--tta] [--uncertainty tta|cycle|ensemble|aleatoric] [--overwrite] [--batch-size 8]
 
 Each volume is reoriented to RAS, resampled onto the training grid, normalized as the shards were,
@@ -8,8 +8,9 @@ translated slice by slice in the axial plane and resampled back: the output has 
 affine. Output intensities are the target contrast in [0,1] (the shards' normalization: 0 and 1 are the
 0.5th and 99.5th percentiles of the head), float32, 0 outside the head. Images (PNG/JPG/TIFF) give
 16-bit PNGs of the input's size. --tta translates 10 flipped and shifted copies of each slice and averages
-them. With --uncertainty, each translation gets a hallucination map beside it
-(`<name>_<direction>_uncertainty-<mode>`, same grid, in the same intensity units; train/fidelity.py).
+them; several checkpoints translate as the mean of their translations (an ensemble). With --uncertainty,
+each translation gets a hallucination map beside it (`<name>_<direction>_uncertainty-<mode>`, same grid, in
+the same intensity units; train/fidelity.py).
 """
 
 from __future__ import annotations
@@ -26,8 +27,8 @@ from tqdm import tqdm
 from shards.format import encode_png16
 from shards.preprocess import VolumeError, load_image, load_nifti
 from train.fidelity import MODES, HallucinationMap, translate_with_map
-from train.inference import (DIRECTIONS, TTA_HELP, CheckpointError, FlipShiftMean, device_for_inference, image_outputs,
-                             load_generator, volume_outputs)
+from train.inference import (DIRECTIONS, ENSEMBLE_HELP, TTA_HELP, CheckpointError, FlipShiftMean, device_for_inference,
+                             image_outputs, load_generators, volume_outputs)
 
 VOLUME_SUFFIXES = (".nii", ".nii.gz")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
@@ -76,7 +77,8 @@ def write_png(path: Path, image: np.ndarray) -> None:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checkpoint", type=Path, required=True, help="RUN/checkpoints/step-NNNNNNN, or a run folder for its best checkpoint")
+    parser.add_argument("--checkpoint", type=Path, nargs="+", required=True,
+                        help="RUN/checkpoints/step-NNNNNNN, or a run folder for its best checkpoint; " + ENSEMBLE_HELP)
     parser.add_argument("--direction", required=True, choices=["t1-to-t2", "t2-to-t1"])
     parser.add_argument("--input", type=Path, required=True, help="a .nii/.nii.gz volume, an image, or a folder of them")
     parser.add_argument("--output", type=Path, required=True, help="folder for the translations")
@@ -89,7 +91,7 @@ def main(argv=None) -> int:
 
     device = device_for_inference()
     try:
-        net, info = load_generator(args.checkpoint, args.direction, device)
+        net, info = load_generators(args.checkpoint, args.direction, device)
         net = FlipShiftMean(net) if args.tta else net
         hallucination = HallucinationMap(args.uncertainty, args.checkpoint, args.direction, device,
                                          loaded={DIRECTIONS[args.direction]: net}) if args.uncertainty else None
