@@ -31,8 +31,8 @@ from shards.format import encode_png16, shard_paths
 from shards.preprocess import VolumeError, fit_image, foreground, load_image, load_nifti, normalize
 from train.data import val_samples
 from train.fidelity import MODES, HallucinationMap, translate_with_map
-from train.inference import (CheckpointError, FlipShiftMean, load_generator, prepare_volume, restore_volume, translate,
-                             translate_slices)
+from train.inference import (CheckpointError, FlipShiftMean, load_generators, prepare_volume, resolve_checkpoint, restore_volume,
+                             translate, translate_slices)
 from train.metrics import slice_metrics
 
 MAX_IMAGE_MB, MAX_VOLUME_MB = 20, 300
@@ -62,15 +62,16 @@ def cached_metrics(run: str, mtime: float) -> pd.DataFrame:
 
 
 @st.cache_resource(show_spinner=False, max_entries=8)
-def cached_generator(checkpoint: str, direction: str, mtime: float, tta: bool):
-    net = load_generator(Path(checkpoint), direction)[0]
+def cached_generator(checkpoints: tuple[str, ...], direction: str, mtime: float, tta: bool):
+    """One checkpoint's generator, or several checkpoints' ensemble; mtime: the newest of their checkpoint.json."""
+    net = load_generators([Path(c) for c in checkpoints], direction)[0]
     return FlipShiftMean(net) if tta else net
 
 
 @st.cache_resource(show_spinner=False, max_entries=4)
-def cached_map(checkpoint: str, direction: str, mode: str, mtime: float, tta: bool, _loaded: dict) -> HallucinationMap:
+def cached_map(checkpoints: tuple[str, ...], direction: str, mode: str, mtime: float, tta: bool, _loaded: dict) -> HallucinationMap:
     # _loaded is left out of the cache key; tta stands for it (the cycle map runs the loaded, maybe averaging, generators)
-    return HallucinationMap(mode, Path(checkpoint), direction, loaded=_loaded)
+    return HallucinationMap(mode, [Path(c) for c in checkpoints], direction, loaded=_loaded)
 
 
 @st.cache_data(show_spinner=False, max_entries=4)
@@ -178,7 +179,7 @@ def shards_of(run: R.RunInfo, data_root: Path) -> Path | None:
     return shards if shards.is_relative_to(data_root) and shards.is_dir() else None
 
 
-def page_translate(run: R.RunInfo, data_root: Path) -> None:
+def page_translate(run: R.RunInfo, runs: list[R.RunInfo], data_root: Path) -> None:
     st.header(f"Translate with {run.name}")
     checkpoints = [c for c in R.list_checkpoints(run) if not c.error]
     if run.error or not checkpoints:
@@ -191,23 +192,31 @@ def page_translate(run: R.RunInfo, data_root: Path) -> None:
                          format_func=lambda d: {"t1_to_t2": "T1 → T2", "t2_to_t1": "T2 → T1"}[d])
     mode = st.selectbox("Hallucination map", ["none", *MODES], key="uncertainty",
                         help="tta: spread under flips and shifts; cycle: |back-translation - input|; "
-                             "ensemble: spread across the run's kept checkpoints; aleatoric: the generator's own error "
+                             "ensemble: spread across the ensemble's members, or else the run's kept checkpoints; aleatoric: the generator's own error "
                              "estimate, for runs trained with --lambda_aleatoric (docs/fidelity.md)")
     tta = st.checkbox("Average flipped and shifted copies (TTA)", value=bool(run.config.get("val_tta")), key="tta",
                       help="translate 10 flipped and shifted copies of the slice and average them, as --tta in train.evaluate; "
                            "on by default where the run validated that way (--val_tta)")
+    partners = st.multiselect("Ensemble with", [r.name for r in runs if r.name != run.name and not r.error], key="ensemble",
+                              help="other runs of the same size, each at its best checkpoint: the translation is the mean of "
+                                   "every member's (a deep ensemble); the tta map spreads over every member's copies "
+                                   "(docs/fidelity.md)")
     try:
-        mtime = (checkpoint.path / R.rundir.CHECKPOINT_INFO).stat().st_mtime
-        net = cached_generator(str(checkpoint.path), direction, mtime, tta)
-        back = cached_generator(str(checkpoint.path), OTHER[direction], mtime, tta)
+        members = [checkpoint.path, *(resolve_checkpoint(r.path) for r in runs if r.name in partners)]
+        mtime = max((path / R.rundir.CHECKPOINT_INFO).stat().st_mtime for path in members)
+        key = tuple(map(str, members))
+        net = cached_generator(key, direction, mtime, tta)
+        back = cached_generator(key, OTHER[direction], mtime, tta)
         info = R.json.loads((checkpoint.path / R.rundir.CHECKPOINT_INFO).read_text())
     except (CheckpointError, OSError, ValueError) as err:
         st.error(f"{checkpoint.path.name}: {err}")
         return
+    if partners:
+        st.caption(f"Ensemble of {len(members)}: " + ", ".join(f"{path.parent.parent.name}/{path.name}" for path in members))
     hallucination = None
     if mode != "none":
         try:
-            hallucination = cached_map(str(checkpoint.path), direction, mode, mtime, tta, {direction: net, OTHER[direction]: back})
+            hallucination = cached_map(key, direction, mode, mtime, tta, {direction: net, OTHER[direction]: back})
         except CheckpointError as err:
             st.warning(f"Hallucination map: {err}")
     preprocessing = info["preprocessing"]
@@ -305,7 +314,7 @@ def main() -> None:
         return
     name = st.sidebar.selectbox("Run", [r.name for r in runs], key="run")
     run = R.read_run(R.safe_child(runs_root, name))
-    page_run(run) if page == "Run" else page_translate(run, data_root)
+    page_run(run) if page == "Run" else page_translate(run, runs, data_root)
 
 
 main()

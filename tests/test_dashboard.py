@@ -4,6 +4,7 @@ run; the path guard; and one end-to-end run in a real headless Chromium (Playwri
 from __future__ import annotations
 
 import io
+import json
 import os
 import shutil
 import socket
@@ -36,6 +37,11 @@ def runs_root(trained, shards_dir, tmp_path_factory):
     (crashed / rundir.CONFIG).write_text(yaml.safe_dump({**config, "lr": 0.001}))
     for path in crashed.glob("checkpoints/*/G_*.safetensors"):
         path.write_bytes(b"not safetensors")
+    partner = root / "partner"  # the same run at its other kept checkpoint: a second ensemble member
+    shutil.copytree(trained, partner)
+    summary = json.loads((partner / rundir.SUMMARY).read_text())
+    other = next(step for step, _ in rundir.list_checkpoints(partner) if step != summary["best_checkpoint_step"])
+    (partner / rundir.SUMMARY).write_text(json.dumps({**summary, "best_checkpoint_step": other}))
     broken = root / "broken"
     broken.mkdir()
     (broken / rundir.CONFIG).write_text("size: [unclosed\n")
@@ -141,6 +147,20 @@ def test_translate_can_average_flipped_and_shifted_copies(app, runs_root):
         assert go(fresh, "Translate", "base").checkbox(key="tta").value is True, "on for a run that validated with --val_tta"
     finally:
         config.write_text(original)
+
+
+def test_translate_with_an_ensemble_of_runs(app):
+    at = go(app, "Translate", "base")
+    single = scores_line(at)
+    options = at.multiselect(key="ensemble").options
+    assert "partner" in options and "base" not in options and "broken" not in options
+    at.multiselect(key="ensemble").set_value(["partner"]).run()
+    assert not at.exception and not at.error and scores_line(at) != single
+    assert any(c.value.startswith("Ensemble of 2: base/step-") and "partner/step-" in c.value for c in at.caption)
+    at.selectbox(key="uncertainty").set_value("ensemble").run()  # the members' spread
+    assert not at.exception and not at.warning and len(at.image) == 6
+    at.multiselect(key="ensemble").set_value(["crashed"]).run()  # its weights are corrupt: named, not a traceback
+    assert not at.exception and any("crashed" in e.value and "cannot load the generator" in e.value for e in at.error)
 
 
 def test_translate_an_uploaded_image(app):
