@@ -3,11 +3,12 @@ synthetic IXI with lesions and a held-out anatomy (docs/fidelity.md).
 
     python bench/fidelity_bench.py [--out bench-out/fidelity] [--subjects 30] [--size 128] [--steps 600]
                                    [--variants plain mind] [--uncertainty tta] [--tta] [--seed 0] [--train-seed N]
-                                   [--snapshots N]
+                                   [--snapshots N] [--ensemble N]
 
 Stages: `shards synth --lesions --holdout-anatomy` (downsample 256/size) -> `shards pack --lesions --holdout`
 -> per variant `train/main.py` -> `train.evaluate --uncertainty` on val+test, which hold every lesion and
-held-out subject and no training subject. Existing stages in --out are reused. Prints one table of masked
+held-out subject and no training subject. With --ensemble N, each variant is trained with N training seeds
+and their last checkpoints are scored as one ensemble. Existing stages in --out are reused. Prints one table of masked
 SSIM/PSNR, hallucination-map AUROC and lesion metrics per variant and direction, and writes it to
 OUT/results.md and OUT/results.json.
 """
@@ -116,12 +117,17 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0, help="seed of the synthetic subjects and, by default, of training")
     parser.add_argument("--train-seed", type=int, help="seed of the training runs (default: --seed); another seed of a variant "
                         "gets its own run folder, NAME-SIZE-STEPS-seedN, on the same data")
+    parser.add_argument("--ensemble", type=int, default=1, help="train each variant with N training seeds (--train-seed "
+                        "and the next N-1) and score their ensemble: the mean of their translations, and with the tta map "
+                        "the spread of every member's copies (train.evaluate with N checkpoints)")
     parser.add_argument("--snapshots", type=int, default=1, help="keep N checkpoints spread over the second half of "
                         "each run, where the learning rate decays (the members of --uncertainty ensemble; the last one is "
                         "scored); N > 1 gets its own run folder, NAME-SIZE-STEPS-snapN")
     args = parser.parse_args()
     if not 1 <= args.snapshots <= args.steps // 2:
         parser.error(f"--snapshots must be between 1 and half of --steps ({args.steps // 2}), got {args.snapshots}")
+    if args.ensemble < 1:
+        parser.error(f"--ensemble must be at least 1, got {args.ensemble}")
     out = args.out.resolve()
     ixi, shards = out / "ixi", out / f"shards-{args.size}"
     env = {**os.environ, "WANDB_MODE": "offline"}
@@ -134,28 +140,34 @@ def main() -> None:
         timings["pack_s"] = run("-m", "shards", "pack", "--t1", ixi / "IXI-T1.tar", "--t2", ixi / "IXI-T2.tar", "--out", shards,
                                 "--size", args.size, "--lesions", ixi / "IXI-lesions.tar", "--holdout", ixi / "holdout.txt")
     train_seed = args.seed if args.train_seed is None else args.train_seed
+    seeds = range(train_seed, train_seed + args.ensemble)
+
+    def run_name(name: str, seed: int) -> str:
+        return f"{name}-{args.size}-{args.steps}{f'-seed{seed}' * (seed != args.seed)}{f'-snap{args.snapshots}' * (args.snapshots > 1)}"
+
     results = {}
     for name in args.variants:
-        run_name = (f"{name}-{args.size}-{args.steps}{f'-seed{train_seed}' * (train_seed != args.seed)}"
-                    f"{f'-snap{args.snapshots}' * (args.snapshots > 1)}")
-        run_dir = out / "runs" / run_name
-        if not (run_dir / "summary.json").exists():
-            timings[f"train_{name}_s"] = run(
-                "train/main.py", "--data", shards, "--out", run_dir, "--size", args.size, "--ngf", args.ngf, "--ndf", args.ngf,
-                "--batch_size", args.batch_size, "--max_steps", args.steps, "--steps_per_epoch", max(args.steps // 4, 1),
-                "--checkpoint_every", args.steps // (2 * args.snapshots) if args.snapshots > 1 else args.steps,
-                "--checkpoints_total_limit", max(args.snapshots, 2), "--num_workers", 1, "--report_to", "none",
-                "--seed", train_seed, "--resume", "auto", *VARIANTS[name], env=env)
-        report_dir = out / "reports" / f"{run_name}-{args.uncertainty}{'-tta-mean' * args.tta}"
-        checkpoint = max((run_dir / "checkpoints").glob("step-*"))  # the step budget's last checkpoint, not val-selected
-        timings[f"evaluate_{name}_s"] = run("-m", "train.evaluate", "--checkpoint", checkpoint, "--data", shards / "test", shards / "val",
+        checkpoints = []
+        for seed in seeds:
+            run_dir = out / "runs" / run_name(name, seed)
+            if not (run_dir / "summary.json").exists():
+                timings[f"train_{run_dir.name}_s"] = run(
+                    "train/main.py", "--data", shards, "--out", run_dir, "--size", args.size, "--ngf", args.ngf, "--ndf", args.ngf,
+                    "--batch_size", args.batch_size, "--max_steps", args.steps, "--steps_per_epoch", max(args.steps // 4, 1),
+                    "--checkpoint_every", args.steps // (2 * args.snapshots) if args.snapshots > 1 else args.steps,
+                    "--checkpoints_total_limit", max(args.snapshots, 2), "--num_workers", 1, "--report_to", "none",
+                    "--seed", seed, "--resume", "auto", *VARIANTS[name], env=env)
+            checkpoints.append(max((run_dir / "checkpoints").glob("step-*")))  # the step budget's last checkpoint, not val-selected
+        report_dir = out / "reports" / (f"{run_name(name, train_seed)}{f'-ensemble{args.ensemble}' * (args.ensemble > 1)}"
+                                        f"-{args.uncertainty}{'-tta-mean' * args.tta}")
+        timings[f"evaluate_{name}_s"] = run("-m", "train.evaluate", "--checkpoint", *checkpoints, "--data", shards / "test", shards / "val",
                                             "--out", report_dir, "--overwrite", "--uncertainty", args.uncertainty, *["--tta"] * args.tta,
                                             stdout=subprocess.DEVNULL)
         results[name] = json.loads((report_dir / "report.json").read_text())
     results["lookup table (reference)"] = lookup_reference(shards)
 
     lines = [f"{args.subjects} synthetic subjects at {args.size}², {args.steps} steps of batch {args.batch_size}, ngf/ndf {args.ngf}, "
-             f"training seed {train_seed}; "
+             f"training seed{f's {seeds[0]} to {seeds[-1]}, scored as one ensemble' if args.ensemble > 1 else f' {train_seed}'}; "
              f"evaluated on val+test (held-out subjects only); hallucination map: {args.uncertainty}"
              f"{'; translations: the mean of 10 flipped and shifted copies (--tta)' * args.tta}. "
              f"Machine: {platform.machine()}, {os.cpu_count()} cores, {platform.python_version()}.", "",
