@@ -191,9 +191,9 @@ def page_translate(run: R.RunInfo, runs: list[R.RunInfo], data_root: Path) -> No
     direction = st.radio("Direction", ["t1_to_t2", "t2_to_t1"], horizontal=True, key="direction",
                          format_func=lambda d: {"t1_to_t2": "T1 → T2", "t2_to_t1": "T2 → T1"}[d])
     mode = st.selectbox("Hallucination map", ["none", *MODES], key="uncertainty",
-                        help="tta: spread under flips and shifts; cycle: |back-translation - input|; "
-                             "ensemble: spread across the ensemble's members, or else the run's kept checkpoints; aleatoric: the generator's own error "
-                             "estimate, for runs trained with --lambda_aleatoric (docs/fidelity.md)")
+                        help="tta: spread under flips and shifts; cycle: |back-translation - input|; ensemble: spread "
+                             "across the ensemble's members, or else the run's kept checkpoints; aleatoric: the generator's "
+                             "own error estimate, for runs trained with --lambda_aleatoric (docs/fidelity.md)")
     tta = st.checkbox("Average flipped and shifted copies (TTA)", value=bool(run.config.get("val_tta")), key="tta",
                       help="translate 10 flipped and shifted copies of the slice and average them, as --tta in train.evaluate; "
                            "on by default where the run validated that way (--val_tta)")

@@ -68,7 +68,7 @@ class HallucinationMap:
             kept = [path for _, path in rundir.list_checkpoints(run)]
             if len(kept) < 2:
                 raise CheckpointError(f"{checkpoint}: uncertainty mode 'ensemble' needs a run folder with at least two "
-                                      f"kept checkpoints, {run} has {len(kept)}; use tta or cycle")
+                                      f"kept checkpoints ({run} has {len(kept)}) or more checkpoints as members; use tta or cycle")
             self.members = [load_generator(path, direction, device)[0] for path in kept]
             return
         if mode == "tta":
