@@ -109,8 +109,8 @@ def main() -> None:
     for name, source, target in DIRECTIONS:
         net = load_generator(args.checkpoint, name)[0]
         perturbations = candidates(net)
-        names = [*perturbations, *(SCALE_MAPS if getattr(net, "scale_head", False) else ())]
-        head = HallucinationMap("aleatoric", args.checkpoint, name, loaded={name: net}) if len(names) > len(perturbations) else None
+        head = HallucinationMap("aleatoric", args.checkpoint, name, loaded={name: net}) if getattr(net, "scale_head", False) else None
+        names = [*perturbations, *(SCALE_MAPS if head is not None else ())]
         detectors = {(translation, candidate): ErrorDetection(args.error_threshold)
                      for translation in ("single pass", "--tta") for candidate in names}
         for chunk in batched(read_samples(paths), args.batch_size):

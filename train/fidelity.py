@@ -59,11 +59,13 @@ class HallucinationMap:
         def generator(name: str) -> nn.Module:
             return loaded[name] if name in loaded else load_generators(checkpoints, name, device)[0]
 
-        if mode == "ensemble" and len(checkpoints) > 1:
-            net = generator(direction)
-            self.members = list((net.net if isinstance(net, FlipShiftMean) else net).members)
-            return
+        def single_pass(net: nn.Module) -> nn.Module:  # the generator inside an averaging (--tta) one
+            return net.net if isinstance(net, FlipShiftMean) else net
+
         if mode == "ensemble":
+            if len(checkpoints) > 1:
+                self.members = list(single_pass(generator(direction)).members)
+                return
             run = Path(checkpoint).parent.parent
             kept = [path for _, path in rundir.list_checkpoints(run)]
             if len(kept) < 2:
@@ -81,9 +83,7 @@ class HallucinationMap:
             if len(checkpoints) > 1:
                 raise CheckpointError(f"{checkpoint} and {len(checkpoints) - 1} more: uncertainty mode 'aleatoric' reads one "
                                       f"checkpoint's scale heads, not an ensemble's; use tta, cycle or ensemble")
-            net = generator(direction)
-            net = net.net if isinstance(net, FlipShiftMean) else net
-            if not getattr(net, "scale_head", False):
+            if not getattr(single_pass(generator(direction)), "scale_head", False):
                 raise CheckpointError(f"{checkpoint}: uncertainty mode 'aleatoric' needs a run trained with --lambda_aleatoric "
                                       f"(its generators have no scale head); use tta, cycle or ensemble")
 
