@@ -283,6 +283,21 @@ def test_bad_input_fails_before_training(case, shards_dir, trained, tmp_path):
     assert not rundir.list_checkpoints(tmp_path / "run")
 
 
+@pytest.mark.parametrize("flag, expected", [(None, "bfloat16"), ("no", "float32")])
+def test_the_launchers_mixed_precision_reaches_the_trainer_unless_the_flag_is_given(flag, expected, shards_dir, tmp_path):
+    """`accelerate launch --mixed_precision bf16` trains in bf16 (autocast on CPU) unless the trainer's own flag says otherwise."""
+    out = tmp_path / "mp"
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--num_machines", "1", "--mixed_precision",
+           "bf16", "--dynamo_backend", "no", "train/main.py", "--data", str(shards_dir), "--out", str(out), *SMALL, "--max_steps", "2",
+           "--checkpoint_every", "2", *(["--mixed_precision", flag] if flag else [])]
+    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    recorded = "bf16" if expected == "bfloat16" else "no"
+    assert f"mixed precision {recorded}: the generators compute in {expected}" in result.stdout + result.stderr
+    assert yaml.safe_load((out / "config.yaml").read_text())["mixed_precision"] == recorded
+    assert json.loads((out / "summary.json").read_text())["compute_dtype"] == expected
+
+
 def test_structure_loss_is_trained_and_logged(shards_dir, tmp_path):
     out = tmp_path / "structure"
     train("--data", shards_dir, "--out", out, *SMALL, "--max_steps", 10, "--lambda_structure", 5, "--checkpoint_every", 10)

@@ -69,7 +69,9 @@ class Config:
     shuffle_buffer: int = option(500, "samples in the shuffle buffer of each stream", minimum=1)
     augment: bool = option(True, "random flips, small affine and intensity (gamma/gain) jitter")
     # precision and devices
-    mixed_precision: str = option("no", "Accelerate mixed precision", choices=["no", "fp16", "bf16"])
+    mixed_precision: str = option("", "mixed precision: no, fp16 or bf16; unset = what `accelerate launch` was given (its "
+                                  "--mixed_precision or config file), else no. config.yaml records the one used",
+                                  choices=["", "no", "fp16", "bf16"])
     channels_last: bool = option(False, "channels_last memory format (helps convolutions on recent GPUs)")
     # validation, checkpoints, logging
     val_every: int = option(0, "validate every N steps (0 = at the end of every epoch)", minimum=0)

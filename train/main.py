@@ -9,6 +9,7 @@ See docs/training.md for the options and docs/run-folder.md for what lands in --
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -140,6 +141,9 @@ def check_compatible(path: Path, config: Config, size: int) -> None:
 
 def main(argv=None) -> int:
     config = load_config(argv)
+    # the flag wins; without it, what `accelerate launch` was given (its flag or config file), else fp32.
+    # Passing Accelerator an explicit "no" would silently override the launcher.
+    config = dataclasses.replace(config, mixed_precision=config.mixed_precision or os.environ.get("ACCELERATE_MIXED_PRECISION", "no"))
     try:
         manifest = check_shards(config.data, config.size or None)
     except ShardsError as err:
@@ -161,7 +165,8 @@ def main(argv=None) -> int:
     if config.lambda_aleatoric and config.generator != "unet":
         raise SystemExit(f"error: --lambda_aleatoric {config.lambda_aleatoric}: needs --generator unet, not {config.generator}")
     if config.mixed_precision == "fp16" and not torch.cuda.is_available():
-        raise SystemExit("error: --mixed_precision fp16 needs a GPU and none is visible; use bf16 or no on CPU")
+        raise SystemExit("error: mixed precision fp16 (--mixed_precision or the launcher's) needs a GPU and none is visible; "
+                         "use bf16 or no on CPU")
 
     mode = wandb_mode(config)
     os.environ["WANDB_MODE"] = mode
@@ -240,6 +245,11 @@ def main(argv=None) -> int:
     skipped_by_slot: dict[int, int] = {}
     window_start, window_images, run_start, images_seen = time.time(), 0, time.time(), 0
     window_losses, window_steps = torch.zeros(len(LOSS_NAMES), device=accelerator.device), 0  # logged rows are window means
+    # what the first convolution really produced, logged once: the proof that mixed precision is on (the prepared
+    # model's outputs are cast back to fp32, so they cannot tell)
+    compute_dtype, conv_dtypes = None, []
+    first_conv = next(m for m in trained_gens.g_ab.modules() if isinstance(m, torch.nn.Conv2d))
+    dtype_hook = first_conv.register_forward_hook(lambda module, inputs, output: conv_dtypes.append(output.dtype) and None)
     epoch = state.step // steps_per_epoch
     last = {}
     status = "finished"
@@ -273,6 +283,10 @@ def main(argv=None) -> int:
                                                      config.lambda_identity, config.lambda_structure, nce, config.lambda_nce,
                                                      config.lambda_adv, config.lambda_aleatoric)
             discs_plain.requires_grad_(True)
+            if compute_dtype is None:
+                dtype_hook.remove()
+                compute_dtype = str(conv_dtypes[0]).removeprefix("torch.")
+                accelerator.print(f"mixed precision {config.mixed_precision}: the generators compute in {compute_dtype}")
             bad = any_rank(accelerator, not torch.isfinite(losses_g["G"]).item())
             if not bad:
                 opt_g.zero_grad(set_to_none=True)
@@ -356,7 +370,8 @@ def main(argv=None) -> int:
         trace.close()
     if is_main:
         rundir.write_gif(out)
-        write_summary(out, state, epoch, status, images_seen / max(time.time() - run_start, 1e-9), skipped_by_slot, total_steps)
+        write_summary(out, state, epoch, status, images_seen / max(time.time() - run_start, 1e-9), skipped_by_slot, total_steps,
+                      compute_dtype)
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return 0
@@ -464,13 +479,14 @@ def prune_checkpoints(out: Path, keep: int, best_step: int) -> None:
             shutil.rmtree(path)
 
 
-def write_summary(out: Path, state: TrainState, epoch: int, status: str, images_per_s: float, skipped: dict, total_steps: int) -> None:
+def write_summary(out: Path, state: TrainState, epoch: int, status: str, images_per_s: float, skipped: dict, total_steps: int,
+                  compute_dtype: str | None) -> None:
     rows = rundir.read_metrics(out)
     vals = [r for r in rows if "val/ssim_masked_mean" in r]
     best = max(vals, key=lambda r: r["val/ssim_masked_mean"]) if vals else None
     rundir.write_json(out / rundir.SUMMARY, {
         "status": status, "steps": state.step, "total_steps": total_steps, "epochs": epoch + 1,
-        "images_per_s": images_per_s, "nan_steps": state.nan_steps, "skipped_samples": sum(skipped.values()),
+        "images_per_s": images_per_s, "compute_dtype": compute_dtype, "nan_steps": state.nan_steps, "skipped_samples": sum(skipped.values()),
         "best": best, "last": vals[-1] if vals else None, "best_checkpoint_step": state.best_step,
         "last_train": next((r for r in reversed(rows) if "loss/G" in r), None)})
 
