@@ -8,8 +8,10 @@ image's left. Intensities are clipped to the foreground's 0.5 and 99.5 percentil
 
 from __future__ import annotations
 
-import gzip
 import io
+import math
+import os
+import zlib
 from dataclasses import dataclass
 
 import nibabel as nib
@@ -33,33 +35,91 @@ class Grid:
     affine: np.ndarray  # voxel -> RAS mm
 
 
-def load_nifti(data: bytes) -> tuple[np.ndarray, np.ndarray, tuple[float, ...]]:
-    """(float32 3D data, affine, zooms) from .nii or .nii.gz bytes; raises VolumeError on anything unusable."""
+# What one file may cost, checked before anything is allocated: a header's claim is never trusted.
+MAX_VOXELS = 2**27  # 512^3 voxels; float32 is 512 MiB (IXI's volumes hold 10 M)
+MAX_IMAGE_PIXELS = 2**26  # 8192 x 8192
+MAX_FILE_BYTES = MAX_VOXELS * 8 + 2**20  # the largest volume as float64, plus header and extensions
+NIFTI1_HEADER_BYTES = 348
+
+
+def read_file(path) -> bytes:
+    """A file's bytes, refused before reading when it is larger than any usable volume could be."""
+    size = os.stat(path).st_size
+    if size > MAX_FILE_BYTES:
+        raise VolumeError(f"{size} bytes: larger than the {MAX_FILE_BYTES // 2**20} MiB a volume may take (MAX_FILE_BYTES)")
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def _nifti_header(head: bytes) -> tuple[nib.Nifti1Header, int]:
+    """The header of .nii bytes and the number of bytes the file must hold, checked against MAX_VOXELS."""
+    if len(head) < NIFTI1_HEADER_BYTES:
+        raise VolumeError(f"not a NIfTI-1 file: {len(head)} bytes, shorter than its {NIFTI1_HEADER_BYTES}-byte header")
     try:
-        if data[:2] == b"\x1f\x8b":
-            data = gzip.decompress(data)
-        image = nib.Nifti1Image.from_bytes(data)
+        header = nib.Nifti1Header.from_fileobj(io.BytesIO(head[:NIFTI1_HEADER_BYTES]), check=True)
+        shape, dtype, offset = header.get_data_shape(), header.get_data_dtype(), int(header["vox_offset"])
+    except Exception as err:  # nibabel raises several kinds on a garbage header; all mean the same here
+        raise VolumeError(f"not a usable NIfTI-1 header ({type(err).__name__}: {err})") from err
+    voxels = math.prod(int(n) for n in shape)  # Python ints: a hostile header cannot overflow this
+    if voxels > MAX_VOXELS:
+        raise VolumeError(f"the header claims {'x'.join(map(str, shape))} voxels, more than the {MAX_VOXELS} a volume may "
+                          f"have (MAX_VOXELS)")
+    return header, max(offset, NIFTI1_HEADER_BYTES) + voxels * dtype.itemsize
+
+
+def _decompress(data: bytes) -> bytes:
+    """.nii bytes from .nii or .nii.gz bytes, inflating no more than the header says the volume needs."""
+    if data[:2] != b"\x1f\x8b":
+        _nifti_header(data)
+        return data
+    try:
+        stream = zlib.decompressobj(wbits=31)  # gzip framing
+        head = stream.decompress(data, NIFTI1_HEADER_BYTES)
+        _, needed = _nifti_header(head)
+        return head + stream.decompress(stream.unconsumed_tail, needed - len(head))
+    except zlib.error as err:
+        raise VolumeError(f"corrupt gzip data ({err})") from err
+
+
+def load_nifti(data: bytes) -> tuple[np.ndarray, np.ndarray, tuple[float, ...]]:
+    """(float32 3D data, affine, zooms) from .nii or .nii.gz bytes; raises VolumeError on anything unusable.
+    Memory stays bounded by MAX_VOXELS whatever the header claims or the gzip stream holds."""
+    raw = _decompress(data)
+    header, needed = _nifti_header(raw)
+    if len(raw) < needed:
+        raise VolumeError(f"truncated: the header promises {needed} bytes, the file holds {len(raw)}")
+    try:
+        image = nib.Nifti1Image.from_bytes(raw[:needed])
         array = np.asarray(image.dataobj, dtype=np.float32)
-    except (OSError, EOFError, ValueError, nib.filebasedimages.ImageFileError, gzip.BadGzipFile) as err:
-        raise VolumeError(f"corrupt or truncated NIfTI ({type(err).__name__}: {err})") from err
+        affine = image.affine
+    except Exception as err:  # a header that passed the checks can still hold a datatype that makes no image
+        raise VolumeError(f"corrupt NIfTI ({type(err).__name__}: {err})") from err
     if array.ndim == 4 and array.shape[3] == 1:
         array = array[..., 0]
     if array.ndim != 3:
         raise VolumeError(f"expected a 3D volume, got {array.ndim}D with shape {array.shape}")
+    if not np.isfinite(affine).all() or abs(np.linalg.det(affine[:3, :3])) < 1e-6:
+        raise VolumeError("the header's voxel-to-world affine is degenerate (zero or infinite voxel axes): no orientation to work in")
     check_intensities(array)
-    return np.nan_to_num(array, nan=0.0, posinf=0.0, neginf=0.0), image.affine, image.header.get_zooms()[:3]
+    return np.nan_to_num(array, nan=0.0, posinf=0.0, neginf=0.0), affine, header.get_zooms()[:3]
 
 
 def load_image(data: bytes) -> np.ndarray:
-    """A 2D image (PNG/JPG/TIFF, RGB or grayscale, 8 or 16 bit) as a float32 (H, W) array."""
+    """A 2D image (PNG/JPG/TIFF, RGB or grayscale, 8 or 16 bit) as a float32 (H, W) array; at most MAX_IMAGE_PIXELS."""
     try:
         with Image.open(io.BytesIO(data)) as im:
+            if im.width * im.height > MAX_IMAGE_PIXELS:  # the size comes from the header: nothing is decoded yet
+                raise VolumeError(f"{im.width}x{im.height} pixels, more than the {MAX_IMAGE_PIXELS} an image may have (MAX_IMAGE_PIXELS)")
             im.load()
             if im.mode in ("RGB", "RGBA", "P", "LA", "CMYK", "YCbCr"):
                 im = im.convert("L")
             array = np.asarray(im, dtype=np.float32)
-    except (UnidentifiedImageError, OSError, ValueError) as err:
-        raise VolumeError(f"not a readable image ({err})") from err
+    except VolumeError:
+        raise
+    except Image.DecompressionBombError as err:  # Pillow's own cap, higher than ours, fires while opening
+        raise VolumeError(f"more pixels than the {MAX_IMAGE_PIXELS} an image may have (MAX_IMAGE_PIXELS; {err})") from err
+    except Exception as err:  # Pillow raises many kinds on a damaged file; all mean the same here
+        raise VolumeError(f"not a readable image ({type(err).__name__}: {err})") from err
     if array.ndim != 2:
         raise VolumeError(f"expected a 2D grayscale or RGB image, got shape {array.shape}")
     check_intensities(array)

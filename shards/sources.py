@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .format import safe_subject
+from .preprocess import MAX_FILE_BYTES, VolumeError, read_file
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
@@ -40,9 +41,11 @@ class VolumeRef:
 
 
 def read_bytes(ref: VolumeRef) -> bytes:
+    if ref.offset < 0:
+        return read_file(ref.path)
+    if ref.size > MAX_FILE_BYTES:
+        raise VolumeError(f"{ref.size} bytes: larger than the {MAX_FILE_BYTES // 2**20} MiB a volume may take (MAX_FILE_BYTES)")
     with open(ref.path, "rb") as f:
-        if ref.offset < 0:
-            return f.read()
         f.seek(ref.offset)
         data = f.read(ref.size)
     if len(data) != ref.size:

@@ -21,6 +21,7 @@ from PIL import Image
 from streamlit.testing.v1 import AppTest
 
 from conftest import ROOT
+from test_hostile_input import HOSTILE
 from dashboard import runs as R
 from train import rundir
 
@@ -196,6 +197,16 @@ def test_translate_rejects_a_file_that_is_not_an_image(app):
     at.file_uploader(key="image_upload").upload("scan.png", b"definitely not a png", "image/png")
     at.run()
     assert not at.exception and any("scan.png" in e.value and "not a readable image" in e.value for e in at.error)
+
+
+@pytest.mark.parametrize("case", ["header-2000-cubed", "damaged-deflate", "zero-affine"])
+def test_the_dashboard_upload_names_a_hostile_volume(case, app):
+    name, make, expect = HOSTILE[case]
+    at = go(app, "Translate", "base")
+    at.radio(key="source").set_value("NIfTI volume").run()
+    at.file_uploader(key="volume_upload").upload(name, make(), "application/gzip")
+    at.run()
+    assert not at.exception and any(name in e.value and expect in e.value for e in at.error), [e.value for e in at.error]
 
 
 def test_translate_with_a_corrupt_checkpoint_says_so(app):

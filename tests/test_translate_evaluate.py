@@ -104,7 +104,7 @@ def test_translate_bad_input(case, trained, t1_volume, tmp_path):
     checkpoint, inp = rundir.checkpoint_dir(trained, 40), t1_volume
     affine = np.diag([1.0, 1.0, 1.0, 1.0])
     expect = {"checkpoint": "not a checkpoint folder", "4d": "expected a 3D volume", "not-nifti": "not a NIfTI volume",
-              "corrupt": "corrupt or truncated NIfTI", "nan": "all voxels are NaN", "zero": "all voxels are zero",
+              "corrupt": "truncated", "nan": "all voxels are NaN", "zero": "all voxels are zero",
               "exists": "already exists"}[case]
     if case == "checkpoint":
         checkpoint = tmp_path

@@ -25,7 +25,7 @@ import numpy as np
 from tqdm import tqdm
 
 from shards.format import encode_png16
-from shards.preprocess import VolumeError, load_image, load_nifti
+from shards.preprocess import VolumeError, load_image, load_nifti, read_file
 from train.fidelity import MODES, HallucinationMap, translate_with_map
 from train.inference import (DIRECTIONS, ENSEMBLE_HELP, TTA_HELP, CheckpointError, FlipShiftMean, device_for_inference,
                              image_outputs, load_generators, volume_outputs)
@@ -65,14 +65,20 @@ def write_volume(path: Path, data: np.ndarray, like: nib.Nifti1Image) -> None:
     image.set_qform(like.affine, int(like.header["qform_code"]) or 1)
     image.set_sform(like.affine, int(like.header["sform_code"]) or 1)
     tmp = path.with_name(f".{path.name[:-len('.nii.gz')]}.tmp.nii.gz")
-    nib.save(image, tmp)
-    tmp.replace(path)
+    try:
+        nib.save(image, tmp)
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)  # a failed write (disk full) leaves nothing half-written
 
 
 def write_png(path: Path, image: np.ndarray) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(encode_png16(image))
-    tmp.replace(path)
+    try:
+        tmp.write_bytes(encode_png16(image))
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def main(argv=None) -> int:
@@ -117,16 +123,16 @@ def main(argv=None) -> int:
         start = time.time()
         try:
             if suffix(path) in VOLUME_SUFFIXES:
-                data, affine, _ = load_nifti(path.read_bytes())
+                data, affine, _ = load_nifti(read_file(path))
                 outputs = volume_outputs(outputs_of, data, affine, preprocessing, device, args.batch_size, progress=True)
                 for name, volume in outputs.items():
                     write_volume(targets[path][name], volume, nib.load(path))
             else:
-                outputs = image_outputs(outputs_of, load_image(path.read_bytes()), preprocessing["size"], device)
+                outputs = image_outputs(outputs_of, load_image(read_file(path)), preprocessing["size"], device)
                 for name, image in outputs.items():
                     write_png(targets[path][name], image)
-        except VolumeError as err:
-            print(f"error: {path}: {err}", file=sys.stderr)
+        except (VolumeError, OSError) as err:  # one bad file is reported; the others are still translated
+            tqdm.write(f"error: {path}: {err}", file=sys.stderr)  # on a line of its own, not after the progress bar
             failed += 1
             continue
         print(f"{path} -> {', '.join(str(t) for t in targets[path].values())} ({time.time() - start:.1f}s)")

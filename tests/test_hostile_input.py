@@ -1,0 +1,177 @@
+"""Hostile and broken files: each one costs no more memory than a bound, gets a one-line error naming it, and
+stops nothing else. The same files go through the loader, `shards pack`, `train.translate` and the dashboard's
+upload (tests/test_dashboard.py); docs/bad-input.md lists every class."""
+
+from __future__ import annotations
+
+import gzip
+import io
+import json
+import struct
+import subprocess
+import sys
+import tarfile
+import zlib
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from conftest import ROOT, run_module
+from shards.preprocess import VolumeError, load_image, load_nifti, read_file
+
+MEMORY_BOUND_MB = 1024  # for any of these files, whatever its header claims
+
+
+def nifti_header(shape, datatype=np.int16) -> bytes:
+    """A valid NIfTI-1 header (and the 4 extension bytes) claiming `shape`, with no voxel data behind it."""
+    header = nib.Nifti1Header()
+    header.set_data_shape(shape)
+    header.set_data_dtype(datatype)
+    header.set_qform(np.eye(4), 1)
+    header["vox_offset"] = 352
+    return header.binaryblock + b"\0" * 4
+
+
+def gzip_of_zeros(prefix: bytes, megabytes: int) -> bytes:
+    """gzip of `prefix` and then `megabytes` MiB of zeros, built in chunks (the test never holds the zeros)."""
+    stream = zlib.compressobj(9, zlib.DEFLATED, 31)
+    parts, chunk = [stream.compress(prefix)], bytes(2**20)
+    parts += [stream.compress(chunk) for _ in range(megabytes)]
+    return b"".join(parts + [stream.flush()])
+
+
+def png_claiming(width: int, height: int) -> bytes:
+    """A PNG whose IHDR claims width x height pixels, with one tiny IDAT."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b""))
+
+
+def good_volume(shape=(32, 32, 24)) -> bytes:
+    data = np.zeros(shape, np.float32)
+    data[8:24, 8:24, 6:18] = 100
+    return gzip.compress(nib.Nifti1Image(data, np.eye(4)).to_bytes())
+
+
+def damaged_deflate() -> bytes:
+    data = bytearray(good_volume((64, 64, 48)))
+    data[len(data) // 3: len(data) // 3 + 64] = b"\xff" * 64
+    return bytes(data)
+
+
+def garbage_datatype() -> bytes:
+    block = bytearray(nifti_header((8, 8, 8)))
+    block[70:72] = struct.pack("<h", 9999)  # datatype: no such code
+    return gzip.compress(bytes(block) + bytes(8 * 8 * 8 * 2))
+
+
+def zero_affine() -> bytes:
+    """An sform of zeros, as some converters write when they lose the geometry."""
+    image = nib.Nifti1Image(np.ones((16, 16, 16), np.float32), np.eye(4))
+    block = bytearray(image.to_bytes())
+    header = nib.Nifti1Header.from_fileobj(io.BytesIO(bytes(block[:348])))
+    header["qform_code"], header["sform_code"] = 0, 2
+    for row in ("srow_x", "srow_y", "srow_z"):
+        header[row] = 0
+    block[:348] = header.binaryblock
+    return gzip.compress(bytes(block))
+
+
+# name -> (file name (contrast T1), bytes, what the error says)
+HOSTILE = {
+    "header-2000-cubed": ("IXI801-Guys-0801-T1.nii.gz", lambda: gzip.compress(nifti_header((2000, 2000, 2000))), "MAX_VOXELS"),
+    "header-32767-cubed": ("IXI802-Guys-0802-T1.nii", lambda: nifti_header((32767, 32767, 32767)), "MAX_VOXELS"),
+    "gzip-bomb-huge-claim": ("IXI803-Guys-0803-T1.nii.gz", lambda: gzip_of_zeros(nifti_header((1024, 1024, 512)), 512), "MAX_VOXELS"),
+    "gzip-bomb-small-claim": ("IXI804-Guys-0804-T1.nii.gz", lambda: gzip_of_zeros(nifti_header((64, 64, 64)), 512), "all voxels are zero"),
+    "uncompressed-claim-past-the-end": ("IXI805-Guys-0805-T1.nii", lambda: nifti_header((256, 256, 150)) + bytes(1000), "truncated"),
+    "damaged-deflate": ("IXI806-Guys-0806-T1.nii.gz", damaged_deflate, "corrupt"),
+    "garbage-datatype": ("IXI807-Guys-0807-T1.nii.gz", garbage_datatype, "NIfTI-1 header"),
+    "text-named-nii": ("IXI808-Guys-0808-T1.nii", lambda: b"this is a text file, not a volume\n" * 20, "NIfTI-1"),
+    "empty-nii": ("IXI809-Guys-0809-T1.nii", lambda: b"", "NIfTI-1"),
+    "zero-affine": ("IXI810-Guys-0810-T1.nii.gz", zero_affine, "affine is degenerate"),
+}
+IMAGES = {"png-30000-squared": ("bomb.png", lambda: png_claiming(30000, 30000), "MAX_IMAGE_PIXELS")}
+
+
+@pytest.mark.parametrize("case", sorted(HOSTILE) + sorted(IMAGES))
+def test_the_loader_refuses_within_a_memory_bound(case, tmp_path):
+    name, make, expect = {**HOSTILE, **IMAGES}[case]
+    path = tmp_path / name
+    path.write_bytes(make())
+    loader = "load_image" if case in IMAGES else "load_nifti"
+    with pytest.raises(VolumeError, match=expect):
+        {"load_image": load_image, "load_nifti": load_nifti}[loader](read_file(path))
+    # the same in a fresh process, whose peak RSS is measured (ru_maxrss of waited-for children, in KiB)
+    probe = (f"import resource, subprocess, sys; subprocess.run([sys.executable, '-c', 'import sys\\nfrom shards.preprocess import *\\n"
+             f"try: {loader}(read_file(sys.argv[1]))\\nexcept VolumeError: pass', sys.argv[1]], check=True); "
+             f"print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)")
+    peak_kib = int(subprocess.run([sys.executable, "-c", probe, str(path)], cwd=ROOT, capture_output=True, text=True,
+                                  check=True, timeout=120).stdout)
+    assert peak_kib < MEMORY_BOUND_MB * 1024, f"{case}: peak RSS {peak_kib // 1024} MiB"
+
+
+def test_a_file_larger_than_any_volume_is_refused_before_reading(tmp_path, monkeypatch):
+    import shards.preprocess as preprocess
+
+    monkeypatch.setattr(preprocess, "MAX_FILE_BYTES", 1000)
+    (tmp_path / "big.nii").write_bytes(bytes(2000))
+    with pytest.raises(VolumeError, match="MAX_FILE_BYTES"):
+        preprocess.read_file(tmp_path / "big.nii")
+
+
+@pytest.fixture(scope="module")
+def hostile_folders(ixi_tars, tmp_path_factory):
+    """NIfTI folders of the synthetic subjects, the T1 one also holding every hostile file."""
+    root = tmp_path_factory.mktemp("hostile")
+    for contrast in ("T1", "T2"):
+        folder = root / contrast.lower()
+        folder.mkdir()
+        with tarfile.open(ixi_tars / f"IXI-{contrast}.tar") as tar:
+            for member in tar.getmembers():
+                (folder / member.name).write_bytes(tar.extractfile(member).read())
+    for name, make, _ in HOSTILE.values():
+        (root / "t1" / name).write_bytes(make())
+    return root
+
+
+def peak_rss_mib(*args) -> tuple[subprocess.CompletedProcess, int]:
+    """Run `python -m ARGS` from the repository root; its result and the peak RSS of it and its workers."""
+    probe = ("import resource, subprocess, sys; r = subprocess.run([sys.executable, '-m', *sys.argv[1:]]); "
+             "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, r.returncode, file=sys.stderr)")
+    result = subprocess.run([sys.executable, "-c", probe, *map(str, args)], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    peak_kib, code = map(int, result.stderr.strip().splitlines()[-1].split())
+    result.returncode = code
+    return result, peak_kib // 1024
+
+
+def test_pack_skips_and_names_every_hostile_file_and_finishes(hostile_folders):
+    out = hostile_folders / "shards"
+    result, peak = peak_rss_mib("shards", "pack", "--t1", hostile_folders / "t1", "--t2", hostile_folders / "t2", "--out", out,
+                                "--size", 64, "--workers", 2)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert peak < 2 * MEMORY_BOUND_MB, f"pack's peak RSS {peak} MiB"
+    manifest = json.loads((out / "manifest.json").read_text())
+    reasons = {Path(s["file"]).name: s["reason"] for s in manifest["skipped"]}
+    for name, _, expect in HOSTILE.values():
+        assert expect in reasons.get(name, ""), f"{name}: {reasons.get(name)}"
+        assert f"skipped {hostile_folders / 't1' / name}" in result.stdout + result.stderr
+    assert manifest["splits"]["train"]["slices"]["t1"] > 0 and not list(out.rglob("*.tmp"))
+
+
+def test_translate_reports_each_hostile_file_and_translates_the_rest(hostile_folders, trained, tmp_path):
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    good = sorted((hostile_folders / "t1").glob("IXI0*"))[0]
+    (inputs / good.name).write_bytes(good.read_bytes())
+    for name, make, _ in HOSTILE.values():
+        (inputs / name).write_bytes(make())
+    out = tmp_path / "out"
+    result, peak = peak_rss_mib("train.translate", "--checkpoint", trained, "--direction", "t1-to-t2", "--input", inputs, "--output", out)
+    assert result.returncode == 1 and peak < 2 * MEMORY_BOUND_MB, (peak, result.stderr[-3000:])
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    for name, _, expect in HOSTILE.values():
+        assert any(name in line and expect in line for line in errors), f"{name} not reported: {errors}"
+    assert sorted(p.name for p in out.iterdir()) == [good.name.replace(".nii.gz", "_t1-to-t2.nii.gz")], "nothing partial"
