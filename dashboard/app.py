@@ -37,8 +37,8 @@ from train.metrics import slice_metrics
 
 MAX_IMAGE_MB, MAX_VOLUME_MB = 20, 300
 LOSSES = ["loss/G", "loss/G_adv", "loss/cycle", "loss/identity", "loss/structure", "loss/nce", "loss/D"]
-VAL = ["val/t1_to_t2/ssim_masked", "val/t2_to_t1/ssim_masked", "val/t1_to_t2/psnr_masked", "val/t2_to_t1/psnr_masked",
-       "val/t1_cycle/ssim", "val/t2_cycle/ssim"]
+VAL = ["val/t1_to_t2/ssim_masked", "val/t2_to_t1/ssim_masked", "val/t1_to_t2/texture", "val/t2_to_t1/texture",
+       "val/t1_to_t2/psnr_masked", "val/t2_to_t1/psnr_masked", "val/t1_cycle/ssim", "val/t2_cycle/ssim"]
 OTHER = {"t1_to_t2": "t2_to_t1", "t2_to_t1": "t1_to_t2"}
 CONTRASTS = {"t1_to_t2": ("t1", "t2"), "t2_to_t1": ("t2", "t1")}
 
@@ -119,7 +119,7 @@ def page_compare(runs: list[R.RunInfo]) -> None:
         st.info("These runs have no metrics yet.")
         return
     merged = pd.concat(tables, ignore_index=True)
-    for title, names in (("Losses", LOSSES), ("Validation (masked SSIM, PSNR; cycle SSIM)", VAL)):
+    for title, names in (("Losses", LOSSES), ("Validation (masked SSIM, texture, PSNR; cycle SSIM)", VAL)):
         st.subheader(title)
         for name in [n for n in names if n in merged]:
             series = merged.dropna(subset=[name]).pivot_table(index=x, columns="run", values=name, aggfunc="last")
@@ -276,7 +276,7 @@ def page_translate(run: R.RunInfo, runs: list[R.RunInfo], data_root: Path) -> No
         row.update({"ground truth": truth, "|error| ×4": np.clip(error * 4, 0, 1)})
         scores = slice_metrics(translated, torch.from_numpy(truth)[None, None], torch.from_numpy(mask)[None, None])
         st.write(f"masked SSIM **{scores['ssim_masked'].item():.3f}**, masked PSNR **{scores['psnr_masked'].item():.2f} dB**, "
-                 f"whole-image SSIM {scores['ssim'].item():.3f}")
+                 f"whole-image SSIM {scores['ssim'].item():.3f}, texture {scores['texture'].item():.2f} × the truth's")
     if heat is not None:
         heat = heat[0, 0].numpy() * (mask if mask is not None else 1)
         row["hallucination map"] = overlay(row["translation"], heat)

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from train.networks import MIN_SCALE, CycleGenerators, build_generator
+from train.networks import MIN_SCALE, CycleGenerators, _upsample, build_generator
 
 
 def seen_rows(net: nn.Module, size: int) -> tuple[int, int]:
@@ -66,3 +66,19 @@ def test_cycle_generators_return_the_reconstructions_scales_only_with_heads():
             if heads:
                 assert out["rec_a_scale"].shape == real_a.shape
                 assert torch.equal(out["rec_a"], gens.g_ba(out["fake_b"]))
+
+
+def test_resize_upsampling_has_no_checkerboard_and_keeps_the_unet_contract():
+    """On a constant input a 4x4 stride-2 transposed convolution gives odd and even pixels different values (the
+    checkerboard); nearest resizing and a 3x3 convolution give one value everywhere inside the border."""
+    torch.manual_seed(0)
+    flat = torch.ones(1, 8, 8, 8)
+    transposed = _upsample(8, 4, "transpose", bias=False)(flat)[0, :, 2:-2, 2:-2]
+    assert (transposed[:, 0::2, 0::2] - transposed[:, 1::2, 1::2]).abs().max() > 1e-3
+    resized = _upsample(8, 4, "resize", bias=False)(flat)[0, :, 1:-1, 1:-1]
+    assert torch.allclose(resized, resized[:, :1, :1].expand_as(resized), atol=1e-6)
+    net = build_generator("unet", 64, 8, unet_depth=3, upsample="resize")
+    assert not any(isinstance(m, nn.ConvTranspose2d) for m in net.modules())
+    assert net(torch.randn(2, 1, 64, 64)).shape == (2, 1, 64, 64)
+    with pytest.raises(ValueError, match="upsample"):
+        build_generator("resnet9", 64, 8, upsample="resize")

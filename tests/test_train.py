@@ -42,7 +42,7 @@ def test_losses_fall_and_the_run_folder_is_complete(trained):
     assert steps[-1] == 40 and len(steps) <= 3  # newest 2 plus the best
     last = rundir.checkpoint_dir(trained, 40)
     info = json.loads((last / rundir.CHECKPOINT_INFO).read_text())
-    assert info["generator"] == {"arch": "unet", "size": 64, "ngf": 16, "unet_depth": 0, "scale_head": False, "input_range": [-1, 1]}
+    assert info["generator"] == {"arch": "unet", "size": 64, "ngf": 16, "unet_depth": 0, "scale_head": False, "upsample": "transpose", "input_range": [-1, 1]}
     weights = load_file(str(last / rundir.GENERATORS["t1_to_t2"]))
     assert all(torch.isfinite(v).all() for v in weights.values())
     predictions = rundir.list_predictions(trained)
@@ -306,13 +306,18 @@ def test_structure_loss_is_trained_and_logged(shards_dir, tmp_path):
     assert all(r["loss/G"] >= r["loss/structure"] for r in rows)
 
 
-def test_a_shallow_unet_trains_and_its_checkpoint_loads_for_inference(shards_dir, tmp_path):
+@pytest.mark.parametrize("upsample", ["transpose", "resize"])
+def test_a_shallow_unet_trains_and_its_checkpoint_loads_for_inference(upsample, shards_dir, tmp_path):
     out = tmp_path / "shallow"
-    train("--data", shards_dir, "--out", out, *SMALL, "--max_steps", 4, "--checkpoint_every", 4, "--unet_depth", 3)
+    train("--data", shards_dir, "--out", out, *SMALL, "--max_steps", 4, "--checkpoint_every", 4, "--unet_depth", 3, "--upsample", upsample)
     checkpoint = rundir.checkpoint_dir(out, 4)
-    assert json.loads((checkpoint / rundir.CHECKPOINT_INFO).read_text())["generator"]["unet_depth"] == 3
-    net, _ = load_generator(checkpoint, "t1_to_t2")  # built at depth 3, else its weights would not load
-    assert sum(1 for m in net.modules() if isinstance(m, torch.nn.ConvTranspose2d)) == 3
+    generator = json.loads((checkpoint / rundir.CHECKPOINT_INFO).read_text())["generator"]
+    assert generator["unet_depth"] == 3 and generator["upsample"] == upsample
+    net, _ = load_generator(checkpoint, "t1_to_t2")  # built at depth 3 with this upsampling, else its weights would not load
+    upsamplers = torch.nn.ConvTranspose2d if upsample == "transpose" else torch.nn.Upsample
+    assert sum(1 for m in net.modules() if isinstance(m, upsamplers)) == 3
+    rows = [r for r in rundir.read_metrics(out) if "val/t1_to_t2/texture" in r]
+    assert rows and all(r["val/t1_to_t2/texture"] > 0 and r["val/t2_to_t1/texture"] > 0 for r in rows)
     assert translate(net, torch.rand(2, 1, 64, 64)).shape == (2, 1, 64, 64)
 
 

@@ -18,6 +18,7 @@ from conftest import SMALL, run_module, train
 from shards.preprocess import load_nifti
 from train import rundir
 from train.inference import FlipShiftMean, resolve_checkpoint, translate_volume
+from train.metrics import slice_metrics
 
 
 class PassThrough(nn.Module):
@@ -143,7 +144,7 @@ def test_evaluate_reports_per_subject_and_matches_validation(trained, shards_dir
     assert report["slices"] == logged["val/slices"]
     for direction in ("t1_to_t2", "t2_to_t1"):
         part = report["directions"][direction]
-        for metric in ("ssim", "ssim_masked", "psnr_masked", "mae_masked"):
+        for metric in ("ssim", "ssim_masked", "psnr_masked", "mae_masked", "texture"):
             assert part["slice_mean"][metric] == pytest.approx(logged[f"val/{direction}/{metric}"], abs=1e-4), (direction, metric)
         assert len(part["subjects"]) == report["subjects"] >= 1
         assert part["summary"]["ssim_masked"]["mean"] == pytest.approx(np.mean([s["ssim_masked"] for s in part["subjects"]]))
@@ -152,7 +153,20 @@ def test_evaluate_reports_per_subject_and_matches_validation(trained, shards_dir
         report["directions"]["t1_to_t2"]["subjects"][0]["ssim_masked"], abs=1e-5)
     with Image.open(tmp_path / "report" / "figure.png") as im:
         assert im.size == (4 * 64 + 3 * 2, 6 * 64 + 5 * 2)  # worst/median/best x 2 directions; 4 columns
-    assert "masked SSIM" in (tmp_path / "report" / "report.md").read_text()
+    assert "masked SSIM" in (tmp_path / "report" / "report.md").read_text() and "texture" in (tmp_path / "report" / "report.md").read_text()
+
+
+def test_texture_is_one_for_the_truth_above_one_for_speckle_and_below_for_blur():
+    torch.manual_seed(0)
+    y, x = torch.meshgrid(torch.arange(64.0), torch.arange(64.0), indexing="ij")
+    truth = (0.5 + 0.3 * torch.sin(x / 3) * torch.cos(y / 4))[None, None]
+    mask = torch.zeros_like(truth, dtype=torch.bool)
+    mask[..., 8:56, 8:56] = True
+    checkerboard = 0.05 * (-1.0) ** (x + y)
+    blurred = nn.functional.avg_pool2d(truth, 5, 1, 2, count_include_pad=False)
+    texture = {name: slice_metrics(pred, truth, mask)["texture"].item()
+               for name, pred in (("truth", truth), ("speckle", truth + checkerboard), ("blur", blurred))}
+    assert texture["truth"] == pytest.approx(1.0) and texture["speckle"] > 1.5 and texture["blur"] < 0.9, texture
 
 
 def test_val_tta_validates_what_evaluate_tta_reports_and_translate_tta_writes(shards_dir, tmp_path):

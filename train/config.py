@@ -31,6 +31,8 @@ class Config:
     ngf: int = option(64, "generator base width", minimum=1)
     unet_depth: int = option(0, "U-Net stride-2 levels (the reference's num_downs); 0 = down to 1x1, log2(size). Fewer levels "
                              "bound what each output pixel sees to about 4 x 2**depth pixels (30 at 3, 62 at 4)", minimum=0)
+    upsample: str = option("transpose", "U-Net decoder upsampling: transpose (the reference's 4x4 stride-2 transposed convolution) "
+                           "or resize (nearest x2, then a 3x3 convolution: no checkerboard speckle)", choices=["transpose", "resize"])
     ndf: int = option(64, "discriminator base width", minimum=1)
     disc_layers: int = option(3, "PatchGAN depth: 3 judges 70x70 patches (the reference, for 256x256), 2 judges 34x34, 1 judges 16x16", minimum=1)
     # losses and optimizer
@@ -104,7 +106,7 @@ class Config:
 # options that change the networks or what a checkpoint holds: a checkpoint made with others cannot continue this run
 # (lambda_nce: PatchNCE's projection heads are trained and checkpointed beside the generators; lambda_aleatoric:
 # the generators' scale heads)
-ARCHITECTURE_KEYS = ("size", "generator", "ngf", "unet_depth", "ndf", "disc_layers", "ema_decay", "lambda_nce", "lambda_aleatoric")
+ARCHITECTURE_KEYS = ("size", "generator", "ngf", "unet_depth", "upsample", "ndf", "disc_layers", "ema_decay", "lambda_nce", "lambda_aleatoric")
 
 
 # option(..., minimum=, maximum=, below=): each bound, the test a value fails it by, and the error's wording

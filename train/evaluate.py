@@ -45,8 +45,8 @@ from train.inference import ENSEMBLE_HELP, TTA_HELP, CheckpointError, FlipShiftM
 from train.metrics import slice_metrics
 
 DIRECTIONS = (("t1_to_t2", "t1", "t2"), ("t2_to_t1", "t2", "t1"))
-POOLED = ("ssim_masked", "psnr_masked", "mae_masked")
-SLICE = ("ssim", "ssim_masked", "psnr", "psnr_masked", "mae_masked")
+POOLED = ("ssim_masked", "psnr_masked", "mae_masked", "texture")
+SLICE = ("ssim", "ssim_masked", "psnr", "psnr_masked", "mae_masked", "texture")
 ERROR_GAIN = 4  # |error| is drawn x4 so small errors show
 
 
@@ -123,7 +123,8 @@ def per_subject(rows: list[dict]) -> list[dict]:
         area = np.array([r["mask_area"] for r in slices])
         pooled = lambda key: float((np.array([r[key] for r in slices]) * area).sum() / area.sum())  # noqa: E731
         out.append({"subject": subject, "slices": len(slices), "ssim_masked": pooled("ssim_masked"),
-                    "psnr_masked": float(10 * np.log10(1.0 / max(pooled("mse_masked"), 1e-10))), "mae_masked": pooled("mae_masked")})
+                    "psnr_masked": float(10 * np.log10(1.0 / max(pooled("mse_masked"), 1e-10))), "mae_masked": pooled("mae_masked"),
+                    "texture": float(np.sqrt(pooled("lap_pred") / max(pooled("lap_truth"), 1e-12)))})
     return out
 
 
@@ -179,12 +180,13 @@ def report_markdown(report: dict) -> str:
              f"{report['subjects']} subjects, {report['slices']} slices from `{report['data']}`. Per subject, pooled inside "
              "the head mask; mean ± std across subjects."
              + (" Translations: the mean of 10 flipped and shifted copies (--tta)." if report["tta"] else ""), "",
-             "| direction | masked SSIM | masked PSNR (dB) | masked MAE |", "|---|---|---|---|"]
+             "| direction | masked SSIM | masked PSNR (dB) | masked MAE | texture (Laplacian RMS vs truth) |", "|---|---|---|---|---|"]
     for name, _, _ in DIRECTIONS:
         s = report["directions"][name]["summary"]
         lines.append(f"| {direction_label(name)} | {s['ssim_masked']['mean']:.3f} ± "
                      f"{s['ssim_masked']['std']:.3f} | {s['psnr_masked']['mean']:.2f} ± {s['psnr_masked']['std']:.2f} | "
-                     f"{s['mae_masked']['mean']:.4f} ± {s['mae_masked']['std']:.4f} |")
+                     f"{s['mae_masked']['mean']:.4f} ± {s['mae_masked']['std']:.4f} | "
+                     f"{s['texture']['mean']:.2f} ± {s['texture']['std']:.2f} |")
     if "uncertainty" in report:
         u = report["uncertainty"]
         lines += ["", f"Hallucination map `{u['mode']}`: AUROC for pixels with |error| > {u['error_threshold']} inside the head.", "",

@@ -65,7 +65,8 @@ def load_generator(checkpoint: Path, direction: str, device: str | torch.device 
     weights = Path(checkpoint) / rundir.GENERATORS[direction]
     if not weights.is_file():
         raise CheckpointError(f"{checkpoint}: no {weights.name}")
-    net = build_generator(spec["arch"], spec["size"], spec["ngf"], spec.get("unet_depth", 0), spec.get("scale_head", False))
+    net = build_generator(spec["arch"], spec["size"], spec["ngf"], spec.get("unet_depth", 0), spec.get("scale_head", False),
+                          spec.get("upsample", "transpose"))
     try:
         net.load_state_dict(load_file(str(weights)))
     except Exception as err:  # safetensors raises its own error types for corrupt headers

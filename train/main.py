@@ -162,6 +162,8 @@ def main(argv=None) -> int:
             unet_levels(size, config.unet_depth)
         except ValueError as err:
             raise SystemExit(f"error: --unet_depth {config.unet_depth}: {err}")
+    if config.upsample != "transpose" and config.generator != "unet":
+        raise SystemExit(f"error: --upsample {config.upsample}: needs --generator unet, not {config.generator}")
     if config.lambda_aleatoric and config.generator != "unet":
         raise SystemExit(f"error: --lambda_aleatoric {config.lambda_aleatoric}: needs --generator unet, not {config.generator}")
     if config.mixed_precision == "fp16" and not torch.cuda.is_available():
@@ -185,8 +187,8 @@ def main(argv=None) -> int:
         check_compatible(resume_path, config, size)
 
     # models, optimizers, schedules
-    gens = CycleGenerators(*(build_generator(config.generator, size, config.ngf, config.unet_depth, bool(config.lambda_aleatoric))
-                             for _ in range(2)))
+    gens = CycleGenerators(*(build_generator(config.generator, size, config.ngf, config.unet_depth, bool(config.lambda_aleatoric),
+                                             config.upsample) for _ in range(2)))
     discs = Discriminators(build_discriminator(config.ndf, config.disc_layers), build_discriminator(config.ndf, config.disc_layers))
     if config.channels_last:
         gens, discs = gens.to(memory_format=torch.channels_last), discs.to(memory_format=torch.channels_last)
@@ -384,7 +386,8 @@ def validate(accelerator, model: CycleGenerators, val, previews, out: Path, epoc
     if not val:
         return {}
     model.eval()
-    names = [f"val/{d}/{m}" for d in ("t1_to_t2", "t2_to_t1") for m in ("ssim", "ssim_masked", "psnr", "psnr_masked", "mae_masked")]
+    per_direction = ("ssim", "ssim_masked", "psnr", "psnr_masked", "mae_masked", "texture")
+    names = [f"val/{d}/{m}" for d in ("t1_to_t2", "t2_to_t1") for m in per_direction]
     names += ["val/t1_cycle/ssim", "val/t2_cycle/ssim"]
     sums = torch.zeros(len(names) + 1, device=accelerator.device)
     mine = val[accelerator.process_index::accelerator.num_processes]
@@ -395,7 +398,7 @@ def validate(accelerator, model: CycleGenerators, val, previews, out: Path, epoc
         values = []
         for direction, target in (("t1_to_t2", t2), ("t2_to_t1", t1)):
             m = slice_metrics(results[direction], target, mask)
-            values += [m[k] for k in ("ssim", "ssim_masked", "psnr", "psnr_masked", "mae_masked")]
+            values += [m[k] for k in per_direction]
         values += [slice_metrics(results["t1_cycle"], t1, mask)["ssim"], slice_metrics(results["t2_cycle"], t2, mask)["ssim"]]
         sums[:-1] += torch.stack([v.sum() for v in values])
         sums[-1] += len(chunk)
@@ -463,7 +466,7 @@ def save_checkpoint(accelerator, trained: list, inference_gens: CycleGenerators,
             "step": state.step, "epoch": epoch, "time": time.time(), "val": {k: v for k, v in (val or {}).items() if k.startswith("val/")},
             "train": last, "config": {**config.to_dict(), "size": size}, "rank_checksums": rank_checksums,
             "generator": {"arch": config.generator, "size": size, "ngf": config.ngf, "unet_depth": config.unet_depth,
-                          "scale_head": bool(config.lambda_aleatoric), "input_range": [-1, 1]},
+                          "scale_head": bool(config.lambda_aleatoric), "upsample": config.upsample, "input_range": [-1, 1]},
             "preprocessing": preprocessing})
         if final.exists():
             shutil.rmtree(final)

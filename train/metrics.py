@@ -1,12 +1,26 @@
 """SSIM, PSNR and MAE of translations against ground truth: the one definition used by validation, the
 evaluator and the dashboard. Images are in [0,1] (data range 1). SSIM uses an 11x11 Gaussian window
 (sigma 1.5); masked SSIM averages the SSIM map inside the foreground mask; masked PSNR and MAE use the
-mean squared / absolute error inside the mask."""
+mean squared / absolute error inside the mask.
+
+Texture is the ratio of high-frequency energy, translation over truth, inside the mask: the RMS of the
+5-point Laplacian of each. 1 is the truth's texture; above 1 is speckle or noise the truth does not have,
+below 1 is over-smoothing."""
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
+
+
+LAPLACIAN = torch.tensor([[0.0, 1.0, 0.0], [1.0, -4.0, 1.0], [0.0, 1.0, 0.0]])[None, None]
+
+
+def laplacian_energy(images: torch.Tensor, weights: torch.Tensor, area: torch.Tensor) -> torch.Tensor:
+    """Mean squared 5-point Laplacian of (N,1,H,W) images inside `weights`, per image."""
+    lap = F.conv2d(images, LAPLACIAN.to(images), padding=1)
+    return (lap.square() * weights).sum(dim=(1, 2, 3)) / area
 
 
 def slice_metrics(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -17,6 +31,7 @@ def slice_metrics(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) 
     ssim, ssim_map = structural_similarity_index_measure(pred, target, data_range=1.0, reduction="none", return_full_image=True)
     error = pred - target
     mse_masked = (error.square() * weights).sum(dim=(1, 2, 3)) / area
+    lap_pred, lap_truth = laplacian_energy(pred, weights, area), laplacian_energy(target, weights, area)
     return {
         "ssim": ssim,
         "ssim_masked": (ssim_map * weights).sum(dim=(1, 2, 3)) / area,
@@ -24,5 +39,8 @@ def slice_metrics(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) 
         "psnr_masked": 10 * torch.log10(1.0 / mse_masked.clamp(min=1e-10)),
         "mae_masked": (error.abs() * weights).sum(dim=(1, 2, 3)) / area,
         "mse_masked": mse_masked,
+        "texture": (lap_pred / lap_truth.clamp(min=1e-12)).sqrt(),
+        "lap_pred": lap_pred,  # with lap_truth, lets a caller pool the texture ratio over slices
+        "lap_truth": lap_truth,
         "mask_area": area,  # with the above, lets a caller pool slices into per-volume figures
     }

@@ -17,24 +17,38 @@ def _norm(channels: int) -> nn.Module:
     return nn.InstanceNorm2d(channels, affine=False, track_running_stats=False)
 
 
+UPSAMPLE = ("transpose", "resize")
+
+
+def _upsample(in_channels: int, out_channels: int, mode: str, bias: bool) -> nn.Module:
+    """x2 upsampling. `transpose` is the reference's 4x4 stride-2 transposed convolution, whose kernel overlaps
+    unevenly: odd and even output pixels get different weights, a checkerboard that shows as speckle.
+    `resize` is nearest-neighbour upsampling and then a 3x3 convolution (Odena et al., Distill 2016): every
+    output pixel gets the same kernel."""
+    if mode == "transpose":
+        return nn.ConvTranspose2d(in_channels, out_channels, 4, stride=2, padding=1, bias=bias)
+    if mode == "resize":
+        return nn.Sequential(nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(in_channels, out_channels, 3, padding=1, bias=bias))
+    raise ValueError(f"unknown upsampling {mode!r}: choose one of {', '.join(UPSAMPLE)}")
+
+
 class UNetBlock(nn.Module):
     """One encoder/decoder level: down, the inner levels, up, then concatenate the skip connection."""
 
     def __init__(self, outer: int, inner: int, submodule: nn.Module | None, in_channels: int | None = None,
-                 outermost: bool = False, dropout: bool = False):
+                 outermost: bool = False, dropout: bool = False, upsample: str = "transpose"):
         super().__init__()
         self.outermost = outermost
         in_channels = in_channels or outer
         down = nn.Conv2d(in_channels, inner, 4, stride=2, padding=1, bias=False)
         up_in = inner if submodule is None else inner * 2
         if outermost:  # raw outputs: UNetGenerator applies the tanh to the translation, not to a scale head
-            layers = [down, submodule, nn.ReLU(True), nn.ConvTranspose2d(up_in, outer, 4, stride=2, padding=1)]
+            layers = [down, submodule, nn.ReLU(True), _upsample(up_in, outer, upsample, bias=True)]
         elif submodule is None:  # innermost: 1x1 bottleneck, no norm on a single pixel
-            layers = [nn.LeakyReLU(0.2, True), down, nn.ReLU(True),
-                      nn.ConvTranspose2d(up_in, outer, 4, stride=2, padding=1, bias=False), _norm(outer)]
+            layers = [nn.LeakyReLU(0.2, True), down, nn.ReLU(True), _upsample(up_in, outer, upsample, bias=False), _norm(outer)]
         else:
             layers = [nn.LeakyReLU(0.2, True), down, _norm(inner), submodule, nn.ReLU(True),
-                      nn.ConvTranspose2d(up_in, outer, 4, stride=2, padding=1, bias=False), _norm(outer)]
+                      _upsample(up_in, outer, upsample, bias=False), _norm(outer)]
             if dropout:
                 layers.append(nn.Dropout(0.5))
         self.model = nn.Sequential(*layers)
@@ -65,15 +79,15 @@ class UNetGenerator(nn.Module):
     al., MICCAI 2021). forward() gives the translation alone; with_scale() both."""
 
     def __init__(self, size: int = 256, channels: int = 1, ngf: int = 64, dropout: bool = False, depth: int = 0,
-                 scale_head: bool = False):
+                 scale_head: bool = False, upsample: str = "transpose"):
         super().__init__()
         self.channels, self.scale_head = channels, scale_head
         depth = unet_levels(size, depth)
         widths = [ngf * min(2**i, 8) for i in range(depth)]  # 64, 128, 256, 512, 512, ...
-        block = UNetBlock(widths[-2], widths[-1], None)
+        block = UNetBlock(widths[-2], widths[-1], None, upsample=upsample)
         for level in range(depth - 2, 0, -1):
-            block = UNetBlock(widths[level - 1], widths[level], block, dropout=dropout and widths[level] == ngf * 8)
-        self.model = UNetBlock(channels * (1 + scale_head), widths[0], block, in_channels=channels, outermost=True)
+            block = UNetBlock(widths[level - 1], widths[level], block, dropout=dropout and widths[level] == ngf * 8, upsample=upsample)
+        self.model = UNetBlock(channels * (1 + scale_head), widths[0], block, in_channels=channels, outermost=True, upsample=upsample)
 
     def forward(self, x):
         return torch.tanh(self.model(x)[:, :self.channels])
@@ -144,11 +158,14 @@ def init_weights(module: nn.Module, std: float = 0.02) -> nn.Module:
     return module
 
 
-def build_generator(arch: str, size: int, ngf: int = 64, unet_depth: int = 0, scale_head: bool = False) -> nn.Module:
+def build_generator(arch: str, size: int, ngf: int = 64, unet_depth: int = 0, scale_head: bool = False,
+                    upsample: str = "transpose") -> nn.Module:
     if arch == "unet":
-        return init_weights(UNetGenerator(size, ngf=ngf, depth=unet_depth, scale_head=scale_head))
+        return init_weights(UNetGenerator(size, ngf=ngf, depth=unet_depth, scale_head=scale_head, upsample=upsample))
     if scale_head:
         raise ValueError(f"a scale head needs the unet generator, not {arch!r}")
+    if upsample != "transpose":
+        raise ValueError(f"--upsample {upsample} needs the unet generator, not {arch!r}")
     if arch == "resnet9":
         return init_weights(ResnetGenerator(ngf=ngf, blocks=9))
     raise ValueError(f"unknown generator {arch!r}: choose unet or resnet9")
