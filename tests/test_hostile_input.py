@@ -7,6 +7,7 @@ from __future__ import annotations
 import gzip
 import io
 import json
+import shutil
 import struct
 import subprocess
 import sys
@@ -17,9 +18,12 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+import torch
 
-from conftest import ROOT, run_module
+from conftest import ROOT, SMALL, train
 from shards.preprocess import VolumeError, load_image, load_nifti, read_file
+from train import rundir
+from train.config import load_config
 
 MEMORY_BOUND_MB = 1024  # for any of these files, whatever its header claims
 
@@ -175,3 +179,59 @@ def test_translate_reports_each_hostile_file_and_translates_the_rest(hostile_fol
     for name, _, expect in HOSTILE.values():
         assert any(name in line and expect in line for line in errors), f"{name} not reported: {errors}"
     assert sorted(p.name for p in out.iterdir()) == [good.name.replace(".nii.gz", "_t1-to-t2.nii.gz")], "nothing partial"
+
+
+class Payload:
+    """Unpickling this runs a shell command: what a crafted checkpoint file could do."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (__import__("os").system, (f"touch {self.marker}",))
+
+
+@pytest.mark.parametrize("case", ["pickle-payload", "truncated-weights", "truncated-optimizer", "truncated-info", "changed-width",
+                                  "fresh-into-used"])
+def test_the_trainer_refuses_a_hostile_or_damaged_run_folder_and_changes_nothing(case, trained, shards_dir, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(trained, run)
+    checkpoint = rundir.list_checkpoints(run)[-1][1]
+    marker = tmp_path / "pwned"
+    expect = {"pickle-payload": "refusing to unpickle", "truncated-weights": "may be truncated", "truncated-optimizer": "may be truncated",
+              "truncated-info": "unreadable checkpoint.json", "changed-width": "different configuration",
+              "fresh-into-used": "already holds checkpoints"}[case]
+    if case == "pickle-payload":
+        torch.save(Payload(marker), checkpoint / "custom_checkpoint_0.pkl")
+    elif case.startswith("truncated"):
+        name = {"truncated-weights": "model.safetensors", "truncated-optimizer": "optimizer.bin", "truncated-info": "checkpoint.json"}[case]
+        data = (checkpoint / name).read_bytes()
+        (checkpoint / name).write_bytes(data[: len(data) // 2])
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    args = ["--data", shards_dir, "--out", run, *SMALL, "--max_steps", 50]
+    args += {"fresh-into-used": [], "changed-width": ["--ngf", "8", "--resume", "auto"]}.get(case, ["--resume", "auto"])
+    result = train(*args, check=False, timeout=180)
+    assert result.returncode != 0 and expect in result.stderr, result.stderr[-2000:]
+    assert len(result.stderr.strip().splitlines()[-1]) < 600 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert not marker.exists(), "the planted pickle ran"
+    after = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    assert after == before, "a refused run changed the run folder (config.yaml, checkpoints)"
+
+
+@pytest.mark.parametrize("argv, expect", [
+    (["--lr", "-1"], "--lr -1.0: must be above 0"), (["--lr", "nan"], "--lr nan: must be a finite number"),
+    (["--lr", "0"], "--lr 0.0: must be above 0"), (["--beta1", "1.5"], "--beta1 1.5: must be below 1"),
+    (["--lambda_cycle", "-1"], "--lambda_cycle -1.0: must be at least 0"),
+    (["--batch_size", "100000"], "--batch_size 100000: must be at most 512"),
+    ("yaml-syntax", "line 2, column"), ("binary", "not a text file")])
+def test_bad_options_and_config_files_are_one_line_errors(argv, expect, tmp_path, capsys):
+    if argv == "yaml-syntax":
+        (tmp_path / "c.yaml").write_text("lr: 1e-4\nngf: 32: 4\nseed: 1\n")
+        argv = ["--config", str(tmp_path / "c.yaml")]
+    elif argv == "binary":
+        (tmp_path / "c.yaml").write_bytes(bytes(range(256)))
+        argv = ["--config", str(tmp_path / "c.yaml")]
+    with pytest.raises(SystemExit):
+        load_config(["--data", "d", "--out", "o", *argv])
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert expect in err and ("c.yaml" in err or "--" in err), err

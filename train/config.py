@@ -8,11 +8,16 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import operator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
+
+
+# a batch larger than this per process is a typo, not a plan: 512 slices of 256² fill an H200's memory many times
+MAX_BATCH_SIZE = 512
 
 
 def option(default, help: str, **kw):
@@ -39,9 +44,10 @@ class Config:
     gan_loss: str = option("bce", "adversarial loss: bce (BCE with logits, as in the seed) or lsgan", choices=["bce", "lsgan"])
     lambda_adv: float = option(1.0, "weight of the generators' adversarial loss; below 1 the cycle and structure terms weigh more "
                                "against fooling the discriminators", minimum=0)
-    lambda_cycle: float = option(10.0, "cycle-consistency L1 weight (lambda)")
-    lambda_identity: float = option(0.5, "identity L1 weight as a fraction of lambda_cycle")
-    lambda_structure: float = option(0.0, "MIND structure-consistency L1 between each input and its translation (0 = off, the seed's plain CycleGAN)")
+    lambda_cycle: float = option(10.0, "cycle-consistency L1 weight (lambda)", minimum=0)
+    lambda_identity: float = option(0.5, "identity L1 weight as a fraction of lambda_cycle", minimum=0)
+    lambda_structure: float = option(0.0, "MIND structure-consistency L1 between each input and its translation (0 = off, the seed's plain CycleGAN)",
+                                     minimum=0)
     lambda_nce: float = option(0.0, "PatchNCE weight (CUT's patch contrastive loss, both ways): each patch of a translation should match the "
                                "input's patch at the same place in the generators' encoder features (0 = off)", minimum=0)
     lambda_aleatoric: float = option(0.0, "a learned hallucination map: each U-Net generator gets a second output, the per-pixel scale of "
@@ -49,11 +55,11 @@ class Config:
                                      "this weight times its negative log-likelihood (the translation keeps its L1 losses; UGAC, "
                                      "Upadhyay et al. 2021). Read by --uncertainty aleatoric. 0 = off, no head", minimum=0)
     pool_size: int = option(50, "history pool of generated images shown to the discriminators", minimum=0)
-    lr: float = option(2e-4, "Adam learning rate for the generators, and for the discriminators unless --lr_d")
+    lr: float = option(2e-4, "Adam learning rate for the generators, and for the discriminators unless --lr_d", above=0)
     lr_d: float = option(0.0, "Adam learning rate for the discriminators; 0 = --lr. Below --lr the discriminators learn more slowly "
                          "than the generators (a two time-scale update rule)", minimum=0)
-    beta1: float = option(0.5, "Adam beta1")
-    beta2: float = option(0.999, "Adam beta2")
+    beta1: float = option(0.5, "Adam beta1", minimum=0, below=1)
+    beta2: float = option(0.999, "Adam beta2", minimum=0, below=1)
     ema_decay: float = option(0.0, "keep an exponential moving average of the generator weights with this decay (e.g. 0.995, "
                               "about the last 1/(1-decay) steps); validation, checkpoints' generators and inference use it. 0 = off",
                               minimum=0, below=1)
@@ -61,7 +67,7 @@ class Config:
                                    "step (0.5 = the reference's second half; 0 = from the first step; 1 = constant)",
                                    minimum=0, maximum=1)
     # schedule
-    batch_size: int = option(1, "images per process per step, for each contrast", minimum=1)
+    batch_size: int = option(1, "images per process per step, for each contrast", minimum=1, maximum=MAX_BATCH_SIZE)
     epochs: int = option(10, "number of epochs; the learning rate decays linearly to 0 from --lr_decay_start", minimum=1)
     steps_per_epoch: int = option(0, "steps per epoch; 0 = min(train T1, train T2 slices) / (batch_size x processes)", minimum=0)
     max_steps: int = option(0, "stop after this many steps in total (0 = epochs x steps_per_epoch)", minimum=0)
@@ -109,8 +115,9 @@ class Config:
 ARCHITECTURE_KEYS = ("size", "generator", "ngf", "unet_depth", "upsample", "ndf", "disc_layers", "ema_decay", "lambda_nce", "lambda_aleatoric")
 
 
-# option(..., minimum=, maximum=, below=): each bound, the test a value fails it by, and the error's wording
-BOUNDS = {"minimum": (operator.lt, "at least"), "maximum": (operator.gt, "at most"), "below": (operator.ge, "below")}
+# option(..., minimum=, maximum=, above=, below=): each bound, the test a value fails it by, and the error's wording
+BOUNDS = {"minimum": (operator.lt, "at least"), "maximum": (operator.gt, "at most"), "above": (operator.le, "above"),
+          "below": (operator.ge, "below")}
 
 
 def _parse_bool(text: str) -> bool:
@@ -160,7 +167,14 @@ def load_config(argv=None) -> Config:
         path = Path(args.config)
         if not path.is_file():
             parser.error(f"--config {path}: no such file")
-        loaded = yaml.safe_load(path.read_text()) or {}
+        try:
+            loaded = yaml.safe_load(path.read_text()) or {}
+        except UnicodeDecodeError:
+            parser.error(f"--config {path}: not a text file (expected YAML)")
+        except yaml.YAMLError as err:
+            mark = getattr(err, "problem_mark", None)
+            where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+            parser.error(f"--config {path}: {where}not valid YAML ({getattr(err, 'problem', None) or err})")
         if not isinstance(loaded, dict):
             parser.error(f"--config {path}: expected a mapping of option: value")
         unknown = sorted(set(loaded) - known)
@@ -179,6 +193,8 @@ def load_config(argv=None) -> Config:
             parser.error(f"--{f.name} is required")
         if f.metadata.get("choices") and f.name in values and values[f.name] not in f.metadata["choices"]:
             parser.error(f"{f.name}: {values[f.name]!r} is not one of {f.metadata['choices']}")
+        if f.type == "float" and f.name in values and not math.isfinite(values[f.name]):
+            parser.error(f"--{f.name} {values[f.name]!r}: must be a finite number")
         for bound, (outside, wording) in BOUNDS.items():
             if bound in f.metadata and f.name in values and outside(values[f.name], f.metadata[bound]):
                 parser.error(f"--{f.name} {values[f.name]!r}: must be {wording} {f.metadata[bound]}")

@@ -130,13 +130,30 @@ def resolve_resume(config: Config, out: Path) -> Path | None:
 
 
 def check_compatible(path: Path, config: Config, size: int) -> None:
-    saved = json.loads((path / rundir.CHECKPOINT_INFO).read_text())["config"]
+    try:
+        saved = json.loads((path / rundir.CHECKPOINT_INFO).read_text())["config"]
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as err:
+        raise SystemExit(f"error: --resume {path}: unreadable {rundir.CHECKPOINT_INFO} ({type(err).__name__}: {err}); "
+                         f"it may be truncated: resume from an earlier checkpoint in {path.parent}")
     saved = {**Config.defaults(), **saved}  # an option newer than the checkpoint had its default then
     current = {**config.to_dict(), "size": size}
     differ = [f"{k}: checkpoint {saved.get(k)!r} vs now {current[k]!r}" for k in ARCHITECTURE_KEYS if saved.get(k) != current[k]]
     if differ:
         raise SystemExit(f"error: --resume {path} was made with a different configuration ({'; '.join(differ)}); "
                          f"start a new run folder or resume with the same options")
+
+
+def check_plain_data(path: Path) -> None:
+    """Accelerate unpickles the registered trainer state (custom_checkpoint_*.pkl) with weights_only=False, which
+    runs whatever code a crafted file holds. Each must load as plain tensors and numbers first; the rest of a
+    checkpoint is safetensors, or loaded weights-only by Accelerate itself."""
+    for file in sorted(path.glob("custom_checkpoint_*.pkl")):
+        try:
+            torch.load(file, map_location="cpu", weights_only=True)
+        except Exception as err:
+            raise SystemExit(f"error: --resume {path}: {file.name} holds more than plain tensors and numbers (a weights-only "
+                             f"load refused it: {str(err).splitlines()[0][:200]}); refusing to unpickle it. Only resume from "
+                             f"checkpoints you trust")
 
 
 def main(argv=None) -> int:
@@ -178,13 +195,13 @@ def main(argv=None) -> int:
                               log_with=None if mode == "disabled" else "wandb", project_dir=str(out))
     set_seed(config.seed, device_specific=False)  # identical initial weights on every rank
     is_main = accelerator.is_main_process
-    if is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        save_config(Config(**{**config.to_dict(), "size": size}), out / rundir.CONFIG)
-        (out / rundir.STOP).unlink(missing_ok=True)  # a stop request left from an earlier run is stale
     resume_path = resolve_resume(config, out)
     if resume_path:
         check_compatible(resume_path, config, size)
+        check_plain_data(resume_path)
+    elif rundir.list_checkpoints(out):  # a fresh run here would prune, and later resume, another run's checkpoints
+        raise SystemExit(f"error: --out {out} already holds checkpoints (step {rundir.list_checkpoints(out)[-1][0]}); "
+                         f"continue that run with --resume auto, or train into a new folder")
 
     # models, optimizers, schedules
     gens = CycleGenerators(*(build_generator(config.generator, size, config.ngf, config.unet_depth, bool(config.lambda_aleatoric),
@@ -217,7 +234,11 @@ def main(argv=None) -> int:
     kept = StateDict(train=state, sched_g=sched_g, sched_d=sched_d, pool_a=pools["a"], pool_b=pools["b"], **({"ema": ema} if ema else {}))
     accelerator.register_for_checkpointing(kept)
     if resume_path:
-        accelerator.load_state(str(resume_path))
+        try:
+            accelerator.load_state(str(resume_path))
+        except Exception as err:  # a truncated or damaged file: name the checkpoint, not a deep traceback
+            raise SystemExit(f"error: --resume {resume_path}: cannot load it ({type(err).__name__}: {str(err).splitlines()[0][:300]}); "
+                             f"it may be truncated: resume from an earlier checkpoint in {resume_path.parent}")
         # the saved optimizers and schedules carry the old rates and betas; the options given now win (a lower --lr
         # after a NaN stop), on the saved step's place in the schedule
         for sched, lr in ((sched_g, config.lr), (sched_d, lr_d)):
@@ -225,6 +246,10 @@ def main(argv=None) -> int:
             for group in sched.optimizer.param_groups:
                 group.update(initial_lr=lr, lr=lr * sched.lr_lambdas[0](sched.last_epoch), betas=(config.beta1, config.beta2))
         accelerator.print(f"resumed from {resume_path} at step {state.step}")
+    if is_main:  # only once the checks and the resume have passed: a refused run leaves the folder as it was
+        out.mkdir(parents=True, exist_ok=True)
+        save_config(Config(**{**config.to_dict(), "size": size}), out / rundir.CONFIG)
+        (out / rundir.STOP).unlink(missing_ok=True)  # a stop request left from an earlier run is stale
 
     loaders = train_loaders(config.data, config, accelerator.process_index, world)
     val = val_samples(config.data, "val", config.val_max_slices)
