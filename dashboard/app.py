@@ -3,7 +3,8 @@
     streamlit run dashboard/app.py [-- --runs runs --data data]
 
 The runs folder comes from --runs, else $MRI_CYCLEGAN_RUNS, else ./runs; shards for the Translate page are
-read only from --data ($MRI_CYCLEGAN_DATA, ./data). Served on 127.0.0.1 (.streamlit/config.toml).
+read only from --data ($MRI_CYCLEGAN_DATA, ./data). Served on 127.0.0.1 (.streamlit/config.toml); started where that
+file is not read, the pages refuse to serve unless `-- --allow-remote` is given.
 """
 
 from __future__ import annotations
@@ -43,12 +44,29 @@ OTHER = {"t1_to_t2": "t2_to_t1", "t2_to_t1": "t1_to_t2"}
 CONTRASTS = {"t1_to_t2": ("t1", "t2"), "t2_to_t1": ("t2", "t1")}
 
 
-def roots() -> tuple[Path, Path]:
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+def app_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser()
     parser.add_argument("--runs", default=os.environ.get("MRI_CYCLEGAN_RUNS", "runs"))
     parser.add_argument("--data", default=os.environ.get("MRI_CYCLEGAN_DATA", "data"))
+    parser.add_argument("--allow-remote", action="store_true", help="serve pages when Streamlit listens beyond this machine")
     args, _ = parser.parse_known_args(sys.argv[1:])
-    return Path(args.runs).resolve(), Path(args.data).resolve()
+    return args
+
+
+def refuse_remote(allow_remote: bool) -> None:
+    """Streamlit listens on every interface unless told otherwise, and reads .streamlit/config.toml only from the
+    folder it was started in. Started elsewhere, it would serve runs, checkpoints and uploads to the network:
+    the page then shows only this refusal, unless `-- --allow-remote` says that is meant."""
+    address = st.get_option("server.address")
+    if address in LOOPBACK or allow_remote:
+        return
+    st.error(f"Refusing to serve: Streamlit is listening on {address or 'every network interface'}, not on this machine only. "
+             f"Start it with `streamlit run dashboard/app.py --server.address 127.0.0.1` (or from the repository root, whose "
+             f".streamlit/config.toml says so), or add `-- --allow-remote` to serve other machines deliberately.")
+    st.stop()
 
 
 @st.cache_data(ttl=5, show_spinner=False)
@@ -141,13 +159,13 @@ def page_run(run: R.RunInfo) -> None:
         st.error(f"{run.name}: {run.error}")
         return
     st.write(f"status **{run.status}**, step {run.steps}" + (f" of {run.total_steps}" if run.total_steps else ""))
-    predictions = R.rundir.list_predictions(run.path)
+    predictions = [(e, p) for e, p in R.rundir.list_predictions(run.path) if R.inside(run.path, p)]  # no links out of the run
     if predictions:
         epochs = [e for e, _ in predictions]
         epoch = st.select_slider("Epoch", epochs, value=epochs[-1], key="epoch") if len(epochs) > 1 else epochs[0]
         st.image(str(dict(predictions)[epoch]), caption=f"epoch {epoch}: input | translation | cycle | ground truth")
     gif = run.path / R.rundir.GIF
-    if gif.exists():
+    if gif.exists() and R.inside(run.path, gif):
         st.subheader("Training progress")
         st.image(gif.read_bytes(), caption="predictions over the epochs")
     st.subheader("Checkpoints")
@@ -298,7 +316,9 @@ def page_translate(run: R.RunInfo, runs: list[R.RunInfo], data_root: Path) -> No
 
 def main() -> None:
     st.set_page_config(page_title="mri-cyclegan", layout="wide")
-    runs_root, data_root = roots()
+    args = app_args()
+    refuse_remote(args.allow_remote)
+    runs_root, data_root = Path(args.runs).resolve(), Path(args.data).resolve()
     st.sidebar.title("mri-cyclegan")
     st.sidebar.caption(f"runs: {runs_root}")
     page = st.sidebar.radio("Page", ["Runs", "Compare", "Run", "Translate"], key="page")
@@ -313,8 +333,15 @@ def main() -> None:
         st.info(f"No runs in {runs_root}.")
         return
     name = st.sidebar.selectbox("Run", [r.name for r in runs], key="run")
-    run = R.read_run(R.safe_child(runs_root, name))
-    page_run(run) if page == "Run" else page_translate(run, runs, data_root)
+    try:
+        run = R.read_run(R.safe_child(runs_root, name))
+    except R.UnsafePath as err:
+        st.error(str(err))
+        return
+    if page == "Run":
+        page_run(run)
+    else:
+        page_translate(run, runs, data_root)
 
 
 main()

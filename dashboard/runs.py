@@ -105,11 +105,19 @@ def read_run(path: Path, now: float | None = None) -> RunInfo:
     return info
 
 
+def inside(root: Path, path: Path) -> bool:
+    """True when `path`, links followed, lies inside `root`: a link out of the runs folder is never read."""
+    return path.resolve().is_relative_to(root.resolve())
+
+
 def list_runs(root: Path) -> list[RunInfo]:
+    """Every run folder in root; one that is a link to a folder outside root is listed as broken, and not read."""
     root = Path(root)
     if not root.is_dir():
         return []
-    return [read_run(p) for p in sorted(root.iterdir()) if p.is_dir() and not p.name.startswith(".")]
+    return [read_run(p) if inside(root, p) else
+            RunInfo(p.name, p, status="broken", error=f"a link to {p.resolve()}, outside the runs folder: not read")
+            for p in sorted(root.iterdir()) if p.is_dir() and not p.name.startswith(".")]
 
 
 def metrics_table(run: Path):

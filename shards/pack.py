@@ -320,6 +320,7 @@ def _manifest(out, state, splits, held_out, options: PackOptions, t1_src, t2_src
             "subjects": written,
             "slices": {stream: sum(sh["samples"] for sh in shards) for stream, shards in streams.items()},
             "shards": {stream: [sh["name"] for sh in shards] for stream, shards in streams.items()},
+            "shard_samples": {sh["name"]: sh["samples"] for shards in streams.values() for sh in shards},  # readers check these
         }
     return {
         "format_version": FORMAT_VERSION,

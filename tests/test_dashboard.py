@@ -230,14 +230,14 @@ def chromium():
     return "/usr/bin/chromium"
 
 
-@pytest.fixture
-def served(runs_root, shards_dir):
+def serve(runs_root, shards_dir, cwd=ROOT, *app_args):
+    """`streamlit run dashboard/app.py` on a free port, started in `cwd`; yields its URL."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    server = subprocess.Popen([sys.executable, "-m", "streamlit", "run", "dashboard/app.py", "--server.port", str(port),
-                               "--", "--runs", str(runs_root), "--data", str(shards_dir.parent)],
-                              cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    server = subprocess.Popen([sys.executable, "-m", "streamlit", "run", str(ROOT / "dashboard" / "app.py"), "--server.port", str(port),
+                               "--server.headless", "true", "--", "--runs", str(runs_root), "--data", str(shards_dir.parent), *app_args],
+                              cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 60
     while True:
@@ -250,6 +250,51 @@ def served(runs_root, shards_dir):
     yield url
     server.terminate()
     server.wait(timeout=30)
+
+
+@pytest.fixture
+def served(runs_root, shards_dir):
+    yield from serve(runs_root, shards_dir)
+
+
+@pytest.mark.parametrize("allow", [False, True])
+def test_started_outside_the_repository_it_refuses_to_serve_unless_allowed(allow, chromium, runs_root, shards_dir, tmp_path):
+    """Outside the repository root .streamlit/config.toml is not read and Streamlit listens on every interface."""
+    from playwright.sync_api import expect, sync_playwright
+
+    for url in serve(runs_root, shards_dir, tmp_path, *(["--allow-remote"] if allow else [])):
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=chromium, args=["--no-sandbox"])
+            page = browser.new_page()
+            page.goto(url)
+            if allow:
+                expect(page.get_by_role("heading", name="Runs")).to_be_visible(timeout=60_000)
+            else:
+                expect(page.get_by_text("Refusing to serve")).to_be_visible(timeout=60_000)
+                assert page.get_by_role("heading", name="Runs").count() == 0 and str(runs_root) not in page.content()
+            browser.close()
+
+
+def test_links_out_of_the_runs_folder_are_listed_as_broken_and_never_read(runs_root, shards_dir, tmp_path, monkeypatch):
+    outside = tmp_path / "elsewhere"
+    shutil.copytree(runs_root / "base", outside)
+    link = runs_root / "linked"
+    link.symlink_to(outside, target_is_directory=True)
+    try:
+        info = next(r for r in R.list_runs(runs_root) if r.name == "linked")
+        assert info.status == "broken" and "outside the runs folder" in info.error and not info.config
+        with pytest.raises(R.UnsafePath):
+            R.safe_child(runs_root, "linked")
+        monkeypatch.setenv("MRI_CYCLEGAN_RUNS", str(runs_root))
+        monkeypatch.setenv("MRI_CYCLEGAN_DATA", str(shards_dir.parent))
+        at = go(AppTest.from_file(str(ROOT / "dashboard" / "app.py"), default_timeout=120).run(), "Run", "linked")
+        assert any("outside the runs folder" in e.value for e in at.error)
+        assert R.inside(runs_root, runs_root / "base" / "config.yaml")
+        (runs_root / "base" / "escape.png").symlink_to(outside / "progress.gif")
+        assert not R.inside(runs_root / "base", runs_root / "base" / "escape.png")
+    finally:
+        link.unlink()
+        (runs_root / "base" / "escape.png").unlink(missing_ok=True)
 
 
 def test_in_a_real_browser_select_a_run_and_translate(chromium, served, tmp_path):

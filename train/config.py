@@ -31,6 +31,8 @@ class Config:
     out: str = option(None, "run folder (created; see docs/run-folder.md)", required=True)
     data_url: str = option("", "read train shards from DATA_URL + 'train/NAME.tar' instead of --data, e.g. http://host/shards/ or 'pipe:cat /mnt/shards/'")
     size: int = option(0, "image size; 0 = the shards' size (must match them)", minimum=0)
+    allow_partial: bool = option(False, "go on, with a warning, when a val shard holds fewer samples than the shards' manifest "
+                                 "records (default: an error naming the shard)")
     # networks
     generator: str = option("unet", "generator architecture", choices=["unet", "resnet9"])
     ngf: int = option(64, "generator base width", minimum=1)
@@ -152,8 +154,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--config", help="YAML file of options; flags given here override it")
     for f in dataclasses.fields(Config):
         kind = {"bool": _parse_bool, "int": int, "float": float}.get(f.type, str)  # annotations are strings here
-        parser.add_argument(f"--{f.name}", type=kind, default=None, help=f"{f.metadata['help']} (default: {f.default!r})",
-                            choices=f.metadata.get("choices"))
+        hyphenated = [f"--{f.name.replace('_', '-')}"] if "_" in f.name else []  # the other tools' spelling works too
+        parser.add_argument(f"--{f.name}", *hyphenated, dest=f.name, type=kind, default=None,
+                            help=f"{f.metadata['help']} (default: {f.default!r})", choices=f.metadata.get("choices"))
     return parser
 
 

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from shards.format import CONTRASTS, ShardsError, decode_png16, decode_sample, read_manifest, shard_paths
+from shards.format import CONTRASTS, ShardsError, check_complete, decode_png16, decode_sample, read_manifest, shard_paths
 
 
 def read_whole(paths) -> wds.WebDataset:
@@ -29,8 +29,9 @@ def read_whole(paths) -> wds.WebDataset:
     return wds.WebDataset(paths, shardshuffle=False, empty_check=False, nodesplitter=None, workersplitter=None)
 
 
-def check_shards(root: str, size: int | None = None) -> dict:
-    """Fail before training on a missing/empty folder, shards without the needed keys, or a size mismatch."""
+def check_shards(root: str, size: int | None = None, allow_partial: bool = False) -> dict:
+    """Fail before training on a missing/empty folder, shards without the needed keys, a size mismatch, or val
+    shards that hold fewer samples than the manifest records (a warning with `allow_partial`)."""
     if not Path(root).is_dir():
         raise ShardsError(f"--data {root}: no such folder")
     manifest = read_manifest(root)
@@ -53,6 +54,11 @@ def check_shards(root: str, size: int | None = None) -> dict:
         shape = decode_png16(sample[next(iter(needed - {'json', 'mask.png'}))]).shape
         if size and shape != (size, size):
             raise ShardsError(f"{paths[0]}: images are {shape[0]}x{shape[1]}, but --size is {size}")
+    val = shard_paths(root, "val", "paired")
+    counted = dict.fromkeys(val, 0)
+    for sample in read_whole(val):  # undecoded: a count of val's members costs little
+        counted[sample["__url__"]] += 1
+    check_complete(counted, allow_partial)
     return manifest
 
 

@@ -37,7 +37,7 @@ import torch
 import webdataset as wds
 from PIL import Image
 
-from shards.format import decode_sample
+from shards.format import ShardsError, check_complete, decode_sample
 from train import rundir
 from train.fidelity import (FLAGGED_RANK, MODES, ErrorDetection, HallucinationMap, lesion_contrasts, lesion_summary,
                             stack_subject, translate_with_map)
@@ -59,13 +59,22 @@ def split_shards(folder: Path) -> list[str]:
     return paths
 
 
-def read_samples(paths: list[str]):
+def read_samples(paths: list[str], allow_partial: bool = False, check: bool = True):
+    """Every paired sample of `paths`, decoded; with `check`, once all are read, each shard's count is checked
+    against its manifest (an error naming the shard, or a warning with `allow_partial`)."""
     dataset = wds.WebDataset(paths, shardshuffle=False, empty_check=False, nodesplitter=None, workersplitter=None)
+    counted = dict.fromkeys(paths, 0)
     for raw in dataset:
         sample = decode_sample(raw)
         if not {"t1", "t2", "mask"} <= set(sample):
             raise SystemExit(f"error: {sample['key']} in {raw.get('__url__')}: a paired sample needs t1.png, t2.png and mask.png")
+        counted[raw["__url__"]] += 1
         yield sample
+    try:
+        if check:
+            check_complete(counted, allow_partial, warn=lambda message: print(message, file=sys.stderr))
+    except ShardsError as err:
+        raise SystemExit(f"error: {err}")
 
 
 def batched(iterable, n):
@@ -75,13 +84,13 @@ def batched(iterable, n):
 
 
 def score(nets: dict, paths: list[str], batch_size: int, device: torch.device, maps: dict | None = None,
-          detectors: dict | None = None) -> tuple[dict, dict]:
+          detectors: dict | None = None, allow_partial: bool = False) -> tuple[dict, dict]:
     """Per-slice metrics for both directions, streamed (a test split does not fit in memory at 256²).
     With `maps`, feeds each direction's ErrorDetection. Also returns, per direction and lesion subject, the
     slices that hold lesions, with their translations."""
     rows = {name: [] for name, _, _ in DIRECTIONS}
     lesion_slices = {name: {} for name, _, _ in DIRECTIONS}
-    for chunk in batched(read_samples(paths), batch_size):
+    for chunk in batched(read_samples(paths, allow_partial), batch_size):
         tensors = {k: torch.from_numpy(np.stack([s[k] for s in chunk]))[:, None].to(device) for k in ("t1", "t2", "mask")}
         for name, source, target in DIRECTIONS:
             pred, spread = translate_with_map(nets[name], tensors[source], maps[name] if maps else None)
@@ -140,7 +149,7 @@ def figure(nets: dict, paths: list[str], rows: dict, device: torch.device, maps:
         ranked = sorted(rows[name], key=lambda r: r["ssim_masked"])
         for label, row in zip(("worst", "median", "best"), (ranked[0], ranked[len(ranked) // 2], ranked[-1])):
             picks.setdefault(row["key"], []).append((name, label))
-    samples = {s["key"]: s for s in read_samples(paths) if s["key"] in picks}
+    samples = {s["key"]: s for s in read_samples(paths, check=False) if s["key"] in picks}  # score() checked the counts
     grid_rows = []
     for name, source, target in DIRECTIONS:
         for label in ("worst", "median", "best"):
@@ -218,6 +227,19 @@ def report_markdown(report: dict) -> str:
     return "\n".join(lines)
 
 
+REPORT_FILES = ("report.json", "report.csv", "report.md", "figure.png", "lesions.png")
+
+
+def check_replaceable(out: Path) -> None:
+    """--overwrite replaces a report folder this tool wrote, never a folder of someone's files."""
+    if not out.is_dir() or out.is_symlink():
+        raise SystemExit(f"error: --out {out} is not a report folder (a file or a link); refusing to replace it")
+    foreign = sorted(p.name for p in out.iterdir() if p.name not in REPORT_FILES)
+    if foreign or not (out / "report.json").is_file():
+        raise SystemExit(f"error: --out {out} holds files train.evaluate did not write ({', '.join(foreign[:3]) or 'no report.json'}); "
+                         f"refusing to replace it with --overwrite: choose another --out")
+
+
 def direction_label(name: str) -> str:
     return name.replace("_", " ").replace("t1", "T1").replace("t2", "T2")
 
@@ -228,7 +250,10 @@ def main(argv=None) -> int:
                         help="RUN/checkpoints/step-NNNNNNN, or a run folder for its best checkpoint; " + ENSEMBLE_HELP)
     parser.add_argument("--data", type=Path, nargs="+", required=True, help="split folders of paired shards, e.g. SHARDS/test")
     parser.add_argument("--out", type=Path, required=True, help="report folder (created)")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing report folder")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing report folder (one that holds only what "
+                        "train.evaluate writes; any other folder is refused)")
+    parser.add_argument("--allow-partial", action="store_true", help="go on, with a warning, when a shard holds fewer samples "
+                        "than its manifest records (default: an error naming the shard)")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--tta", action="store_true", help=TTA_HELP)
     parser.add_argument("--uncertainty", choices=MODES, default=None,
@@ -239,6 +264,8 @@ def main(argv=None) -> int:
 
     if args.out.exists() and not args.overwrite:
         raise SystemExit(f"error: --out {args.out} already exists; pass --overwrite to replace it")
+    if args.out.exists():
+        check_replaceable(args.out)
     paths = [path for folder in args.data for path in split_shards(folder)]
     device = device_for_inference()
     try:
@@ -251,7 +278,7 @@ def main(argv=None) -> int:
 
     checkpoint = loaded["t1_to_t2"][1]["path"]
     detectors = {name: ErrorDetection(args.error_threshold) for name, _, _ in DIRECTIONS}
-    rows, lesion_slices = score(nets, paths, args.batch_size, device, maps, detectors)
+    rows, lesion_slices = score(nets, paths, args.batch_size, device, maps, detectors, args.allow_partial)
     if not rows["t1_to_t2"]:
         raise SystemExit(f"error: --data {' '.join(map(str, args.data))}: the shards hold no samples")
     members = {"members": loaded["t1_to_t2"][1]["members"]} if "members" in loaded["t1_to_t2"][1] else {}

@@ -162,7 +162,7 @@ def main(argv=None) -> int:
     # Passing Accelerator an explicit "no" would silently override the launcher.
     config = dataclasses.replace(config, mixed_precision=config.mixed_precision or os.environ.get("ACCELERATE_MIXED_PRECISION", "no"))
     try:
-        manifest = check_shards(config.data, config.size or None)
+        manifest = check_shards(config.data, config.size or None, config.allow_partial)
     except ShardsError as err:
         raise SystemExit(f"error: {err}")
     size = config.size or manifest["image_size"]
