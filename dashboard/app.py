@@ -28,7 +28,7 @@ if __package__ in (None, ""):  # `streamlit run dashboard/app.py`: make the repo
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dashboard import runs as R
-from shards.format import encode_png16, shard_paths
+from shards.format import ShardsError, encode_png16, shard_paths
 from shards.preprocess import VolumeError, fit_image, foreground, load_image, load_nifti, normalize
 from train.data import val_samples
 from train.fidelity import MODES, HallucinationMap, translate_with_map
@@ -248,7 +248,11 @@ def page_translate(run: R.RunInfo, runs: list[R.RunInfo], data_root: Path) -> No
             st.info(f"No val/test shards for this run inside the data folder {data_root} (the run's data: {run.config.get('data')}).")
             return
         split = st.radio("Split", splits, horizontal=True, key="split")
-        samples = cached_split(str(shards), split)
+        try:
+            samples = cached_split(str(shards), split)
+        except ShardsError as err:
+            st.error(str(err))
+            return
         index = st.slider("Slice", 0, len(samples) - 1, len(samples) // 2, key="slice")
         sample = samples[index]
         st.caption(f"{sample['key']} ({sample['meta'].get('subject')}, {sample['meta'].get('site')})")

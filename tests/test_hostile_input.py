@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import ROOT, SMALL, train
+from conftest import ROOT, SMALL, run_module, train
 from shards.preprocess import VolumeError, load_image, load_nifti, read_file
 from train import rundir
 from train.config import load_config
@@ -235,3 +235,73 @@ def test_bad_options_and_config_files_are_one_line_errors(argv, expect, tmp_path
         load_config(["--data", "d", "--out", "o", *argv])
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert expect in err and ("c.yaml" in err or "--" in err), err
+
+
+def rewrite_tar(path: Path, keep=lambda index, member: True, change=lambda member, data: data) -> None:
+    """Rewrite a shard keeping the members `keep` picks, each member's bytes passed through `change`."""
+    with tarfile.open(path) as tar:
+        members = [(m, tar.extractfile(m).read()) for m in tar.getmembers()]
+    with tarfile.open(path, "w") as tar:
+        for index, (member, data) in enumerate(members):
+            if keep(index, member):
+                data = change(member, data)
+                member.size = len(data)
+                tar.addfile(member, io.BytesIO(data))
+
+
+@pytest.fixture
+def damaged_shards(shards_dir, tmp_path):
+    copy = tmp_path / "shards"
+    shutil.copytree(shards_dir, copy)
+    return copy
+
+
+def test_a_truncated_val_shard_is_an_error_naming_it_or_a_warning_with_allow_partial(damaged_shards, trained, tmp_path):
+    shard = damaged_shards / "val" / "paired-000000.tar"
+    with tarfile.open(shard) as tar:
+        count = len(tar.getmembers())
+    rewrite_tar(shard, keep=lambda index, member: index < count // 2 // 4 * 4)  # cut at a sample boundary: reads cleanly
+    args = ["--data", damaged_shards, "--out", tmp_path / "run", *SMALL, "--max_steps", 2, "--checkpoint_every", 2]
+    result = train(*args, check=False, timeout=180)
+    assert result.returncode != 0 and f"{shard}: holds" in result.stderr and "records" in result.stderr, result.stderr[-2000:]
+    assert not (tmp_path / "run" / "config.yaml").exists()
+    result = train(*args, "--allow-partial", "true", timeout=300)
+    assert "WARNING" in result.stdout + result.stderr and (tmp_path / "run" / "summary.json").exists()
+    checkpoint = rundir.checkpoint_dir(trained, 40)
+    evaluate = run_module("train.evaluate", "--checkpoint", checkpoint, "--data", damaged_shards / "val", "--out", tmp_path / "r",
+                          check=False)
+    assert evaluate.returncode != 0 and f"{shard}: holds" in evaluate.stderr and not (tmp_path / "r").exists()
+    partial = run_module("train.evaluate", "--checkpoint", checkpoint, "--data", damaged_shards / "val", "--out", tmp_path / "r",
+                         "--allow-partial")
+    assert "WARNING" in partial.stderr and (tmp_path / "r" / "report.json").exists()
+
+
+@pytest.mark.parametrize("split", ["train", "val"])
+def test_a_corrupt_first_sample_stops_start_up_with_its_shard_and_key(split, damaged_shards, tmp_path):
+    shard = damaged_shards / split / ("t1-000000.tar" if split == "train" else "paired-000000.tar")
+    rewrite_tar(shard, change=lambda member, data: b"not a png" if member.name.endswith("t1.png") else data)
+    result = train("--data", damaged_shards, "--out", tmp_path / "run", *SMALL, "--max_steps", 2, check=False, timeout=180)
+    assert result.returncode != 0 and f"{shard}: sample " in result.stderr and "unreadable" in result.stderr, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr and not (tmp_path / "run" / "config.yaml").exists(), result.stderr[-3000:]
+
+
+def test_evaluate_overwrite_never_replaces_a_folder_it_did_not_write(trained, shards_dir, tmp_path):
+    mine = tmp_path / "thesis"
+    mine.mkdir()
+    (mine / "chapter1.tex").write_text("years of work")
+    result = run_module("train.evaluate", "--checkpoint", trained, "--data", shards_dir / "val", "--out", mine, "--overwrite", check=False)
+    assert result.returncode != 0 and "did not write (chapter1.tex)" in result.stderr
+    assert [p.name for p in mine.iterdir()] == ["chapter1.tex"] and (mine / "chapter1.tex").read_text() == "years of work"
+    report = tmp_path / "report"
+    run_module("train.evaluate", "--checkpoint", trained, "--data", shards_dir / "val", "--out", report)
+    run_module("train.evaluate", "--checkpoint", trained, "--data", shards_dir / "val", "--out", report, "--overwrite")  # its own
+
+
+def test_translate_output_under_a_regular_file_is_one_line_error(trained, tmp_path):
+    (tmp_path / "afile").write_text("x")
+    image = tmp_path / "slice.png"
+    from PIL import Image
+    Image.fromarray((np.random.default_rng(0).random((64, 64)) * 255).astype(np.uint8)).save(image)
+    result = run_module("train.translate", "--checkpoint", trained, "--direction", "t1-to-t2", "--input", image,
+                        "--output", tmp_path / "afile" / "out", check=False)
+    assert result.returncode != 0 and "--output" in result.stderr and "cannot create" in result.stderr and "Traceback" not in result.stderr

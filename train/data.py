@@ -51,7 +51,10 @@ def check_shards(root: str, size: int | None = None, allow_partial: bool = False
         missing = needed - set(sample)
         if missing:
             raise ShardsError(f"{paths[0]}: samples lack {', '.join(sorted(missing))} (found {', '.join(sorted(k for k in sample if not k.startswith('__')))})")
-        shape = decode_png16(sample[next(iter(needed - {'json', 'mask.png'}))]).shape
+        try:
+            shape = decode_png16(sample[next(iter(needed - {'json', 'mask.png'}))]).shape
+        except Exception as err:  # a damaged PNG: name where it is
+            raise ShardsError(f"{paths[0]}: sample {sample['__key__']} is unreadable ({type(err).__name__}: {err})") from err
         if size and shape != (size, size):
             raise ShardsError(f"{paths[0]}: images are {shape[0]}x{shape[1]}, but --size is {size}")
     val = shard_paths(root, "val", "paired")
@@ -151,7 +154,13 @@ def val_samples(root: str, split: str = "val", limit: int | None = None) -> list
     paths = shard_paths(root, split, "paired")
     if not paths:
         return []
-    return [decode_sample(s) for s in itertools.islice(read_whole(paths), limit)]
+    samples = []
+    for raw in itertools.islice(read_whole(paths), limit):
+        try:
+            samples.append(decode_sample(raw))
+        except Exception as err:  # a damaged PNG or JSON: name where it is
+            raise ShardsError(f"{raw.get('__url__')}: sample {raw.get('__key__')} is unreadable ({type(err).__name__}: {err})") from err
+    return samples
 
 
 def evenly_spaced(samples: list, count: int) -> list:

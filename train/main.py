@@ -246,14 +246,17 @@ def main(argv=None) -> int:
             for group in sched.optimizer.param_groups:
                 group.update(initial_lr=lr, lr=lr * sched.lr_lambdas[0](sched.last_epoch), betas=(config.beta1, config.beta2))
         accelerator.print(f"resumed from {resume_path} at step {state.step}")
-    if is_main:  # only once the checks and the resume have passed: a refused run leaves the folder as it was
+
+    loaders = train_loaders(config.data, config, accelerator.process_index, world)
+    try:
+        val = val_samples(config.data, "val", config.val_max_slices)
+    except ShardsError as err:
+        raise SystemExit(f"error: {err}")
+    previews = evenly_spaced(val, config.preview_slices)
+    if is_main:  # only once the checks, the resume and reading val have passed: a refused run leaves the folder as it was
         out.mkdir(parents=True, exist_ok=True)
         save_config(Config(**{**config.to_dict(), "size": size}), out / rundir.CONFIG)
         (out / rundir.STOP).unlink(missing_ok=True)  # a stop request left from an earlier run is stale
-
-    loaders = train_loaders(config.data, config, accelerator.process_index, world)
-    val = val_samples(config.data, "val", config.val_max_slices)
-    previews = evenly_spaced(val, config.preview_slices)
     metrics_log = rundir.MetricsLog(out, state.step if resume_path else None) if is_main else None
     if is_main and not resume_path and (out / rundir.METRICS).exists():
         (out / rundir.METRICS).unlink()  # a fresh run in a reused folder starts a fresh curve

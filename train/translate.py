@@ -115,7 +115,10 @@ def main(argv=None) -> int:
     existing = [str(t) for paths in targets.values() for t in paths.values() if t.exists()]
     if existing and not args.overwrite:
         raise SystemExit(f"error: {existing[0]} already exists ({len(existing)} in all); pass --overwrite to replace")
-    args.output.mkdir(parents=True, exist_ok=True)
+    try:
+        args.output.mkdir(parents=True, exist_ok=True)
+    except OSError as err:  # e.g. a path under a regular file
+        raise SystemExit(f"error: --output {args.output}: cannot create this folder ({err.strerror})")
     preprocessing = info["preprocessing"]
 
     failed = 0
