@@ -305,3 +305,23 @@ def test_translate_output_under_a_regular_file_is_one_line_error(trained, tmp_pa
     result = run_module("train.translate", "--checkpoint", trained, "--direction", "t1-to-t2", "--input", image,
                         "--output", tmp_path / "afile" / "out", check=False)
     assert result.returncode != 0 and "--output" in result.stderr and "cannot create" in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 2 MiB filesystem: a checkpoint does not fit. Needs root (CI and the developers' machines are)."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(disk)], capture_output=True, text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here: {mounted.stderr.strip()}")
+    yield disk
+    subprocess.run(["umount", str(disk)], check=True)
+
+
+def test_a_full_disk_is_named_and_leaves_no_partial_checkpoint(small_disk, shards_dir):
+    run = small_disk / "run"
+    result = train("--data", shards_dir, "--out", run, *SMALL, "--max_steps", 2, "--checkpoint_every", 2, check=False, timeout=180)
+    assert result.returncode != 0 and "no space left on device" in result.stderr and "step-2 checkpoint" in result.stderr, \
+        result.stderr[-2000:]
+    assert "Traceback" not in result.stderr.splitlines()[-1] and not list((run / "checkpoints").glob("*")), "no partial checkpoint"

@@ -29,7 +29,8 @@ class Config:
     # data and run folder
     data: str = option(None, "shards folder written by `python -m shards pack` (local path; shard URLs via --data_url)", required=True)
     out: str = option(None, "run folder (created; see docs/run-folder.md)", required=True)
-    data_url: str = option("", "read train shards from DATA_URL + 'train/NAME.tar' instead of --data, e.g. http://host/shards/ or 'pipe:cat /mnt/shards/'")
+    data_url: str = option("", "read train shards from DATA_URL + 'train/NAME.tar' instead of --data, e.g. http://host/shards/ or "
+                           "'pipe:cat /mnt/shards/' (pipe: runs a shell command: take it only from configs you trust)")
     size: int = option(0, "image size; 0 = the shards' size (must match them)", minimum=0)
     allow_partial: bool = option(False, "go on, with a warning, when a val shard holds fewer samples than the shards' manifest "
                                  "records (default: an error naming the shard)")

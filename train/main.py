@@ -10,6 +10,7 @@ See docs/training.md for the options and docs/run-folder.md for what lands in --
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
 import math
 import os
@@ -480,27 +481,42 @@ def save_checkpoint(accelerator, trained: list, inference_gens: CycleGenerators,
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
-    # DDP keeps replicas identical; record each rank's sum of the trained generator-side weights so a divergence is visible
-    params = [p for net in trained for p in accelerator.unwrap_model(net).parameters()]
-    checksum = torch.stack([p.detach().double().sum() for p in params]).sum()
-    rank_checksums = accelerator.gather(checksum[None].to(accelerator.device)).tolist()
+    try:
+        accelerator.save_state(str(tmp))
+        # DDP keeps replicas identical; record each rank's sum of the trained generator-side weights so a divergence is visible
+        params = [p for net in trained for p in accelerator.unwrap_model(net).parameters()]
+        checksum = torch.stack([p.detach().double().sum() for p in params]).sum()
+        rank_checksums = accelerator.gather(checksum[None].to(accelerator.device)).tolist()
+        if accelerator.is_main_process:
+            if len(set(rank_checksums)) > 1:
+                print(f"warning: step {state.step}: generator weights differ across ranks: {rank_checksums}", flush=True)
+            for name, net in (("t1_to_t2", inference_gens.g_ab), ("t2_to_t1", inference_gens.g_ba)):
+                save_file({k: v.detach().float().contiguous().cpu() for k, v in net.state_dict().items()}, str(tmp / rundir.GENERATORS[name]))
+            rundir.write_json(tmp / rundir.CHECKPOINT_INFO, {
+                "step": state.step, "epoch": epoch, "time": time.time(), "val": {k: v for k, v in (val or {}).items() if k.startswith("val/")},
+                "train": last, "config": {**config.to_dict(), "size": size}, "rank_checksums": rank_checksums,
+                "generator": {"arch": config.generator, "size": size, "ngf": config.ngf, "unet_depth": config.unet_depth,
+                              "scale_head": bool(config.lambda_aleatoric), "upsample": config.upsample, "input_range": [-1, 1]},
+                "preprocessing": preprocessing})
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+    except Exception as err:  # writers word a full disk their own way (torch.save: "enforce fail ... unexpected pos")
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise checkpoint_write_error(err, out, state.step) from err
     if accelerator.is_main_process:
-        if len(set(rank_checksums)) > 1:
-            print(f"warning: step {state.step}: generator weights differ across ranks: {rank_checksums}", flush=True)
-        for name, net in (("t1_to_t2", inference_gens.g_ab), ("t2_to_t1", inference_gens.g_ba)):
-            save_file({k: v.detach().float().contiguous().cpu() for k, v in net.state_dict().items()}, str(tmp / rundir.GENERATORS[name]))
-        rundir.write_json(tmp / rundir.CHECKPOINT_INFO, {
-            "step": state.step, "epoch": epoch, "time": time.time(), "val": {k: v for k, v in (val or {}).items() if k.startswith("val/")},
-            "train": last, "config": {**config.to_dict(), "size": size}, "rank_checksums": rank_checksums,
-            "generator": {"arch": config.generator, "size": size, "ngf": config.ngf, "unet_depth": config.unet_depth,
-                          "scale_head": bool(config.lambda_aleatoric), "upsample": config.upsample, "input_range": [-1, 1]},
-            "preprocessing": preprocessing})
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
         prune_checkpoints(out, config.checkpoints_total_limit, state.best_step)
     accelerator.wait_for_everyone()
+
+
+def checkpoint_write_error(err: Exception, out: Path, step: int) -> SystemExit:
+    """A failed checkpoint write, said plainly: a full disk is named as one, whatever the writer's wording."""
+    free = shutil.disk_usage(out).free
+    full = getattr(err, "errno", None) == errno.ENOSPC or free < 64 * 2**20
+    why = "no space left on device" if full else f"{type(err).__name__}: {str(err).splitlines()[0][:200]}"
+    kept = rundir.list_checkpoints(out)
+    return SystemExit(f"error: cannot write the step-{step} checkpoint into {out} ({why}; {free / 2**20:.0f} MiB free there); "
+                      f"the partial one was removed. " + (f"The newest complete checkpoint is {kept[-1][1]}." if kept else "No checkpoint was written yet."))
 
 
 def prune_checkpoints(out: Path, keep: int, best_step: int) -> None:
