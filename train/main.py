@@ -185,8 +185,8 @@ def main(argv=None) -> int:
     if config.lambda_aleatoric and config.generator != "unet":
         raise SystemExit(f"error: --lambda_aleatoric {config.lambda_aleatoric}: needs --generator unet, not {config.generator}")
     if config.mixed_precision == "fp16" and not torch.cuda.is_available():
-        raise SystemExit("error: mixed precision fp16 (--mixed_precision or the launcher's) needs a GPU and none is visible; "
-                         "use bf16 or no on CPU")
+        raise SystemExit("error: --mixed_precision fp16 needs a GPU and none is visible (whether the flag or the launcher asked "
+                         "for it); use bf16 or no on CPU")
 
     mode = wandb_mode(config)
     os.environ["WANDB_MODE"] = mode
