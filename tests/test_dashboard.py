@@ -257,22 +257,33 @@ def served(runs_root, shards_dir):
     yield from serve(runs_root, shards_dir)
 
 
-@pytest.mark.parametrize("allow", [False, True])
-def test_started_outside_the_repository_it_refuses_to_serve_unless_allowed(allow, chromium, runs_root, shards_dir, tmp_path):
+def test_started_outside_the_repository_it_refuses_to_serve(chromium, runs_root, shards_dir, tmp_path):
     """Outside the repository root .streamlit/config.toml is not read and Streamlit listens on every interface."""
     from playwright.sync_api import expect, sync_playwright
 
-    for url in serve(runs_root, shards_dir, tmp_path, *(["--allow-remote"] if allow else [])):
+    for url in serve(runs_root, shards_dir, tmp_path):
         with sync_playwright() as p:
             browser = p.chromium.launch(executable_path=chromium, args=["--no-sandbox"])
             page = browser.new_page()
             page.goto(url)
-            if allow:
-                expect(page.get_by_role("heading", name="Runs")).to_be_visible(timeout=60_000)
-            else:
-                expect(page.get_by_text("Refusing to serve")).to_be_visible(timeout=60_000)
-                assert page.get_by_role("heading", name="Runs").count() == 0 and str(runs_root) not in page.content()
+            expect(page.get_by_text("Refusing to serve")).to_be_visible(timeout=60_000)
+            assert page.get_by_role("heading", name="Runs").count() == 0 and str(runs_root) not in page.content()
             browser.close()
+
+
+@pytest.mark.parametrize("allow", [False, True])
+def test_listening_beyond_loopback_needs_allow_remote(allow, app, monkeypatch):
+    from streamlit import config
+
+    monkeypatch.setattr(sys, "argv", ["app.py", *(["--allow-remote"] if allow else [])])
+    previous = config.get_option("server.address")
+    config.set_option("server.address", "0.0.0.0")
+    try:
+        at = app.run()
+    finally:
+        config.set_option("server.address", previous)
+    refused = any("Refusing to serve" in e.value for e in at.error)
+    assert refused != allow and (len(at.dataframe) == 0) != allow
 
 
 def test_links_out_of_the_runs_folder_are_listed_as_broken_and_never_read(runs_root, shards_dir, tmp_path, monkeypatch):
