@@ -3,6 +3,7 @@ run; the path guard; and one end-to-end run in a real headless Chromium (Playwri
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -230,8 +231,9 @@ def chromium():
     return "/usr/bin/chromium"
 
 
+@contextlib.contextmanager
 def serve(runs_root, shards_dir, cwd=ROOT, *app_args):
-    """`streamlit run dashboard/app.py` on a free port, started in `cwd`; yields its URL."""
+    """`streamlit run dashboard/app.py` on a free port, started in `cwd`; yields its URL and stops it after."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -247,21 +249,24 @@ def serve(runs_root, shards_dir, cwd=ROOT, *app_args):
         except OSError:
             assert time.time() < deadline and server.poll() is None, "streamlit did not start"
             time.sleep(0.5)
-    yield url
-    server.terminate()
-    server.wait(timeout=30)
+    try:
+        yield url
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
 
 
 @pytest.fixture
 def served(runs_root, shards_dir):
-    yield from serve(runs_root, shards_dir)
+    with serve(runs_root, shards_dir) as url:
+        yield url
 
 
 def test_started_outside_the_repository_it_refuses_to_serve(chromium, runs_root, shards_dir, tmp_path):
     """Outside the repository root .streamlit/config.toml is not read and Streamlit listens on every interface."""
     from playwright.sync_api import expect, sync_playwright
 
-    for url in serve(runs_root, shards_dir, tmp_path):
+    with serve(runs_root, shards_dir, tmp_path) as url:
         with sync_playwright() as p:
             browser = p.chromium.launch(executable_path=chromium, args=["--no-sandbox"])
             page = browser.new_page()
