@@ -17,6 +17,7 @@ import urllib.request
 
 import numpy as np
 import pytest
+import streamlit as st
 import yaml
 from PIL import Image
 from streamlit.testing.v1 import AppTest
@@ -303,6 +304,7 @@ def test_links_out_of_the_runs_folder_are_listed_as_broken_and_never_read(runs_r
             R.safe_child(runs_root, "linked")
         monkeypatch.setenv("MRI_CYCLEGAN_RUNS", str(runs_root))
         monkeypatch.setenv("MRI_CYCLEGAN_DATA", str(shards_dir.parent))
+        st.cache_data.clear()  # the run list is cached for a few seconds: an earlier test's list lacks the link
         at = go(AppTest.from_file(str(ROOT / "dashboard" / "app.py"), default_timeout=120).run(), "Run", "linked")
         assert any("outside the runs folder" in e.value for e in at.error)
         assert R.inside(runs_root, runs_root / "base" / "config.yaml")
