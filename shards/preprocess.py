@@ -67,16 +67,16 @@ def _nifti_header(head: bytes) -> tuple[nib.Nifti1Header, int]:
     return header, max(offset, NIFTI1_HEADER_BYTES) + voxels * dtype.itemsize
 
 
-def _decompress(data: bytes) -> bytes:
-    """.nii bytes from .nii or .nii.gz bytes, inflating no more than the header says the volume needs."""
+def _decompress(data: bytes) -> tuple[bytes, nib.Nifti1Header, int]:
+    """.nii bytes from .nii or .nii.gz bytes, inflating no more than the header says the volume needs; with the
+    header and the bytes it needs."""
     if data[:2] != b"\x1f\x8b":
-        _nifti_header(data)
-        return data
+        return (data, *_nifti_header(data))
     try:
         stream = zlib.decompressobj(wbits=31)  # gzip framing
         head = stream.decompress(data, NIFTI1_HEADER_BYTES)
-        _, needed = _nifti_header(head)
-        return head + stream.decompress(stream.unconsumed_tail, needed - len(head))
+        header, needed = _nifti_header(head)
+        return head + stream.decompress(stream.unconsumed_tail, needed - len(head)), header, needed
     except zlib.error as err:
         raise VolumeError(f"corrupt gzip data ({err})") from err
 
@@ -84,8 +84,7 @@ def _decompress(data: bytes) -> bytes:
 def load_nifti(data: bytes) -> tuple[np.ndarray, np.ndarray, tuple[float, ...]]:
     """(float32 3D data, affine, zooms) from .nii or .nii.gz bytes; raises VolumeError on anything unusable.
     Memory stays bounded by MAX_VOXELS whatever the header claims or the gzip stream holds."""
-    raw = _decompress(data)
-    header, needed = _nifti_header(raw)
+    raw, header, needed = _decompress(data)
     if len(raw) < needed:
         raise VolumeError(f"truncated: the header promises {needed} bytes, the file holds {len(raw)}")
     try:

@@ -200,8 +200,8 @@ def main(argv=None) -> int:
     if resume_path:
         check_compatible(resume_path, config, size)
         check_plain_data(resume_path)
-    elif rundir.list_checkpoints(out):  # a fresh run here would prune, and later resume, another run's checkpoints
-        raise SystemExit(f"error: --out {out} already holds checkpoints (step {rundir.list_checkpoints(out)[-1][0]}); "
+    elif existing := rundir.list_checkpoints(out):  # a fresh run here would prune, and later resume, another run's checkpoints
+        raise SystemExit(f"error: --out {out} already holds checkpoints (step {existing[-1][0]}); "
                          f"continue that run with --resume auto, or train into a new folder")
 
     # models, optimizers, schedules
