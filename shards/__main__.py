@@ -7,7 +7,7 @@ import sys
 
 from .download import IXI_BASE_URL, DownloadError, download_ixi
 from .format import ShardsError
-from .pack import PackOptions, pack
+from .pack import REGISTER, PackOptions, pack
 from .sources import SourceError
 
 
@@ -19,6 +19,14 @@ def _fractions(text: str) -> tuple[float, float, float]:
     if len(parts) != 3:
         raise argparse.ArgumentTypeError(f"expected three comma-separated fractions like 0.8,0.1,0.1, got {text!r}")
     return parts
+
+
+def _motion(text: str) -> tuple[float, float]:
+    try:
+        degrees, mm = (float(p) for p in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected DEG,MM like 10,10, got {text!r}") from None
+    return degrees, mm
 
 
 def _md5(text: str) -> tuple[str, str]:
@@ -50,6 +58,8 @@ def main(argv=None) -> int:
                    help="give ~10%% of subjects white-matter lesions; masks in IXI-lesions.tar, subjects in holdout.txt")
     s.add_argument("--holdout-anatomy", action="store_true",
                    help="give ~5%% of subjects enlarged ventricles, listed in holdout.txt (never trained on)")
+    s.add_argument("--motion", type=_motion, default=None, metavar="DEG,MM",
+                   help="move each head between T1 and T2 by up to DEG degrees and MM mm; true transforms in motion.json")
 
     p = commands.add_parser("pack", help="T1/T2 sources -> WebDataset shards split by subject")
     p.add_argument("--t1", required=True, help="IXI tar, folder of .nii/.nii.gz, or folder of 2D images")
@@ -65,6 +75,9 @@ def main(argv=None) -> int:
     p.add_argument("--strict", action="store_true", help="fail if any file is skipped")
     p.add_argument("--lesions", default=None, help="lesion masks (tar or folder of <subject>-lesion.nii.gz): "
                    "carried into val/test as lesion.png; their subjects never go to train")
+    p.add_argument("--register", choices=REGISTER, default="rigid",
+                   help="register each paired subject's T2 onto its T1 (6-DOF, mutual information) before val/test "
+                        "slices are cut; 2D image sources are never registered (default: rigid)")
     p.add_argument("--holdout", default=None, help="text file of subject ids (one per line, # comments) kept out of train")
 
     i = commands.add_parser("inspect", help="print the manifest summary and write a contact sheet PNG")
@@ -79,13 +92,14 @@ def main(argv=None) -> int:
         elif args.command == "synth":
             from .synth import synthesize
 
-            table = synthesize(args.out, args.subjects, args.seed, args.downsample, args.workers, args.lesions, args.holdout_anatomy)
+            table = synthesize(args.out, args.subjects, args.seed, args.downsample, args.workers, args.lesions, args.holdout_anatomy,
+                               args.motion)
             print(f"{args.out}: {sum('T1' in s.contrasts for s in table)} T1, {sum('T2' in s.contrasts for s in table)} T2 volumes"
                   f", {sum(s.lesions > 0 for s in table)} with lesions, {sum(s.variant is not None for s in table)} with held-out anatomy")
         elif args.command == "pack":
             if args.size < 16 or args.size & (args.size - 1):
                 parser.error(f"--size must be a power of two >= 16 (the U-Net halves it down to 1), got {args.size}")
-            options = PackOptions(args.size, args.fov, args.split, args.seed, args.shard_size)
+            options = PackOptions(args.size, args.fov, args.split, args.seed, args.shard_size, args.register)
             manifest = pack(args.t1, args.t2, args.out, options, args.workers, args.resume, args.strict,
                             lesions_src=args.lesions, holdout_file=args.holdout)
             from .inspect import summary

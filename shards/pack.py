@@ -18,14 +18,16 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
+import SimpleITK as sitk
 import webdataset as wds
 from tqdm import tqdm
 
 from . import __version__
 from .format import (FORMAT_VERSION, MANIFEST, SPLITS, STREAMS, ShardsError, encode_sample, safe_subject,
                      sample_key, shard_name, write_json_atomic)
-from .preprocess import (VolumeError, axial_grid, fit_image, foreground, kept_slices, load_image, load_nifti,
+from .preprocess import (VolumeError, axial_grid, fit_image, foreground, head_centre, inside, kept_slices, load_image, load_nifti,
                          normalize, resample, to_image)
+from .register import MAX_ROTATION_DEG, MAX_TRANSLATION_MM, MIN_MASK_DICE, check, register_rigid
 from .sources import VolumeRef, list_source, read_bytes
 
 STATE = ".pack-state.json"
@@ -38,6 +40,10 @@ class PackOptions:
     split: tuple[float, float, float] = (0.8, 0.1, 0.1)
     seed: int = 0
     shard_size: int = 1000
+    register: str = "rigid"  # T2 onto T1 before paired slices are cut: "rigid" or "none" (shards/register.py)
+
+
+REGISTER = ("rigid", "none")
 
 
 @dataclass(frozen=True)
@@ -48,6 +54,15 @@ class Task:
     stream: str
     subject: str
     refs: tuple[VolumeRef, ...]
+    held_out: bool = False  # never trained on, even when it cannot be paired
+
+
+class Unpaired(VolumeError):
+    """A val/test subject whose T2 could not be registered to its T1; `record` says how far it got."""
+
+    def __init__(self, reason: str, record: dict):
+        super().__init__(reason)
+        self.record = record
 
 
 def assign_splits(t1: dict[str, VolumeRef], t2: dict[str, VolumeRef], fractions, seed: int,
@@ -81,7 +96,8 @@ def plan(t1_refs, t2_refs, options: PackOptions, lesion_refs=(), holdout=frozens
     lesion = {r.subject: r for r in lesion_refs}
     splits = assign_splits(t1, t2, options.split, options.seed, frozenset(holdout) | frozenset(lesion))
     tasks = [Task("train", c, s, (refs[s],)) for c, refs in (("t1", t1), ("t2", t2)) for s in splits["train"] if s in refs]
-    tasks += [Task(split, "paired", s, (t1[s], t2[s]) + ((lesion[s],) if s in lesion else ()))
+    held = frozenset(holdout) | frozenset(lesion)
+    tasks += [Task(split, "paired", s, (t1[s], t2[s]) + ((lesion[s],) if s in lesion else ()), s in held)
               for split in ("val", "test") for s in splits[split]]
     return tasks, splits
 
@@ -97,20 +113,34 @@ def read_holdout(path) -> frozenset[str]:
 
 
 def process(task: Task, options: PackOptions) -> dict:
-    """Read and preprocess one task in a worker. Returns samples, per-file info, and skipped files."""
-    files, volumes = [], {}
+    """Read and preprocess one task in a worker. Returns samples, per-file info, skipped files, the
+    registration record of a paired task, and, for a pair that failed registration, its volumes' train samples."""
+    files, volumes, registration = [], {}, []
     ref = task.refs[0]
+    result = {"task": task, "samples": [], "files": files, "skipped": [], "registration": registration, "fallback": {}}
     try:
         for ref in task.refs:
             data = read_bytes(ref)
             files.append({"file": ref.name, "md5": hashlib.md5(data).hexdigest(), "subject": ref.subject, "contrast": ref.contrast})
             volumes[ref.contrast] = (load_nifti(data) if ref.kind == "nifti" else load_image(data)), ref
-        samples = _paired(volumes, options) if task.stream == "paired" else _unpaired(volumes[task.stream], options)
+        if task.stream == "paired":
+            result["samples"], record = _paired(volumes, options)
+            registration.append({"subject": task.subject, **record})
+        else:
+            result["samples"] = _unpaired(volumes[task.stream], options)
+    except Unpaired as err:
+        registration.append({"subject": task.subject, **err.record, "paired": False, "reason": str(err)})
+        fate = "held out, so not trained on either" if task.held_out else "its volumes went to train"
+        result["skipped"].append({"file": ref.name, "reason": f"not paired: {err}; {fate}"})
+        if not task.held_out:
+            result["fallback"] = {c: _unpaired(volumes[c], options) for c in ("t1", "t2")}
+        return result
     except (VolumeError, OSError, ValueError) as err:
-        return {"task": task, "samples": [], "files": files, "skipped": [{"file": ref.name, "reason": str(err)}]}
-    if not samples:
-        return {"task": task, "samples": [], "files": files, "skipped": [{"file": ref.name, "reason": "no axial slice holds foreground"}]}
-    return {"task": task, "samples": samples, "files": files, "skipped": []}
+        result["skipped"].append({"file": ref.name, "reason": str(err)})
+        return result
+    if not result["samples"]:
+        result["skipped"].append({"file": ref.name, "reason": "no axial slice holds foreground"})
+    return result
 
 
 def _meta(ref: VolumeRef, contrasts, z: int, spacing, normalization: dict) -> dict:
@@ -143,8 +173,10 @@ def _unpaired(volume, options: PackOptions) -> list[dict]:
             for z in kept_slices(mask)]
 
 
-def _paired(volumes, options: PackOptions) -> list[dict]:
-    """T2 resampled onto the T1 grid; slices kept where both hold foreground; mask = both foregrounds."""
+def _paired(volumes, options: PackOptions) -> tuple[list[dict], dict]:
+    """T2 registered to T1 and resampled onto the T1 grid; slices kept where both hold foreground; mask =
+    both foregrounds. Returns the samples and the registration record; raises Unpaired when the
+    registration fails its quality check."""
     (t1, t1_ref), (t2, t2_ref) = volumes["t1"], volumes["t2"]
     if t1_ref.kind == "image" or t2_ref.kind == "image":
         if t1_ref.kind != t2_ref.kind:
@@ -154,27 +186,45 @@ def _paired(volumes, options: PackOptions) -> list[dict]:
         (n1, norm1), (n2, norm2) = (normalize(p, m) for p, m in zip(planes, masks))
         both = masks[0] & masks[1]
         return [encode_sample(sample_key(t1_ref.subject, 0), {"t1": n1[:, :, 0], "t2": n2[:, :, 0]},
-                              _meta(t1_ref, ["t1", "t2"], 0, None, {"t1": norm1, "t2": norm2}), mask=both[:, :, 0])]
+                              _meta(t1_ref, ["t1", "t2"], 0, None, {"t1": norm1, "t2": norm2}), mask=both[:, :, 0])], \
+            {"method": "none (2D images)"}
     grid, n1, m1, norm1 = _volume_slices(t1, options=options)
+    correct = np.eye(4)
+    if options.register == "rigid":
+        t1_mask = foreground(t1[0])
+        head = np.argwhere(t1_mask[::2, ::2, ::2]) * 2 @ t1[1][:3, :3].T + t1[1][:3, 3]  # for the displacement figures
+        registration = register_rigid(t1[0], t1[1], t2[0], t2[1], t1_mask, head_centre(t1[0], t1[1]))
+        correct = np.linalg.inv(registration.matrix)
+        t2 = (t2[0], correct @ t2[1], t2[2])
     _, n2, m2, norm2 = _volume_slices(t2, grid=grid)
     both = m1 & m2
+    seen = inside(t2[0].shape, t2[1], grid)  # IXI's T2 covers less of the head than T1: compare where both looked
+    dice = float(2 * both[seen].sum() / max(1, m1[seen].sum() + m2[seen].sum()))
+    if options.register == "rigid":
+        record = registration.record(dice, head)
+        failure = check(registration, dice, head)
+        if failure:
+            raise Unpaired(failure, record)
+    else:
+        record = {"method": "none", "mask_dice": round(dice, 4)}
     area = both.sum(axis=(0, 1))
     keep = [z for z in kept_slices(m1) if area[z] >= 0.5 * m1[:, :, z].sum()]
     spacing = [float(grid.affine[i, i]) for i in range(3)]
     meta = {"t1": norm1, "t2": norm2}
-    lesion = _lesion_mask(volumes["lesion"], grid) if "lesion" in volumes else None
+    lesion = _lesion_mask(volumes["lesion"], grid, correct) if "lesion" in volumes else None
     return [encode_sample(sample_key(t1_ref.subject, z), {"t1": to_image(n1[:, :, z]), "t2": to_image(n2[:, :, z])},
                           _meta(t1_ref, ["t1", "t2"], z, spacing, meta), mask=to_image(both[:, :, z]),
                           lesion=None if lesion is None else to_image(lesion[:, :, z]))
-            for z in keep]
+            for z in keep], {**record, "paired": True}
 
 
-def _lesion_mask(volume, grid) -> np.ndarray:
-    """A lesion mask resampled onto the paired grid: trilinear, then half-way threshold."""
+def _lesion_mask(volume, grid, correct: np.ndarray) -> np.ndarray:
+    """A lesion mask (on the T2 grid, moved by T2's registration `correct`) resampled onto the paired grid:
+    trilinear, then half-way threshold."""
     (data, affine, _), ref = volume
     if ref.kind != "nifti":
         raise VolumeError(f"{ref.name}: lesion masks must be NIfTI volumes")
-    return resample((data > 0).astype(np.float32), affine, grid) >= 0.5
+    return resample((data > 0).astype(np.float32), correct @ affine, grid) >= 0.5
 
 
 class StreamWriter:
@@ -231,8 +281,10 @@ def pack(t1_src, t2_src, out, options: PackOptions = PackOptions(), workers: int
                 for shard in state["streams"][f"{s}/{stream}"] for subject in shard["subjects"]}
     writers = {f"{s}/{stream}": StreamWriter(out / s, stream, options.shard_size, state["streams"][f"{s}/{stream}"])
                for s in SPLITS for stream in STREAMS[s]}
-    todo = [t for t in tasks if (t.split, t.stream, t.subject) not in finished]
-    pending_files, pending_skipped = [], []
+    # a pair whose registration failed went to train instead: its train shard finishes it
+    todo = [t for t in tasks if (t.split, t.stream, t.subject) not in finished
+            and not (t.stream == "paired" and ("train", "t1", t.subject) in finished)]
+    pending = {key: [] for key in RECORDED}
     started = time.time()
     with ProcessPoolExecutor(max_workers=workers or os.cpu_count(), initializer=_one_thread) as pool:
         window: deque = deque()
@@ -242,16 +294,15 @@ def pack(t1_src, t2_src, out, options: PackOptions = PackOptions(), workers: int
             window.append(pool.submit(process, task, options))
             if len(window) < 2 * pool._max_workers:
                 continue
-            _drain(window.popleft().result(), writers, state, pending_files, pending_skipped, out)
+            _drain(window.popleft().result(), writers, state, pending, out)
             bar.update()
         while window:
-            _drain(window.popleft().result(), writers, state, pending_files, pending_skipped, out)
+            _drain(window.popleft().result(), writers, state, pending, out)
             bar.update()
         bar.close()
     for writer in writers.values():
         writer.close()
-    state["files"] += pending_files
-    state["skipped"] += pending_skipped
+    _record(state, pending)
     held = {"subjects": held_out, "lesion_masks": sorted(r.subject for r in lesion_refs)}
     manifest = _manifest(out, state, splits, held, options, t1_src, t2_src, listing_skipped, time.time() - started, len(todo))
     write_json_atomic(out / MANIFEST, manifest)
@@ -270,22 +321,28 @@ def _one_thread() -> None:
     import torch
 
     torch.set_num_threads(1)
+    sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(1)
 
 
-def _drain(result, writers, state, pending_files, pending_skipped, out: Path) -> None:
+RECORDED = ("files", "skipped", "registration")  # what a task reports besides samples, kept in the state file
+
+
+def _record(state: dict, pending: dict) -> None:
+    for key in RECORDED:
+        state[key] += pending[key]
+        pending[key].clear()
+
+
+def _drain(result, writers, state, pending: dict, out: Path) -> None:
     task = result["task"]
     for skip in result["skipped"]:
         tqdm.write(f"skipped {skip['file']}: {skip['reason']}")
-    pending_files += result["files"]
-    pending_skipped += result["skipped"]
-    if not result["samples"]:
-        return
-    if writers[f"{task.split}/{task.stream}"].add(task.subject, result["samples"]):
-        # a shard is final: what fed it so far is now safe to record for --resume
-        state["files"] += pending_files
-        state["skipped"] += pending_skipped
-        pending_files.clear()
-        pending_skipped.clear()
+    for key in RECORDED:
+        pending[key] += result[key]
+    outputs = {f"{task.split}/{task.stream}": result["samples"], **{f"train/{c}": s for c, s in result["fallback"].items()}}
+    closed = [writers[stream].add(task.subject, samples) for stream, samples in outputs.items() if samples]
+    if any(closed):  # a shard is final: what fed it so far is now safe to record for --resume
+        _record(state, pending)
         write_json_atomic(out / STATE, state)
 
 
@@ -306,7 +363,7 @@ def _open_state(out: Path, fingerprint: str, resume: bool) -> dict:
     for split in SPLITS:
         (out / split).mkdir(parents=True, exist_ok=True)
     state = {"fingerprint": fingerprint, "streams": {f"{s}/{stream}": [] for s in SPLITS for stream in STREAMS[s]},
-             "files": [], "skipped": []}
+             **{key: [] for key in RECORDED}}
     write_json_atomic(state_path, state)
     return state
 
@@ -337,6 +394,10 @@ def _manifest(out, state, splits, held_out, options: PackOptions, t1_src, t2_src
         "orientation": "axial slices of a RAS grid; image rows anterior->posterior, columns patient left->right",
         "normalization": {"method": "foreground-percentile", "percentiles": [0.5, 99.5], "range": [0, 1],
                           "png": "16-bit grayscale, value = round(x * 65535)"},
+        "registration": {  # T2 onto T1 for paired subjects (shards/register.py, docs/shards.md)
+            "method": options.register, "quality_check": {"max_rotation_deg": MAX_ROTATION_DEG,
+                                                          "max_translation_mm": MAX_TRANSLATION_MM, "min_mask_dice": MIN_MASK_DICE},
+            "subjects": {r["subject"]: {k: v for k, v in r.items() if k != "subject"} for r in sorted(state["registration"], key=lambda r: r["subject"])}},
         "skipped": listing_skipped + state["skipped"],
         "timing": {"seconds": round(seconds, 2), "volumes": volumes},
     }

@@ -9,12 +9,16 @@ The fidelity test set (docs/fidelity.md): `lesions` gives some subjects focal wh
 their masks on the T2 grid to IXI-lesions.tar; `holdout_anatomy` gives some subjects enlarged ventricles, an
 anatomy no training subject has. Both kinds are listed in holdout.txt, which `pack --holdout` keeps out of
 training.
+
+`motion` moves each subject's head between its T1 and T2 acquisitions by a random rigid motion, as real
+heads move between two series; the true transforms go to motion.json, the known answer for `pack --register`.
 """
 
 from __future__ import annotations
 
 import gzip
 import io
+import json
 import os
 import tarfile
 from concurrent.futures import ProcessPoolExecutor
@@ -25,6 +29,7 @@ import nibabel as nib
 import numpy as np
 from tqdm import tqdm
 
+from .format import write_json_atomic
 from .phantom import LESION, Anatomy, render, tissue_volume
 
 # shape, voxel size (mm), voxel-axis directions in RAS, centre of the field of view (mm)
@@ -34,6 +39,7 @@ GEOMETRY = {
 }
 SITE_SHARES = (("Guys", 0.55), ("HH", 0.32), ("IOP", 0.13))
 HOLDOUT_FILE = "holdout.txt"
+MOTION_FILE = "motion.json"
 LESION_TAR = "IXI-lesions.tar"
 MIN_SUBJECTS_FOR_HOLDOUT = 10  # below this, held-out subjects would leave pack's val/test or train nearly empty
 ENLARGED_VENTRICLES = (2.0, 2.4)  # ventricle_scale; training subjects draw from 0.7-1.5
@@ -123,14 +129,40 @@ def subject_anatomy(subject: Subject, rng: np.random.Generator, seed: int) -> An
     return anatomy
 
 
-def render_subject(subject: Subject, seed: int, downsample: int) -> dict[str, bytes]:
-    """Both contrasts of one subject as .nii.gz bytes. Deterministic in (seed, subject number)."""
+def head_motion(subject: Subject, seed: int, motion: tuple[float, float] | None) -> np.ndarray:
+    """The subject's rigid head motion (4x4, RAS mm) between T1 and T2: up to motion[0] degrees about a
+    random axis through the head's centre and up to motion[1] mm in a random direction, taking a T1-session
+    world position to the same anatomy's T2-session position; the identity without `motion`. Drawn from its
+    own stream, so the subject is otherwise the same with or without it."""
+    if not motion:
+        return np.eye(4)
+    max_deg, max_mm = motion
+    centre = subject_anatomy(subject, np.random.default_rng([seed, subject.number]), seed).shift
+    rng = np.random.default_rng([seed, subject.number, 2])
+    angle = np.radians(rng.uniform(0, max_deg))
+    axis = rng.normal(size=3)
+    axis /= np.linalg.norm(axis)
+    cross = np.array([[0, -axis[2], axis[1]], [axis[2], 0, -axis[0]], [-axis[1], axis[0], 0]])
+    rotation = np.eye(3) + np.sin(angle) * cross + (1 - np.cos(angle)) * cross @ cross  # Rodrigues
+    direction = rng.normal(size=3)
+    shift = direction / np.linalg.norm(direction) * rng.uniform(0, max_mm)
+    moved = np.eye(4)
+    moved[:3, :3] = rotation
+    moved[:3, 3] = centre - rotation @ centre + shift
+    return moved
+
+
+def render_subject(subject: Subject, seed: int, downsample: int, motion: tuple[float, float] | None = None) -> dict[str, bytes]:
+    """Both contrasts of one subject as .nii.gz bytes, T2 moved by `head_motion`. Deterministic in (seed,
+    subject number)."""
     rng = np.random.default_rng([seed, subject.number])
     anatomy = subject_anatomy(subject, rng, seed)
+    moved = head_motion(subject, seed, motion)
     out = {}
     for contrast in subject.contrasts:
         shape, affine = grid(contrast, downsample)
-        labels = tissue_volume(anatomy, shape, affine)
+        # the scanner's grid (and bias field) stay put; the head under it has moved by `moved` for T2
+        labels = tissue_volume(anatomy, shape, np.linalg.inv(moved) @ affine if contrast == "T2" else affine)
         out[contrast] = nifti_bytes(render(labels, contrast, subject.site, affine, rng, voxels_averaged=downsample**3), affine)
         if subject.lesions and contrast == "T2":  # the mask lives on the T2 grid, where lesions are bright
             out["lesion"] = nifti_bytes((labels == LESION).astype(np.uint8), affine)
@@ -145,9 +177,11 @@ def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
 
 
 def synthesize(out: str | os.PathLike, count: int, seed: int = 0, downsample: int = 1, workers: int | None = None,
-               lesions: bool = False, holdout_anatomy: bool = False):
+               lesions: bool = False, holdout_anatomy: bool = False, motion: tuple[float, float] | None = None):
     """Write out/IXI-T1.tar and out/IXI-T2.tar (flat member names, as IXI ships them), and with `lesions`
-    or `holdout_anatomy` also IXI-lesions.tar and holdout.txt."""
+    or `holdout_anatomy` also IXI-lesions.tar and holdout.txt, with `motion` (degrees, mm) motion.json."""
+    if motion and (len(motion) != 2 or not all(0 <= m < 90 for m in motion)):
+        raise ValueError(f"--motion must be DEG,MM with both in [0, 90), got {motion}")
     if count < 1:
         raise ValueError("--subjects must be at least 1")
     table = mark_held_out(subjects(count, seed), seed, lesions, holdout_anatomy)
@@ -158,7 +192,7 @@ def synthesize(out: str | os.PathLike, count: int, seed: int = 0, downsample: in
     tars = {c: tarfile.open(p, "w", format=tarfile.USTAR_FORMAT) for c, p in parts.items()}
     try:
         with ProcessPoolExecutor(max_workers=workers or os.cpu_count()) as pool:
-            rendered = pool.map(render_subject, table, [seed] * count, [downsample] * count)
+            rendered = pool.map(render_subject, table, [seed] * count, [downsample] * count, [motion] * count)
             for subject, volumes in tqdm(zip(table, rendered), total=count, desc="synth", unit="subject"):
                 for contrast, data in volumes.items():
                     _add(tars[contrast], subject.filename(contrast), data)
@@ -172,4 +206,10 @@ def synthesize(out: str | os.PathLike, count: int, seed: int = 0, downsample: in
         tmp = out / f"{HOLDOUT_FILE}.part"
         tmp.write_text("# subjects `pack --holdout` keeps out of training (val/test only)\n" + "\n".join(lines) + "\n")
         os.replace(tmp, out / HOLDOUT_FILE)
+    if motion:
+        write_json_atomic(out / MOTION_FILE, {
+            "about": "per subject, the true head motion between T1 and T2: a 4x4 RAS mm matrix taking a T1 world "
+                     "position to the same anatomy's T2 world position (pack --register recovers it)",
+            "max_rotation_deg": motion[0], "max_translation_mm": motion[1],
+            "subjects": {s.ident: np.round(head_motion(s, seed, motion), 8).tolist() for s in table if len(s.contrasts) == 2}})
     return table
