@@ -25,10 +25,10 @@ from tqdm import tqdm
 from . import __version__
 from .format import (FORMAT_VERSION, MANIFEST, SPLITS, STREAMS, ShardsError, encode_sample, safe_subject,
                      sample_key, shard_name, write_json_atomic)
-from .preprocess import (VolumeError, axial_grid, fit_image, foreground, head_centre, inside, kept_slices, load_image, load_nifti,
+from .preprocess import (VolumeError, axial_grid, fit_image, foreground, head_centre, inside, kept_slices,
                          normalize, resample, to_image)
 from .register import MAX_ROTATION_DEG, MAX_TRANSLATION_MM, MIN_MASK_DICE, check, register_rigid
-from .sources import VolumeRef, list_source, read_bytes
+from .sources import VolumeRef, list_source, load_ref
 
 STATE = ".pack-state.json"
 
@@ -120,9 +120,9 @@ def process(task: Task, options: PackOptions) -> dict:
     result = {"task": task, "samples": [], "files": files, "skipped": [], "registration": registration, "fallback": {}}
     try:
         for ref in task.refs:
-            data = read_bytes(ref)
-            files.append({"file": ref.name, "md5": hashlib.md5(data).hexdigest(), "subject": ref.subject, "contrast": ref.contrast})
-            volumes[ref.contrast] = (load_nifti(data) if ref.kind == "nifti" else load_image(data)), ref
+            loaded, md5 = load_ref(ref)
+            files.append({"file": ref.name, "md5": md5, "subject": ref.subject, "contrast": ref.contrast})
+            volumes[ref.contrast] = loaded, ref
         if task.stream == "paired":
             result["samples"], record = _paired(volumes, options)
             registration.append({"subject": task.subject, **record})

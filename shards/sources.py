@@ -1,4 +1,5 @@
-"""Find the volumes in a source: an IXI tar, a folder of NIfTI files, or a folder of 2D images.
+"""Find the volumes in a source: an IXI tar, a folder of NIfTI files, a folder of DICOM series, or a folder
+of 2D images.
 
 Listing is cheap (names and offsets only); the bytes are read later, in a worker, by `read_bytes`.
 Tar members are read in place by offset: the tar is never extracted to disk.
@@ -6,14 +7,16 @@ Tar members are read in place by offset: the tar is never extracted to disk.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import tarfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from .dicom import find_series, is_dicom, load_series, subject_of
 from .format import safe_subject
-from .preprocess import MAX_FILE_BYTES, VolumeError, read_file
+from .preprocess import MAX_FILE_BYTES, VolumeError, load_image, load_nifti, read_file
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
@@ -34,10 +37,23 @@ class VolumeRef:
     site: str | None
     contrast: str  # "t1" | "t2" | "lesion" (a lesion mask)
     name: str  # shown in messages and the manifest
-    kind: str  # "nifti" | "image"
+    kind: str  # "nifti" | "image" | "dicom"
     path: str
     offset: int = -1
     size: int = -1
+    files: tuple[str, ...] = ()  # a DICOM series' files, in no particular order
+
+
+def load_ref(ref: VolumeRef):
+    """The volume (data, affine, zooms) or 2D image a ref points to, and the MD5 of its bytes."""
+    if ref.kind == "dicom":
+        digest = hashlib.md5()
+        for path in sorted(ref.files):
+            digest.update(read_file(path))
+        volume = load_series(ref.files, ref.name)
+        return (volume.data, volume.affine, volume.zooms), digest.hexdigest()
+    data = read_bytes(ref)
+    return (load_nifti(data) if ref.kind == "nifti" else load_image(data)), hashlib.md5(data).hexdigest()
 
 
 def read_bytes(ref: VolumeRef) -> bytes:
@@ -85,7 +101,7 @@ def list_source(src: str | os.PathLike, contrast: str) -> tuple[list[VolumeRef],
     def consider(name: str, filename: str, path: str, offset: int = -1, size: int = -1):
         kind = _kind(filename)
         if kind is None:
-            skipped.append({"file": name, "reason": "not a NIfTI (.nii/.nii.gz) or image (png/jpg/tif) file"})
+            skipped.append({"file": name, "reason": "not a NIfTI (.nii/.nii.gz), DICOM or image (png/jpg/tif) file"})
             return
         try:
             subject, site = _identify(filename, contrast, kind)
@@ -97,15 +113,26 @@ def list_source(src: str | os.PathLike, contrast: str) -> tuple[list[VolumeRef],
     if src.is_file() and tarfile.is_tarfile(src):
         skipped += _list_tar(src, consider)
     elif src.is_dir():
-        for path in sorted(p for p in src.rglob("*") if p.is_file() and not p.name.startswith(".")):
-            consider(str(path), path.name, str(path))
+        files = sorted(p for p in src.rglob("*") if p.is_file() and not p.name.startswith("."))
+        dicom = [p for p in files if _kind(p.name) is None and is_dicom(p)]
+        for path in files:
+            if path not in dicom:
+                consider(str(path), path.name, str(path))
+        series, unreadable = find_series(dicom)
+        skipped += unreadable
+        for found in series:
+            try:
+                refs.append(VolumeRef(safe_subject(subject_of(found)), None, contrast, found.name(src), "dicom", str(src), files=found.files))
+            except ValueError as err:
+                skipped.append({"file": found.name(src), "reason": str(err)})
     elif src.exists():
         raise SourceError(f"{src}: not a tar file or a folder")
     else:
         raise SourceError(f"{src}: no such file or folder")
     duplicates = {r.subject for r in refs if sum(o.subject == r.subject for o in refs) > 1}
     for ref in [r for r in refs if r.subject in duplicates]:
-        skipped.append({"file": ref.name, "reason": f"subject {ref.subject} appears more than once in the --{contrast} source"})
+        others = "several series where one was expected" if ref.kind == "dicom" else "appears more than once"
+        skipped.append({"file": ref.name, "reason": f"subject {ref.subject}: {others} in the --{contrast} source"})
     refs = [r for r in refs if r.subject not in duplicates]
     if not refs:
         raise SourceError(f"{src}: no usable {contrast.upper()} volumes or images found" + (f" ({len(skipped)} files skipped, e.g. {skipped[0]['file']}: {skipped[0]['reason']})" if skipped else ""))
