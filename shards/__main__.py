@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from .bias import BIAS_CORRECTION
 from .download import IXI_BASE_URL, DownloadError, download_ixi
 from .format import ShardsError
 from .pack import REGISTER, PackOptions, pack
@@ -78,6 +79,9 @@ def main(argv=None) -> int:
     p.add_argument("--register", choices=REGISTER, default="rigid",
                    help="register each paired subject's T2 onto its T1 (6-DOF, mutual information) before val/test "
                         "slices are cut; 2D image sources are never registered (default: rigid)")
+    p.add_argument("--bias-correction", choices=BIAS_CORRECTION, default="none",
+                   help="n4: divide out each volume's bias field (N4) before normalization; checkpoints record it and "
+                        "train.translate applies it too (default: none)")
     p.add_argument("--holdout", default=None, help="text file of subject ids (one per line, # comments) kept out of train")
 
     i = commands.add_parser("inspect", help="print the manifest summary and write a contact sheet PNG")
@@ -99,7 +103,8 @@ def main(argv=None) -> int:
         elif args.command == "pack":
             if args.size < 16 or args.size & (args.size - 1):
                 parser.error(f"--size must be a power of two >= 16 (the U-Net halves it down to 1), got {args.size}")
-            options = PackOptions(args.size, args.fov, args.split, args.seed, args.shard_size, args.register)
+            options = PackOptions(args.size, args.fov, args.split, args.seed, args.shard_size, args.register,
+                                  args.bias_correction)
             manifest = pack(args.t1, args.t2, args.out, options, args.workers, args.resume, args.strict,
                             lesions_src=args.lesions, holdout_file=args.holdout)
             from .inspect import summary

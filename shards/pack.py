@@ -25,8 +25,8 @@ from tqdm import tqdm
 from . import __version__
 from .format import (FORMAT_VERSION, MANIFEST, SPLITS, STREAMS, ShardsError, encode_sample, safe_subject,
                      sample_key, shard_name, write_json_atomic)
-from .preprocess import (VolumeError, axial_grid, fit_image, foreground, head_centre, inside, kept_slices,
-                         normalize, resample, to_image)
+from .preprocess import (VolumeError, fit_image, foreground, head_centre, inside, kept_slices, normalize, resample,
+                         standardize, to_image)
 from .register import MAX_ROTATION_DEG, MAX_TRANSLATION_MM, MIN_MASK_DICE, check, register_rigid
 from .sources import VolumeRef, list_source, load_ref
 
@@ -41,6 +41,7 @@ class PackOptions:
     seed: int = 0
     shard_size: int = 1000
     register: str = "rigid"  # T2 onto T1 before paired slices are cut: "rigid" or "none" (shards/register.py)
+    bias_correction: str = "none"  # "n4" divides out each volume's bias field first (shards/bias.py)
 
 
 REGISTER = ("rigid", "none")
@@ -148,16 +149,6 @@ def _meta(ref: VolumeRef, contrasts, z: int, spacing, normalization: dict) -> di
             "spacing_mm": spacing, "normalization": normalization, "source": ref.name}
 
 
-def _volume_slices(loaded, grid=None, options: PackOptions | None = None):
-    """Resampled, masked, normalized volume on `grid` (built from this volume when None)."""
-    data, affine, _ = loaded
-    grid = grid or axial_grid(data, affine, options.size, options.fov_mm)
-    resampled = resample(data, affine, grid)
-    mask = foreground(resampled)
-    normalized, norm = normalize(resampled, mask)
-    return grid, normalized, mask, norm
-
-
 def _unpaired(volume, options: PackOptions) -> list[dict]:
     loaded, ref = volume
     if ref.kind == "image":
@@ -166,7 +157,7 @@ def _unpaired(volume, options: PackOptions) -> list[dict]:
         normalized, norm = normalize(image, mask)
         return [encode_sample(sample_key(ref.subject, 0), {ref.contrast: normalized[:, :, 0]},
                               _meta(ref, [ref.contrast], 0, None, norm))]
-    grid, normalized, mask, norm = _volume_slices(loaded, options=options)
+    grid, normalized, mask, norm = standardize(*loaded[:2], options.size, options.fov_mm, options.bias_correction)
     spacing = [float(grid.affine[i, i]) for i in range(3)]
     return [encode_sample(sample_key(ref.subject, z), {ref.contrast: to_image(normalized[:, :, z])},
                           _meta(ref, [ref.contrast], z, spacing, norm))
@@ -188,7 +179,7 @@ def _paired(volumes, options: PackOptions) -> tuple[list[dict], dict]:
         return [encode_sample(sample_key(t1_ref.subject, 0), {"t1": n1[:, :, 0], "t2": n2[:, :, 0]},
                               _meta(t1_ref, ["t1", "t2"], 0, None, {"t1": norm1, "t2": norm2}), mask=both[:, :, 0])], \
             {"method": "none (2D images)"}
-    grid, n1, m1, norm1 = _volume_slices(t1, options=options)
+    grid, n1, m1, norm1 = standardize(*t1[:2], options.size, options.fov_mm, options.bias_correction)
     correct = np.eye(4)
     if options.register == "rigid":
         t1_mask = foreground(t1[0])
@@ -196,7 +187,7 @@ def _paired(volumes, options: PackOptions) -> tuple[list[dict], dict]:
         registration = register_rigid(t1[0], t1[1], t2[0], t2[1], t1_mask, head_centre(t1[0], t1[1]))
         correct = np.linalg.inv(registration.matrix)
         t2 = (t2[0], correct @ t2[1], t2[2])
-    _, n2, m2, norm2 = _volume_slices(t2, grid=grid)
+    _, n2, m2, norm2 = standardize(*t2[:2], options.size, options.fov_mm, options.bias_correction, grid)
     both = m1 & m2
     seen = inside(t2[0].shape, t2[1], grid)  # IXI's T2 covers less of the head than T1: compare where both looked
     dice = float(2 * both[seen].sum() / max(1, m1[seen].sum() + m2[seen].sum()))

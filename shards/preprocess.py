@@ -21,6 +21,8 @@ import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 from scipy import ndimage
 
+from .bias import BIAS_CORRECTION, correct_n4
+
 PERCENTILES = (0.5, 99.5)
 MIN_SLICE_FOREGROUND = 0.2  # keep axial slices whose head area is at least this share of the largest one
 
@@ -205,6 +207,23 @@ def foreground(data: np.ndarray) -> np.ndarray:
         sizes[0] = 0
         mask = labels == sizes.argmax()
     return mask
+
+
+def standardize(data: np.ndarray, affine: np.ndarray, size: int, fov_mm: float, bias_correction: str = "none",
+                grid: Grid | None = None) -> tuple[Grid, np.ndarray, np.ndarray, dict]:
+    """What every volume goes through before a model sees it, in `shards pack` and at inference alike:
+    bias-field correction ("n4" or "none"), resampling onto the axial RAS grid (built from this volume when
+    `grid` is None), head mask, foreground-percentile normalization. Returns (grid, normalized, mask,
+    normalization record)."""
+    if bias_correction == "n4":
+        data = correct_n4(data, affine, foreground(data))
+    elif bias_correction != "none":
+        raise ValueError(f"unknown bias correction {bias_correction!r}: choose one of {BIAS_CORRECTION}")
+    grid = grid or axial_grid(data, affine, size, fov_mm)
+    resampled = resample(data, affine, grid)
+    mask = foreground(resampled)
+    normalized, norm = normalize(resampled, mask)
+    return grid, normalized, mask, norm
 
 
 def normalize(data: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, dict]:

@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 from torch import nn
 from tqdm import tqdm
 
-from shards.preprocess import Grid, axial_grid, fit_image, foreground, from_image, normalize, resample, to_image, unfit_image
+from shards.preprocess import Grid, fit_image, foreground, from_image, normalize, resample, standardize, to_image, unfit_image
 from train import rundir
 from train.networks import build_generator
 
@@ -184,12 +184,9 @@ class PreparedVolume:
 
 
 def prepare_volume(data: np.ndarray, affine: np.ndarray, preprocessing: dict) -> PreparedVolume:
-    """Exactly what `shards pack` does to a training volume: RAS axial grid of fov_mm / size mm centred on the
-    head, foreground-percentile normalization."""
-    grid = axial_grid(data, affine, preprocessing["size"], preprocessing["fov_mm"])
-    resampled = resample(data, affine, grid)
-    mask = foreground(resampled)
-    normalized, _ = normalize(resampled, mask)
+    """Exactly what `shards pack` did to the checkpoint's training volumes (shards.preprocess.standardize)."""
+    grid, normalized, mask, _ = standardize(data, affine, preprocessing["size"], preprocessing["fov_mm"],
+                                            preprocessing.get("bias_correction", "none"))
     planes = np.flatnonzero(mask.any(axis=(0, 1)))
     return PreparedVolume(grid, planes, np.stack([to_image(normalized[:, :, z]) for z in planes]), mask)
 

@@ -168,7 +168,8 @@ def main(argv=None) -> int:
         raise SystemExit(f"error: {err}")
     size = config.size or manifest["image_size"]
     # how the shards were made, so inference can prepare a new volume the same way
-    preprocessing = {"fov_mm": manifest["options"]["fov_mm"], "size": size, "normalization": manifest["normalization"]}
+    preprocessing = {"fov_mm": manifest["options"]["fov_mm"], "size": size, "normalization": manifest["normalization"],
+                     "bias_correction": manifest["options"].get("bias_correction", "none")}  # translate applies what the shards had
     out = Path(config.out)
     if config.resume and config.resume != "auto" and not Path(config.resume).exists():
         raise SystemExit(f"error: --resume {config.resume}: no such checkpoint folder")
