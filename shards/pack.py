@@ -25,7 +25,7 @@ from tqdm import tqdm
 from . import __version__
 from .format import (FORMAT_VERSION, MANIFEST, SPLITS, STREAMS, ShardsError, encode_sample, safe_subject,
                      sample_key, shard_name, write_json_atomic)
-from .preprocess import (VolumeError, fit_image, foreground, head_centre, inside, kept_slices, normalize, resample,
+from .preprocess import (VolumeError, fit_image, foreground, inside, kept_slices, normalize, resample,
                          standardize, to_image)
 from .register import MAX_ROTATION_DEG, MAX_TRANSLATION_MM, MIN_MASK_DICE, check, register_rigid
 from .sources import VolumeRef, list_source, load_ref
@@ -182,9 +182,7 @@ def _paired(volumes, options: PackOptions) -> tuple[list[dict], dict]:
     grid, n1, m1, norm1 = standardize(*t1[:2], options.size, options.fov_mm, options.bias_correction)
     correct = np.eye(4)
     if options.register == "rigid":
-        t1_mask = foreground(t1[0])
-        head = np.argwhere(t1_mask[::2, ::2, ::2]) * 2 @ t1[1][:3, :3].T + t1[1][:3, 3]  # for the displacement figures
-        registration = register_rigid(t1[0], t1[1], t2[0], t2[1], t1_mask, head_centre(t1[0], t1[1]))
+        registration = register_rigid(t1[0], t1[1], t2[0], t2[1])
         correct = np.linalg.inv(registration.matrix)
         t2 = (t2[0], correct @ t2[1], t2[2])
     _, n2, m2, norm2 = standardize(*t2[:2], options.size, options.fov_mm, options.bias_correction, grid)
@@ -192,8 +190,8 @@ def _paired(volumes, options: PackOptions) -> tuple[list[dict], dict]:
     seen = inside(t2[0].shape, t2[1], grid)  # IXI's T2 covers less of the head than T1: compare where both looked
     dice = float(2 * both[seen].sum() / max(1, m1[seen].sum() + m2[seen].sum()))
     if options.register == "rigid":
-        record = registration.record(dice, head)
-        failure = check(registration, dice, head)
+        record = registration.record(dice)
+        failure = check(registration, dice)
         if failure:
             raise Unpaired(failure, record)
     else:

@@ -38,23 +38,20 @@ class Registration:
     matrix: np.ndarray  # 4x4, RAS mm: a T1 world position -> the same anatomy's T2 world position
     metric: float  # final Mattes mutual information (negative: lower is better)
     iterations: int
+    head: np.ndarray  # (N, 3) RAS mm: T1's head at the finest level's voxels, where displacements are measured
 
     @property
     def rotation_deg(self) -> float:
         cosine = (np.trace(self.matrix[:3, :3]) - 1) / 2
         return float(np.degrees(np.arccos(np.clip(cosine, -1.0, 1.0))))
 
-    def displacement_mm(self, points: np.ndarray) -> np.ndarray:
-        """How far the transform moves each (N, 3) RAS point."""
-        return np.linalg.norm(apply(self.matrix, points) - points, axis=1)
+    def displacement_mm(self) -> np.ndarray:
+        """How far the transform moves each point of the head."""
+        return np.linalg.norm(apply(self.matrix, self.head) - self.head, axis=1)
 
-    def corrected_affine(self, affine: np.ndarray) -> np.ndarray:
-        """The T2 affine under which resampling by world position puts T2's anatomy where T1's is."""
-        return np.linalg.inv(self.matrix) @ affine
-
-    def record(self, mask_dice: float, head_points: np.ndarray) -> dict:
+    def record(self, mask_dice: float) -> dict:
         """The manifest's per-subject entry."""
-        moved = self.displacement_mm(head_points)
+        moved = self.displacement_mm()
         return {"method": "rigid", "transform_ras": np.round(self.matrix, 6).tolist(), "rotation_deg": round(self.rotation_deg, 3),
                 "mean_displacement_mm": round(float(moved.mean()), 3), "max_displacement_mm": round(float(moved.max()), 3),
                 "mutual_information": round(self.metric, 5), "iterations": self.iterations, "mask_dice": round(mask_dice, 4)}
@@ -75,15 +72,32 @@ def to_sitk(data: np.ndarray, affine: np.ndarray) -> sitk.Image:
     return image
 
 
-def register_rigid(t1: np.ndarray, t1_affine: np.ndarray, t2: np.ndarray, t2_affine: np.ndarray,
-                   t1_mask: np.ndarray, centre_ras: np.ndarray, seed: int = 0) -> Registration:
-    """T2 onto T1: the rigid transform, rotating about `centre_ras` (the head), that maximises mutual
-    information over `t1_mask` (T1's head, on T1's voxel grid)."""
-    fixed, moving = to_sitk(t1, t1_affine), to_sitk(t2, t2_affine)
-    mask = sitk.GetImageFromArray(np.ascontiguousarray(t1_mask.transpose(2, 1, 0), dtype=np.uint8))
-    mask.CopyInformation(fixed)
+def _head(image: sitk.Image) -> sitk.Image:
+    """A sampling mask: voxels above 10% of the bright end, enclosed holes (skull, sinuses) filled."""
+    values = sitk.GetArrayViewFromImage(image)
+    positive = values[values > 0]
+    threshold = 0.1 * float(np.percentile(positive, 99)) if positive.size else 0.0
+    return sitk.BinaryFillhole(sitk.Cast(image > threshold, sitk.sitkUInt8))
+
+
+def _points(mask: sitk.Image) -> np.ndarray:
+    """RAS mm positions of a mask's voxels."""
+    index = np.argwhere(sitk.GetArrayViewFromImage(mask))[:, ::-1]  # numpy's (z, y, x) -> ITK's (x, y, z)
+    direction = np.array(mask.GetDirection()).reshape(3, 3)
+    lps = (index * np.array(mask.GetSpacing())) @ direction.T + np.array(mask.GetOrigin())
+    return lps @ LPS[:3, :3]
+
+
+def register_rigid(t1: np.ndarray, t1_affine: np.ndarray, t2: np.ndarray, t2_affine: np.ndarray, seed: int = 0) -> Registration:
+    """T2 onto T1: the rigid transform, rotating about T1's head centre, that maximises mutual information
+    over T1's head."""
+    # everything runs at or above the finest level's voxel size: averaging down to it first makes it cheap
+    fixed, moving = (sitk.BinShrink(to_sitk(data, affine), [max(1, int(LEVELS_MM[-1] / mm)) for mm in np.linalg.norm(affine[:3, :3], axis=0)])
+                     for data, affine in ((t1, t1_affine), (t2, t2_affine)))
+    mask = _head(fixed)
+    head = _points(mask)
     initial = sitk.Euler3DTransform()
-    initial.SetCenter((LPS[:3, :3] @ centre_ras).tolist())  # identity: the headers' world coordinates
+    initial.SetCenter((LPS[:3, :3] @ head.mean(0)).tolist())  # identity: the headers' world coordinates
 
     method = sitk.ImageRegistrationMethod()
     method.SetMetricAsMattesMutualInformation(HISTOGRAM_BINS)
@@ -94,8 +108,7 @@ def register_rigid(t1: np.ndarray, t1_affine: np.ndarray, t2: np.ndarray, t2_aff
     method.SetOptimizerAsRegularStepGradientDescent(learningRate=2.0, minStep=1e-3, numberOfIterations=ITERATIONS,
                                                     relaxationFactor=0.5, gradientMagnitudeTolerance=1e-6)
     method.SetOptimizerScalesFromPhysicalShift()
-    voxel = float(min(fixed.GetSpacing()))
-    method.SetShrinkFactorsPerLevel([max(1, int(round(level / voxel))) for level in LEVELS_MM])
+    method.SetShrinkFactorsPerLevel([max(1, int(round(level / min(fixed.GetSpacing())))) for level in LEVELS_MM])
     method.SetSmoothingSigmasPerLevel([level / 2 for level in LEVELS_MM])
     method.SmoothingSigmasAreSpecifiedInPhysicalUnitsOn()
     method.SetInitialTransform(initial, inPlace=False)
@@ -108,14 +121,14 @@ def register_rigid(t1: np.ndarray, t1_affine: np.ndarray, t2: np.ndarray, t2_aff
     lps[:3, :3] = np.array(euler.GetMatrix()).reshape(3, 3)
     centre = np.array(euler.GetCenter())
     lps[:3, 3] = np.array(euler.GetTranslation()) + centre - lps[:3, :3] @ centre
-    return Registration(LPS @ lps @ LPS, float(method.GetMetricValue()), iterations[0])
+    return Registration(LPS @ lps @ LPS, float(method.GetMetricValue()), iterations[0], head)
 
 
-def check(registration: Registration, mask_dice: float, head_points: np.ndarray) -> str | None:
+def check(registration: Registration, mask_dice: float) -> str | None:
     """None when the registration passes the quality check; else the reason it fails."""
     if registration.rotation_deg > MAX_ROTATION_DEG:
         return f"registration rotated {registration.rotation_deg:.1f} degrees, more than the {MAX_ROTATION_DEG:g} a head moves (MAX_ROTATION_DEG)"
-    moved = float(registration.displacement_mm(head_points).max())
+    moved = float(registration.displacement_mm().max())
     if moved > MAX_TRANSLATION_MM:
         return f"registration moved the head up to {moved:.1f} mm, more than the {MAX_TRANSLATION_MM:g} a head moves (MAX_TRANSLATION_MM)"
     if mask_dice < MIN_MASK_DICE:

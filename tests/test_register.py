@@ -88,14 +88,14 @@ def test_a_failed_registration_is_listed_and_its_volumes_train_unless_held_out(i
 
 
 def test_registration_refuses_an_implausible_transform():
-    turned = register.Registration(np.eye(4), metric=-0.5, iterations=10)
-    turned.matrix[:3, :3] = [[1, 0, 0], [0, 0, -1], [0, 1, 0]]  # 90 degrees
     head = np.random.default_rng(0).uniform(-80, 80, size=(100, 3))
-    assert "MAX_ROTATION_DEG" in register.check(turned, 0.99, head)
-    shifted = register.Registration(np.eye(4), metric=-0.5, iterations=10)
+    turned = register.Registration(np.eye(4), metric=-0.5, iterations=10, head=head)
+    turned.matrix[:3, :3] = [[1, 0, 0], [0, 0, -1], [0, 1, 0]]  # 90 degrees
+    assert "MAX_ROTATION_DEG" in register.check(turned, 0.99)
+    shifted = register.Registration(np.eye(4), metric=-0.5, iterations=10, head=head)
     shifted.matrix[:3, 3] = [0, 60, 0]
-    assert "MAX_TRANSLATION_MM" in register.check(shifted, 0.99, head)
-    assert register.check(register.Registration(np.eye(4), -0.5, 10), 0.99, head) is None
+    assert "MAX_TRANSLATION_MM" in register.check(shifted, 0.99)
+    assert register.check(register.Registration(np.eye(4), -0.5, 10, head), 0.99) is None
 
 
 def test_evaluate_scores_registered_moved_heads_as_well_as_heads_that_never_moved(ixi_tars, shards_dir, trained, tmp_path):
