@@ -140,12 +140,14 @@ def page_compare(runs: list[R.RunInfo]) -> None:
     for title, names in (("Losses", LOSSES), ("Validation (masked SSIM, texture, PSNR; cycle SSIM)", VAL)):
         st.subheader(title)
         for name in [n for n in names if n in merged]:
-            series = merged.dropna(subset=[name]).pivot_table(index=x, columns="run", values=name, aggfunc="last")
             st.caption(name)
-            st.line_chart(series, height=220)
+            st.line_chart(R.chart_points(merged, name, x), x=x, y=name, color="run", height=220)
     st.subheader("Configuration differences")
     diff = R.config_diff(picked)
-    st.dataframe(pd.DataFrame(diff), hide_index=True) if diff else st.write("Same configuration.")
+    if diff:  # a statement, not a conditional expression: Streamlit's magic would render its value
+        st.dataframe(pd.DataFrame(diff), hide_index=True)
+    else:
+        st.write("Same configuration.")
     st.download_button("Download the comparison (CSV)", merged.to_csv(index=False), "comparison.csv", "text/csv")
     st.subheader("Weights & Biases")
     for run in picked:

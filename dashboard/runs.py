@@ -171,3 +171,10 @@ def config_diff(runs: list[RunInfo]) -> list[dict]:
     keys = sorted({k for r in runs for k in r.config})
     return [{"option": k, **{r.name: r.config.get(k) for r in runs}} for k in keys
             if len({json.dumps(r.config.get(k), sort_keys=True) for r in runs}) > 1]
+
+
+def chart_points(merged: pd.DataFrame, name: str, x: str) -> pd.DataFrame:
+    """One metric of several runs in long form (x, run, value), a line per run. Runs that validated at different
+    steps still draw: a wide pivot would hold NaN between each run's points, and line_chart draws no segment
+    across a NaN."""
+    return merged.dropna(subset=[name]).groupby([x, "run"], as_index=False)[name].last()

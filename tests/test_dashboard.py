@@ -16,6 +16,7 @@ import time
 import urllib.request
 
 import numpy as np
+import pandas as pd
 import pytest
 import streamlit as st
 import yaml
@@ -89,6 +90,24 @@ def test_compare_page_overlays_curves_diffs_configs_and_exports(app):
     assert any("not logged to W&B" in m.value for m in at.markdown)
     at.radio(key="compare_x").set_value("epoch").run()
     assert not at.exception
+
+
+def test_compare_charts_runs_that_validated_at_different_steps():
+    merged = pd.DataFrame({"step": [10, 15, 20, 25, 20], "run": ["a", "b", "a", "b", "a"],
+                           "val/ssim": [0.1, 0.2, 0.3, 0.4, None], "loss/G": [1, 2, 3, 4, 5]})
+    points = R.chart_points(merged, "val/ssim", "step")
+    assert not points["val/ssim"].isna().any()  # every point lies on its run's line
+    assert {run: list(rows["step"]) for run, rows in points.groupby("run")} == {"a": [10, 20], "b": [15, 25]}
+
+
+def test_pages_render_no_stray_values(app):
+    """Streamlit's magic writes the value of a bare expression: a `None`, or a DeltaGenerator's docstring."""
+    for page, run in (("Compare", None), ("Run", "base"), ("Translate", "base")):
+        at = go(app, page, run)
+        if page == "Compare":
+            at.multiselect(key="compare_runs").set_value(["base", "crashed"]).run()  # configurations differ
+        assert not at.get("help_info"), page  # st.help of a DeltaGenerator
+        assert not [e for e in at.markdown if e.value.strip("` ") == "None"], page
 
 
 def test_run_page_shows_predictions_gif_and_checkpoints(app):
@@ -323,6 +342,7 @@ def test_in_a_real_browser_select_a_run_and_translate(chromium, served, tmp_path
         page = browser.new_page(viewport={"width": 1400, "height": 1000})
         page.goto(served)
         expect(page.get_by_role("heading", name="Runs")).to_be_visible(timeout=60_000)
+        assert page.get_by_test_id("stAppDeployButton").count() == 0 and page.get_by_role("button", name="Deploy").count() == 0
         sidebar = page.get_by_test_id("stSidebar")
         sidebar.get_by_text("Translate", exact=True).click()
         expect(page.get_by_role("heading", name="Translate with base")).to_be_visible(timeout=60_000)
