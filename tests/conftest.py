@@ -75,6 +75,7 @@ def train(*args, check=True, timeout=600):
 @pytest.fixture(scope="session")
 def trained(shards_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("runs") / "base"
-    train("--data", shards_dir, "--out", out, *SMALL, "--max_steps", 40, "--steps_per_epoch", 20, "--checkpoint_every", 10,
+    # --data relative, as the README types it: the run folder must still know where its shards are
+    train("--data", os.path.relpath(shards_dir, ROOT), "--out", out, *SMALL, "--max_steps", 40, "--steps_per_epoch", 20, "--checkpoint_every", 10,
           "--checkpoints_total_limit", 2)
     return out

@@ -25,9 +25,10 @@ from train.config import Config, load_config
 from train.data import SliceStream, augment
 from train.inference import load_generator, translate
 
-def test_losses_fall_and_the_run_folder_is_complete(trained):
+def test_losses_fall_and_the_run_folder_is_complete(trained, shards_dir):
     config = yaml.safe_load((trained / "config.yaml").read_text())
     assert config["size"] == 64 and config["ngf"] == 16
+    assert config["data"] == str(shards_dir.resolve())  # given relative, recorded absolute
     rows = rundir.read_metrics(trained)
     assert all("step" in r and "epoch" in r for r in rows)
     train_rows = [r for r in rows if "loss/cycle" in r]
@@ -359,6 +360,19 @@ def test_the_demo_config_is_valid():
         (64, 1600, "lsgan", 5.0, 0.995, True)
     assert "--tta" in next(line for line in (ROOT / "Makefile").read_text().splitlines() if "train.evaluate" in line), \
         "make demo evaluates the way the demo validates"
+
+
+def test_the_diffusers_spellings_hyphens_and_bare_booleans_are_accepted(capsys):
+    config = load_config(["--data", "d", "--output_dir", "o", "--learning_rate", "1e-3", "--max_train_steps", "7",
+                          "--checkpointing-steps", "3", "--dataloader_num_workers", "0", "--resume_from_checkpoint", "latest",
+                          "--no-augment", "--channels_last", "--val-tta", "false"])
+    assert (config.out, config.lr, config.max_steps, config.checkpoint_every, config.num_workers) == ("o", 1e-3, 7, 3, 0)
+    assert config.resume == "auto" and config.augment is False and config.channels_last is True and config.val_tta is False
+    assert load_config(["--data", "d", "--out", "o", "--augment"]).augment is True
+    with pytest.raises(SystemExit):
+        load_config(["--help"])
+    shown = capsys.readouterr().out
+    assert "(required)" in shown and "(default: None)" not in shown and "{,online" not in shown and "--no-augment turns it off" in shown
 
 
 @pytest.mark.parametrize("where", ["flag", "yaml"])

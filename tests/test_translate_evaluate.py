@@ -82,7 +82,7 @@ def test_volume_geometry_round_trips_in_any_orientation(t1_volume):
 
 def test_translate_writes_a_nifti_on_the_input_grid(trained, t1_volume, tmp_path):
     checkpoint = rundir.checkpoint_dir(trained, 40)
-    run_module("train.translate", "--checkpoint", checkpoint, "--direction", "t1-to-t2", "--input", t1_volume, "--output", tmp_path)
+    run_module("train.translate", "--checkpoint", checkpoint, "--direction", "t1_to_t2", "--input", t1_volume, "--output", tmp_path)
     produced = tmp_path / t1_volume.name.replace("-T1.nii.gz", "-T1_t1-to-t2.nii.gz")
     source, result = nib.load(t1_volume), nib.load(produced)
     assert result.shape == source.shape and np.allclose(result.affine, source.affine)
@@ -138,8 +138,9 @@ def test_translate_bad_input(case, trained, t1_volume, tmp_path):
 
 def test_evaluate_reports_per_subject_and_matches_validation(trained, shards_dir, tmp_path):
     checkpoint = rundir.checkpoint_dir(trained, 40)
-    run_module("train.evaluate", "--checkpoint", checkpoint, "--data", shards_dir / "val", "--out", tmp_path / "report")
+    result = run_module("train.evaluate", "--checkpoint", checkpoint, "--data", shards_dir / "val", "--out", tmp_path / "report")
     report = json.loads((tmp_path / "report" / "report.json").read_text())
+    assert "evaluate: 100%" in result.stderr and f"{report['slices']}/{report['slices']}" in result.stderr  # a progress bar with a total
     logged = next(r for r in rundir.read_metrics(trained) if r["step"] == 40 and "val/ssim_masked_mean" in r)
     assert report["slices"] == logged["val/slices"]
     for direction in ("t1_to_t2", "t2_to_t1"):

@@ -92,7 +92,7 @@ class Config:
     preview_slices: int = option(4, "fixed val slices drawn in predictions/epoch-NNN.png", minimum=0)
     checkpoint_every: int = option(500, "checkpoint every N steps (and always at the end)", minimum=1)
     checkpoints_total_limit: int = option(3, "keep the newest K checkpoints, plus the best by val SSIM", minimum=1)
-    resume: str = option("", "'auto' (latest checkpoint in --out if any) or a checkpoint folder")
+    resume: str = option("", "'auto' or 'latest' (the newest checkpoint in --out, if any) or a checkpoint folder")
     log_every: int = option(10, "log losses and images/s every N steps", minimum=1)
     max_bad_steps: int = option(5, "stop after this many consecutive steps with NaN/inf losses", minimum=1)
     report_to: str = option("wandb", "experiment tracker", choices=["wandb", "none"])
@@ -147,6 +147,16 @@ def _from_yaml(value, type_name: str):
     raise ValueError(f"expected {type_name}, got {value!r}")
 
 
+# the names Hugging Face's diffusers/accelerate training scripts use, accepted beside this project's own
+ALIASES = {"out": "output_dir", "resume": "resume_from_checkpoint", "checkpoint_every": "checkpointing_steps", "lr": "learning_rate",
+           "max_steps": "max_train_steps", "num_workers": "dataloader_num_workers"}
+
+
+def _spellings(name: str) -> list[str]:
+    """--name, and --name-with-hyphens where it has underscores (the other tools' spelling)."""
+    return [f"--{name}"] + ([f"--{name.replace('_', '-')}"] if "_" in name else [])
+
+
 def build_parser() -> argparse.ArgumentParser:
     # defaults are None so a flag given on the command line is told apart from the YAML file's value;
     # the help shows each option's real default instead
@@ -155,9 +165,18 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--config", help="YAML file of options; flags given here override it")
     for f in dataclasses.fields(Config):
         kind = {"bool": _parse_bool, "int": int, "float": float}.get(f.type, str)  # annotations are strings here
-        hyphenated = [f"--{f.name.replace('_', '-')}"] if "_" in f.name else []  # the other tools' spelling works too
-        parser.add_argument(f"--{f.name}", *hyphenated, dest=f.name, type=kind, default=None,
-                            help=f"{f.metadata['help']} (default: {f.default!r})", choices=f.metadata.get("choices"))
+        names = _spellings(f.name) + (_spellings(ALIASES[f.name]) if f.name in ALIASES else [])
+        default = "required" if f.metadata.get("required") else f"default: {f.default!r}"
+        choices = f.metadata.get("choices")
+        metavar = "{" + ",".join(c for c in choices if c) + "}" if choices and "" in choices else None  # "" = unset, not a choice to type
+        if f.type == "bool":  # --augment, --augment false, --no-augment
+            parser.add_argument(*names, dest=f.name, type=kind, nargs="?", const=True, default=None, metavar="true|false",
+                                help=f"{f.metadata['help']} ({default}; --no-{f.name.replace('_', '-')} turns it off)")
+            negations = dict.fromkeys([f"--no_{f.name}", f"--no-{f.name.replace('_', '-')}"])
+            parser.add_argument(*negations, dest=f.name, action="store_const", const=False, help=argparse.SUPPRESS)
+        else:
+            parser.add_argument(*names, dest=f.name, type=kind, default=None, help=f"{f.metadata['help']} ({default})",
+                                choices=choices, metavar=metavar)
     return parser
 
 
@@ -192,6 +211,8 @@ def load_config(argv=None) -> Config:
                     parser.error(f"--config {path}: {f.name}: {err}")
         values.update(loaded)
     values.update({k: v for k, v in vars(args).items() if k != "config" and v is not None})
+    if values.get("resume") == "latest":  # diffusers' word for it
+        values["resume"] = "auto"
     for f in dataclasses.fields(Config):
         if f.metadata.get("required") and not values.get(f.name):
             parser.error(f"--{f.name} is required")

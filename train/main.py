@@ -161,7 +161,8 @@ def main(argv=None) -> int:
     config = load_config(argv)
     # the flag wins; without it, what `accelerate launch` was given (its flag or config file), else fp32.
     # Passing Accelerator an explicit "no" would silently override the launcher.
-    config = dataclasses.replace(config, mixed_precision=config.mixed_precision or os.environ.get("ACCELERATE_MIXED_PRECISION", "no"))
+    config = dataclasses.replace(config, mixed_precision=config.mixed_precision or os.environ.get("ACCELERATE_MIXED_PRECISION", "no"),
+                                 data=str(Path(config.data).resolve()))  # config.yaml is read from elsewhere (the dashboard)
     try:
         manifest = check_shards(config.data, config.size or None, config.allow_partial)
     except ShardsError as err:

@@ -122,7 +122,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", type=Path, nargs="+", required=True,
                         help="RUN/checkpoints/step-NNNNNNN, or a run folder for its best checkpoint; " + ENSEMBLE_HELP)
-    parser.add_argument("--direction", required=True, choices=["t1-to-t2", "t2-to-t1"])
+    parser.add_argument("--direction", required=True, choices=["t1-to-t2", "t2-to-t1"], type=lambda text: text.replace("_", "-"),
+                        help="t1-to-t2 or t2-to-t1 (t1_to_t2 and t2_to_t1 too)")
     parser.add_argument("--input", type=Path, required=True, help="a .nii/.nii.gz volume, an image, or a folder of them")
     parser.add_argument("--output", type=Path, required=True, help="folder for the translations")
     parser.add_argument("--output-format", choices=["nifti", "dicom"], default="nifti",
