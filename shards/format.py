@@ -129,23 +129,29 @@ def read_manifest(root: str | os.PathLike) -> dict:
     return manifest
 
 
+def recorded_samples(path: str | os.PathLike, manifests: dict | None = None) -> int | None:
+    """The samples a shard's manifest records for it (`shard_samples`); None for a shard outside a packed folder or
+    from a manifest without the counts. `manifests` caches the manifests read, by folder."""
+    manifests = {} if manifests is None else manifests
+    root = Path(path).parent.parent
+    if root not in manifests:
+        try:
+            manifests[root] = read_manifest(root)
+        except ShardsError:
+            manifests[root] = None
+    return ((manifests[root] or {}).get("splits", {}).get(Path(path).parent.name, {}).get("shard_samples", {})).get(Path(path).name)
+
+
 def check_complete(counted: dict[str, int], allow_partial: bool = False, warn=print) -> None:
     """Each shard read whole (`counted`: path -> samples seen) holds the samples its manifest's `shard_samples`
     records. A shard cut short at a member boundary reads without an error; this is what notices. Shards
     outside a packed folder, or from a manifest without the counts, are not checked."""
     manifests: dict[Path, dict | None] = {}
     for path, seen in counted.items():
-        root = Path(path).parent.parent
-        if root not in manifests:
-            try:
-                manifests[root] = read_manifest(root)
-            except ShardsError:
-                manifests[root] = None
-        split = Path(path).parent.name
-        expected = ((manifests[root] or {}).get("splits", {}).get(split, {}).get("shard_samples", {})).get(Path(path).name)
+        expected = recorded_samples(path, manifests)
         if expected is not None and seen != expected:
-            message = (f"{path}: holds {seen} samples, but {root / MANIFEST} records {expected}; the shard is truncated or "
-                       f"was replaced")
+            message = (f"{path}: holds {seen} samples, but {Path(path).parent.parent / MANIFEST} records {expected}; the shard "
+                       f"is truncated or was replaced")
             if not allow_partial:
                 raise ShardsError(message + " (pass --allow-partial to go on with what is there)")
             warn(f"WARNING: {message}; going on with {seen} (--allow-partial)")

@@ -36,8 +36,9 @@ import numpy as np
 import torch
 import webdataset as wds
 from PIL import Image
+from tqdm import tqdm
 
-from shards.format import ShardsError, check_complete, decode_sample
+from shards.format import ShardsError, check_complete, decode_sample, recorded_samples
 from train import rundir
 from train.fidelity import (FLAGGED_RANK, MODES, ErrorDetection, HallucinationMap, lesion_contrasts, lesion_summary,
                             stack_subject, translate_with_map)
@@ -90,7 +91,10 @@ def score(nets: dict, paths: list[str], batch_size: int, device: torch.device, m
     slices that hold lesions, with their translations."""
     rows = {name: [] for name, _, _ in DIRECTIONS}
     lesion_slices = {name: {} for name, _, _ in DIRECTIONS}
+    recorded = [recorded_samples(path) for path in paths]
+    bar = tqdm(total=None if None in recorded else sum(recorded), desc="evaluate", unit="slice")
     for chunk in batched(read_samples(paths, allow_partial), batch_size):
+        bar.update(len(chunk))
         tensors = {k: torch.from_numpy(np.stack([s[k] for s in chunk]))[:, None].to(device) for k in ("t1", "t2", "mask")}
         for name, source, target in DIRECTIONS:
             pred, spread = translate_with_map(nets[name], tensors[source], maps[name] if maps else None)
@@ -105,6 +109,7 @@ def score(nets: dict, paths: list[str], batch_size: int, device: torch.device, m
                         {"z": sample["meta"]["slice"], "lesion": sample["lesion"], "mask": sample["mask"],
                          "input": sample[source], "pred": pred[i, 0].cpu().numpy(), "truth": sample[target],
                          **({"map": spread[i, 0].cpu().numpy()} if spread is not None else {})})
+    bar.close()
     return rows, lesion_slices
 
 
