@@ -71,7 +71,7 @@ def test_sbatch_trains_to_completion(slurm, shards_dir, tmp_path):
 
 def test_preemption_checkpoints_requeues_and_resumes(slurm, shards_dir, tmp_path):
     run = tmp_path / "run"
-    job, _ = sbatch(tmp_path, "--data", shards_dir, "--out", run, *TINY, "--max_steps", 150, "--checkpoint_every", 1000, wait=False)
+    job, _ = sbatch(tmp_path, "--data", shards_dir, "--out", run, *TINY, "--max_steps", 100, "--checkpoint_every", 1000, wait=False)
     deadline = time.time() + 300
     while not (run / rundir.METRICS).exists():  # training has started
         assert time.time() < deadline, "the job did not start training"
@@ -87,11 +87,11 @@ def test_preemption_checkpoints_requeues_and_resumes(slurm, shards_dir, tmp_path
     log = log_of(tmp_path, job)
     assert state == "COMPLETED" and job_field(job, "Restarts") == "1", log[-3000:]
     stopped_at = int(re.search(r"stopped at step (\d+)", log).group(1))
-    assert 0 < stopped_at < 150 and f"resumed from {run / 'checkpoints'}/step-{stopped_at:07d}" in log
+    assert 0 < stopped_at < 100 and f"resumed from {run / 'checkpoints'}/step-{stopped_at:07d}" in log
     summary = json.loads((run / rundir.SUMMARY).read_text())
-    assert summary["status"] == "finished" and summary["steps"] == 150
+    assert summary["status"] == "finished" and summary["steps"] == 100
     steps = [r["step"] for r in rundir.read_metrics(run) if "loss/G" in r]
-    assert steps == sorted(set(steps)) and steps[-1] == 150
+    assert steps == sorted(set(steps)) and steps[-1] == 100
     assert not (run / rundir.STOP).exists()
 
 
