@@ -226,3 +226,14 @@ def test_interrupted_pack_resumes_to_the_same_shards(ixi_tars, tmp_path):
     keys = lambda root: sorted(s["__key__"] for split in ("train", "val", "test") for stream in ("t1", "t2", "paired") for s in _samples(root, split, stream))
     assert keys(out) == keys(reference)
     assert read_manifest(out)["splits"] == read_manifest(reference)["splits"]
+
+
+def test_every_shards_option_says_what_it_does():
+    from shards.__main__ import build_parser
+
+    commands = next(a for a in build_parser()._actions if a.dest == "command")
+    for name, sub in commands.choices.items():
+        for action in sub._actions:
+            if action.dest != "help":
+                assert action.help, f"python -m shards {name} {action.option_strings or action.dest}: no help text"
+                assert "(default: None)" not in action.help
