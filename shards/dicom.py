@@ -109,16 +109,19 @@ class Volume:
     affine: np.ndarray
     zooms: tuple[float, float, float]
     headers: list[Dataset]
+    md5: str  # of the files' bytes, in file-name order (the manifest's record of what was read)
 
 
 def load_series(files: tuple[str, ...] | list[str], name: str) -> Volume:
     """Read, check and stack one series; raises VolumeError naming the series (`name`) and the problem."""
     if len(files) > MAX_FILES:
         raise VolumeError(f"{name}: {len(files)} files, more than the {MAX_FILES} slices a series may have (MAX_FILES)")
-    slices = []
-    for path in files:
+    slices, digest = [], hashlib.md5()
+    for path in sorted(files):
         try:
-            slices.append(pydicom.dcmread(io.BytesIO(read_file(path))))
+            raw = read_file(path)
+            digest.update(raw)
+            slices.append(pydicom.dcmread(io.BytesIO(raw)))
         except (InvalidDicomError, OSError, ValueError) as err:
             raise VolumeError(f"{name}: {path}: unreadable DICOM ({err})") from err
     first = slices[0]
@@ -181,7 +184,7 @@ def load_series(files: tuple[str, ...] | list[str], name: str) -> Volume:
     lps[:3, 0], lps[:3, 1], lps[:3, 2], lps[:3, 3] = along_row * column_mm, along_column * row_mm, normal * step, positions[0]
     affine = np.eye(4)
     affine[:3] = LPS_TO_RAS @ lps[:3]
-    return Volume(data, affine, (float(column_mm), float(row_mm), step), slices)
+    return Volume(data, affine, (float(column_mm), float(row_mm), step), slices, digest.hexdigest())
 
 
 # identifiers a derived series keeps, so that it files under the same patient, study and frame of reference

@@ -47,11 +47,8 @@ class VolumeRef:
 def load_ref(ref: VolumeRef):
     """The volume (data, affine, zooms) or 2D image a ref points to, and the MD5 of its bytes."""
     if ref.kind == "dicom":
-        digest = hashlib.md5()
-        for path in sorted(ref.files):
-            digest.update(read_file(path))
         volume = load_series(ref.files, ref.name)
-        return (volume.data, volume.affine, volume.zooms), digest.hexdigest()
+        return (volume.data, volume.affine, volume.zooms), volume.md5
     data = read_bytes(ref)
     return (load_nifti(data) if ref.kind == "nifti" else load_image(data)), hashlib.md5(data).hexdigest()
 
@@ -115,8 +112,9 @@ def list_source(src: str | os.PathLike, contrast: str) -> tuple[list[VolumeRef],
     elif src.is_dir():
         files = sorted(p for p in src.rglob("*") if p.is_file() and not p.name.startswith("."))
         dicom = [p for p in files if _kind(p.name) is None and is_dicom(p)]
+        others = set(files) - set(dicom)  # a scanner export holds ~10^5 files: no list lookups per file
         for path in files:
-            if path not in dicom:
+            if path in others:
                 consider(str(path), path.name, str(path))
         series, unreadable = find_series(dicom)
         skipped += unreadable
