@@ -187,7 +187,8 @@ def _paired(volumes, options: PackOptions) -> tuple[list[dict], dict]:
         t2 = (t2[0], correct @ t2[1], t2[2])
     _, n2, m2, norm2 = standardize(*t2[:2], options.size, options.fov_mm, options.bias_correction, grid)
     both = m1 & m2
-    seen = inside(t2[0].shape, t2[1], grid)  # IXI's T2 covers less of the head than T1: compare where both looked
+    head = np.argwhere(m1 | m2)  # IXI's T2 covers less of the head than T1: compare where both looked
+    seen = tuple(head[inside(t2[0].shape, t2[1], grid, head)].T)
     dice = float(2 * both[seen].sum() / max(1, m1[seen].sum() + m2[seen].sum()))
     if options.register == "rigid":
         record = registration.record(dice)

@@ -176,13 +176,11 @@ def resample(data: np.ndarray, affine: np.ndarray, grid: Grid, slab: int = 16) -
     return out
 
 
-def inside(shape: tuple[int, int, int], affine: np.ndarray, grid: Grid) -> np.ndarray:
-    """Which voxels of `grid` lie within a volume of `shape` under `affine` (its field of view)."""
-    to_source = (np.linalg.inv(affine) @ grid.affine).astype(np.float32)
-    axes = [np.arange(n, dtype=np.float32) for n in grid.shape]
-    ijk = sum(to_source[:3, a, None, None, None] * np.expand_dims(axes[a], [d for d in range(3) if d != a]) for a in range(3))
-    ijk = ijk + to_source[:3, 3, None, None, None]
-    return np.all((ijk >= -0.5) & (ijk <= np.array(shape, np.float32)[:, None, None, None] - 0.5), axis=0)
+def inside(shape: tuple[int, int, int], affine: np.ndarray, grid: Grid, voxels: np.ndarray) -> np.ndarray:
+    """Which of `grid`'s (N, 3) `voxels` lie within a volume of `shape` under `affine` (its field of view)."""
+    to_source = np.linalg.inv(affine) @ grid.affine
+    ijk = voxels @ to_source[:3, :3].T + to_source[:3, 3]
+    return np.all((ijk >= -0.5) & (ijk <= np.array(shape) - 0.5), axis=1)
 
 
 def _threshold(data: np.ndarray) -> float:
