@@ -14,17 +14,20 @@ host=$(hostname -s)
 cpus=$(nproc)
 memory_mb=$(( $(awk '/MemTotal/ {print $2}' /proc/meminfo) / 1024 - 1024 ))
 mkdir -p /etc/slurm /var/spool/slurmctld /var/spool/slurmd /var/log/slurm /run/munge
-cat > /etc/slurm/slurm.conf <<CONF
+cat > /etc/slurm/slurm.conf.new <<CONF
 ClusterName=local
 SlurmctldHost=$host(127.0.0.1)
 SlurmUser=root
 AuthType=auth/munge
+# a requeued job may start again once its old credential expires (default 120 s); the tests requeue
+AuthInfo=cred_expire=15
 ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
 SwitchType=switch/none
 MpiDefault=none
 ReturnToService=2
 SchedulerType=sched/backfill
+SchedulerParameters=bf_interval=5,sched_interval=5  # a requeued job starts within seconds of being eligible
 SelectType=select/cons_tres
 SelectTypeParameters=CR_Core
 JobAcctGatherType=jobacct_gather/none
@@ -40,6 +43,15 @@ SlurmdLogFile=/var/log/slurm/slurmd.log
 NodeName=$host NodeAddr=127.0.0.1 CPUs=$cpus RealMemory=$memory_mb State=UNKNOWN
 PartitionName=debug Nodes=$host Default=YES MaxTime=INFINITE State=UP OverSubscribe=NO
 CONF
+if ! cmp -s /etc/slurm/slurm.conf.new /etc/slurm/slurm.conf; then
+  mv /etc/slurm/slurm.conf.new /etc/slurm/slurm.conf
+  for daemon in slurmctld slurmd; do  # running daemons restart to read it (reconfigure misses some settings)
+    pkill -x "$daemon" || continue
+    while pgrep -x "$daemon" >/dev/null; do sleep 0.2; done
+  done
+else
+  rm /etc/slurm/slurm.conf.new
+fi
 
 if [ ! -s /etc/munge/munge.key ]; then
   mkdir -p /etc/munge
