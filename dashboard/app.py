@@ -289,7 +289,7 @@ def page_translate(run: R.RunInfo, runs: list[R.RunInfo], data_root: Path) -> No
             st.error(f"{upload.name}: {err}")
             return
         index = st.slider("Axial slice", 0, len(prepared.images) - 1, len(prepared.images) // 2, key="volume_slice")
-        image, volume = prepared.images[index], (upload.name, shape, affine, prepared)
+        image, mask, volume = prepared.images[index], prepared.image_masks[index], (upload.name, shape, affine, prepared)
 
     tensor = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))[None, None]
     translated, heat = translate_with_map(net, tensor, hallucination)
@@ -302,10 +302,10 @@ def page_translate(run: R.RunInfo, runs: list[R.RunInfo], data_root: Path) -> No
         st.write(f"masked SSIM **{scores['ssim_masked'].item():.3f}**, masked PSNR **{scores['psnr_masked'].item():.2f} dB**, "
                  f"whole-image SSIM {scores['ssim'].item():.3f}, texture {scores['texture'].item():.2f} × the truth's")
     if heat is not None:
-        heat = heat[0, 0].numpy() * (mask if mask is not None else 1)
+        heat = heat[0, 0].numpy() * mask  # every input has a head mask: outside it there is nothing to be unsure of
         row["hallucination map"] = overlay(row["translation"], heat)
         st.caption(f"Hallucination map ({mode}): red where the model is unsure; mean inside the head "
-                   f"{heat[mask].mean() if mask is not None else heat.mean():.4f}, max {heat.max():.3f} (intensity units, shown x8).")
+                   f"{heat[mask].mean():.4f}, max {heat.max():.3f} (intensity units, shown x8).")
     if lesion is not None and lesion.any():
         row["lesion mask"] = overlay(truth, lesion.astype(np.float32), gain=0.6)
     show_row(row)

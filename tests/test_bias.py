@@ -63,6 +63,8 @@ def test_inference_prepares_a_volume_exactly_as_the_n4_shards_were_made(n4_shard
     for corrected, tolerance in (("n4", 1.5 / 65535), ("none", None)):
         prepared = prepare_volume(data, affine, {**preprocessing, "bias_correction": corrected})
         images = dict(zip(prepared.planes.tolist(), prepared.images))
+        masks = prepared.image_masks  # the dashboard's head mask for each slice of an uploaded volume
+        assert masks.shape == prepared.images.shape and masks.any(axis=(1, 2)).all() and not prepared.images[~masks].any()
         assert packed and set(packed) <= set(images)
         difference = max(float(np.abs(images[z] - image).max()) for z, image in packed.items())
         if tolerance:

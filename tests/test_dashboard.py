@@ -206,6 +206,8 @@ def test_translate_an_uploaded_volume_and_download_it(app, ixi_tars):
     at.file_uploader(key="volume_upload").upload(member.name, data, "application/gzip")
     at.run()
     assert at.slider(key="volume_slice").max > 5
+    at.selectbox(key="uncertainty").set_value("tta").run()  # the map of an uploaded slice is masked to its head
+    assert not at.exception and len(at.image) == 4 and any("mean inside the head" in c.value for c in at.caption)
     at.button(key="translate_volume").click().run()
     assert not at.exception
     labels = [b.proto.label for b in at.get("download_button")]

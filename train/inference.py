@@ -181,6 +181,7 @@ class PreparedVolume:
     planes: np.ndarray  # grid z index of each image
     images: np.ndarray  # (N, size, size) in [0,1], image orientation (anterior up, left on the left)
     mask: np.ndarray  # head mask on the grid
+    image_masks: np.ndarray  # (N, size, size) the head mask of each image, in the images' orientation
 
 
 def prepare_volume(data: np.ndarray, affine: np.ndarray, preprocessing: dict) -> PreparedVolume:
@@ -188,7 +189,8 @@ def prepare_volume(data: np.ndarray, affine: np.ndarray, preprocessing: dict) ->
     grid, normalized, mask, _ = standardize(data, affine, preprocessing["size"], preprocessing["fov_mm"],
                                             preprocessing.get("bias_correction", "none"))
     planes = np.flatnonzero(mask.any(axis=(0, 1)))
-    return PreparedVolume(grid, planes, np.stack([to_image(normalized[:, :, z]) for z in planes]), mask)
+    return PreparedVolume(grid, planes, np.stack([to_image(normalized[:, :, z]) for z in planes]), mask,
+                          np.stack([to_image(mask[:, :, z]) for z in planes]))
 
 
 def restore_volume(prepared: PreparedVolume, translated: np.ndarray, shape: tuple, affine: np.ndarray) -> np.ndarray:
