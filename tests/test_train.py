@@ -340,22 +340,8 @@ def test_patch_nce_heads_train_checkpoint_and_resume_exactly(shards_dir, tmp_pat
     assert without.returncode != 0 and "lambda_nce: checkpoint 1.0 vs now 0.0" in without.stderr, without.stderr[-2000:]
 
 
-def test_wandb_mode_follows_the_flag_then_wandb_mode_then_the_login(monkeypatch, tmp_path):
-    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc login
-    monkeypatch.delenv("WANDB_API_KEY", raising=False)
-    config = Config(data="d", out="o")
-    monkeypatch.delenv("WANDB_MODE", raising=False)
-    assert trainer.wandb_mode(config) == "offline"
-    monkeypatch.setenv("WANDB_API_KEY", "key")
-    assert trainer.wandb_mode(config) == "online"
-    monkeypatch.setenv("WANDB_MODE", "disabled")
-    assert trainer.wandb_mode(config) == "disabled"
-    assert trainer.wandb_mode(Config(data="d", out="o", wandb="offline")) == "offline"
-    assert trainer.wandb_mode(Config(data="d", out="o", report_to="none")) == "disabled"
-
-
 def test_the_demo_config_is_valid():
-    config = load_config(["--config", str(ROOT / "train" / "demo.yaml"), "--data", "d", "--out", "o"])
+    config = load_config(["--config", str(ROOT / "train" / "recipes" / "demo.yaml"), "--data", "d", "--out", "o"])
     assert (config.size, config.max_steps, config.gan_loss, config.lambda_cycle, config.ema_decay, config.val_tta) == \
         (64, 1600, "lsgan", 5.0, 0.995, True)
     assert "--tta" in next(line for line in (ROOT / "Makefile").read_text().splitlines() if "train.evaluate" in line), \

@@ -101,6 +101,8 @@ class Config:
     wandb_project: str = option("mri-cyclegan", "W&B project")
     wandb_group: str = option("", "W&B group (e.g. an ablation's name)")
     wandb_tags: str = option("", "comma-separated W&B tags")
+    wandb_log_checkpoints: bool = option(False, "at the end, upload the best checkpoint's generators and checkpoint.json to W&B as a "
+                                         "model artifact (aliases best and step-N)")
     run_name: str = option("", "run name (default: the run folder's name)")
     trace_keys: bool = option(False, "write the train sample keys each rank reads to RUN/trace/keys-rank-N.txt (to check data splitting)")
 

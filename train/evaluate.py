@@ -39,7 +39,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from shards.format import ShardsError, check_complete, decode_sample, recorded_samples
-from train import rundir
+from train import rundir, tracking
 from train.fidelity import (FLAGGED_RANK, MODES, ErrorDetection, HallucinationMap, lesion_contrasts, lesion_summary,
                             stack_subject, translate_with_map)
 from train.inference import ENSEMBLE_HELP, TTA_HELP, CheckpointError, FlipShiftMean, device_for_inference, load_generators
@@ -265,6 +265,9 @@ def main(argv=None) -> int:
                         help="add a hallucination map and its AUROC for large errors (docs/fidelity.md)")
     parser.add_argument("--error-threshold", type=float, default=0.1,
                         help="|error| above which a pixel counts as wrong for the AUROC, in [0,1] intensity units")
+    parser.add_argument("--report_to", "--report-to", choices=["wandb", "none"], default="wandb",
+                        help="add the report to the W&B run that trained the checkpoint, where it had one (mode as in training: "
+                        "$WANDB_MODE, else online with a login, else offline into the run folder; default: wandb)")
     args = parser.parse_args(argv)
 
     if args.out.exists() and not args.overwrite:
@@ -321,6 +324,11 @@ def main(argv=None) -> int:
         shutil.rmtree(args.out)
     tmp.replace(args.out)
     print(report_markdown(report))
+    recorded = loaded["t1_to_t2"][1].get("wandb")
+    mode = tracking.wandb_mode(args.report_to, "")
+    if recorded and mode != "disabled" and not members:
+        run_id = tracking.log_evaluation(recorded, mode, Path(checkpoint).parent.parent, report, args.out / "figure.png")
+        print(f"added to W&B run {run_id} ({mode})")
     return 0
 
 

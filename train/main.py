@@ -18,7 +18,6 @@ import shutil
 import signal
 import sys
 import time
-import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,7 +32,7 @@ if __package__ in (None, ""):  # `python train/main.py`: make the repository roo
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from shards.format import ShardsError
-from train import rundir
+from train import rundir, tracking
 from train.config import ARCHITECTURE_KEYS, Config, load_config, save_config
 from train.data import check_shards, evenly_spaced, train_loaders, val_samples
 from train.inference import FlipShiftMean
@@ -54,6 +53,7 @@ class TrainState:
     bad_in_a_row: int = 0
     best_score: float = -math.inf
     best_step: int = -1
+    wandb_id: str = ""  # this run's W&B run: a resumed run continues it, a fresh one in a reused folder gets a new one
 
     def state_dict(self) -> dict:
         return dict(vars(self))
@@ -95,18 +95,6 @@ def linear_decay(total_steps: int, decay_start: float):
     start = total_steps * decay_start
     span = max(total_steps - start, 1)
     return lambda step: 1.0 if step < start else max(0.0, 1.0 - (step - start) / span)
-
-
-def wandb_mode(config: Config) -> str:
-    if config.report_to == "none":
-        return "disabled"
-    if config.wandb:
-        return config.wandb
-    if os.environ.get("WANDB_MODE") in ("online", "offline", "disabled"):  # W&B's own switch, as users expect
-        return os.environ["WANDB_MODE"]
-    netrc = Path.home() / ".netrc"
-    logged_in = netrc.exists() and "api.wandb.ai" in netrc.read_text(errors="ignore")
-    return "online" if os.environ.get("WANDB_API_KEY") or logged_in else "offline"
 
 
 def any_rank(accelerator: Accelerator, flag: bool) -> bool:
@@ -190,7 +178,7 @@ def main(argv=None) -> int:
         raise SystemExit("error: --mixed_precision fp16 needs a GPU and none is visible (whether the flag or the launcher asked "
                          "for it); use bf16 or no on CPU")
 
-    mode = wandb_mode(config)
+    mode = tracking.wandb_mode(config.report_to, config.wandb)
     os.environ["WANDB_MODE"] = mode
     # `accelerate launch --multi_gpu` on a node without GPUs: run the processes on CPU over gloo
     cpu_processes = "LOCAL_RANK" in os.environ and not torch.cuda.is_available()
@@ -249,6 +237,7 @@ def main(argv=None) -> int:
             for group in sched.optimizer.param_groups:
                 group.update(initial_lr=lr, lr=lr * sched.lr_lambdas[0](sched.last_epoch), betas=(config.beta1, config.beta2))
         accelerator.print(f"resumed from {resume_path} at step {state.step}")
+    state.wandb_id = state.wandb_id or tracking.new_run_id(config.run_name or out.name)
 
     loaders = train_loaders(config.data, config, accelerator.process_index, world)
     try:
@@ -263,11 +252,14 @@ def main(argv=None) -> int:
     metrics_log = rundir.MetricsLog(out, state.step if resume_path else None) if is_main else None
     if is_main and not resume_path and (out / rundir.METRICS).exists():
         (out / rundir.METRICS).unlink()  # a fresh run in a reused folder starts a fresh curve
-    if mode != "disabled":
-        accelerator.init_trackers(config.wandb_project, config=config.to_dict(), init_kwargs={"wandb": {
+    if mode != "disabled":  # the config as resolved: what the run really does, not what was left at 0
+        resolved = {**config.to_dict(), "size": size, "steps_per_epoch": steps_per_epoch, "max_steps": total_steps,
+                    "world_size": world, "global_batch_size": config.batch_size * world}
+        accelerator.init_trackers(config.wandb_project, config=resolved, init_kwargs={"wandb": {
             "name": config.run_name or out.name, "group": config.wandb_group or None, "dir": str(out),
-            "tags": [t for t in config.wandb_tags.split(",") if t] or None, "resume": "allow",
-            "id": f"{config.run_name or out.name}-{zlib.crc32(str(out.resolve()).encode()):08x}"}})
+            "tags": [t for t in config.wandb_tags.split(",") if t] or None, "resume": "allow", "id": state.wandb_id}})
+        if is_main:
+            tracking.define_metrics(accelerator.get_tracker("wandb", unwrap=True))
 
     trace = None
     if config.trace_keys:
@@ -377,7 +369,7 @@ def main(argv=None) -> int:
                     tqdm.write(f"step {state.step} epoch {epoch}: G {last['loss/G']:.4f} (adv {last['loss/G_adv']:.4f} cycle "
                                f"{last['loss/cycle']:.4f} idt {last['loss/identity']:.4f}) D {last['loss/D']:.4f} "
                                f"{last['images_per_s']:.2f} images/s")
-                accelerator.log(last, step=state.step)
+                accelerator.log({**last, "epoch": epoch}, step=state.step)
                 window_start, window_images, window_steps = time.time(), 0, 0
                 window_losses.zero_()
 
@@ -405,6 +397,8 @@ def main(argv=None) -> int:
         rundir.write_gif(out)
         write_summary(out, state, epoch, status, images_seen / max(time.time() - run_start, 1e-9), skipped_by_slot, total_steps,
                       compute_dtype)
+        if accelerator.trackers:
+            log_run_end(accelerator.get_tracker("wandb", unwrap=True), out, state, config.wandb_log_checkpoints)
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return 0
@@ -445,14 +439,12 @@ def validate(accelerator, model: CycleGenerators, val, previews, out: Path, epoc
             for i in range(len(previews)):
                 rows.append([x[i, 0].float().cpu().numpy() for x in (t1, r["t1_to_t2"], r["t1_cycle"], t2)])
                 rows.append([x[i, 0].float().cpu().numpy() for x in (t2, r["t2_to_t1"], r["t2_cycle"], t1)])
-            path = rundir.save_prediction(out, epoch, rundir.prediction_grid(rows))
+            rundir.save_prediction(out, epoch, rundir.prediction_grid(rows))
             rundir.write_gif(out)
             if accelerator.trackers:
-                import wandb
-
-                table = wandb.Table(columns=["step", "epoch", *scores.keys()], data=[[state.step, epoch, *scores.values()]])
-                accelerator.get_tracker("wandb").log({"predictions": wandb.Image(str(path)), "val/table": table}, step=state.step)
-        accelerator.log(scores, step=state.step)
+                captions = [f"{s['key']} {a}: input | translation | cycle | truth" for s in previews for a in ("T1→T2", "T2→T1")]
+                accelerator.log({"predictions": tracking.slice_images(rows, captions)}, step=state.step)
+        accelerator.log({**scores, "epoch": epoch}, step=state.step)
     model.train()
     return scores
 
@@ -499,7 +491,8 @@ def save_checkpoint(accelerator, trained: list, inference_gens: CycleGenerators,
                 "train": last, "config": {**config.to_dict(), "size": size}, "rank_checksums": rank_checksums,
                 "generator": {"arch": config.generator, "size": size, "ngf": config.ngf, "unet_depth": config.unet_depth,
                               "scale_head": bool(config.lambda_aleatoric), "upsample": config.upsample, "input_range": [-1, 1]},
-                "preprocessing": preprocessing})
+                "preprocessing": preprocessing,
+                **({"wandb": {"project": config.wandb_project, "id": state.wandb_id}} if accelerator.trackers else {})})
             if final.exists():
                 shutil.rmtree(final)
             os.replace(tmp, final)
@@ -526,6 +519,17 @@ def prune_checkpoints(out: Path, keep: int, best_step: int) -> None:
     for step, path in found[:-keep] if keep > 0 else []:
         if step != best_step:
             shutil.rmtree(path)
+
+
+def log_run_end(run, out: Path, state: TrainState, log_checkpoint: bool) -> None:
+    """The training GIF as a video and, with --wandb_log_checkpoints, the best checkpoint's generators as an artifact."""
+    if (out / rundir.GIF).is_file():
+        run.log({"progress": tracking.video(out / rundir.GIF)}, step=state.step)
+    checkpoints = dict(rundir.list_checkpoints(out))
+    if log_checkpoint and checkpoints:
+        step = state.best_step if state.best_step in checkpoints else max(checkpoints)
+        aliases = [f"step-{step}", *(["best"] if step == state.best_step else [])]
+        tracking.log_checkpoint(run, checkpoints[step], [*rundir.GENERATORS.values(), rundir.CHECKPOINT_INFO], aliases)
 
 
 def write_summary(out: Path, state: TrainState, epoch: int, status: str, images_per_s: float, skipped: dict, total_steps: int,

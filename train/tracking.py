@@ -1,0 +1,91 @@
+"""Weights & Biases: which mode, which run, and what the trainer and `train.evaluate` send to it.
+
+A run's W&B id is recorded in every checkpoint (checkpoint.json `wandb`): a resumed run continues its W&B run,
+a fresh run gets a new one even in a reused folder, and `train.evaluate` adds its report to the run that made
+the checkpoint. Only the main process calls into W&B. docs/training.md lists what is logged.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import secrets
+from pathlib import Path
+
+import numpy as np
+
+# validation figures whose W&B summary holds the best value of the run (and the last, as `last`); others keep the last
+SUMMARY_BEST = {**{f"val/{d}/{m}": goal for d in ("t1_to_t2", "t2_to_t1") for m, goal in
+                   (("ssim", "max"), ("ssim_masked", "max"), ("psnr", "max"), ("psnr_masked", "max"), ("mae_masked", "min"))},
+                "val/t1_cycle/ssim": "max", "val/t2_cycle/ssim": "max", "val/ssim_masked_mean": "max"}
+
+
+def wandb_mode(report_to: str, flag: str) -> str:
+    """--report_to none, then --wandb, then $WANDB_MODE (W&B's own switch), then online with a login, else offline."""
+    if report_to == "none":
+        return "disabled"
+    if flag:
+        return flag
+    if os.environ.get("WANDB_MODE") in ("online", "offline", "disabled"):
+        return os.environ["WANDB_MODE"]
+    netrc = Path.home() / ".netrc"
+    logged_in = netrc.exists() and "api.wandb.ai" in netrc.read_text(errors="ignore")
+    return "online" if os.environ.get("WANDB_API_KEY") or logged_in else "offline"
+
+
+def new_run_id(name: str) -> str:
+    """A fresh W&B run id: the run's name (in the characters W&B allows) and a random suffix."""
+    return f"{re.sub(r'[^A-Za-z0-9_-]', '-', name)[:40]}-{secrets.token_hex(4)}"
+
+
+def define_metrics(run) -> None:
+    """Validation summaries hold the best value of the run, not the last one (W&B globs match suffixes only)."""
+    for name, goal in SUMMARY_BEST.items():
+        run.define_metric(name, summary=f"{goal},last")
+
+
+def slice_images(rows: list[list[np.ndarray]], captions: list[str]) -> list:
+    """One captioned image per preview row (input | translation | cycle | truth, each in [0,1])."""
+    import wandb
+
+    return [wandb.Image((np.concatenate(row, axis=1).clip(0, 1) * 255).round().astype(np.uint8), caption=caption)
+            for row, caption in zip(rows, captions)]
+
+
+def video(path: Path):
+    import wandb
+
+    return wandb.Video(str(path), format="gif")
+
+
+def log_checkpoint(run, checkpoint: Path, files: list[str], aliases: list[str]) -> None:
+    """The inference side of a checkpoint (generators and checkpoint.json, not the optimizer state) as a model artifact."""
+    import wandb
+
+    artifact = wandb.Artifact(f"{run.id}-generators", type="model", metadata={"checkpoint": str(checkpoint)})
+    for name in files:
+        artifact.add_file(str(checkpoint / name), name=name)
+    run.log_artifact(artifact, aliases=aliases)
+
+
+def log_evaluation(recorded: dict, mode: str, run_dir: Path, report: dict, figure: Path) -> str:
+    """Add an evaluation to the W&B run that trained the checkpoint: its summary under `eval/`, a per-subject table
+    and the figure. Returns the run id."""
+    import wandb
+
+    run = wandb.init(project=recorded["project"], id=recorded["id"], resume="allow", mode=mode, dir=str(run_dir),
+                     job_type="evaluate", settings=wandb.Settings(silent=True))
+    try:
+        summary, rows = {}, []
+        for direction, result in report["directions"].items():
+            for metric, stats in result["summary"].items():
+                summary[f"eval/{direction}/{metric}"] = stats["mean"]
+                summary[f"eval/{direction}/{metric}_std"] = stats["std"]
+            rows += [{"direction": direction, **subject} for subject in result["subjects"]]
+        columns = list(rows[0])
+        table = wandb.Table(columns=columns, data=[[row[c] for c in columns] for row in rows])
+        run.summary.update(summary)
+        run.log({"eval/subjects": table, "eval/figure": wandb.Image(str(figure))})
+        return run.id
+    finally:
+        run.finish()
