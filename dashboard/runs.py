@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import re
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -14,7 +13,6 @@ import yaml
 
 from train import rundir
 
-RUNNING_WITHIN_S = 600  # a run without summary.json whose metrics changed this recently is taken as running
 CONFIG_SUMMARY_KEYS = ("generator", "unet_depth", "size", "ngf", "batch_size", "lr", "lr_d", "gan_loss", "lambda_adv", "lambda_cycle",
                        "lambda_structure", "lambda_nce", "mixed_precision")
 WANDB_URL = re.compile(r"https://wandb\.ai/[\w./-]+/runs/\w+")
@@ -94,8 +92,11 @@ def read_run(path: Path, now: float | None = None) -> RunInfo:
             vals = [r for r in rows if "val/ssim_masked_mean" in r]
             info.last = vals[-1] if vals else None
             info.best = max(vals, key=lambda r: r["val/ssim_masked_mean"]) if vals else None
-            recent = (now or time.time()) - metrics_path.stat().st_mtime < RUNNING_WITHIN_S
-            info.status = "running" if recent else "crashed"
+            beat = rundir.heartbeat_alive(path, now)
+            info.status = "running" if beat else "crashed"
+            if beat:
+                info.steps, info.total_steps = beat["step"], beat["total_steps"]
+                info.best_checkpoint_step = beat["best_checkpoint_step"]
         elif not info.config:
             info.status, info.error = "broken", "no config.yaml, metrics.jsonl or summary.json: not a run folder"
         else:

@@ -237,6 +237,26 @@ def test_translate_with_a_corrupt_checkpoint_says_so(app):
     assert any("cannot load the generator" in e.value for e in at.error)
 
 
+def test_a_run_is_running_while_its_heartbeat_is_fresh_and_its_trainer_alive(trained, tmp_path):
+    run = tmp_path / "live"
+    shutil.copytree(trained, run, ignore=shutil.ignore_patterns("*.safetensors", "*.bin", "*.pkl"))
+    (run / rundir.SUMMARY).unlink()
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    best = rundir.list_checkpoints(run)[0][0]
+    beat = {"time": time.time(), "host": socket.gethostname(), "pid": os.getpid(), "step": 30, "total_steps": 40,
+            "best_checkpoint_step": best}
+    rundir.write_json(run / rundir.HEARTBEAT, beat)
+    info = R.read_run(run)
+    assert (info.status, info.steps, info.total_steps, info.best_checkpoint_step) == ("running", 30, 40, best)
+    assert [c.step for c in R.list_checkpoints(info) if c.best] == [best], "a live run's best checkpoint has its star"
+    for stale in ({"time": time.time() - 3 * rundir.HEARTBEAT_S - 1}, {"pid": gone.pid}):  # silent, or its process is gone
+        rundir.write_json(run / rundir.HEARTBEAT, {**beat, **stale})
+        assert R.read_run(run).status == "crashed", stale
+    rundir.write_json(run / rundir.HEARTBEAT, {**beat, "host": "another-node", "pid": gone.pid})  # a pid elsewhere says nothing
+    assert R.read_run(run).status == "running"
+
+
 @pytest.mark.parametrize("name", ["..", "../etc", "/etc", "a/b", "x..y"])
 def test_run_names_cannot_leave_the_runs_folder(runs_root, name):
     with pytest.raises(R.UnsafePath):

@@ -44,6 +44,8 @@ def test_losses_fall_and_the_run_folder_is_complete(trained, shards_dir):
     last = rundir.checkpoint_dir(trained, 40)
     info = json.loads((last / rundir.CHECKPOINT_INFO).read_text())
     assert info["generator"] == {"arch": "unet", "size": 64, "ngf": 16, "unet_depth": 0, "scale_head": False, "upsample": "transpose", "input_range": [-1, 1]}
+    beat = json.loads((trained / rundir.HEARTBEAT).read_text())  # the trainer's last heartbeat: the final step
+    assert (beat["step"], beat["total_steps"]) == (40, 40) and beat["best_checkpoint_step"] in steps
     weights = load_file(str(last / rundir.GENERATORS["t1_to_t2"]))
     assert all(torch.isfinite(v).all() for v in weights.values())
     predictions = rundir.list_predictions(trained)

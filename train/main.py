@@ -267,6 +267,8 @@ def main(argv=None) -> int:
         trace = open(rundir.trace_path(out, accelerator.process_index), "a" if resume_path else "w")
     stop = StopRequested()
     bar = tqdm(total=total_steps, initial=state.step, disable=not is_main, desc="train", unit="step")
+    heartbeat = rundir.Heartbeat(out, lambda: {"step": state.step, "total_steps": total_steps,
+                                               "best_checkpoint_step": state.best_step}).start() if is_main else None
     skipped_by_slot: dict[int, int] = {}
     window_start, window_images, run_start, images_seen = time.time(), 0, time.time(), 0
     window_losses, window_steps = torch.zeros(len(LOSS_NAMES), device=accelerator.device), 0  # logged rows are window means
@@ -391,6 +393,8 @@ def main(argv=None) -> int:
             break
 
     bar.close()
+    if heartbeat:
+        heartbeat.stop()
     if trace:
         trace.close()
     if is_main:

@@ -7,6 +7,7 @@
     RUN/predictions/epoch-NNN.png   fixed val slices: input | translation | cycle | ground truth, both directions
     RUN/progress.gif                the prediction grids over the epochs
     RUN/summary.json                best and last metrics, total steps, images/s; `status` finished or stopped
+    RUN/heartbeat.json              while training: time, host, pid, step, best checkpoint step, every HEARTBEAT_S
 
 Every file is written to a temporary name and renamed, so a reader never sees half of one.
 """
@@ -16,6 +17,8 @@ from __future__ import annotations
 import json
 import os
 import re
+import socket
+import threading
 import time
 from pathlib import Path
 
@@ -30,6 +33,8 @@ GIF = "progress.gif"
 CHECKPOINTS = "checkpoints"
 PREDICTIONS = "predictions"
 CHECKPOINT_INFO = "checkpoint.json"
+HEARTBEAT = "heartbeat.json"
+HEARTBEAT_S = 30  # a run whose heartbeat is older than 3 of these is not running (its process is gone or hung)
 STOP = "STOP"  # create it to stop the run cleanly (checkpoint, exit 0); the trainer removes it when it stops
 TRACE = "trace"  # only with --trace_keys: trace/keys-rank-N.txt, the train sample keys each rank read
 GENERATORS = {"t1_to_t2": "G_t1_to_t2.safetensors", "t2_to_t1": "G_t2_to_t1.safetensors"}
@@ -74,6 +79,44 @@ def write_atomic(path: Path, data: bytes | str) -> None:
 
 def write_json(path: Path, obj) -> None:
     write_atomic(path, json.dumps(obj, indent=2, sort_keys=True))
+
+
+class Heartbeat:
+    """Rewrites RUN/heartbeat.json every HEARTBEAT_S seconds from a thread, so that a run is seen as alive through
+    slow steps and long validations, and as dead soon after its process is: `fields()` gives what it reports."""
+
+    def __init__(self, run: Path, fields):
+        self.path, self.fields, self.done = Path(run) / HEARTBEAT, fields, threading.Event()
+        self.thread = threading.Thread(target=self._beat, name="heartbeat", daemon=True)
+
+    def _write(self) -> None:
+        write_json(self.path, {"time": time.time(), "host": socket.gethostname(), "pid": os.getpid(), **self.fields()})
+
+    def _beat(self) -> None:
+        while not self.done.is_set():
+            self._write()
+            self.done.wait(HEARTBEAT_S)
+
+    def start(self) -> Heartbeat:
+        self.thread.start()
+        return self
+
+    def stop(self) -> None:
+        self.done.set()
+        self.thread.join()
+        self._write()  # the last step, for a reader that looks before summary.json is written
+
+
+def heartbeat_alive(run: Path, now: float | None = None) -> dict | None:
+    """The run's heartbeat when its trainer is alive: fresh, and on this host its process still exists."""
+    try:
+        beat = json.loads((Path(run) / HEARTBEAT).read_text())
+        fresh = (now or time.time()) - beat["time"] < 3 * HEARTBEAT_S
+        if beat["host"] == socket.gethostname():
+            os.kill(beat["pid"], 0)  # raises when there is no such process
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return beat if fresh else None
 
 
 class MetricsLog:
