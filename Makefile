@@ -48,9 +48,9 @@ $(DATA)/shards/manifest.json: $(DATA)/ixi/IXI-T1.tar
 	$(BIN)/python -m shards pack --t1 $(DATA)/ixi/IXI-T1.tar --t2 $(DATA)/ixi/IXI-T2.tar --out $(DATA)/shards \
 	  --size 64 --resume
 
-$(RUN)/summary.json: $(DATA)/shards/manifest.json train/demo.yaml
+$(RUN)/summary.json: $(DATA)/shards/manifest.json train/recipes/demo.yaml
 	WANDB_MODE=$${WANDB_MODE:-offline} $(BIN)/accelerate launch $(LAUNCH) --num_machines 1 --mixed_precision no \
-	  --dynamo_backend no train/main.py --config train/demo.yaml --data $(DATA)/shards --out $(RUN) --resume auto
+	  --dynamo_backend no train/main.py --config train/recipes/demo.yaml --data $(DATA)/shards --out $(RUN) --resume auto
 
 clean:
 	rm -rf $(VENV) $(DATA) $(RUN)

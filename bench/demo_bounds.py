@@ -2,7 +2,7 @@
 
     python bench/demo_bounds.py [--ixi data/demo/ixi] [--steps N] [--size S] [--ngf N] [--batch-size B]
 
---steps, --ngf and --batch-size default to train/demo.yaml's; --size to 64. docs/fidelity.md runs it on the
+--steps, --ngf and --batch-size default to train/recipes/demo.yaml's; --size to 64. docs/fidelity.md runs it on the
 fidelity set at 128² with the fidelity bench's budget.
 
 The demo's synthetic IXI (run `make demo` first) is packed again with every subject paired
@@ -33,7 +33,7 @@ from train.metrics import slice_metrics
 from train.networks import build_generator
 
 ROOT = Path(__file__).resolve().parents[1]
-DEMO = yaml.safe_load((ROOT / "train" / "demo.yaml").read_text())
+DEMO = yaml.safe_load((ROOT / "train" / "recipes" / "demo.yaml").read_text())
 BINS = 64
 
 

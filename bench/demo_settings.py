@@ -1,4 +1,4 @@
-"""Which CycleGAN settings learn most in the demo's budget: each variant trains `train/demo.yaml` (64², its
+"""Which CycleGAN settings learn most in the demo's budget: each variant trains `train/recipes/demo.yaml` (64², its
 widths, batch and step count unless the variant sets them) with a few flags changed, on the demo's shards, and
 the table gives its val masked SSIM.
 
@@ -23,13 +23,13 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-# the settings every variant spells out (on top of train/demo.yaml), so the table does not depend on the yaml's
+# the settings every variant spells out (on top of train/recipes/demo.yaml), so the table does not depend on the yaml's
 SEED = {"gan_loss": "bce", "augment": "true", "lr": "2e-4", "lambda_structure": "0", "lambda_identity": "0.5",
         "lambda_cycle": "10", "pool_size": "50"}  # the seed notebook's
 STRUCTURE = {**SEED, "gan_loss": "lsgan", "augment": "false", "lambda_structure": "5", "lambda_identity": "0"}
 FASTER = {**STRUCTURE, "lr": "5e-4"}
 B8_1600 = {**FASTER, "lambda_cycle": "5", "batch_size": "8", "ngf": "24", "max_steps": "1600", "steps_per_epoch": "160"}
-DEMO = {**B8_1600, "lr": "7e-4", "ema_decay": "0.995"}  # train/demo.yaml's settings since they won
+DEMO = {**B8_1600, "lr": "7e-4", "ema_decay": "0.995"}  # train/recipes/demo.yaml's settings since they won
 VARIANTS = {
     "seed": SEED,
     "lsgan-noaug": {**SEED, "gan_loss": "lsgan", "augment": "false"},
@@ -85,7 +85,7 @@ def main() -> None:
         while pending and len(running) < args.jobs:
             name = pending.pop(0)
             (args.out / name).mkdir(parents=True, exist_ok=True)
-            command = [sys.executable, "train/main.py", "--config", "train/demo.yaml", "--data", str(args.data),
+            command = [sys.executable, "train/main.py", "--config", "train/recipes/demo.yaml", "--data", str(args.data),
                        "--out", str(args.out / name), "--resume", "auto", *flags(VARIANTS[name])]
             with open(args.out / f"{name}.log", "w") as log:
                 running[name] = (subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT), time.time())
@@ -97,7 +97,7 @@ def main() -> None:
                     raise SystemExit(f"error: variant {name} failed; see {args.out / name}.log")
                 timings[name] = time.time() - start
 
-    lines = [f"train/demo.yaml on {args.data}, one thread per run. Machine: {platform.machine()}, {os.cpu_count()} cores, "
+    lines = [f"train/recipes/demo.yaml on {args.data}, one thread per run. Machine: {platform.machine()}, {os.cpu_count()} cores, "
              f"Python {platform.python_version()}.", "",
              "| variant | flags that differ from the seed's | val masked SSIM T1→T2 / T2→T1, last step | best mean (step) |", "|---|---|---|---|"]
     for name in args.variants:

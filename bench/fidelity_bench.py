@@ -33,7 +33,7 @@ from train.evaluate import DIRECTIONS, POOLED, lesion_report, mean_std, per_subj
 from train.fidelity import MODES, RING_PIXELS
 
 ROOT = Path(__file__).resolve().parents[1]
-# train/demo.yaml's settings when they were the best at 64² in bench/demo_settings.py (spelled out, so a row's
+# train/recipes/demo.yaml's settings when they were the best at 64² in bench/demo_settings.py (spelled out, so a row's
 # meaning does not change with the demo)
 MIND_LSGAN = ["--lambda_structure", "5", "--lambda_identity", "0", "--gan_loss", "lsgan", "--augment", "false", "--lr", "5e-4"]
 # and half the reference cycle weight, the lever at 64² (docs/benchmarks.md)
@@ -42,7 +42,9 @@ MIND_LSGAN_CYC5 = [*MIND_LSGAN, "--lambda_cycle", "5"]
 UNET3 = [*MIND_LSGAN_CYC5, "--unet_depth", "3"]
 # and twice the MIND weight (the later flag wins): edges held closer to the input's
 MIND10_UNET3 = [*UNET3, "--lambda_structure", "10"]
-# each variant: train/main.py flags on top of the shared ones; "plain" is the seed's CycleGAN
+# each variant: train/main.py flags on top of the seed's recipe (SEED), so that a row keeps its meaning when the
+# trainer's defaults change; "plain" is the seed's CycleGAN, and mind10-lsgan-cyc5-unet3 is the trainer's default
+SEED = ["--config", "train/recipes/seed.yaml"]
 VARIANTS = {
     "plain": [],
     "mind": ["--lambda_structure", "5"],
@@ -158,7 +160,7 @@ def main() -> None:
                     "--batch_size", args.batch_size, "--max_steps", args.steps, "--steps_per_epoch", max(args.steps // 4, 1),
                     "--checkpoint_every", args.steps // (2 * args.snapshots) if args.snapshots > 1 else args.steps,
                     "--checkpoints_total_limit", max(args.snapshots, 2), "--num_workers", 1, "--report_to", "none",
-                    "--seed", seed, "--resume", "auto", *VARIANTS[name], env=env)
+                    "--seed", seed, "--resume", "auto", *SEED, *VARIANTS[name], env=env)
             checkpoints.append(max((run_dir / "checkpoints").glob("step-*")))  # the step budget's last checkpoint, not val-selected
         report_dir = out / "reports" / (f"{run_name(name, train_seed)}{f'-ensemble{args.ensemble}' * (args.ensemble > 1)}"
                                         f"-{args.uncertainty}{'-tta-mean' * args.tta}")

@@ -74,7 +74,7 @@ def test_runs_page_lists_every_run_with_status_and_scores(app):
     table = app.dataframe[0].value.set_index("run")
     assert table.loc["base", "status"] == "finished" and table.loc["base", "steps"] == 40
     assert table.loc["crashed", "status"] == "crashed" and table.loc["broken", "status"] == "broken"
-    assert -1 <= table.loc["base", "best SSIM"] <= 1 and table.loc["base", "lr"] == 0.0002
+    assert -1 <= table.loc["base", "best SSIM"] <= 1 and table.loc["base", "lr"] == 0.0005
     warnings = " ".join(w.value for w in app.warning)
     assert "broken" in warnings and "empty-folder" in warnings and "base:" not in warnings
 

@@ -26,6 +26,9 @@ def option(default, help: str, **kw):
 
 @dataclass
 class Config:
+    """The defaults are the recipe docs/fidelity.md measured best (MIND 10, LSGAN, cycle 5, no identity loss, U-Net
+    depth 3, no augmentation, lr 5e-4); `--config train/recipes/seed.yaml` is the seed's plain CycleGAN."""
+
     # data and run folder
     data: str = option(None, "shards folder written by `python -m shards pack` (local path; shard URLs via --data_url)", required=True)
     out: str = option(None, "run folder (created; see docs/run-folder.md)", required=True)
@@ -37,20 +40,20 @@ class Config:
     # networks
     generator: str = option("unet", "generator architecture", choices=["unet", "resnet9"])
     ngf: int = option(64, "generator base width", minimum=1)
-    unet_depth: int = option(0, "U-Net stride-2 levels (the reference's num_downs); 0 = down to 1x1, log2(size). Fewer levels "
-                             "bound what each output pixel sees to about 4 x 2**depth pixels (30 at 3, 62 at 4)", minimum=0)
+    unet_depth: int = option(3, "U-Net stride-2 levels (the reference's num_downs); 0 = down to 1x1, log2(size), as in the seed. "
+                             "Fewer levels bound what each output pixel sees to about 4 x 2**depth pixels (30 at 3, 62 at 4)", minimum=0)
     upsample: str = option("transpose", "U-Net decoder upsampling: transpose (the reference's 4x4 stride-2 transposed convolution) "
                            "or resize (nearest x2, then a 3x3 convolution: no checkerboard speckle)", choices=["transpose", "resize"])
     ndf: int = option(64, "discriminator base width", minimum=1)
     disc_layers: int = option(3, "PatchGAN depth: 3 judges 70x70 patches (the reference, for 256x256), 2 judges 34x34, 1 judges 16x16", minimum=1)
     # losses and optimizer
-    gan_loss: str = option("bce", "adversarial loss: bce (BCE with logits, as in the seed) or lsgan", choices=["bce", "lsgan"])
+    gan_loss: str = option("lsgan", "adversarial loss: lsgan (least squares) or bce (BCE with logits, as in the seed)", choices=["bce", "lsgan"])
     lambda_adv: float = option(1.0, "weight of the generators' adversarial loss; below 1 the cycle and structure terms weigh more "
                                "against fooling the discriminators", minimum=0)
-    lambda_cycle: float = option(10.0, "cycle-consistency L1 weight (lambda)", minimum=0)
-    lambda_identity: float = option(0.5, "identity L1 weight as a fraction of lambda_cycle", minimum=0)
-    lambda_structure: float = option(0.0, "MIND structure-consistency L1 between each input and its translation (0 = off, the seed's plain CycleGAN)",
-                                     minimum=0)
+    lambda_cycle: float = option(5.0, "cycle-consistency L1 weight (lambda; the seed's is 10)", minimum=0)
+    lambda_identity: float = option(0.0, "identity L1 weight as a fraction of lambda_cycle (the seed's is 0.5)", minimum=0)
+    lambda_structure: float = option(10.0, "MIND structure-consistency L1 between each input and its translation (0 = off, the seed's "
+                                     "plain CycleGAN)", minimum=0)
     lambda_nce: float = option(0.0, "PatchNCE weight (CUT's patch contrastive loss, both ways): each patch of a translation should match the "
                                "input's patch at the same place in the generators' encoder features (0 = off)", minimum=0)
     lambda_aleatoric: float = option(0.0, "a learned hallucination map: each U-Net generator gets a second output, the per-pixel scale of "
@@ -58,7 +61,7 @@ class Config:
                                      "this weight times its negative log-likelihood (the translation keeps its L1 losses; UGAC, "
                                      "Upadhyay et al. 2021). Read by --uncertainty aleatoric. 0 = off, no head", minimum=0)
     pool_size: int = option(50, "history pool of generated images shown to the discriminators", minimum=0)
-    lr: float = option(2e-4, "Adam learning rate for the generators, and for the discriminators unless --lr_d", above=0)
+    lr: float = option(5e-4, "Adam learning rate for the generators, and for the discriminators unless --lr_d (the seed's is 2e-4)", above=0)
     lr_d: float = option(0.0, "Adam learning rate for the discriminators; 0 = --lr. Below --lr the discriminators learn more slowly "
                          "than the generators (a two time-scale update rule)", minimum=0)
     beta1: float = option(0.5, "Adam beta1", minimum=0, below=1)
@@ -78,7 +81,7 @@ class Config:
     # data pipeline
     num_workers: int = option(2, "DataLoader workers per process", minimum=0)
     shuffle_buffer: int = option(500, "samples in the shuffle buffer of each stream", minimum=1)
-    augment: bool = option(True, "random flips, small affine and intensity (gamma/gain) jitter")
+    augment: bool = option(False, "random flips, small affine and intensity (gamma/gain) jitter (on in the seed)")
     # precision and devices
     mixed_precision: str = option("", "mixed precision: no, fp16 or bf16; unset = what `accelerate launch` was given (its "
                                   "--mixed_precision or config file), else no. config.yaml records the one used",
@@ -173,7 +176,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar = "{" + ",".join(c for c in choices if c) + "}" if choices and "" in choices else None  # "" = unset, not a choice to type
         if f.type == "bool":  # --augment, --augment false, --no-augment
             parser.add_argument(*names, dest=f.name, type=kind, nargs="?", const=True, default=None, metavar="true|false",
-                                help=f"{f.metadata['help']} ({default}; --no-{f.name.replace('_', '-')} turns it off)")
+                                help=f"{f.metadata['help']} ({default}; --{f.name.replace('_', '-')} or --no-{f.name.replace('_', '-')})")
             negations = dict.fromkeys([f"--no_{f.name}", f"--no-{f.name.replace('_', '-')}"])
             parser.add_argument(*negations, dest=f.name, action="store_const", const=False, help=argparse.SUPPRESS)
         else:
