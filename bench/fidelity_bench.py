@@ -8,9 +8,11 @@ synthetic IXI with lesions and a held-out anatomy (docs/fidelity.md).
 Stages: `shards synth --lesions --holdout-anatomy` (downsample 256/size) -> `shards pack --lesions --holdout`
 -> per variant `train/main.py` -> `train.evaluate --uncertainty` on val+test, which hold every lesion and
 held-out subject and no training subject. With --ensemble N, each variant is trained with N training seeds
-and their last checkpoints are scored as one ensemble. Existing stages in --out are reused. Prints one table of masked
-SSIM/PSNR, hallucination-map AUROC and lesion metrics per variant and direction, and writes it to
-OUT/results.md and OUT/results.json.
+and their last checkpoints are scored as one ensemble. A single run's last checkpoint is scored, and where
+validation picked an earlier one, that best checkpoint too (its own row: over-training shows as a better best).
+For a small training set, give --subjects 5 and another --out. Existing stages in --out are reused. Prints one
+table of masked SSIM/PSNR, texture, hallucination-map AUROC and lesion metrics per variant and direction, and
+writes it to OUT/results.md and OUT/results.json.
 """
 
 from __future__ import annotations
@@ -158,16 +160,23 @@ def main() -> None:
                 timings[f"train_{run_dir.name}_s"] = run(
                     "train/main.py", "--data", shards, "--out", run_dir, "--size", args.size, "--ngf", args.ngf, "--ndf", args.ngf,
                     "--batch_size", args.batch_size, "--max_steps", args.steps, "--steps_per_epoch", max(args.steps // 4, 1),
-                    "--checkpoint_every", args.steps // (2 * args.snapshots) if args.snapshots > 1 else args.steps,
+                    # at every validation (keeping the newest 2 and the best), or spread snapshots over the second half
+                    "--checkpoint_every", args.steps // (2 * args.snapshots) if args.snapshots > 1 else max(args.steps // 4, 1),
                     "--checkpoints_total_limit", max(args.snapshots, 2), "--num_workers", 1, "--report_to", "none",
                     "--seed", seed, "--resume", "auto", *SEED, *VARIANTS[name], env=env)
             checkpoints.append(max((run_dir / "checkpoints").glob("step-*")))  # the step budget's last checkpoint, not val-selected
         report_dir = out / "reports" / (f"{run_name(name, train_seed)}{f'-ensemble{args.ensemble}' * (args.ensemble > 1)}"
                                         f"-{args.uncertainty}{'-tta-mean' * args.tta}")
-        timings[f"evaluate_{name}_s"] = run("-m", "train.evaluate", "--checkpoint", *checkpoints, "--data", shards / "test", shards / "val",
-                                            "--out", report_dir, "--overwrite", "--uncertainty", args.uncertainty, *["--tta"] * args.tta,
-                                            stdout=subprocess.DEVNULL)
-        results[name] = json.loads((report_dir / "report.json").read_text())
+        scored = {name: (checkpoints, report_dir)}
+        best_step = json.loads((run_dir / "summary.json").read_text()).get("best_checkpoint_step")
+        best = run_dir / "checkpoints" / f"step-{best_step:07d}" if best_step is not None else None
+        if args.ensemble == 1 and best and best.is_dir() and best != checkpoints[0]:  # what validation would have picked
+            scored[f"{name}, best val checkpoint (step {best_step})"] = ([best], report_dir.with_name(f"{report_dir.name}-best"))
+        for row, (members, folder) in scored.items():
+            timings[f"evaluate_{folder.name}_s"] = run("-m", "train.evaluate", "--checkpoint", *members, "--data", shards / "test",
+                                                       shards / "val", "--out", folder, "--overwrite", "--uncertainty", args.uncertainty,
+                                                       *["--tta"] * args.tta, "--report_to", "none", stdout=subprocess.DEVNULL)
+            results[row] = json.loads((folder / "report.json").read_text())
     results["lookup table (reference)"] = lookup_reference(shards)
 
     lines = [f"{args.subjects} synthetic subjects at {args.size}², {args.steps} steps of batch {args.batch_size}, ngf/ndf {args.ngf}, "
