@@ -206,8 +206,10 @@ def page_translate(run: R.RunInfo, runs: list[R.RunInfo], data_root: Path) -> No
         st.error(f"{run.name}: {run.error or 'no usable checkpoint'}")
         return
     default = next((i for i, c in enumerate(checkpoints) if c.best), len(checkpoints) - 1)
-    checkpoint = st.selectbox("Checkpoint", checkpoints, index=default, key="checkpoint",
+    checkpoint = st.selectbox("Checkpoint", checkpoints, key="checkpoint",
+                              index=linked("step", "checkpoint", [str(c.step) for c in checkpoints], default),
                               format_func=lambda c: f"step {c.step}" + (" (best)" if c.best else ""))
+    st.query_params["step"] = str(checkpoint.step)
     direction = st.radio("Direction", ["t1_to_t2", "t2_to_t1"], horizontal=True, key="direction",
                          format_func=lambda d: {"t1_to_t2": "T1 → T2", "t2_to_t1": "T2 → T1"}[d])
     mode = st.selectbox("Hallucination map", ["none", *MODES], key="uncertainty",
@@ -320,14 +322,29 @@ def page_translate(run: R.RunInfo, runs: list[R.RunInfo], data_root: Path) -> No
                            f"{stem}_{direction.replace('_', '-')}.nii.gz", "application/gzip", key="volume_download")
 
 
+def linked(query: str, widget: str, options: list[str], default: int) -> int:
+    """The option a shared link names (?page=Translate&run=NAME&step=N), on the session's first run; else `default`."""
+    wanted = st.session_state.setdefault("link", st.query_params.to_dict()).get(query)
+    return options.index(wanted) if widget not in st.session_state and wanted in options else default
+
+
 def main() -> None:
+    try:
+        show()
+    finally:
+        st.session_state["link"] = {}  # a link chooses the first view only; later ones are the user's
+
+
+def show() -> None:
     st.set_page_config(page_title="mri-cyclegan", layout="wide")
     args = app_args()
     refuse_remote(args.allow_remote)
     runs_root, data_root = Path(args.runs).resolve(), Path(args.data).resolve()
     st.sidebar.title("mri-cyclegan")
     st.sidebar.caption(f"runs: {runs_root}")
-    page = st.sidebar.radio("Page", ["Runs", "Compare", "Run", "Translate"], key="page")
+    pages = ["Runs", "Compare", "Run", "Translate"]
+    page = st.sidebar.radio("Page", pages, index=linked("page", "page", pages, 0), key="page")
+    st.query_params.from_dict({"page": page})  # the address bar links to this view (run and step added below)
     runs = cached_runs(str(runs_root))
     if page == "Runs":
         page_runs(runs)
@@ -338,7 +355,9 @@ def main() -> None:
     if not runs:
         st.info(f"No runs in {runs_root}.")
         return
-    name = st.sidebar.selectbox("Run", [r.name for r in runs], key="run")
+    names = [r.name for r in runs]
+    name = st.sidebar.selectbox("Run", names, index=linked("run", "run", names, 0), key="run")
+    st.query_params["run"] = name
     try:
         run = R.read_run(R.safe_child(runs_root, name))
     except R.UnsafePath as err:

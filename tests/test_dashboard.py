@@ -69,6 +69,20 @@ def go(at, page, run=None):
     return at
 
 
+def test_a_link_opens_the_view_it_names_and_the_address_follows_the_view(runs_root, shards_dir, monkeypatch):
+    monkeypatch.setenv("MRI_CYCLEGAN_RUNS", str(runs_root))
+    monkeypatch.setenv("MRI_CYCLEGAN_DATA", str(shards_dir.parent))
+    first = rundir.list_checkpoints(runs_root / "partner")[0][0]
+    at = AppTest.from_file(str(ROOT / "dashboard" / "app.py"), default_timeout=120)
+    at.query_params.update(page="Translate", run="partner", step=str(first))
+    at.run()
+    assert not at.exception
+    assert (at.sidebar.radio(key="page").value, at.sidebar.selectbox(key="run").value) == ("Translate", "partner")
+    assert at.selectbox(key="checkpoint").value.step == first
+    go(at, "Run", "base")
+    assert dict(at.query_params) == {"page": ["Run"], "run": ["base"]} or dict(at.query_params) == {"page": "Run", "run": "base"}
+
+
 def test_runs_page_lists_every_run_with_status_and_scores(app):
     assert not app.exception
     table = app.dataframe[0].value.set_index("run")
