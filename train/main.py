@@ -544,6 +544,7 @@ def write_summary(out: Path, state: TrainState, epoch: int, status: str, images_
     rundir.write_json(out / rundir.SUMMARY, {
         "status": status, "steps": state.step, "total_steps": total_steps, "epochs": epoch + 1,
         "images_per_s": images_per_s, "compute_dtype": compute_dtype, "nan_steps": state.nan_steps, "skipped_samples": sum(skipped.values()),
+        "peak_gpu_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None,
         "best": best, "last": vals[-1] if vals else None, "best_checkpoint_step": state.best_step,
         "last_train": next((r for r in reversed(rows) if "loss/G" in r), None)})
 
