@@ -22,6 +22,7 @@ from PIL import Image, UnidentifiedImageError
 from scipy import ndimage
 
 from .bias import BIAS_CORRECTION, correct_n4
+from .head import head_threshold
 
 PERCENTILES = (0.5, 99.5)
 MIN_SLICE_FOREGROUND = 0.2  # keep axial slices whose head area is at least this share of the largest one
@@ -138,7 +139,7 @@ def check_intensities(array: np.ndarray) -> None:
 def head_centre(data: np.ndarray, affine: np.ndarray) -> np.ndarray:
     """World position (mm) of the centroid of voxels brighter than the background."""
     coarse = data[::4, ::4, ::4]
-    weights = coarse > _threshold(coarse)
+    weights = coarse > head_threshold(coarse)
     ijk = np.argwhere(weights).mean(0) * 4
     return affine[:3, :3] @ ijk + affine[:3, 3]
 
@@ -183,18 +184,13 @@ def inside(shape: tuple[int, int, int], affine: np.ndarray, grid: Grid, voxels: 
     return np.all((ijk >= -0.5) & (ijk <= np.array(shape) - 0.5), axis=1)
 
 
-def _threshold(data: np.ndarray) -> float:
-    positive = data[data > 0]
-    return 0.1 * float(np.percentile(positive, 99)) if positive.size else 0.0
-
-
 _IN_PLANE = np.zeros((3, 3, 3), bool)
 _IN_PLANE[:, :, 1] = ndimage.generate_binary_structure(2, 1)  # connect within an axial slice only
 
 
 def foreground(data: np.ndarray) -> np.ndarray:
     """Head mask: bright voxels, holes (skull, sinuses) filled slice by slice, largest 3D component kept."""
-    mask = data > _threshold(data)
+    mask = data > head_threshold(data)
     # a hole is background not connected, within its slice, to the slice's border; one labelling does all slices
     background, _ = ndimage.label(~mask, _IN_PLANE)
     outside = np.unique(np.concatenate([background[0].ravel(), background[-1].ravel(), background[:, 0].ravel(), background[:, -1].ravel()]))

@@ -17,6 +17,8 @@ from dataclasses import dataclass
 import numpy as np
 import SimpleITK as sitk
 
+from .head import head_threshold
+
 # Resolution levels in mm: coarse first (captures large motion), finest sets the accuracy. A level below the
 # image's own voxel size runs at the voxel size.
 LEVELS_MM = (8.0, 4.0, 2.0)
@@ -74,9 +76,7 @@ def to_sitk(data: np.ndarray, affine: np.ndarray) -> sitk.Image:
 
 def _head(image: sitk.Image) -> sitk.Image:
     """A sampling mask: voxels above 10% of the bright end, enclosed holes (skull, sinuses) filled."""
-    values = sitk.GetArrayViewFromImage(image)
-    positive = values[values > 0]
-    threshold = 0.1 * float(np.percentile(positive, 99)) if positive.size else 0.0
+    threshold = head_threshold(sitk.GetArrayViewFromImage(image))
     return sitk.BinaryFillhole(sitk.Cast(image > threshold, sitk.sitkUInt8))
 
 
