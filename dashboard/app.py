@@ -79,14 +79,14 @@ def cached_metrics(run: str, mtime: float) -> pd.DataFrame:
     return R.metrics_table(Path(run))
 
 
-@st.cache_resource(show_spinner=False, max_entries=8)
+@st.cache_resource(show_spinner="loading the model", max_entries=8)
 def cached_generator(checkpoints: tuple[str, ...], direction: str, mtime: float, tta: bool):
     """One checkpoint's generator, or several checkpoints' ensemble; mtime: the newest of their checkpoint.json."""
     net = load_generators([Path(c) for c in checkpoints], direction)[0]
     return FlipShiftMean(net) if tta else net
 
 
-@st.cache_resource(show_spinner=False, max_entries=4)
+@st.cache_resource(show_spinner="preparing the hallucination map", max_entries=4)
 def cached_map(checkpoints: tuple[str, ...], direction: str, mode: str, mtime: float, tta: bool, _loaded: dict) -> HallucinationMap:
     # _loaded is left out of the cache key; tta stands for it (the cycle map runs the loaded, maybe averaging, generators)
     return HallucinationMap(mode, [Path(c) for c in checkpoints], direction, loaded=_loaded)
@@ -257,7 +257,8 @@ def page_translate(run: R.RunInfo, runs: list[R.RunInfo], data_root: Path) -> No
         except ShardsError as err:
             st.error(str(err))
             return
-        index = st.slider("Slice", 0, len(samples) - 1, len(samples) // 2, key="slice")
+        widest = int(np.argmax([s["mask"].sum() for s in samples]))  # mid-brain, not the skull base a middle index can hit
+        index = st.slider("Slice", 0, len(samples) - 1, widest, key="slice")
         sample = samples[index]
         st.caption(f"{sample['key']} ({sample['meta'].get('subject')}, {sample['meta'].get('site')})")
         source_contrast, target_contrast = CONTRASTS[direction]

@@ -48,12 +48,11 @@ class RunInfo:
     def row(self) -> dict:
         """One line of the run list."""
         best, last = self.best or {}, self.last or {}
-        return {"run": self.name, "status": self.status, "steps": self.steps, "total": self.total_steps,
-                **{k: self.config.get(k) for k in CONFIG_SUMMARY_KEYS},
+        return {"run": self.name, "status": self.status, "steps": self.steps, "total": self.total_steps,  # scores first, then settings
                 "best SSIM": best.get("val/ssim_masked_mean"), "best step": best.get("step"),
                 "last SSIM T1→T2": last.get("val/t1_to_t2/ssim_masked"), "last SSIM T2→T1": last.get("val/t2_to_t1/ssim_masked"),
                 "last PSNR T1→T2": last.get("val/t1_to_t2/psnr_masked"), "last PSNR T2→T1": last.get("val/t2_to_t1/psnr_masked"),
-                "problem": self.error or ""}
+                **{k: self.config.get(k) for k in CONFIG_SUMMARY_KEYS}, "problem": self.error or ""}
 
 
 def _tail_rows(path: Path, max_bytes: int = 64_000) -> list[dict]:

@@ -27,6 +27,7 @@ from conftest import ROOT
 from test_hostile_input import HOSTILE
 from dashboard import runs as R
 from train import rundir
+from train.data import val_samples
 
 
 @pytest.fixture(scope="module")
@@ -86,6 +87,7 @@ def test_a_link_opens_the_view_it_names_and_the_address_follows_the_view(runs_ro
 def test_runs_page_lists_every_run_with_status_and_scores(app):
     assert not app.exception
     table = app.dataframe[0].value.set_index("run")
+    assert list(table.columns[:5]) == ["status", "steps", "total", "best SSIM", "best step"], "scores before settings"
     assert table.loc["base", "status"] == "finished" and table.loc["base", "steps"] == 40
     assert table.loc["crashed", "status"] == "crashed" and table.loc["broken", "status"] == "broken"
     assert -1 <= table.loc["base", "best SSIM"] <= 1 and table.loc["base", "lr"] == 0.0005
@@ -139,9 +141,11 @@ def test_run_page_names_a_broken_run(app):
     assert any("broken" in e.value and "Error" in e.value for e in at.error)
 
 
-def test_translate_a_val_slice_with_ground_truth_and_metrics(app):
+def test_translate_a_val_slice_with_ground_truth_and_metrics(app, shards_dir):
     at = go(app, "Translate", "base")
     assert at.selectbox(key="checkpoint").value.best, "the best checkpoint is preselected"
+    heads = [s["mask"].sum() for s in val_samples(str(shards_dir), at.radio(key="split").value)]
+    assert heads[at.slider(key="slice").value] == max(heads), "the first slice shown is the one with the most head"
     assert any("masked SSIM" in m.value for m in at.markdown)
     assert len(at.image) == 5  # input, translation, cycle, ground truth, error
     at.radio(key="direction").set_value("t2_to_t1").run()
