@@ -27,7 +27,8 @@ def option(default, help: str, **kw):
 @dataclass
 class Config:
     """The defaults are the recipe docs/fidelity.md measured best (MIND 10, LSGAN, cycle 5, no identity loss, U-Net
-    depth 3, no augmentation, lr 5e-4); `--config train/recipes/seed.yaml` is the seed's plain CycleGAN."""
+    depth 3 with resize-convolutions, no augmentation, lr 5e-4); `--config train/recipes/seed.yaml` is the seed's
+    plain CycleGAN."""
 
     # data and run folder
     data: str = option(None, "shards folder written by `python -m shards pack` (local path; shard URLs via --data_url)", required=True)
@@ -42,8 +43,8 @@ class Config:
     ngf: int = option(64, "generator base width", minimum=1)
     unet_depth: int = option(3, "U-Net stride-2 levels (the reference's num_downs); 0 = down to 1x1, log2(size), as in the seed. "
                              "Fewer levels bound what each output pixel sees to about 4 x 2**depth pixels (30 at 3, 62 at 4)", minimum=0)
-    upsample: str = option("transpose", "U-Net decoder upsampling: transpose (the reference's 4x4 stride-2 transposed convolution) "
-                           "or resize (nearest x2, then a 3x3 convolution: no checkerboard speckle)", choices=["transpose", "resize"])
+    upsample: str = option("resize", "U-Net decoder upsampling: resize (nearest x2, then a 3x3 convolution: no checkerboard speckle) "
+                           "or transpose (the seed's and reference's 4x4 stride-2 transposed convolution)", choices=["transpose", "resize"])
     ndf: int = option(64, "discriminator base width", minimum=1)
     disc_layers: int = option(3, "PatchGAN depth: 3 judges 70x70 patches (the reference, for 256x256), 2 judges 34x34, 1 judges 16x16", minimum=1)
     # losses and optimizer
