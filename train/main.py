@@ -163,15 +163,14 @@ def main(argv=None) -> int:
     if config.resume and config.resume != "auto" and not Path(config.resume).exists():
         raise SystemExit(f"error: --resume {config.resume}: no such checkpoint folder")
 
-    if config.unet_depth:
-        if config.generator != "unet":
-            raise SystemExit(f"error: --unet_depth {config.unet_depth}: needs --generator unet, not {config.generator}")
+    # the default depth stands for "not asked for" with another generator (--upsample is the U-Net decoder's only)
+    if config.generator != "unet" and config.unet_depth != Config.defaults()["unet_depth"]:
+        raise SystemExit(f"error: --unet_depth {config.unet_depth}: needs --generator unet, not {config.generator}")
+    if config.unet_depth and config.generator == "unet":
         try:
             unet_levels(size, config.unet_depth)
         except ValueError as err:
             raise SystemExit(f"error: --unet_depth {config.unet_depth}: {err}")
-    if config.upsample != "transpose" and config.generator != "unet":
-        raise SystemExit(f"error: --upsample {config.upsample}: needs --generator unet, not {config.generator}")
     if config.lambda_aleatoric and config.generator != "unet":
         raise SystemExit(f"error: --lambda_aleatoric {config.lambda_aleatoric}: needs --generator unet, not {config.generator}")
     if config.mixed_precision == "fp16" and not torch.cuda.is_available():
