@@ -45,7 +45,7 @@ UNET3 = [*MIND_LSGAN_CYC5, "--unet_depth", "3"]
 # and twice the MIND weight (the later flag wins): edges held closer to the input's
 MIND10_UNET3 = [*UNET3, "--lambda_structure", "10"]
 # each variant: train/main.py flags on top of the seed's recipe (SEED), so that a row keeps its meaning when the
-# trainer's defaults change; "plain" is the seed's CycleGAN, and mind10-lsgan-cyc5-unet3 is the trainer's default
+# trainer's defaults change; "plain" is the seed's CycleGAN, and mind10-lsgan-cyc5-unet3-resize is the trainer's default
 SEED = ["--config", "train/recipes/seed.yaml"]
 VARIANTS = {
     "plain": [],
