@@ -200,19 +200,20 @@ class Payload:
         return (__import__("os").system, (f"touch {self.marker}",))
 
 
-@pytest.mark.parametrize("case", ["pickle-payload", "truncated-weights", "truncated-info", "changed-width", "fresh-into-used"])
+@pytest.mark.parametrize("case", ["pickle-payload", "truncated-weights", "truncated-generator", "truncated-info", "changed-width", "fresh-into-used"])
 def test_the_trainer_refuses_a_hostile_or_damaged_run_folder_and_changes_nothing(case, trained, shards_dir, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(trained, run)
     checkpoint = rundir.list_checkpoints(run)[-1][1]
     marker = tmp_path / "pwned"
-    expect = {"pickle-payload": "refusing to unpickle", "truncated-weights": "may be truncated",
+    expect = {"pickle-payload": "refusing to unpickle", "truncated-weights": "may be truncated", "truncated-generator": "may be truncated",
               "truncated-info": "unreadable checkpoint.json", "changed-width": "different configuration",
               "fresh-into-used": "already holds checkpoints"}[case]
     if case == "pickle-payload":
         torch.save(Payload(marker), checkpoint / "custom_checkpoint_0.pkl")
     elif case.startswith("truncated"):
-        name = {"truncated-weights": "model.safetensors", "truncated-info": "checkpoint.json"}[case]
+        name = {"truncated-weights": "model.safetensors", "truncated-generator": rundir.GENERATORS["t2_to_t1"],
+                "truncated-info": "checkpoint.json"}[case]
         data = (checkpoint / name).read_bytes()
         (checkpoint / name).write_bytes(data[: len(data) // 2])
     before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}

@@ -10,21 +10,15 @@ See docs/training.md for the options and docs/run-folder.md for what lands in --
 from __future__ import annotations
 
 import dataclasses
-import errno
-import json
-import math
 import os
-import shutil
 import signal
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
-from safetensors.torch import save_file
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm import tqdm
 
@@ -33,47 +27,14 @@ if __package__ in (None, ""):  # `python train/main.py`: make the repository roo
 
 from shards.format import ShardsError
 from train import rundir, tracking
-from train.config import ARCHITECTURE_KEYS, Config, load_config, save_config
+from train.checkpoints import (AverageCount, StateDict, TrainState, check_compatible, check_plain_data, resolve_resume,
+                               save_checkpoint, store_generators_once)
+from train.config import Config, load_config, save_config
 from train.data import check_shards, evenly_spaced, train_loaders, val_samples
 from train.inference import FlipShiftMean
 from train.losses import ImagePool, PatchNCE, discriminator_losses, generator_losses
 from train.metrics import slice_metrics
 from train.networks import CycleGenerators, Discriminators, build_discriminator, build_generator, unet_levels
-
-
-LOSS_NAMES = ("G", "G_adv", "cycle", "identity", "structure", "nce", "aleatoric", "D", "D_t1", "D_t2")
-
-
-@dataclass
-class TrainState:
-    """Everything besides models/optimizers/RNG that an exact resume needs; saved in every checkpoint."""
-
-    step: int = 0
-    nan_steps: int = 0
-    bad_in_a_row: int = 0
-    best_score: float = -math.inf
-    best_step: int = -1
-    wandb_id: str = ""  # this run's W&B run: a resumed run continues it, a fresh one in a reused folder gets a new one
-
-    def state_dict(self) -> dict:
-        return dict(vars(self))
-
-    def load_state_dict(self, state: dict) -> None:
-        vars(self).update(state)
-
-
-class StateDict:
-    """Adapter: anything with state_dict/load_state_dict, registered for Accelerate checkpointing."""
-
-    def __init__(self, **parts):
-        self.parts = parts
-
-    def state_dict(self):
-        return {k: v.state_dict() for k, v in self.parts.items()}
-
-    def load_state_dict(self, state):
-        for k, v in self.parts.items():
-            v.load_state_dict(state[k])
 
 
 class StopRequested:
@@ -103,46 +64,6 @@ def any_rank(accelerator: Accelerator, flag: bool) -> bool:
         return flag
     t = torch.tensor([1.0 if flag else 0.0], device=accelerator.device)
     return bool(accelerator.reduce(t, reduction="sum").item() > 0)
-
-
-def resolve_resume(config: Config, out: Path) -> Path | None:
-    if not config.resume:
-        return None
-    if config.resume == "auto":
-        found = rundir.list_checkpoints(out)
-        return found[-1][1] if found else None
-    path = Path(config.resume)
-    if not (path / rundir.CHECKPOINT_INFO).is_file():
-        raise SystemExit(f"error: --resume {path}: not a checkpoint folder (no {rundir.CHECKPOINT_INFO}); "
-                         f"expected RUN/checkpoints/step-NNNNNNN or 'auto'")
-    return path
-
-
-def check_compatible(path: Path, config: Config, size: int) -> None:
-    try:
-        saved = json.loads((path / rundir.CHECKPOINT_INFO).read_text())["config"]
-    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as err:
-        raise SystemExit(f"error: --resume {path}: unreadable {rundir.CHECKPOINT_INFO} ({type(err).__name__}: {err}); "
-                         f"it may be truncated: resume from an earlier checkpoint in {path.parent}")
-    saved = {**Config.defaults(), **saved}  # an option newer than the checkpoint had its default then
-    current = {**config.to_dict(), "size": size}
-    differ = [f"{k}: checkpoint {saved.get(k)!r} vs now {current[k]!r}" for k in ARCHITECTURE_KEYS if saved.get(k) != current[k]]
-    if differ:
-        raise SystemExit(f"error: --resume {path} was made with a different configuration ({'; '.join(differ)}); "
-                         f"start a new run folder or resume with the same options")
-
-
-def check_plain_data(path: Path) -> None:
-    """Accelerate unpickles the registered trainer state (custom_checkpoint_*.pkl) with weights_only=False, which
-    runs whatever code a crafted file holds. Each must load as plain tensors and numbers first; the rest of a
-    checkpoint is safetensors, or loaded weights-only by Accelerate itself."""
-    for file in sorted(path.glob("custom_checkpoint_*.pkl")):
-        try:
-            torch.load(file, map_location="cpu", weights_only=True)
-        except Exception as err:
-            raise SystemExit(f"error: --resume {path}: {file.name} holds more than plain tensors and numbers (a weights-only "
-                             f"load refused it: {str(err).splitlines()[0][:200]}); refusing to unpickle it. Only resume from "
-                             f"checkpoints you trust")
 
 
 def main(argv=None) -> int:
@@ -221,8 +142,9 @@ def main(argv=None) -> int:
     ema = AveragedModel(trained_gens, multi_avg_fn=get_ema_multi_avg_fn(config.ema_decay)) if config.ema_decay else None
     # the generators that validation, checkpoints and inference use: the trained ones or their moving average
     inference_gens = ema.module if ema else trained_gens
-    kept = StateDict(train=state, sched_g=sched_g, sched_d=sched_d, pool_a=pools["a"], pool_b=pools["b"], **({"ema": ema} if ema else {}))
+    kept = StateDict(train=state, sched_g=sched_g, sched_d=sched_d, pool_a=pools["a"], pool_b=pools["b"], **({"ema": AverageCount(ema)} if ema else {}))
     accelerator.register_for_checkpointing(kept)
+    store_generators_once(accelerator, ema)
     if resume_path:
         try:
             accelerator.load_state(str(resume_path))
@@ -270,7 +192,7 @@ def main(argv=None) -> int:
                                                "best_checkpoint_step": state.best_step}).start() if is_main else None
     skipped_by_slot: dict[int, int] = {}
     window_start, window_images, run_start, images_seen = time.time(), 0, time.time(), 0
-    window_losses, window_steps = torch.zeros(len(LOSS_NAMES), device=accelerator.device), 0  # logged rows are window means
+    window_losses, window_steps = torch.zeros(len(rundir.LOSSES), device=accelerator.device), 0  # logged rows are window means
     # what the first convolution really produced, logged once: the proof that mixed precision is on (the prepared
     # model's outputs are cast back to fp32, so they cannot tell)
     compute_dtype, conv_dtypes = None, []
@@ -352,7 +274,7 @@ def main(argv=None) -> int:
             state.step += 1
             bar.update()
             step_losses = {**losses_g, **losses_d}
-            window_losses += torch.stack([step_losses[k] for k in LOSS_NAMES]).detach().float()
+            window_losses += torch.stack([step_losses[k] for k in rundir.LOSSES]).detach().float()
             window_steps += 1
             images = 2 * real_a.shape[0] * world
             window_images += images
@@ -362,7 +284,7 @@ def main(argv=None) -> int:
                 elapsed = time.time() - window_start
                 losses = window_losses / window_steps
                 losses = accelerator.reduce(losses, reduction="mean") if world > 1 else losses
-                last = {**{f"loss/{k}": v.item() for k, v in zip(LOSS_NAMES, losses)}, "lr": sched_g.get_last_lr()[0], "lr_d": sched_d.get_last_lr()[0], "images_per_s": window_images / max(elapsed, 1e-9),
+                last = {**{f"loss/{k}": v.item() for k, v in zip(rundir.LOSSES, losses)}, "lr": sched_g.get_last_lr()[0], "lr_d": sched_d.get_last_lr()[0], "images_per_s": window_images / max(elapsed, 1e-9),
                         "nan_steps": state.nan_steps, "skipped_samples": sum(skipped_by_slot.values())}
                 if is_main:
                     metrics_log.write({"step": state.step, "epoch": epoch, **last})
@@ -414,9 +336,7 @@ def validate(accelerator, model: CycleGenerators, val, previews, out: Path, epoc
     if not val:
         return {}
     model.eval()
-    per_direction = ("ssim", "ssim_masked", "psnr", "psnr_masked", "mae_masked", "texture")
-    names = [f"val/{d}/{m}" for d in ("t1_to_t2", "t2_to_t1") for m in per_direction]
-    names += ["val/t1_cycle/ssim", "val/t2_cycle/ssim"]
+    names = [rundir.val_name(d, m) for d in rundir.DIRECTIONS for m in rundir.VAL_METRICS] + list(rundir.VAL_CYCLE)
     sums = torch.zeros(len(names) + 1, device=accelerator.device)
     mine = val[accelerator.process_index::accelerator.num_processes]
     for start in range(0, len(mine), 8):
@@ -426,26 +346,24 @@ def validate(accelerator, model: CycleGenerators, val, previews, out: Path, epoc
         values = []
         for direction, target in (("t1_to_t2", t2), ("t2_to_t1", t1)):
             m = slice_metrics(results[direction], target, mask)
-            values += [m[k] for k in per_direction]
+            values += [m[k] for k in rundir.VAL_METRICS]
         values += [slice_metrics(results["t1_cycle"], t1, mask)["ssim"], slice_metrics(results["t2_cycle"], t2, mask)["ssim"]]
         sums[:-1] += torch.stack([v.sum() for v in values])
         sums[-1] += len(chunk)
     sums = accelerator.reduce(sums, reduction="sum") if accelerator.num_processes > 1 else sums
     scores = {name: (sums[i] / sums[-1]).item() for i, name in enumerate(names)}
-    scores["val/ssim_masked_mean"] = (scores["val/t1_to_t2/ssim_masked"] + scores["val/t2_to_t1/ssim_masked"]) / 2
+    scores[rundir.VAL_SCORE] = sum(scores[rundir.val_name(d, "ssim_masked")] for d in rundir.DIRECTIONS) / len(rundir.DIRECTIONS)
     scores["val/slices"] = int(sums[-1].item())
     if accelerator.is_main_process:
         if draw and previews:
             t1, t2 = (torch.stack([torch.from_numpy(s[k]) for s in previews])[:, None].to(accelerator.device) for k in ("t1", "t2"))
             r = translate_both(model, t1, t2, accelerator, config.val_tta)
-            rows = []
-            for i in range(len(previews)):
-                rows.append([x[i, 0].float().cpu().numpy() for x in (t1, r["t1_to_t2"], r["t1_cycle"], t2)])
-                rows.append([x[i, 0].float().cpu().numpy() for x in (t2, r["t2_to_t1"], r["t2_cycle"], t1)])
+            columns = {"t1_to_t2": (t1, r["t1_to_t2"], r["t1_cycle"], t2), "t2_to_t1": (t2, r["t2_to_t1"], r["t2_cycle"], t1)}
+            rows = [[x[i, 0].float().cpu().numpy() for x in columns[d]] for i in range(len(previews)) for d in rundir.PREDICTION_ROWS]
             rundir.save_prediction(out, epoch, rundir.prediction_grid(rows))
             rundir.write_gif(out)
             if accelerator.trackers:
-                captions = [f"{s['key']} {a}: input | translation | cycle | truth" for s in previews for a in ("T1→T2", "T2→T1")]
+                captions = [f"{s['key']} {rundir.LABELS[d]}: {' | '.join(rundir.PREDICTION_COLUMNS)}" for s in previews for d in rundir.PREDICTION_ROWS]
                 accelerator.log({"predictions": tracking.slice_images(rows, captions)}, step=state.step)
         accelerator.log({**scores, "epoch": epoch}, step=state.step)
     model.train()
@@ -463,67 +381,6 @@ def translate_both(model: CycleGenerators, t1: torch.Tensor, t2: torch.Tensor, a
             (("t1_to_t2", fake_t2), ("t2_to_t1", fake_t1), ("t1_cycle", cycle_t1), ("t2_cycle", cycle_t2))}
 
 
-def save_checkpoint(accelerator, trained: list, inference_gens: CycleGenerators, out: Path, state: TrainState, epoch: int,
-                    config: Config, size: int, last: dict, preprocessing: dict) -> None:
-    """Accelerate state + inference generators (the moving average where kept), written to a hidden folder and
-    renamed when complete."""
-    rows = rundir.read_metrics(out) if accelerator.is_main_process else []
-    val = next((r for r in reversed(rows) if "val/ssim_masked_mean" in r and r["step"] == state.step), None)
-    score = val["val/ssim_masked_mean"] if val else None
-    if score is not None and score > state.best_score:
-        state.best_score, state.best_step = score, state.step
-    final = rundir.checkpoint_dir(out, state.step)
-    tmp = final.with_name(f".{final.name}.tmp")
-    if accelerator.is_main_process:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    accelerator.wait_for_everyone()
-    try:
-        accelerator.save_state(str(tmp))
-        # DDP keeps replicas identical; record each rank's sum of the trained generator-side weights so a divergence is visible
-        params = [p for net in trained for p in accelerator.unwrap_model(net).parameters()]
-        checksum = torch.stack([p.detach().double().sum() for p in params]).sum()
-        rank_checksums = accelerator.gather(checksum[None].to(accelerator.device)).tolist()
-        if accelerator.is_main_process:
-            if len(set(rank_checksums)) > 1:
-                print(f"warning: step {state.step}: generator weights differ across ranks: {rank_checksums}", flush=True)
-            for name, net in (("t1_to_t2", inference_gens.g_ab), ("t2_to_t1", inference_gens.g_ba)):
-                save_file({k: v.detach().float().contiguous().cpu() for k, v in net.state_dict().items()}, str(tmp / rundir.GENERATORS[name]))
-            rundir.write_json(tmp / rundir.CHECKPOINT_INFO, {
-                "step": state.step, "epoch": epoch, "time": time.time(), "val": {k: v for k, v in (val or {}).items() if k.startswith("val/")},
-                "train": last, "config": {**config.to_dict(), "size": size}, "rank_checksums": rank_checksums,
-                "generator": {"arch": config.generator, "size": size, "ngf": config.ngf, "unet_depth": config.unet_depth,
-                              "scale_head": bool(config.lambda_aleatoric), "upsample": config.upsample, "input_range": [-1, 1]},
-                "preprocessing": preprocessing,
-                **({"wandb": {"project": config.wandb_project, "id": state.wandb_id}} if accelerator.trackers else {})})
-            if final.exists():
-                shutil.rmtree(final)
-            os.replace(tmp, final)
-    except Exception as err:  # writers word a full disk their own way (torch.save: "enforce fail ... unexpected pos")
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise checkpoint_write_error(err, out, state.step) from err
-    if accelerator.is_main_process:
-        prune_checkpoints(out, config.checkpoints_total_limit, state.best_step)
-    accelerator.wait_for_everyone()
-
-
-def checkpoint_write_error(err: Exception, out: Path, step: int) -> SystemExit:
-    """A failed checkpoint write, said plainly: a full disk is named as one, whatever the writer's wording."""
-    free = shutil.disk_usage(out).free
-    full = getattr(err, "errno", None) == errno.ENOSPC or free < 64 * 2**20
-    why = "no space left on device" if full else f"{type(err).__name__}: {str(err).splitlines()[0][:200]}"
-    kept = rundir.list_checkpoints(out)
-    return SystemExit(f"error: cannot write the step-{step} checkpoint into {out} ({why}; {free / 2**20:.0f} MiB free there); "
-                      f"the partial one was removed. " + (f"The newest complete checkpoint is {kept[-1][1]}." if kept else "No checkpoint was written yet."))
-
-
-def prune_checkpoints(out: Path, keep: int, best_step: int) -> None:
-    found = rundir.list_checkpoints(out)
-    for step, path in found[:-keep] if keep > 0 else []:
-        if step != best_step:
-            shutil.rmtree(path)
-
-
 def log_run_end(run, out: Path, state: TrainState, log_checkpoint: bool) -> None:
     """The training GIF as a video and, with --wandb_log_checkpoints, the best checkpoint's generators as an artifact."""
     if (out / rundir.GIF).is_file():
@@ -538,8 +395,8 @@ def log_run_end(run, out: Path, state: TrainState, log_checkpoint: bool) -> None
 def write_summary(out: Path, state: TrainState, epoch: int, status: str, images_per_s: float, skipped: dict, total_steps: int,
                   compute_dtype: str | None) -> None:
     rows = rundir.read_metrics(out)
-    vals = [r for r in rows if "val/ssim_masked_mean" in r]
-    best = max(vals, key=lambda r: r["val/ssim_masked_mean"]) if vals else None
+    vals = [r for r in rows if rundir.VAL_SCORE in r]
+    best = max(vals, key=lambda r: r[rundir.VAL_SCORE]) if vals else None
     rundir.write_json(out / rundir.SUMMARY, {
         "status": status, "steps": state.step, "total_steps": total_steps, "epochs": epoch + 1,
         "images_per_s": images_per_s, "compute_dtype": compute_dtype, "nan_steps": state.nan_steps, "skipped_samples": sum(skipped.values()),

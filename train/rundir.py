@@ -38,6 +38,22 @@ HEARTBEAT_S = 30  # a run whose heartbeat is older than 3 of these is not runnin
 STOP = "STOP"  # create it to stop the run cleanly (checkpoint, exit 0); the trainer removes it when it stops
 TRACE = "trace"  # only with --trace_keys: trace/keys-rank-N.txt, the train sample keys each rank read
 GENERATORS = {"t1_to_t2": "G_t1_to_t2.safetensors", "t2_to_t1": "G_t2_to_t1.safetensors"}
+
+# What metrics.jsonl rows hold, named once for the trainer, W&B and the dashboard (docs/run-folder.md):
+# `loss/<LOSSES>` (means over the logging window), and at each validation `val/<direction>/<VAL_METRICS>`,
+# `val/<contrast>_cycle/ssim` and VAL_SCORE, the mean masked SSIM that picks the best checkpoint.
+DIRECTIONS = {"t1_to_t2": ("t1", "t2"), "t2_to_t1": ("t2", "t1")}  # direction: (source, target) contrast
+REVERSE = {"t1_to_t2": "t2_to_t1", "t2_to_t1": "t1_to_t2"}
+LABELS = {"t1_to_t2": "T1→T2", "t2_to_t1": "T2→T1"}
+LOSSES = ("G", "G_adv", "cycle", "identity", "structure", "nce", "aleatoric", "D", "D_t1", "D_t2")
+VAL_METRICS = {"ssim": "max", "ssim_masked": "max", "psnr": "max", "psnr_masked": "max", "mae_masked": "min",
+               "texture": None}  # the better direction of each; texture is best at 1, not at an end
+VAL_CYCLE = ("val/t1_cycle/ssim", "val/t2_cycle/ssim")
+VAL_SCORE = "val/ssim_masked_mean"
+
+
+def val_name(direction: str, metric: str) -> str:
+    return f"val/{direction}/{metric}"
 CHECKPOINT_RE = re.compile(r"^step-(\d{7})$")
 PREDICTION_RE = re.compile(r"^epoch-(\d{3,})\.png$")
 
@@ -163,7 +179,12 @@ def to_uint8(image: np.ndarray) -> np.ndarray:
     return (np.clip(image, 0, 1) * 255).round().astype(np.uint8)
 
 
-def prediction_grid(rows: list[list[np.ndarray]], gap: int = 2) -> np.ndarray:
+PREDICTION_COLUMNS = ("input", "translation", "cycle", "ground truth")
+PREDICTION_ROWS = ("t1_to_t2", "t2_to_t1")  # the two rows of each val slice, in this order
+GRID_GAP = 2
+
+
+def prediction_grid(rows: list[list[np.ndarray]], gap: int = GRID_GAP) -> np.ndarray:
     """Rows of equally sized [0,1] images -> one uint8 grid with thin gaps."""
     h, w = rows[0][0].shape
     cols = max(len(r) for r in rows)
@@ -172,6 +193,14 @@ def prediction_grid(rows: list[list[np.ndarray]], gap: int = 2) -> np.ndarray:
         for j, image in enumerate(row):
             grid[i * (h + gap):i * (h + gap) + h, j * (w + gap):j * (w + gap) + w] = to_uint8(image)
     return grid
+
+
+def split_grid(grid: np.ndarray, columns: int = len(PREDICTION_COLUMNS), gap: int = GRID_GAP) -> list[list[np.ndarray]]:
+    """A prediction grid back into its rows of square tiles."""
+    size = (grid.shape[1] + gap) // columns - gap
+    rows = (grid.shape[0] + gap) // (size + gap)
+    return [[grid[i * (size + gap):i * (size + gap) + size, j * (size + gap):j * (size + gap) + size] for j in range(columns)]
+            for i in range(rows)]
 
 
 def save_prediction(run: Path, epoch: int, grid: np.ndarray) -> Path:

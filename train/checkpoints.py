@@ -1,0 +1,201 @@
+"""Checkpoints: what is saved for an exact resume, how a checkpoint folder is written, found, checked and pruned.
+
+A checkpoint is Accelerate's state (optimizers, schedules, data position, RNG, the discriminators, and the
+registered TrainState, image pools and schedulers) beside the files inference reads: G_t1_to_t2.safetensors,
+G_t2_to_t1.safetensors and checkpoint.json (train/rundir.py). Each generator is stored once, in its G_* file:
+without a moving average those are the trained weights, and resume loads them from there; with one they are the
+average, and the registered state keeps only its count.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import math
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from train import rundir
+from train.config import ARCHITECTURE_KEYS, Config
+from train.networks import CycleGenerators
+
+
+@dataclass
+class TrainState:
+    """Everything besides models/optimizers/RNG that an exact resume needs; saved in every checkpoint."""
+
+    step: int = 0
+    nan_steps: int = 0
+    bad_in_a_row: int = 0
+    best_score: float = -math.inf
+    best_step: int = -1
+    wandb_id: str = ""  # this run's W&B run: a resumed run continues it, a fresh one in a reused folder gets a new one
+
+    def state_dict(self) -> dict:
+        return dict(vars(self))
+
+    def load_state_dict(self, state: dict) -> None:
+        vars(self).update(state)
+
+
+class StateDict:
+    """Adapter: anything with state_dict/load_state_dict, registered for Accelerate checkpointing."""
+
+    def __init__(self, **parts):
+        self.parts = parts
+
+    def state_dict(self):
+        return {k: v.state_dict() for k, v in self.parts.items()}
+
+    def load_state_dict(self, state):
+        for k, v in self.parts.items():
+            v.load_state_dict(state[k])
+
+
+
+class AverageCount:
+    """The moving average in the registered state: only its count, since its weights are the G_* files."""
+
+    def __init__(self, ema):
+        self.ema = ema
+
+    def state_dict(self) -> dict:
+        return {"n_averaged": self.ema.n_averaged}
+
+    def load_state_dict(self, state: dict) -> None:
+        if set(state) == {"n_averaged"}:
+            self.ema.n_averaged.copy_(state["n_averaged"])
+        else:  # a checkpoint written before the average was stored once holds all of it
+            self.ema.load_state_dict(state)
+
+
+def generator_weights(checkpoint: Path) -> dict:
+    """Both G_* files as one CycleGenerators state dict."""
+    return {f"{prefix}.{k}": v for prefix, direction in (("g_ab", "t1_to_t2"), ("g_ba", "t2_to_t1"))
+            for k, v in load_file(str(checkpoint / rundir.GENERATORS[direction])).items()}
+
+
+def store_generators_once(accelerator, ema) -> None:
+    """Hooks that keep Accelerate from saving the generators (prepared first, so models[0]) a second time when the
+    G_* files already hold the trained weights, and that restore them, or the average, from those files."""
+
+    def skip_the_copy(models, weights, output_dir):
+        if ema is None:
+            weights.pop(0)
+
+    def load_from_generator_files(models, input_dir):
+        weights = generator_weights(Path(input_dir))
+        if ema is not None:
+            ema.module.load_state_dict(weights)
+        elif len(list(Path(input_dir).glob("model*.safetensors"))) < len(models):  # older checkpoints saved them twice
+            accelerator.unwrap_model(models.pop(0)).load_state_dict(weights)
+
+    accelerator.register_save_state_pre_hook(skip_the_copy)
+    accelerator.register_load_state_pre_hook(load_from_generator_files)
+
+
+def resolve_resume(config: Config, out: Path) -> Path | None:
+    if not config.resume:
+        return None
+    if config.resume == "auto":
+        found = rundir.list_checkpoints(out)
+        return found[-1][1] if found else None
+    path = Path(config.resume)
+    if not (path / rundir.CHECKPOINT_INFO).is_file():
+        raise SystemExit(f"error: --resume {path}: not a checkpoint folder (no {rundir.CHECKPOINT_INFO}); "
+                         f"expected RUN/checkpoints/step-NNNNNNN or 'auto'")
+    return path
+
+
+def check_compatible(path: Path, config: Config, size: int) -> None:
+    try:
+        saved = json.loads((path / rundir.CHECKPOINT_INFO).read_text())["config"]
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as err:
+        raise SystemExit(f"error: --resume {path}: unreadable {rundir.CHECKPOINT_INFO} ({type(err).__name__}: {err}); "
+                         f"it may be truncated: resume from an earlier checkpoint in {path.parent}")
+    saved = {**Config.defaults(), **saved}  # an option newer than the checkpoint had its default then
+    current = {**config.to_dict(), "size": size}
+    differ = [f"{k}: checkpoint {saved.get(k)!r} vs now {current[k]!r}" for k in ARCHITECTURE_KEYS if saved.get(k) != current[k]]
+    if differ:
+        raise SystemExit(f"error: --resume {path} was made with a different configuration ({'; '.join(differ)}); "
+                         f"start a new run folder or resume with the same options")
+
+
+def check_plain_data(path: Path) -> None:
+    """Accelerate unpickles the registered trainer state (custom_checkpoint_*.pkl) with weights_only=False, which
+    runs whatever code a crafted file holds. Each must load as plain tensors and numbers first; the rest of a
+    checkpoint is safetensors, or loaded weights-only by Accelerate itself."""
+    for file in sorted(path.glob("custom_checkpoint_*.pkl")):
+        try:
+            torch.load(file, map_location="cpu", weights_only=True)
+        except Exception as err:
+            raise SystemExit(f"error: --resume {path}: {file.name} holds more than plain tensors and numbers (a weights-only "
+                             f"load refused it: {str(err).splitlines()[0][:200]}); refusing to unpickle it. Only resume from "
+                             f"checkpoints you trust")
+
+
+def save_checkpoint(accelerator, trained: list, inference_gens: CycleGenerators, out: Path, state: TrainState, epoch: int,
+                    config: Config, size: int, last: dict, preprocessing: dict) -> None:
+    """Accelerate state + inference generators (the moving average where kept), written to a hidden folder and
+    renamed when complete."""
+    rows = rundir.read_metrics(out) if accelerator.is_main_process else []
+    val = next((r for r in reversed(rows) if rundir.VAL_SCORE in r and r["step"] == state.step), None)
+    score = val[rundir.VAL_SCORE] if val else None
+    if score is not None and score > state.best_score:
+        state.best_score, state.best_step = score, state.step
+    final = rundir.checkpoint_dir(out, state.step)
+    tmp = final.with_name(f".{final.name}.tmp")
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    try:
+        accelerator.save_state(str(tmp))
+        # DDP keeps replicas identical; record each rank's sum of the trained generator-side weights so a divergence is visible
+        params = [p for net in trained for p in accelerator.unwrap_model(net).parameters()]
+        checksum = torch.stack([p.detach().double().sum() for p in params]).sum()
+        rank_checksums = accelerator.gather(checksum[None].to(accelerator.device)).tolist()
+        if accelerator.is_main_process:
+            if len(set(rank_checksums)) > 1:
+                print(f"warning: step {state.step}: generator weights differ across ranks: {rank_checksums}", flush=True)
+            for name, net in (("t1_to_t2", inference_gens.g_ab), ("t2_to_t1", inference_gens.g_ba)):
+                save_file({k: v.detach().float().contiguous().cpu() for k, v in net.state_dict().items()}, str(tmp / rundir.GENERATORS[name]))
+            rundir.write_json(tmp / rundir.CHECKPOINT_INFO, {
+                "step": state.step, "epoch": epoch, "time": time.time(), "val": {k: v for k, v in (val or {}).items() if k.startswith("val/")},
+                "train": last, "config": {**config.to_dict(), "size": size}, "rank_checksums": rank_checksums,
+                "generator": {"arch": config.generator, "size": size, "ngf": config.ngf, "unet_depth": config.unet_depth,
+                              "scale_head": bool(config.lambda_aleatoric), "upsample": config.upsample, "input_range": [-1, 1]},
+                "preprocessing": preprocessing,
+                **({"wandb": {"project": config.wandb_project, "id": state.wandb_id}} if accelerator.trackers else {})})
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+    except Exception as err:  # writers word a full disk their own way (torch.save: "enforce fail ... unexpected pos")
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise checkpoint_write_error(err, out, state.step) from err
+    if accelerator.is_main_process:
+        prune_checkpoints(out, config.checkpoints_total_limit, state.best_step)
+    accelerator.wait_for_everyone()
+
+
+def checkpoint_write_error(err: Exception, out: Path, step: int) -> SystemExit:
+    """A failed checkpoint write, said plainly: a full disk is named as one, whatever the writer's wording."""
+    free = shutil.disk_usage(out).free
+    full = getattr(err, "errno", None) == errno.ENOSPC or free < 64 * 2**20
+    why = "no space left on device" if full else f"{type(err).__name__}: {str(err).splitlines()[0][:200]}"
+    kept = rundir.list_checkpoints(out)
+    return SystemExit(f"error: cannot write the step-{step} checkpoint into {out} ({why}; {free / 2**20:.0f} MiB free there); "
+                      f"the partial one was removed. " + (f"The newest complete checkpoint is {kept[-1][1]}." if kept else "No checkpoint was written yet."))
+
+
+def prune_checkpoints(out: Path, keep: int, best_step: int) -> None:
+    found = rundir.list_checkpoints(out)
+    for step, path in found[:-keep] if keep > 0 else []:
+        if step != best_step:
+            shutil.rmtree(path)
