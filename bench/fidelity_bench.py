@@ -31,7 +31,8 @@ import torch
 from scipy import ndimage
 
 from demo_bounds import LookupTable  # bench/, the script's own folder
-from train.evaluate import DIRECTIONS, POOLED, lesion_report, mean_std, per_subject, read_samples, score, split_shards
+from train import rundir
+from train.evaluate import POOLED, lesion_report, mean_std, per_subject, read_samples, score, split_shards
 from train.fidelity import MODES, RING_PIXELS
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -102,10 +103,10 @@ def lookup_reference(shards: Path) -> dict:
     lesions = np.stack([s.get("lesion", np.zeros_like(s["mask"])) for s in samples])
     near_lesion = ndimage.binary_dilation(lesions, np.array([[[0, 1, 0], [1, 1, 1], [0, 1, 0]]], bool), iterations=RING_PIXELS + 1)
     fit = images["mask"] & ~torch.from_numpy(near_lesion)
-    nets = {name: LookupTable(images[source], images[target], fit) for name, source, target in DIRECTIONS}
+    nets = {name: LookupTable(images[source], images[target], fit) for name, (source, target) in rundir.DIRECTIONS.items()}
     rows, lesion_slices = score(nets, paths, 32, torch.device("cpu"))
     return {"directions": {name: {"summary": {k: mean_std([s[k] for s in per_subject(rows[name])]) for k in POOLED}}
-                           for name, _, _ in DIRECTIONS},
+                           for name in rundir.DIRECTIONS},
             "lesions": lesion_report(lesion_slices)}
 
 

@@ -36,7 +36,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from train.evaluate import DIRECTIONS, batched, read_samples, split_shards
+from train import rundir
+from train.evaluate import batched, read_samples, split_shards
 from train.fidelity import ErrorDetection, HallucinationMap
 from train.inference import FlipShiftMean, load_generator, translate
 
@@ -106,7 +107,7 @@ def main() -> None:
     paths = [path for folder in args.data for path in split_shards(folder)]
     torch.manual_seed(0)  # the dropout masks
     aurocs, start = {}, time.time()
-    for name, source, target in DIRECTIONS:
+    for name, (source, target) in rundir.DIRECTIONS.items():
         net = load_generator(args.checkpoint, name)[0]
         perturbations = candidates(net)
         head = HallucinationMap("aleatoric", args.checkpoint, name, loaded={name: net}) if getattr(net, "scale_head", False) else None

@@ -13,6 +13,7 @@ import argparse
 import gzip
 import hashlib
 import io
+import json
 import os
 import sys
 import time
@@ -23,6 +24,7 @@ import numpy as np
 import pandas as pd
 import streamlit as st
 import torch
+from PIL import Image
 
 if __package__ in (None, ""):  # `streamlit run dashboard/app.py`: make the repository root importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -30,6 +32,7 @@ if __package__ in (None, ""):  # `streamlit run dashboard/app.py`: make the repo
 from dashboard import runs as R
 from shards.format import ShardsError, encode_png16, shard_paths
 from shards.preprocess import VolumeError, fit_image, foreground, load_image, load_nifti, normalize
+from train import rundir
 from train.data import val_samples
 from train.fidelity import MODES, HallucinationMap, translate_with_map
 from train.inference import (CheckpointError, FlipShiftMean, load_generators, prepare_volume, resolve_checkpoint, restore_volume,
@@ -37,11 +40,16 @@ from train.inference import (CheckpointError, FlipShiftMean, load_generators, pr
 from train.metrics import slice_metrics
 
 MAX_IMAGE_MB, MAX_VOLUME_MB = 20, 300
-LOSSES = ["loss/G", "loss/G_adv", "loss/cycle", "loss/identity", "loss/structure", "loss/nce", "loss/D"]
-VAL = ["val/t1_to_t2/ssim_masked", "val/t2_to_t1/ssim_masked", "val/t1_to_t2/texture", "val/t2_to_t1/texture",
-       "val/t1_to_t2/psnr_masked", "val/t2_to_t1/psnr_masked", "val/t1_cycle/ssim", "val/t2_cycle/ssim"]
-OTHER = {"t1_to_t2": "t2_to_t1", "t2_to_t1": "t1_to_t2"}
-CONTRASTS = {"t1_to_t2": ("t1", "t2"), "t2_to_t1": ("t2", "t1")}
+TILE_PX = 256  # prediction tiles are upscaled to at least this
+# Compare's charts: each draws several metrics, a line per run and metric
+CHARTS = {
+    "Masked SSIM": {rundir.val_name(d, "ssim_masked"): label for d, label in rundir.LABELS.items()},
+    "Texture (1 = the truth's high-frequency energy)": {rundir.val_name(d, "texture"): label for d, label in rundir.LABELS.items()},
+    "Masked PSNR (dB)": {rundir.val_name(d, "psnr_masked"): label for d, label in rundir.LABELS.items()},
+    "Cycle SSIM": dict(zip(rundir.VAL_CYCLE, ("T1→T2→T1", "T2→T1→T2"))),
+    "Generator losses": {f"loss/{n}": n for n in rundir.LOSSES if not n.startswith("D")},
+    "Discriminator losses": {f"loss/{n}": n for n in rundir.LOSSES if n.startswith("D")},
+}
 
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
@@ -137,11 +145,14 @@ def page_compare(runs: list[R.RunInfo]) -> None:
         st.info("These runs have no metrics yet.")
         return
     merged = pd.concat(tables, ignore_index=True)
-    for title, names in (("Losses", LOSSES), ("Validation (masked SSIM, texture, PSNR; cycle SSIM)", VAL)):
-        st.subheader(title)
-        for name in [n for n in names if n in merged]:
-            st.caption(name)
-            st.line_chart(R.chart_points(merged, name, x), x=x, y=name, color="run", height=220)
+    st.caption("A line per run and direction or loss; losses weighted 0 (zero throughout) are left out.")
+    for (title, columns), place in zip(CHARTS.items(), st.columns(2) * (len(CHARTS) // 2)):
+        points = R.chart_series(merged, columns, x)
+        place.markdown(f"**{title}**")
+        if points.empty:
+            place.write("not logged")
+        else:
+            place.line_chart(points, x=x, y="value", color="series", height=260)
     st.subheader("Configuration differences")
     diff = R.config_diff(picked)
     if diff:  # a statement, not a conditional expression: Streamlit's magic would render its value
@@ -161,12 +172,12 @@ def page_run(run: R.RunInfo) -> None:
         st.error(f"{run.name}: {run.error}")
         return
     st.write(f"status **{run.status}**, step {run.steps}" + (f" of {run.total_steps}" if run.total_steps else ""))
-    predictions = [(e, p) for e, p in R.rundir.list_predictions(run.path) if R.inside(run.path, p)]  # no links out of the run
+    predictions = [(e, p) for e, p in rundir.list_predictions(run.path) if R.inside(run.path, p)]  # no links out of the run
     if predictions:
         epochs = [e for e, _ in predictions]
         epoch = st.select_slider("Epoch", epochs, value=epochs[-1], key="epoch") if len(epochs) > 1 else epochs[0]
-        st.image(str(dict(predictions)[epoch]), caption=f"epoch {epoch}: input | translation | cycle | ground truth")
-    gif = run.path / R.rundir.GIF
+        show_predictions(dict(predictions)[epoch])
+    gif = run.path / rundir.GIF
     if gif.exists() and R.inside(run.path, gif):
         st.subheader("Training progress")
         st.image(gif.read_bytes(), caption="predictions over the epochs")
@@ -175,11 +186,25 @@ def page_run(run: R.RunInfo) -> None:
     if not checkpoints:
         st.write("No checkpoints yet.")
     rows = [{"step": c.step, "best": "★" if c.best else "", "time": time.strftime("%Y-%m-%d %H:%M", time.localtime(c.time)) if c.time else "",
-             "size (MB)": round(c.size_mb, 1), "SSIM T1→T2": c.val.get("val/t1_to_t2/ssim_masked"),
-             "SSIM T2→T1": c.val.get("val/t2_to_t1/ssim_masked"), "PSNR T1→T2": c.val.get("val/t1_to_t2/psnr_masked"),
-             "PSNR T2→T1": c.val.get("val/t2_to_t1/psnr_masked"), "problem": c.error or ""} for c in checkpoints]
+             "size (MB)": round(c.size_mb, 1), **{f"{label} {rundir.LABELS[d]}": c.val.get(rundir.val_name(d, metric))
+             for label, metric in (("SSIM", "ssim_masked"), ("PSNR", "psnr_masked")) for d in rundir.DIRECTIONS},
+             "problem": c.error or ""} for c in checkpoints]
     if rows:
         st.dataframe(pd.DataFrame(rows), hide_index=True)
+
+
+def show_predictions(path: Path) -> None:
+    """An epoch's prediction grid as labelled tiles: a row per val slice and direction, a column per image."""
+    rows = rundir.split_grid(np.asarray(Image.open(path).convert("L")))
+    widths = [0.5] + [1] * len(rundir.PREDICTION_COLUMNS)
+    for column, name in zip(st.columns(widths)[1:], rundir.PREDICTION_COLUMNS):
+        column.markdown(f"**{name}**")
+    for index, row in enumerate(rows):
+        label, *places = st.columns(widths)
+        slice_number, direction = divmod(index, len(rundir.PREDICTION_ROWS))
+        label.markdown(f"val slice {slice_number + 1}  \n{rundir.LABELS[rundir.PREDICTION_ROWS[direction]]}")
+        for place, tile in zip(places, row):
+            place.image(R.upscaled(tile, TILE_PX), width="stretch")
 
 
 def show_row(images: dict[str, np.ndarray]) -> None:
@@ -225,11 +250,11 @@ def page_translate(run: R.RunInfo, runs: list[R.RunInfo], data_root: Path) -> No
                                    "(docs/fidelity.md)")
     try:
         members = [checkpoint.path, *(resolve_checkpoint(r.path) for r in runs if r.name in partners)]
-        mtime = max((path / R.rundir.CHECKPOINT_INFO).stat().st_mtime for path in members)
+        mtime = max((path / rundir.CHECKPOINT_INFO).stat().st_mtime for path in members)
         key = tuple(map(str, members))
         net = cached_generator(key, direction, mtime, tta)
-        back = cached_generator(key, OTHER[direction], mtime, tta)
-        info = R.json.loads((checkpoint.path / R.rundir.CHECKPOINT_INFO).read_text())
+        back = cached_generator(key, rundir.REVERSE[direction], mtime, tta)
+        info = json.loads((checkpoint.path / rundir.CHECKPOINT_INFO).read_text())
     except (CheckpointError, OSError, ValueError) as err:
         st.error(f"{checkpoint.path.name}: {err}")
         return
@@ -238,7 +263,7 @@ def page_translate(run: R.RunInfo, runs: list[R.RunInfo], data_root: Path) -> No
     hallucination = None
     if mode != "none":
         try:
-            hallucination = cached_map(key, direction, mode, mtime, tta, {direction: net, OTHER[direction]: back})
+            hallucination = cached_map(key, direction, mode, mtime, tta, {direction: net, rundir.REVERSE[direction]: back})
         except CheckpointError as err:
             st.warning(f"Hallucination map: {err}")
     preprocessing = info["preprocessing"]
@@ -261,7 +286,7 @@ def page_translate(run: R.RunInfo, runs: list[R.RunInfo], data_root: Path) -> No
         index = st.slider("Slice", 0, len(samples) - 1, widest, key="slice")
         sample = samples[index]
         st.caption(f"{sample['key']} ({sample['meta'].get('subject')}, {sample['meta'].get('site')})")
-        source_contrast, target_contrast = CONTRASTS[direction]
+        source_contrast, target_contrast = rundir.DIRECTIONS[direction]
         image, truth, mask, lesion = sample[source_contrast], sample[target_contrast], sample["mask"], sample.get("lesion")
     elif source == "Image (PNG/JPG/TIFF)":
         upload = st.file_uploader("Image", type=["png", "jpg", "jpeg", "tif", "tiff"], key="image_upload")

@@ -8,10 +8,15 @@ import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
+import numpy as np
 import yaml
 
 from train import rundir
+
+if TYPE_CHECKING:  # pandas comes with Streamlit; the run list does not need it
+    import pandas as pd
 
 CONFIG_SUMMARY_KEYS = ("generator", "unet_depth", "size", "ngf", "batch_size", "lr", "lr_d", "gan_loss", "lambda_adv", "lambda_cycle",
                        "lambda_structure", "lambda_nce", "mixed_precision")
@@ -49,9 +54,9 @@ class RunInfo:
         """One line of the run list."""
         best, last = self.best or {}, self.last or {}
         return {"run": self.name, "status": self.status, "steps": self.steps, "total": self.total_steps,  # scores first, then settings
-                "best SSIM": best.get("val/ssim_masked_mean"), "best step": best.get("step"),
-                "last SSIM T1→T2": last.get("val/t1_to_t2/ssim_masked"), "last SSIM T2→T1": last.get("val/t2_to_t1/ssim_masked"),
-                "last PSNR T1→T2": last.get("val/t1_to_t2/psnr_masked"), "last PSNR T2→T1": last.get("val/t2_to_t1/psnr_masked"),
+                "best SSIM": best.get(rundir.VAL_SCORE), "best step": best.get("step"),
+                **{f"last {label} {rundir.LABELS[d]}": last.get(rundir.val_name(d, metric))
+                   for label, metric in (("SSIM", "ssim_masked"), ("PSNR", "psnr_masked")) for d in rundir.DIRECTIONS},
                 **{k: self.config.get(k) for k in CONFIG_SUMMARY_KEYS}, "problem": self.error or ""}
 
 
@@ -88,9 +93,9 @@ def read_run(path: Path, now: float | None = None) -> RunInfo:
         elif metrics_path.exists():
             rows = _tail_rows(metrics_path)
             info.steps = max((r.get("step", 0) for r in rows), default=0)
-            vals = [r for r in rows if "val/ssim_masked_mean" in r]
+            vals = [r for r in rows if rundir.VAL_SCORE in r]
             info.last = vals[-1] if vals else None
-            info.best = max(vals, key=lambda r: r["val/ssim_masked_mean"]) if vals else None
+            info.best = max(vals, key=lambda r: r[rundir.VAL_SCORE]) if vals else None
             beat = rundir.heartbeat_alive(path, now)
             info.status = "running" if beat else "crashed"
             if beat:
@@ -173,8 +178,23 @@ def config_diff(runs: list[RunInfo]) -> list[dict]:
             if len({json.dumps(r.config.get(k), sort_keys=True) for r in runs}) > 1]
 
 
-def chart_points(merged: pd.DataFrame, name: str, x: str) -> pd.DataFrame:
-    """One metric of several runs in long form (x, run, value), a line per run. Runs that validated at different
-    steps still draw: a wide pivot would hold NaN between each run's points, and line_chart draws no segment
-    across a NaN."""
-    return merged.dropna(subset=[name]).groupby([x, "run"], as_index=False)[name].last()
+def chart_series(merged: pd.DataFrame, columns: dict[str, str], x: str) -> pd.DataFrame:
+    """Metrics of several runs in long form (x, series, value), a line per run and metric named "run · label".
+    Runs that validated at different steps still draw: a wide pivot would hold NaN between each run's points, and
+    line_chart draws no segment across a NaN. A metric that is zero throughout (a loss weighted 0) is left out."""
+    import pandas as pd
+
+    parts = []
+    for column, label in columns.items():
+        if column not in merged:
+            continue
+        points = merged.dropna(subset=[column]).groupby([x, "run"], as_index=False)[column].last()
+        if points[column].any():
+            parts.append(pd.DataFrame({x: points[x], "series": points["run"] + " · " + label, "value": points[column]}))
+    return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=[x, "series", "value"])
+
+
+def upscaled(tile: np.ndarray, min_px: int) -> np.ndarray:
+    """Nearest-neighbour upscaling by a whole factor to at least min_px: every pixel stays a sharp square."""
+    factor = max(1, -(-min_px // tile.shape[0]))
+    return np.kron(tile, np.ones((factor, factor), tile.dtype))

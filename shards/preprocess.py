@@ -18,7 +18,7 @@ import nibabel as nib
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from scipy import ndimage
 
 from .bias import BIAS_CORRECTION, correct_n4

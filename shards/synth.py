@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import gzip
 import io
-import json
 import os
 import tarfile
 from concurrent.futures import ProcessPoolExecutor

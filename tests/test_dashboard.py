@@ -17,6 +17,7 @@ import urllib.request
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 import pytest
 import streamlit as st
 import yaml
@@ -95,11 +96,36 @@ def test_runs_page_lists_every_run_with_status_and_scores(app):
     assert "broken" in warnings and "empty-folder" in warnings and "base:" not in warnings
 
 
-def test_compare_page_overlays_curves_diffs_configs_and_exports(app):
+def titled_charts(at) -> dict[str, pd.DataFrame | None]:
+    """Each bold title on the page and the data of the line chart right under it (None: no chart there). AppTest
+    keeps a chart's data as an Arrow stream in its proto."""
+    found, title = {}, None
+
+    def walk(node):
+        nonlocal title
+        for element in getattr(node, "children", {}).values():
+            if element.type == "markdown" and element.value.startswith("**") and element.value.endswith("**"):
+                title = element.value.strip("*")
+                found[title] = None
+            elif element.type == "vega_lite_chart" and title:
+                found[title] = pa.ipc.open_stream(element.proto.datasets[0].data.data).read_all().to_pandas()
+                title = None
+            walk(element)
+
+    walk(at.main)
+    return found
+
+
+def test_compare_page_overlays_curves_diffs_configs_and_exports(app, runs_root):
     at = go(app, "Compare")
     at.multiselect(key="compare_runs").set_value(["base", "crashed"]).run()
-    captions = [c.value for c in at.caption]
-    assert "loss/cycle" in captions and "val/t1_to_t2/ssim_masked" in captions
+    charts = titled_charts(at)
+    assert len(charts) == 6 and all(data is not None for data in charts.values()), "a few combined charts, not one per metric"
+    assert set(charts["Masked SSIM"]["series"]) == {f"{run} · {d}" for run in ("base", "crashed") for d in ("T1→T2", "T2→T1")}
+    logged = rundir.read_metrics(runs_root / "base")
+    every_loss = {n for n in rundir.LOSSES if any(row.get(f"loss/{n}") for row in logged)}  # each loss that is not zero throughout
+    losses = {s.split(" · ")[1] for title in ("Generator losses", "Discriminator losses") for s in charts[title]["series"]}
+    assert losses == every_loss and {"D_t1", "D_t2", "cycle"} <= losses
     diff = at.dataframe[0].value
     assert list(diff["option"]) == ["lr"] and list(diff["crashed"]) == [0.001]
     assert at.get("download_button")[0].proto.label.startswith("Download the comparison")
@@ -111,9 +137,10 @@ def test_compare_page_overlays_curves_diffs_configs_and_exports(app):
 def test_compare_charts_runs_that_validated_at_different_steps():
     merged = pd.DataFrame({"step": [10, 15, 20, 25, 20], "run": ["a", "b", "a", "b", "a"],
                            "val/ssim": [0.1, 0.2, 0.3, 0.4, None], "loss/G": [1, 2, 3, 4, 5]})
-    points = R.chart_points(merged, "val/ssim", "step")
-    assert not points["val/ssim"].isna().any()  # every point lies on its run's line
-    assert {run: list(rows["step"]) for run, rows in points.groupby("run")} == {"a": [10, 20], "b": [15, 25]}
+    merged["loss/identity"] = 0.0  # weighted 0: zero throughout, not drawn
+    points = R.chart_series(merged, {"val/ssim": "SSIM", "loss/identity": "identity"}, "step")
+    assert not points["value"].isna().any()  # every point lies on its run's line
+    assert {series: list(rows["step"]) for series, rows in points.groupby("series")} == {"a · SSIM": [10, 20], "b · SSIM": [15, 25]}
 
 
 def test_pages_render_no_stray_values(app):
@@ -126,14 +153,30 @@ def test_pages_render_no_stray_values(app):
         assert not [e for e in at.markdown if e.value.strip("` ") == "None"], page
 
 
-def test_run_page_shows_predictions_gif_and_checkpoints(app):
+def test_run_page_shows_predictions_as_labelled_tiles_gif_and_checkpoints(app, runs_root):
     at = go(app, "Run", "base")
     assert at.select_slider(key="epoch").value == 1
     at.select_slider(key="epoch").set_value(0).run()
-    assert len(at.image) >= 2  # prediction grid + GIF
+    tiles = rundir.split_grid(np.asarray(Image.open(rundir.prediction_path(runs_root / "base", 0))))
+    assert len(tiles) == 2 * 4 and all(len(row) == 4 for row in tiles), "4 val slices, both directions"
+    assert len(at.image) == 4 * len(tiles) + 1, "a tile per image, and the GIF"
+    texts = [m.value for m in at.markdown]
+    assert {"**input**", "**translation**", "**cycle**", "**ground truth**"} <= set(texts)
+    assert "val slice 4  \nT2→T1" in texts
     checkpoints = at.dataframe[0].value
     assert list(checkpoints["step"]) == sorted(checkpoints["step"]) and checkpoints["step"].iloc[-1] == 40
     assert (checkpoints["best"] == "★").sum() == 1
+
+
+def test_prediction_tiles_come_back_whole_and_upscale_without_blur():
+    rows = [[np.full((24, 24), (i * 4 + j) / 8.0) for j in range(4)] for i in range(2)]
+    tiles = rundir.split_grid(rundir.prediction_grid(rows))
+    assert [[t.shape for t in row] for row in tiles] == [[(24, 24)] * 4] * 2
+    assert all(np.array_equal(t, rundir.to_uint8(r)) for row, tr in zip(rows, tiles) for r, t in zip(row, tr))
+    checker = (np.indices((24, 24)).sum(0) % 2 * 255).astype(np.uint8)
+    big = R.upscaled(checker, 256)
+    assert big.shape == (264, 264) and set(np.unique(big)) == {0, 255}  # 11x, whole pixels, no new values
+    assert np.array_equal(big[::11, ::11], checker)
 
 
 def test_run_page_names_a_broken_run(app):

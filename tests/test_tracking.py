@@ -89,7 +89,7 @@ def test_an_offline_run_holds_what_a_wandb_user_looks_for(shards_dir, tmp_path, 
     assert {"epoch", "loss/G", "val/t1_to_t2/ssim_masked", "predictions/captions", "progress/_type"} <= logged
     assert "val/table" not in logged  # no one-row table artifact per validation
     captions = next(row["predictions/captions"] for row in first["history"] if "predictions/captions" in row)
-    assert len(captions) == 2 * 4 and "T1→T2: input | translation | cycle | truth" in captions[0]
+    assert len(captions) == 2 * 4 and "T1→T2: input | translation | cycle | ground truth" in captions[0]
     assert next(row["progress/_type"] for row in first["history"] if "progress/_type" in row) == "video-file"
     vals = [row["val/t1_to_t2/ssim_masked"] for row in first["history"] if "val/t1_to_t2/ssim_masked" in row]
     assert first["summary"]["val/t1_to_t2/ssim_masked"] == {"max": max(vals), "last": vals[-1]}

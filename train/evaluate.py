@@ -45,7 +45,6 @@ from train.fidelity import (FLAGGED_RANK, MODES, ErrorDetection, HallucinationMa
 from train.inference import ENSEMBLE_HELP, TTA_HELP, CheckpointError, FlipShiftMean, device_for_inference, load_generators
 from train.metrics import slice_metrics
 
-DIRECTIONS = (("t1_to_t2", "t1", "t2"), ("t2_to_t1", "t2", "t1"))
 POOLED = ("ssim_masked", "psnr_masked", "mae_masked", "texture")
 SLICE = ("ssim", "ssim_masked", "psnr", "psnr_masked", "mae_masked", "texture")
 ERROR_GAIN = 4  # |error| is drawn x4 so small errors show
@@ -89,14 +88,14 @@ def score(nets: dict, paths: list[str], batch_size: int, device: torch.device, m
     """Per-slice metrics for both directions, streamed (a test split does not fit in memory at 256²).
     With `maps`, feeds each direction's ErrorDetection. Also returns, per direction and lesion subject, the
     slices that hold lesions, with their translations."""
-    rows = {name: [] for name, _, _ in DIRECTIONS}
-    lesion_slices = {name: {} for name, _, _ in DIRECTIONS}
+    rows = {name: [] for name in rundir.DIRECTIONS}
+    lesion_slices = {name: {} for name in rundir.DIRECTIONS}
     recorded = [recorded_samples(path) for path in paths]
     bar = tqdm(total=None if None in recorded else sum(recorded), desc="evaluate", unit="slice")
     for chunk in batched(read_samples(paths, allow_partial), batch_size):
         bar.update(len(chunk))
         tensors = {k: torch.from_numpy(np.stack([s[k] for s in chunk]))[:, None].to(device) for k in ("t1", "t2", "mask")}
-        for name, source, target in DIRECTIONS:
+        for name, (source, target) in rundir.DIRECTIONS.items():
             pred, spread = translate_with_map(nets[name], tensors[source], maps[name] if maps else None)
             if spread is not None:
                 detectors[name].update(spread, pred, tensors[target], tensors["mask"])
@@ -150,13 +149,13 @@ def mean_std(values) -> dict:
 def figure(nets: dict, paths: list[str], rows: dict, device: torch.device, maps: dict | None = None) -> np.ndarray:
     """Worst, median and best slice by masked SSIM, per direction; with `maps`, the hallucination map too."""
     picks = {}
-    for name, _, _ in DIRECTIONS:
+    for name in rundir.DIRECTIONS:
         ranked = sorted(rows[name], key=lambda r: r["ssim_masked"])
         for label, row in zip(("worst", "median", "best"), (ranked[0], ranked[len(ranked) // 2], ranked[-1])):
             picks.setdefault(row["key"], []).append((name, label))
     samples = {s["key"]: s for s in read_samples(paths, check=False) if s["key"] in picks}  # score() checked the counts
     grid_rows = []
-    for name, source, target in DIRECTIONS:
+    for name, (source, target) in rundir.DIRECTIONS.items():
         for label in ("worst", "median", "best"):
             key = next(k for k, tags in picks.items() if (name, label) in tags)
             s = samples[key]
@@ -195,7 +194,7 @@ def report_markdown(report: dict) -> str:
              "the head mask; mean ± std across subjects."
              + (" Translations: the mean of 10 flipped and shifted copies (--tta)." if report["tta"] else ""), "",
              "| direction | masked SSIM | masked PSNR (dB) | masked MAE | texture (Laplacian RMS vs truth) |", "|---|---|---|---|---|"]
-    for name, _, _ in DIRECTIONS:
+    for name in rundir.DIRECTIONS:
         s = report["directions"][name]["summary"]
         lines.append(f"| {direction_label(name)} | {s['ssim_masked']['mean']:.3f} ± "
                      f"{s['ssim_masked']['std']:.3f} | {s['psnr_masked']['mean']:.2f} ± {s['psnr_masked']['std']:.2f} | "
@@ -205,7 +204,7 @@ def report_markdown(report: dict) -> str:
         u = report["uncertainty"]
         lines += ["", f"Hallucination map `{u['mode']}`: AUROC for pixels with |error| > {u['error_threshold']} inside the head.", "",
                   "| direction | AUROC | pixels above the threshold |", "|---|---|---|"]
-        for name, _, _ in DIRECTIONS:
+        for name in rundir.DIRECTIONS:
             d = u["directions"][name]
             auroc = "n/a (one class)" if d["auroc"] is None else f"{d['auroc']:.3f}"
             lines.append(f"| {direction_label(name)} | {auroc} | {100 * d['large_error_fraction']:.1f}% |")
@@ -277,15 +276,15 @@ def main(argv=None) -> int:
     paths = [path for folder in args.data for path in split_shards(folder)]
     device = device_for_inference()
     try:
-        loaded = {name: load_generators(args.checkpoint, name, device) for name, _, _ in DIRECTIONS}
+        loaded = {name: load_generators(args.checkpoint, name, device) for name in rundir.DIRECTIONS}
         nets = {name: FlipShiftMean(net) if args.tta else net for name, (net, _) in loaded.items()}
         maps = {name: HallucinationMap(args.uncertainty, args.checkpoint, name, device, loaded=nets)
-                for name, _, _ in DIRECTIONS} if args.uncertainty else None
+                for name in rundir.DIRECTIONS} if args.uncertainty else None
     except CheckpointError as err:
         raise SystemExit(f"error: --checkpoint {err}")
 
     checkpoint = loaded["t1_to_t2"][1]["path"]
-    detectors = {name: ErrorDetection(args.error_threshold) for name, _, _ in DIRECTIONS}
+    detectors = {name: ErrorDetection(args.error_threshold) for name in rundir.DIRECTIONS}
     rows, lesion_slices = score(nets, paths, args.batch_size, device, maps, detectors, args.allow_partial)
     if not rows["t1_to_t2"]:
         raise SystemExit(f"error: --data {' '.join(map(str, args.data))}: the shards hold no samples")
@@ -293,7 +292,7 @@ def main(argv=None) -> int:
     report = {"checkpoint": checkpoint, **members, "step": loaded["t1_to_t2"][1].get("step"), "data": " ".join(map(str, args.data)),
               "subjects": len({r["subject"] for r in rows["t1_to_t2"]}), "slices": len(rows["t1_to_t2"]), "tta": args.tta,
               "directions": {}}
-    for name, _, _ in DIRECTIONS:
+    for name in rundir.DIRECTIONS:
         subjects = per_subject(rows[name])
         report["directions"][name] = {
             "summary": {k: mean_std([s[k] for s in subjects]) for k in POOLED},
@@ -301,7 +300,7 @@ def main(argv=None) -> int:
             "subjects": subjects}
     if maps:
         report["uncertainty"] = {"mode": args.uncertainty, "error_threshold": args.error_threshold,
-                                 "directions": {name: detectors[name].result() for name, _, _ in DIRECTIONS}}
+                                 "directions": {name: detectors[name].result() for name in rundir.DIRECTIONS}}
     report["lesions"] = lesion_report(lesion_slices)
 
     tmp = args.out.with_name(f".{args.out.name}.tmp")
@@ -310,11 +309,11 @@ def main(argv=None) -> int:
     (tmp / "report.json").write_text(json.dumps(report, indent=2))
     with open(tmp / "report.csv", "w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(["subject", "slices", *[f"{name}_{k}" for name, _, _ in DIRECTIONS for k in POOLED]])
-        by_direction = {name: {s["subject"]: s for s in report["directions"][name]["subjects"]} for name, _, _ in DIRECTIONS}
+        writer.writerow(["subject", "slices", *[f"{name}_{k}" for name in rundir.DIRECTIONS for k in POOLED]])
+        by_direction = {name: {s["subject"]: s for s in report["directions"][name]["subjects"]} for name in rundir.DIRECTIONS}
         for subject in sorted(by_direction["t1_to_t2"]):
             writer.writerow([subject, by_direction["t1_to_t2"][subject]["slices"],
-                             *[f"{by_direction[name][subject][k]:.6f}" for name, _, _ in DIRECTIONS for k in POOLED]])
+                             *[f"{by_direction[name][subject][k]:.6f}" for name in rundir.DIRECTIONS for k in POOLED]])
     Image.fromarray(figure(nets, paths, rows, device, maps)).save(tmp / "figure.png")
     lesions = lesion_figure(lesion_slices)
     if lesions is not None:

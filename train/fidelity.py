@@ -29,11 +29,10 @@ from torch import nn
 from torchmetrics.classification import BinaryAUROC
 
 from train import rundir
-from train.inference import (DIRECTIONS, CheckpointError, FlipShiftMean, load_generator, load_generators, resolve_checkpoint,
+from train.inference import (SPELLINGS, CheckpointError, FlipShiftMean, load_generator, load_generators, resolve_checkpoint,
                              translate)
 
 MODES = ("tta", "cycle", "ensemble", "aleatoric")
-REVERSE = {"t1_to_t2": "t2_to_t1", "t2_to_t1": "t1_to_t2"}
 RING_PIXELS = 2
 VISIBLE_FRACTION = 0.5
 FLAGGED_RANK = 0.9
@@ -51,7 +50,7 @@ class HallucinationMap:
         if mode not in MODES:
             raise CheckpointError(f"unknown uncertainty mode {mode!r}: choose one of {', '.join(MODES)}")
         self.mode = mode
-        direction = DIRECTIONS.get(direction, direction)  # the CLI spelling t1-to-t2 too
+        direction = SPELLINGS.get(direction, direction)  # the CLI spelling t1-to-t2 too
         checkpoints = [resolve_checkpoint(path) for path in (checkpoint if isinstance(checkpoint, list) else [checkpoint])]
         checkpoint = checkpoints[0]
         loaded = loaded or {}
@@ -78,7 +77,7 @@ class HallucinationMap:
             if not isinstance(self.averaged, FlipShiftMean):
                 self.averaged = FlipShiftMean(self.averaged)
         if mode == "cycle":
-            self.back = generator(REVERSE[direction])
+            self.back = generator(rundir.REVERSE[direction])
         if mode == "aleatoric":
             if len(checkpoints) > 1:
                 raise CheckpointError(f"{checkpoint} and {len(checkpoints) - 1} more: uncertainty mode 'aleatoric' reads one "

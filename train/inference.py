@@ -18,7 +18,7 @@ from shards.preprocess import Grid, fit_image, foreground, from_image, normalize
 from train import rundir
 from train.networks import build_generator
 
-DIRECTIONS = {"t1-to-t2": "t1_to_t2", "t2-to-t1": "t2_to_t1"}
+SPELLINGS = {d.replace("_", "-"): d for d in rundir.DIRECTIONS}  # the CLI's t1-to-t2
 
 
 class CheckpointError(ValueError):
@@ -55,7 +55,7 @@ def resolve_checkpoint(path: Path) -> Path:
 
 def load_generator(checkpoint: Path, direction: str, device: str | torch.device = "cpu") -> tuple[nn.Module, dict]:
     """direction: 't1_to_t2' or 't2_to_t1' (or the CLI spelling 't1-to-t2'). Returns (network in eval mode, info)."""
-    direction = DIRECTIONS.get(direction, direction)
+    direction = SPELLINGS.get(direction, direction)
     if direction not in rundir.GENERATORS:
         raise CheckpointError(f"unknown direction {direction!r}: choose t1-to-t2 or t2-to-t1")
     checkpoint = resolve_checkpoint(checkpoint)

@@ -14,10 +14,11 @@ from pathlib import Path
 
 import numpy as np
 
+from train import rundir
+
 # validation figures whose W&B summary holds the best value of the run (and the last, as `last`); others keep the last
-SUMMARY_BEST = {**{f"val/{d}/{m}": goal for d in ("t1_to_t2", "t2_to_t1") for m, goal in
-                   (("ssim", "max"), ("ssim_masked", "max"), ("psnr", "max"), ("psnr_masked", "max"), ("mae_masked", "min"))},
-                "val/t1_cycle/ssim": "max", "val/t2_cycle/ssim": "max", "val/ssim_masked_mean": "max"}
+SUMMARY_BEST = {**{rundir.val_name(d, m): goal for d in rundir.DIRECTIONS for m, goal in rundir.VAL_METRICS.items() if goal},
+                **{name: "max" for name in rundir.VAL_CYCLE}, rundir.VAL_SCORE: "max"}
 
 
 def wandb_mode(report_to: str, flag: str) -> str:

@@ -32,7 +32,7 @@ from shards.dicom import Volume, find_series, is_dicom, load_series, write_serie
 from shards.format import encode_png16
 from shards.preprocess import VolumeError, load_image, load_nifti, read_file
 from train.fidelity import MODES, HallucinationMap, translate_with_map
-from train.inference import (DIRECTIONS, ENSEMBLE_HELP, TTA_HELP, CheckpointError, FlipShiftMean, device_for_inference,
+from train.inference import (ENSEMBLE_HELP, SPELLINGS, TTA_HELP, CheckpointError, FlipShiftMean, device_for_inference,
                              image_outputs, load_generators, volume_outputs)
 
 VOLUME_SUFFIXES = (".nii", ".nii.gz")
@@ -140,7 +140,7 @@ def main(argv=None) -> int:
         net, info = load_generators(args.checkpoint, args.direction, device)
         net = FlipShiftMean(net) if args.tta else net
         hallucination = HallucinationMap(args.uncertainty, args.checkpoint, args.direction, device,
-                                         loaded={DIRECTIONS[args.direction]: net}) if args.uncertainty else None
+                                         loaded={SPELLINGS[args.direction]: net}) if args.uncertainty else None
     except CheckpointError as err:
         raise SystemExit(f"error: --checkpoint {err}")
 
