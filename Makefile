@@ -31,6 +31,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 test: setup
+	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q
 
 # The main job on the embedded default: synthetic IXI -> shards -> CycleGAN -> evaluation. Each stage is a

@@ -98,7 +98,8 @@ def main() -> None:
     for source, target in (("t1", "t2"), ("t2", "t1")):
         scores = {name: slice_metrics(pred, test[target], test["mask"])["ssim_masked"].mean().item()
                   for name, pred in (("lookup table", lookup_table(train, test, source, target)),
-                                     (f"supervised U-Net, {args.steps} steps of {args.batch_size}", supervised(train, test, source, target, args.steps, args.ngf, args.batch_size, args.seed)))}
+                                     (f"supervised U-Net, {args.steps} steps of {args.batch_size}",
+                                      supervised(train, test, source, target, args.steps, args.ngf, args.batch_size, args.seed)))}
         print(f"{source.upper()} -> {target.upper()}: " + ", ".join(f"{k} {v:.3f}" for k, v in scores.items()), flush=True)
 
 

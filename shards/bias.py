@@ -2,7 +2,8 @@
 
 A receive coil's sensitivity makes the same tissue brighter near it: IXI's fields reach 20-40% across a
 head. N4 fits a smooth multiplicative field to the head and divides it out. It is fitted on a copy shrunk
-to FIT_MM voxels (the field varies over centimetres, so little is lost; 4 mm costs 5x the time for a few % less residual) and evaluated at full resolution.
+to FIT_MM voxels (the field varies over centimetres, so little is lost; 4 mm costs 5x the time for a few % less
+residual) and evaluated at full resolution.
 """
 
 from __future__ import annotations

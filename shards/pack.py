@@ -387,7 +387,8 @@ def _manifest(out, state, splits, held_out, options: PackOptions, t1_src, t2_src
         "registration": {  # T2 onto T1 for paired subjects (shards/register.py, docs/shards.md)
             "method": options.register, "quality_check": {"max_rotation_deg": MAX_ROTATION_DEG,
                                                           "max_translation_mm": MAX_TRANSLATION_MM, "min_mask_dice": MIN_MASK_DICE},
-            "subjects": {r["subject"]: {k: v for k, v in r.items() if k != "subject"} for r in sorted(state["registration"], key=lambda r: r["subject"])}},
+            "subjects": {r["subject"]: {k: v for k, v in r.items() if k != "subject"}
+                         for r in sorted(state["registration"], key=lambda r: r["subject"])}},
         "skipped": listing_skipped + state["skipped"],
         "timing": {"seconds": round(seconds, 2), "volumes": volumes},
     }

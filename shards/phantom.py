@@ -46,7 +46,7 @@ class Anatomy:
     lesions: np.ndarray = field(default_factory=lambda: np.zeros((0, 4), np.float32))  # (L,4) head-coord centre mm, radius mm
 
     @classmethod
-    def random(cls, rng: np.random.Generator, components: int = 14) -> "Anatomy":
+    def random(cls, rng: np.random.Generator, components: int = 14) -> Anatomy:
         angles = np.deg2rad(rng.uniform(-5, 5, size=3))
         directions = rng.normal(size=(components, 3))
         directions /= np.linalg.norm(directions, axis=1, keepdims=True)
@@ -65,7 +65,7 @@ class Anatomy:
         """Head coordinates -> world (RAS mm); the inverse of the mapping at the top of tissue_labels."""
         return (p * self.scale) @ self.rotation.T + self.shift
 
-    def with_lesions(self, rng: np.random.Generator, count: int, radius_mm=(3.0, 8.0)) -> "Anatomy":
+    def with_lesions(self, rng: np.random.Generator, count: int, radius_mm=(3.0, 8.0)) -> Anatomy:
         """The same anatomy with `count` spherical lesions centred in cerebral white matter."""
         lesions = []
         for _ in range(1000):

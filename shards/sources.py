@@ -133,7 +133,8 @@ def list_source(src: str | os.PathLike, contrast: str) -> tuple[list[VolumeRef],
         skipped.append({"file": ref.name, "reason": f"subject {ref.subject}: {others} in the --{contrast} source"})
     refs = [r for r in refs if r.subject not in duplicates]
     if not refs:
-        raise SourceError(f"{src}: no usable {contrast.upper()} volumes or images found" + (f" ({len(skipped)} files skipped, e.g. {skipped[0]['file']}: {skipped[0]['reason']})" if skipped else ""))
+        example = f" ({len(skipped)} files skipped, e.g. {skipped[0]['file']}: {skipped[0]['reason']})" if skipped else ""
+        raise SourceError(f"{src}: no usable {contrast.upper()} volumes or images found{example}")
     return refs, skipped
 
 

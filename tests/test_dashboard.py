@@ -3,7 +3,6 @@ run; the path guard; and one end-to-end run in a real headless Chromium (Playwri
 
 from __future__ import annotations
 
-import contextlib
 import io
 import json
 import os
@@ -13,7 +12,6 @@ import subprocess
 import sys
 import tarfile
 import time
-import urllib.request
 
 import numpy as np
 import pandas as pd
@@ -27,6 +25,7 @@ from streamlit.testing.v1 import AppTest
 from conftest import ROOT
 from test_hostile_input import HOSTILE
 from dashboard import runs as R
+from dashboard.screenshots import screenshots, serve
 from train import rundir
 from train.data import val_samples
 
@@ -177,6 +176,22 @@ def test_prediction_tiles_come_back_whole_and_upscale_without_blur():
     big = R.upscaled(checker, 256)
     assert big.shape == (264, 264) and set(np.unique(big)) == {0, 255}  # 11x, whole pixels, no new values
     assert np.array_equal(big[::11, ::11], checker)
+
+
+def test_loading_a_model_shows_a_spinner(app, monkeypatch):
+    """AppTest keeps no spinner element, so the spinner calls are recorded where Streamlit's cache makes them."""
+    from streamlit.delta_generator import DeltaGenerator
+
+    shown, spinner = [], DeltaGenerator.spinner
+
+    def recording(self, text="", **kwargs):
+        shown.append(text)
+        return spinner(self, text, **kwargs)
+
+    monkeypatch.setattr(DeltaGenerator, "spinner", recording)
+    st.cache_resource.clear()  # a model an earlier test loaded would come from the cache, with no spinner
+    go(app, "Translate", "base")
+    assert "loading the model" in shown, shown
 
 
 def test_run_page_names_a_broken_run(app):
@@ -334,34 +349,9 @@ def chromium():
     return "/usr/bin/chromium"
 
 
-@contextlib.contextmanager
-def serve(runs_root, shards_dir, cwd=ROOT, *app_args):
-    """`streamlit run dashboard/app.py` on a free port, started in `cwd`; yields its URL and stops it after."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = subprocess.Popen([sys.executable, "-m", "streamlit", "run", str(ROOT / "dashboard" / "app.py"), "--server.port", str(port),
-                               "--server.headless", "true", "--", "--runs", str(runs_root), "--data", str(shards_dir.parent), *app_args],
-                              cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 60
-    while True:
-        try:
-            if urllib.request.urlopen(f"{url}/_stcore/health", timeout=2).read() == b"ok":
-                break
-        except OSError:
-            assert time.time() < deadline and server.poll() is None, "streamlit did not start"
-            time.sleep(0.5)
-    try:
-        yield url
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
-
-
 @pytest.fixture
 def served(runs_root, shards_dir):
-    with serve(runs_root, shards_dir) as url:
+    with serve(runs_root, shards_dir.parent) as url:
         yield url
 
 
@@ -369,7 +359,7 @@ def test_started_outside_the_repository_it_refuses_to_serve(chromium, runs_root,
     """Outside the repository root .streamlit/config.toml is not read and Streamlit listens on every interface."""
     from playwright.sync_api import expect, sync_playwright
 
-    with serve(runs_root, shards_dir, tmp_path) as url:
+    with serve(runs_root, shards_dir.parent, tmp_path) as url:
         with sync_playwright() as p:
             browser = p.chromium.launch(executable_path=chromium, args=["--no-sandbox"])
             page = browser.new_page()
@@ -438,3 +428,12 @@ def test_in_a_real_browser_select_a_run_and_translate(chromium, served, tmp_path
         browser.close()
     with Image.open(shot) as im:
         assert im.size[0] == 1400 and np.asarray(im.convert("L")).std() > 10, "a rendered page, not a blank one"
+
+
+def test_the_screenshot_script_renders_every_page(chromium, runs_root, shards_dir, tmp_path):
+    shots = screenshots(runs_root, shards_dir.parent, "base", tmp_path)
+    assert [p.name for p in shots] == ["dashboard-runs.png", "dashboard-compare.png", "dashboard-run.png", "dashboard-translate.png"]
+    for path in shots:
+        with Image.open(path) as im:
+            assert im.size[0] == 1400 and np.asarray(im.convert("L")).std() > 10, f"{path.name}: a rendered page, not a blank one"
+    assert not list(tmp_path.glob(".*.tmp.png"))

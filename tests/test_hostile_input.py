@@ -113,7 +113,7 @@ def test_no_hostile_file_costs_more_than_the_memory_bound(tmp_path):
     """Every file loaded in turn by one fresh process, whose peak RSS is measured (ru_maxrss of waited-for children,
     in KiB); the peak of all of them is below the bound, so each one is."""
     paths = []
-    for case, (name, make, _) in {**HOSTILE, **IMAGES}.items():
+    for name, make, _ in {**HOSTILE, **IMAGES}.values():
         paths.append(tmp_path / name)
         paths[-1].write_bytes(make())
     load_all = ("import sys\nfrom shards.preprocess import *\nfor path in sys.argv[1:]:\n"

@@ -140,8 +140,8 @@ def test_image_folders_like_the_seed_dataset(tmp_path):
     assert sample["t1"].shape == (64, 64) and sample["t1"].max() > 0.99
 
 
-def _nii_gz(data, affine=np.eye(4)) -> bytes:
-    return gzip.compress(nib.Nifti1Image(data, affine).to_bytes())
+def _nii_gz(data, affine=None) -> bytes:
+    return gzip.compress(nib.Nifti1Image(data, np.eye(4) if affine is None else affine).to_bytes())
 
 
 @pytest.fixture
@@ -193,7 +193,8 @@ def test_empty_source_and_nothing_usable_fail(tmp_path, ixi_tars):
     assert result.returncode == 1 and "empty" in result.stderr and "no usable T1" in result.stderr
     (tmp_path / "zeros").mkdir()
     (tmp_path / "zeros" / "IXI001-HH-0001-T1.nii.gz").write_bytes(_nii_gz(np.zeros((8, 8, 8), np.float32)))
-    result = run_module("shards", "pack", "--t1", tmp_path / "zeros", "--t2", ixi_tars / "IXI-T2.tar", "--out", tmp_path / "o2", "--size", 64, check=False)
+    result = run_module("shards", "pack", "--t1", tmp_path / "zeros", "--t2", ixi_tars / "IXI-T2.tar", "--out", tmp_path / "o2",
+                        "--size", 64, check=False)
     assert result.returncode == 1 and "nothing usable" in result.stderr
 
 
@@ -223,7 +224,8 @@ def test_interrupted_pack_resumes_to_the_same_shards(ixi_tars, tmp_path):
     refused = run_module("shards", "pack", *args, "--out", out, check=False)
     assert refused.returncode == 1 and "--resume" in refused.stderr
     run_module("shards", "pack", *args, "--out", out, "--resume")
-    keys = lambda root: sorted(s["__key__"] for split in ("train", "val", "test") for stream in ("t1", "t2", "paired") for s in _samples(root, split, stream))
+    def keys(root):
+        return sorted(s["__key__"] for split in ("train", "val", "test") for stream in ("t1", "t2", "paired") for s in _samples(root, split, stream))
     assert keys(out) == keys(reference)
     assert read_manifest(out)["splits"] == read_manifest(reference)["splits"]
 

@@ -47,7 +47,8 @@ def test_losses_fall_and_the_run_folder_is_complete(trained, shards_dir):
     assert steps[-1] == 40 and len(steps) <= 3  # newest 2 plus the best
     last = rundir.checkpoint_dir(trained, 40)
     info = json.loads((last / rundir.CHECKPOINT_INFO).read_text())
-    assert info["generator"] == {"arch": "unet", "size": 64, "ngf": 16, "unet_depth": 3, "scale_head": False, "upsample": "resize", "input_range": [-1, 1]}
+    assert info["generator"] == {"arch": "unet", "size": 64, "ngf": 16, "unet_depth": 3, "scale_head": False, "upsample": "resize",
+                                 "input_range": [-1, 1]}
     beat = json.loads((trained / rundir.HEARTBEAT).read_text())  # the trainer's last heartbeat: the final step
     assert (beat["step"], beat["total_steps"]) == (40, 40) and beat["best_checkpoint_step"] in steps
     weights = load_file(str(last / rundir.GENERATORS["t1_to_t2"]))
@@ -203,7 +204,8 @@ def test_resume_after_sigkill_reaches_the_same_final_step(shards_dir, tmp_path):
 def test_sigterm_checkpoints_and_exits_cleanly(shards_dir, tmp_path):
     out = tmp_path / "term"
     proc = subprocess.Popen([sys.executable, "train/main.py", "--data", str(shards_dir), "--out", str(out), *SMALL,
-                             "--max_steps", "100000", "--checkpoint_every", "100000"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                             "--max_steps", "100000", "--checkpoint_every", "100000"],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.time() + 300
     while time.time() < deadline and not (out / "metrics.jsonl").exists():
         time.sleep(0.1)

@@ -50,7 +50,8 @@ def check_shards(root: str, size: int | None = None, allow_partial: bool = False
             raise ShardsError(f"{paths[0]}: empty shard")
         missing = needed - set(sample)
         if missing:
-            raise ShardsError(f"{paths[0]}: samples lack {', '.join(sorted(missing))} (found {', '.join(sorted(k for k in sample if not k.startswith('__')))})")
+            found = ", ".join(sorted(k for k in sample if not k.startswith("__")))
+            raise ShardsError(f"{paths[0]}: samples lack {', '.join(sorted(missing))} (found {found})")
         try:
             shape = decode_png16(sample[next(iter(needed - {'json', 'mask.png'}))]).shape
         except Exception as err:  # a damaged PNG: name where it is

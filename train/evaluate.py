@@ -134,7 +134,10 @@ def per_subject(rows: list[dict]) -> list[dict]:
     out = []
     for subject, slices in sorted(subjects.items()):
         area = np.array([r["mask_area"] for r in slices])
-        pooled = lambda key: float((np.array([r[key] for r in slices]) * area).sum() / area.sum())  # noqa: E731
+
+        def pooled(key, slices=slices, area=area):  # weighted by head area
+            return float((np.array([r[key] for r in slices]) * area).sum() / area.sum())
+
         out.append({"subject": subject, "slices": len(slices), "ssim_masked": pooled("ssim_masked"),
                     "psnr_masked": float(10 * np.log10(1.0 / max(pooled("mse_masked"), 1e-10))), "mae_masked": pooled("mae_masked"),
                     "texture": float(np.sqrt(pooled("lap_pred") / max(pooled("lap_truth"), 1e-12)))})

@@ -142,7 +142,8 @@ def main(argv=None) -> int:
     ema = AveragedModel(trained_gens, multi_avg_fn=get_ema_multi_avg_fn(config.ema_decay)) if config.ema_decay else None
     # the generators that validation, checkpoints and inference use: the trained ones or their moving average
     inference_gens = ema.module if ema else trained_gens
-    kept = StateDict(train=state, sched_g=sched_g, sched_d=sched_d, pool_a=pools["a"], pool_b=pools["b"], **({"ema": AverageCount(ema)} if ema else {}))
+    kept = StateDict(train=state, sched_g=sched_g, sched_d=sched_d, pool_a=pools["a"], pool_b=pools["b"],
+                     **({"ema": AverageCount(ema)} if ema else {}))
     accelerator.register_for_checkpointing(kept)
     store_generators_once(accelerator, ema)
     if resume_path:
@@ -284,7 +285,8 @@ def main(argv=None) -> int:
                 elapsed = time.time() - window_start
                 losses = window_losses / window_steps
                 losses = accelerator.reduce(losses, reduction="mean") if world > 1 else losses
-                last = {**{f"loss/{k}": v.item() for k, v in zip(rundir.LOSSES, losses)}, "lr": sched_g.get_last_lr()[0], "lr_d": sched_d.get_last_lr()[0], "images_per_s": window_images / max(elapsed, 1e-9),
+                last = {**{f"loss/{k}": v.item() for k, v in zip(rundir.LOSSES, losses)}, "lr": sched_g.get_last_lr()[0],
+                        "lr_d": sched_d.get_last_lr()[0], "images_per_s": window_images / max(elapsed, 1e-9),
                         "nan_steps": state.nan_steps, "skipped_samples": sum(skipped_by_slot.values())}
                 if is_main:
                     metrics_log.write({"step": state.step, "epoch": epoch, **last})
@@ -363,7 +365,8 @@ def validate(accelerator, model: CycleGenerators, val, previews, out: Path, epoc
             rundir.save_prediction(out, epoch, rundir.prediction_grid(rows))
             rundir.write_gif(out)
             if accelerator.trackers:
-                captions = [f"{s['key']} {rundir.LABELS[d]}: {' | '.join(rundir.PREDICTION_COLUMNS)}" for s in previews for d in rundir.PREDICTION_ROWS]
+                captions = [f"{s['key']} {rundir.LABELS[d]}: {' | '.join(rundir.PREDICTION_COLUMNS)}"
+                            for s in previews for d in rundir.PREDICTION_ROWS]
                 accelerator.log({"predictions": tracking.slice_images(rows, captions)}, step=state.step)
         accelerator.log({**scores, "epoch": epoch}, step=state.step)
     model.train()
