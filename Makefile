@@ -32,7 +32,7 @@ $(VENV)/.installed: pyproject.toml
 
 test: setup
 	$(BIN)/ruff check .
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=15
 
 # The main job on the embedded default: synthetic IXI -> shards -> CycleGAN -> evaluation. Each stage is a
 # file target, so a second run reuses the data, the shards and a finished run (an interrupted one resumes).

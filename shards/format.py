@@ -1,6 +1,6 @@
 """The shard format: the one contract between `shards`, the trainer, the evaluator and the dashboard.
 
-Layout of a shards folder (documented in docs/formats.md):
+Layout of a shards folder (documented in docs/shards.md):
 
     DIR/manifest.json
     DIR/train/t1-000000.tar ...   unpaired T1 slices

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from accelerate import Accelerator
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
@@ -24,10 +25,11 @@ from conftest import ROOT, SMALL, train
 from shards.format import shard_paths
 from train import main as trainer
 from train import rundir
-from train.checkpoints import generator_weights
+from train.checkpoints import check_compatible, generator_weights
 from train.config import Config, load_config
 from train.data import SliceStream, augment, val_samples
 from train.inference import load_generator, translate
+from train.step import build_cycle_gan, linear_decay, train_step
 
 def test_losses_fall_and_the_run_folder_is_complete(trained, shards_dir):
     config = yaml.safe_load((trained / "config.yaml").read_text())
@@ -87,11 +89,11 @@ def test_discriminators_learn_at_lr_d_and_the_generators_at_lr(trained, shards_d
 
 
 def test_the_learning_rate_decays_linearly_to_zero_from_lr_decay_start():
-    reference, early, constant = (trainer.linear_decay(40, start) for start in (0.5, 0.25, 1.0))
+    reference, early, constant = (linear_decay(40, start) for start in (0.5, 0.25, 1.0))
     assert [reference(s) for s in (0, 19, 20, 30, 40)] == [1.0, 1.0, 1.0, 0.5, 0.0]
     assert [early(s) for s in (0, 9, 10, 25, 40)] == [1.0, 1.0, 1.0, 0.5, 0.0]
     assert [constant(s) for s in (0, 39)] == [1.0, 1.0]
-    assert [trainer.linear_decay(40, 0.0)(s) for s in (0, 10, 40)] == [1.0, 0.75, 0.0]
+    assert [linear_decay(40, 0.0)(s) for s in (0, 10, 40)] == [1.0, 0.75, 0.0]
 
 
 def test_lr_decay_start_reaches_both_optimizers(shards_dir, tmp_path):
@@ -239,6 +241,30 @@ def test_nan_guard_skips_and_then_stops(shards_dir, tmp_path, monkeypatch):
         trainer.main(["--data", str(shards_dir), "--out", str(tmp_path / "nan2"), *SMALL, "--max_steps", "9",
                       "--num_workers", "0", "--max_bad_steps", "3"])
     assert not rundir.list_checkpoints(tmp_path / "nan2"), "no checkpoint of NaN weights"
+
+
+def test_one_train_step_updates_generators_discriminators_average_and_schedules_and_a_nan_skips_it():
+    """The step the trainer and bench/train_bench.py both run, on its own."""
+    config = load_config(["--data", "d", "--out", "o", "--ngf", "8", "--ndf", "8", "--ema_decay", "0.9", "--lambda_nce", "1"])
+    accelerator = Accelerator(mixed_precision="no")  # as the trainer makes it on one CPU process
+    model = build_cycle_gan(accelerator, config, 32, total_steps=10)
+
+    def weights():
+        return {name: [p.detach().clone() for p in net.parameters()]
+                for name, net in (("G", model.trained_gens), ("D", model.discs), ("average", model.ema.module))}
+
+    real_a, real_b = (torch.rand(2, 1, 32, 32, generator=torch.Generator().manual_seed(i)) * 2 - 1 for i in range(2))
+    before = weights()
+    losses = train_step(accelerator, model, real_a, real_b, config)
+    after = weights()
+    assert set(rundir.LOSSES) <= set(losses) and all(torch.isfinite(losses[k]) for k in rundir.LOSSES)
+    assert all(not all(torch.equal(a, b) for a, b in zip(before[k], after[k])) for k in before), "every side moved"
+    assert (model.ema.n_averaged.item(), model.sched_g.last_epoch, model.sched_d.last_epoch) == (1, 1, 1)
+
+    real_a[0, 0, 0, 0] = float("nan")
+    assert train_step(accelerator, model, real_a, real_b, config) is None
+    assert all(torch.equal(a, b) for k in after for a, b in zip(after[k], weights()[k])), "a NaN step changes nothing"
+    assert (model.ema.n_averaged.item(), model.sched_g.last_epoch) == (1, 1)
 
 
 def test_each_rank_and_worker_reads_a_disjoint_part(shards_dir):
@@ -484,8 +510,8 @@ def test_resume_compares_architecture_with_defaults_for_options_newer_than_the_c
     del saved["disc_layers"]  # written before the option existed: it had the default, 3
     (checkpoint / rundir.CHECKPOINT_INFO).write_text(json.dumps({"config": saved}))
     with pytest.raises(SystemExit, match="disc_layers: checkpoint 3 vs now 2"):
-        trainer.check_compatible(checkpoint, config, 64)
-    trainer.check_compatible(checkpoint, load_config(["--data", "d", "--out", "o"]), 64)
+        check_compatible(checkpoint, config, 64)
+    check_compatible(checkpoint, load_config(["--data", "d", "--out", "o"]), 64)
 
 
 @pytest.mark.parametrize("gpus, expected, absent", [

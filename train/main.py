@@ -19,7 +19,6 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm import tqdm
 
 if __package__ in (None, ""):  # `python train/main.py`: make the repository root importable
@@ -32,9 +31,9 @@ from train.checkpoints import (AverageCount, StateDict, TrainState, check_compat
 from train.config import Config, load_config, save_config
 from train.data import check_shards, evenly_spaced, train_loaders, val_samples
 from train.inference import FlipShiftMean
-from train.losses import ImagePool, PatchNCE, discriminator_losses, generator_losses
 from train.metrics import slice_metrics
-from train.networks import CycleGenerators, Discriminators, build_discriminator, build_generator, unet_levels
+from train.networks import CycleGenerators, unet_levels
+from train.step import any_rank, build_cycle_gan, train_step
 
 
 class StopRequested:
@@ -51,19 +50,8 @@ class StopRequested:
         self.flag = True
 
 
-def linear_decay(total_steps: int, decay_start: float):
-    """LR factor: 1 for the first decay_start of the steps, then linearly down to 0 at the last step."""
-    start = total_steps * decay_start
-    span = max(total_steps - start, 1)
-    return lambda step: 1.0 if step < start else max(0.0, 1.0 - (step - start) / span)
 
 
-def any_rank(accelerator: Accelerator, flag: bool) -> bool:
-    """True if `flag` is set on any process (keeps every rank taking the same branch)."""
-    if accelerator.num_processes == 1:
-        return flag
-    t = torch.tensor([1.0 if flag else 0.0], device=accelerator.device)
-    return bool(accelerator.reduce(t, reduction="sum").item() > 0)
 
 
 def main(argv=None) -> int:
@@ -114,38 +102,15 @@ def main(argv=None) -> int:
         raise SystemExit(f"error: --out {out} already holds checkpoints (step {existing[-1][0]}); "
                          f"continue that run with --resume auto, or train into a new folder")
 
-    # models, optimizers, schedules
-    gens = CycleGenerators(*(build_generator(config.generator, size, config.ngf, config.unet_depth, bool(config.lambda_aleatoric),
-                                             config.upsample) for _ in range(2)))
-    discs = Discriminators(build_discriminator(config.ndf, config.disc_layers), build_discriminator(config.ndf, config.disc_layers))
-    if config.channels_last:
-        gens, discs = gens.to(memory_format=torch.channels_last), discs.to(memory_format=torch.channels_last)
-    nce = PatchNCE(gens.g_ab, gens.g_ba) if config.lambda_nce else None
-    # one fused kernel per step instead of a loop of small ones: 11% of the demo's step on CPU
-    adam = {"lr": config.lr, "betas": (config.beta1, config.beta2), "fused": accelerator.device.type in ("cpu", "cuda")}
-    opt_g = torch.optim.Adam([*gens.parameters(), *(nce.parameters() if nce else [])], **adam)
-    lr_d = config.lr_d or config.lr
-    opt_d = torch.optim.Adam(discs.parameters(), **{**adam, "lr": lr_d})
     world = accelerator.num_processes
     steps_per_epoch = config.steps_per_epoch or max(1, min(manifest["splits"]["train"]["slices"].values()) // (config.batch_size * world))
     total_steps = config.max_steps or config.epochs * steps_per_epoch
-    # schedulers are stepped once per optimizer step on every rank: kept out of prepare(), which would step them world times
-    lr_factor = linear_decay(total_steps, config.lr_decay_start)
-    sched_g = torch.optim.lr_scheduler.LambdaLR(opt_g, lr_factor)
-    sched_d = torch.optim.lr_scheduler.LambdaLR(opt_d, lr_factor)
-    # PatchNCE's heads come last, so checkpoints without them keep their file names
-    gens, discs, opt_g, opt_d, *heads = accelerator.prepare(gens, discs, opt_g, opt_d, *([nce] if nce else []))
-    nce = heads[0] if heads else None
-    pools = {"a": ImagePool(config.pool_size, config.seed), "b": ImagePool(config.pool_size, config.seed + 1)}
+    model = build_cycle_gan(accelerator, config, size, total_steps)
     state = TrainState()
-    trained_gens = accelerator.unwrap_model(gens)
-    ema = AveragedModel(trained_gens, multi_avg_fn=get_ema_multi_avg_fn(config.ema_decay)) if config.ema_decay else None
-    # the generators that validation, checkpoints and inference use: the trained ones or their moving average
-    inference_gens = ema.module if ema else trained_gens
-    kept = StateDict(train=state, sched_g=sched_g, sched_d=sched_d, pool_a=pools["a"], pool_b=pools["b"],
-                     **({"ema": AverageCount(ema)} if ema else {}))
+    kept = StateDict(train=state, sched_g=model.sched_g, sched_d=model.sched_d, pool_a=model.pools["a"], pool_b=model.pools["b"],
+                     **({"ema": AverageCount(model.ema)} if model.ema else {}))
     accelerator.register_for_checkpointing(kept)
-    store_generators_once(accelerator, ema)
+    store_generators_once(accelerator, model.ema)
     if resume_path:
         try:
             accelerator.load_state(str(resume_path))
@@ -154,7 +119,7 @@ def main(argv=None) -> int:
                              f"it may be truncated: resume from an earlier checkpoint in {resume_path.parent}")
         # the saved optimizers and schedules carry the old rates and betas; the options given now win (a lower --lr
         # after a NaN stop), on the saved step's place in the schedule
-        for sched, lr in ((sched_g, config.lr), (sched_d, lr_d)):
+        for sched, lr in ((model.sched_g, config.lr), (model.sched_d, config.lr_d or config.lr)):
             sched.base_lrs = [lr] * len(sched.optimizer.param_groups)
             for group in sched.optimizer.param_groups:
                 group.update(initial_lr=lr, lr=lr * sched.lr_lambdas[0](sched.last_epoch), betas=(config.beta1, config.beta2))
@@ -197,7 +162,7 @@ def main(argv=None) -> int:
     # what the first convolution really produced, logged once: the proof that mixed precision is on (the prepared
     # model's outputs are cast back to fp32, so they cannot tell)
     compute_dtype, conv_dtypes = None, []
-    first_conv = next(m for m in trained_gens.g_ab.modules() if isinstance(m, torch.nn.Conv2d))
+    first_conv = next(m for m in model.trained_gens.g_ab.modules() if isinstance(m, torch.nn.Conv2d))
     dtype_hook = first_conv.register_forward_hook(lambda module, inputs, output: conv_dtypes.append(output.dtype) and None)
     epoch = state.step // steps_per_epoch
     last = {}
@@ -224,41 +189,16 @@ def main(argv=None) -> int:
             if config.channels_last:
                 real_a, real_b = real_a.to(memory_format=torch.channels_last), real_b.to(memory_format=torch.channels_last)
 
-            # generators against frozen discriminators (unwrapped: D's DDP hooks stay out of G's backward)
-            discs_plain = accelerator.unwrap_model(discs)
-            discs_plain.requires_grad_(False)
-            with accelerator.autocast():
-                fakes, losses_g = generator_losses(gens, discs_plain, real_a, real_b, config.gan_loss, config.lambda_cycle,
-                                                     config.lambda_identity, config.lambda_structure, nce, config.lambda_nce,
-                                                     config.lambda_adv, config.lambda_aleatoric)
-            discs_plain.requires_grad_(True)
+            step_losses = train_step(accelerator, model, real_a, real_b, config)
             if compute_dtype is None:
                 dtype_hook.remove()
                 compute_dtype = str(conv_dtypes[0]).removeprefix("torch.")
                 accelerator.print(f"mixed precision {config.mixed_precision}: the generators compute in {compute_dtype}")
-            bad = any_rank(accelerator, not torch.isfinite(losses_g["G"]).item())
-            if not bad:
-                opt_g.zero_grad(set_to_none=True)
-                accelerator.backward(losses_g["G"])
-                opt_g.step()
-
-                # discriminators: real vs. generated (from the history pool), (real + fake) / 2
-                fake_a = pools["a"].query(fakes["fake_a"].detach())
-                fake_b = pools["b"].query(fakes["fake_b"].detach())
-                with accelerator.autocast():
-                    losses_d = discriminator_losses(discs, real_a, real_b, fake_a, fake_b, config.gan_loss)
-                bad = any_rank(accelerator, not torch.isfinite(losses_d["D"]).item())
-                if not bad:
-                    opt_d.zero_grad(set_to_none=True)
-                    accelerator.backward(losses_d["D"])
-                    opt_d.step()
-            if bad:
+            if step_losses is None:
                 state.nan_steps += 1
                 state.bad_in_a_row += 1
                 consecutive = state.bad_in_a_row
                 accelerator.print(f"warning: step {state.step}: NaN/inf loss, step skipped ({consecutive} in a row, {state.nan_steps} in all)")
-                opt_g.zero_grad(set_to_none=True)
-                opt_d.zero_grad(set_to_none=True)
                 if consecutive >= config.max_bad_steps:
                     last_good = rundir.list_checkpoints(out)
                     where = f"the last good checkpoint is {last_good[-1][1]}" if last_good else "no checkpoint was written yet"
@@ -268,13 +208,8 @@ def main(argv=None) -> int:
                                      f"stopping ({where}). Try a lower --lr or --mixed_precision no.")
                 continue
             state.bad_in_a_row = 0
-            if ema:
-                ema.update_parameters(trained_gens)
-            sched_g.step()
-            sched_d.step()
             state.step += 1
             bar.update()
-            step_losses = {**losses_g, **losses_d}
             window_losses += torch.stack([step_losses[k] for k in rundir.LOSSES]).detach().float()
             window_steps += 1
             images = 2 * real_a.shape[0] * world
@@ -285,8 +220,8 @@ def main(argv=None) -> int:
                 elapsed = time.time() - window_start
                 losses = window_losses / window_steps
                 losses = accelerator.reduce(losses, reduction="mean") if world > 1 else losses
-                last = {**{f"loss/{k}": v.item() for k, v in zip(rundir.LOSSES, losses)}, "lr": sched_g.get_last_lr()[0],
-                        "lr_d": sched_d.get_last_lr()[0], "images_per_s": window_images / max(elapsed, 1e-9),
+                last = {**{f"loss/{k}": v.item() for k, v in zip(rundir.LOSSES, losses)}, "lr": model.sched_g.get_last_lr()[0],
+                        "lr_d": model.sched_d.get_last_lr()[0], "images_per_s": window_images / max(elapsed, 1e-9),
                         "nan_steps": state.nan_steps, "skipped_samples": sum(skipped_by_slot.values())}
                 if is_main:
                     metrics_log.write({"step": state.step, "epoch": epoch, **last})
@@ -300,12 +235,13 @@ def main(argv=None) -> int:
 
             at_epoch_end = state.step == epoch_end
             if (config.val_every and state.step % config.val_every == 0) or at_epoch_end:
-                scores = validate(accelerator, inference_gens, val, previews, out, epoch, state, config, at_epoch_end)
+                scores = validate(accelerator, model.inference_gens, val, previews, out, epoch, state, config, at_epoch_end)
                 if scores and is_main:
                     metrics_log.write({"step": state.step, "epoch": epoch, **scores})
             stop_now = any_rank(accelerator, stop.flag or (is_main and (out / rundir.STOP).exists()))
             if state.step % config.checkpoint_every == 0 or state.step == total_steps or stop_now:
-                save_checkpoint(accelerator, [gens, *heads], inference_gens, out, state, epoch, config, size, last, preprocessing)
+                save_checkpoint(accelerator, [model.gens, *([model.nce] if model.nce else [])], model.inference_gens, out, state, epoch,
+                                config, size, last, preprocessing)
             if stop_now:
                 status = "stopped"
                 if is_main:
