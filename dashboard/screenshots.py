@@ -51,14 +51,14 @@ def serve(runs: Path, data: Path, cwd: Path = ROOT, *app_args: str):
         server.wait(timeout=30)
 
 
-def screenshots(runs: Path, data: Path, run: str, out: Path, width: int = 1400) -> list[Path]:
+def screenshots(runs: Path, data: Path, run: str, out: Path, width: int = 1400, height: int = 1700) -> list[Path]:
     from playwright.sync_api import expect, sync_playwright
 
     out.mkdir(parents=True, exist_ok=True)
     written = []
     with serve(runs, data) as url, sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
-        page = browser.new_page(viewport={"width": width, "height": 900})
+        page = browser.new_page(viewport={"width": width, "height": height})  # the pages scroll inside Streamlit, not the window
         for name, (title, heading) in PAGES.items():
             page.goto(f"{url}/?page={title}&run={run}")
             expect(page.get_by_role("heading", name=heading.format(run=run))).to_be_visible(timeout=120_000)
@@ -67,7 +67,7 @@ def screenshots(runs: Path, data: Path, run: str, out: Path, width: int = 1400) 
             page.wait_for_timeout(1500)
             path = out / f"dashboard-{name}.png"
             tmp = path.with_name(f".{path.name}.tmp.png")
-            page.screenshot(path=str(tmp), full_page=True)
+            page.screenshot(path=str(tmp))
             tmp.replace(path)
             written.append(path)
         browser.close()
