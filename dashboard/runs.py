@@ -20,6 +20,7 @@ if TYPE_CHECKING:  # pandas comes with Streamlit; the run list does not need it
 
 CONFIG_SUMMARY_KEYS = ("generator", "unet_depth", "size", "ngf", "batch_size", "lr", "lr_d", "gan_loss", "lambda_adv", "lambda_cycle",
                        "lambda_structure", "lambda_nce", "mixed_precision")
+NAMING_OPTIONS = ("out", "run_name", "resume", "report_to", "trace_keys")  # and wandb*: where a run goes, not what it does
 WANDB_URL = re.compile(r"https://wandb\.ai/[\w./-]+/runs/\w+")
 
 
@@ -172,9 +173,11 @@ def wandb_link(run: Path) -> str | None:
 
 
 def config_diff(runs: list[RunInfo]) -> list[dict]:
-    """Options whose values differ between the runs: one row per option, one column per run."""
-    keys = sorted({k for r in runs for k in r.config})
-    return [{"option": k, **{r.name: r.config.get(k) for r in runs}} for k in keys
+    """Settings whose values differ between the runs: one row per option, one column per run. Options that name
+    rather than configure a run (its folder, W&B names) are left out; values are text, since one column holds
+    options of several types (a column of mixed types is an Arrow error)."""
+    keys = sorted({k for r in runs for k in r.config if k not in NAMING_OPTIONS and not k.startswith("wandb")})
+    return [{"option": k, **{r.name: "" if r.config.get(k) is None else str(r.config.get(k)) for r in runs}} for k in keys
             if len({json.dumps(r.config.get(k), sort_keys=True) for r in runs}) > 1]
 
 

@@ -126,11 +126,21 @@ def test_compare_page_overlays_curves_diffs_configs_and_exports(app, runs_root):
     losses = {s.split(" · ")[1] for title in ("Generator losses", "Discriminator losses") for s in charts[title]["series"]}
     assert losses == every_loss and {"D_t1", "D_t2", "cycle"} <= losses
     diff = at.dataframe[0].value
-    assert list(diff["option"]) == ["lr"] and list(diff["crashed"]) == [0.001]
+    assert list(diff["option"]) == ["lr"] and list(diff["crashed"]) == ["0.001"]
     assert at.get("download_button")[0].proto.label.startswith("Download the comparison")
     assert any("not logged to W&B" in m.value for m in at.markdown)
     at.radio(key="compare_x").set_value("epoch").run()
     assert not at.exception
+
+
+def test_the_config_diff_shows_settings_as_text_not_folder_or_wandb_names(runs_root):
+    base = R.read_run(runs_root / "base")
+    other = R.RunInfo("other", runs_root / "other", config={**base.config, "out": "/elsewhere", "run_name": "x", "wandb_tags": "a,b",
+                                                             "lr": 0.001, "ema_decay": None, "augment": True})
+    diff = pd.DataFrame(R.config_diff([base, other]))
+    assert list(diff["option"]) == ["augment", "ema_decay", "lr"]
+    assert list(diff["other"]) == ["True", "", "0.001"] and all(isinstance(v, str) for v in diff["base"])
+    pa.Table.from_pandas(diff)  # one type per column: Arrow takes it
 
 
 def test_compare_charts_runs_that_validated_at_different_steps():
