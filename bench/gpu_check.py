@@ -32,12 +32,11 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from train import rundir
+from train.config import Config
+from train.data import train_loaders
 
-from train import rundir  # noqa: E402
-from train.config import Config  # noqa: E402
-from train.data import train_loaders  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 DTYPES = {"no": "float32", "bf16": "bfloat16", "fp16": "float16"}
 

@@ -26,9 +26,6 @@ import streamlit as st
 import torch
 from PIL import Image
 
-if __package__ in (None, ""):  # `streamlit run dashboard/app.py`: make the repository root importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 from dashboard import runs as R
 from shards.format import ShardsError, encode_png16, shard_paths
 from shards.preprocess import VolumeError, fit_image, foreground, load_image, load_nifti, normalize

@@ -21,9 +21,6 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 from tqdm import tqdm
 
-if __package__ in (None, ""):  # `python train/main.py`: make the repository root importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 from shards.format import ShardsError
 from train import rundir, tracking
 from train.checkpoints import (AverageCount, StateDict, TrainState, check_compatible, check_plain_data, resolve_resume,
