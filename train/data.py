@@ -22,6 +22,7 @@ import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from shards.format import CONTRASTS, ShardsError, check_complete, decode_png16, decode_sample, read_manifest, shard_paths
+from train.networks import to_model_range
 
 
 def read_whole(paths) -> wds.WebDataset:
@@ -129,7 +130,7 @@ class SliceStream(IterableDataset):
                 if self.do_augment:
                     image = augment(image, rng)
                 yielded += 1
-                yield {"image": image * 2 - 1, "key": sample["__key__"], "slot": slot, "skipped": skipped}
+                yield {"image": to_model_range(image), "key": sample["__key__"], "slot": slot, "skipped": skipped}
             if yielded == 0:
                 raise ShardsError(f"no readable {self.contrast} samples for data slot {slot} in {mine[:3]}...")
             seed += 1

@@ -31,6 +31,7 @@ from torchmetrics.classification import BinaryAUROC
 from train import rundir
 from train.inference import (SPELLINGS, CheckpointError, FlipShiftMean, load_generator, load_generators, resolve_checkpoint,
                              translate)
+from train.networks import from_model_range, to_model_range
 
 MODES = ("tta", "cycle", "ensemble", "aleatoric")
 RING_PIXELS = 2
@@ -91,10 +92,10 @@ class HallucinationMap:
         """[0,1] images (N,1,H,W) -> (their translation by `net`, the map). When `net` is the averaging generator
         (--tta) that the tta map spreads, its 10 copies run once: their mean is the translation, their std the map."""
         if self.mode == "aleatoric":
-            x = images * 2 - 1
+            x = to_model_range(images)
             out = net.copies(x, net.net.with_scale).mean(0) if isinstance(net, FlipShiftMean) else net.with_scale(x)
             translation, scale = out.float().chunk(2, 1)
-            return ((translation + 1) / 2).clamp(0, 1), scale / 2  # the scale in the [0,1] image's units
+            return from_model_range(translation), scale / 2  # the scale in the [0,1] image's units
         if self.mode == "tta" and net is self.averaged:
             copies = translate(net.copies, images)
             return copies.mean(0), copies.std(0)

@@ -16,7 +16,7 @@ from tqdm import tqdm
 
 from shards.preprocess import Grid, fit_image, foreground, from_image, normalize, resample, standardize, to_image, unfit_image
 from train import rundir
-from train.networks import build_generator
+from train.networks import build_generator, from_model_range, to_model_range
 
 SPELLINGS = {d.replace("_", "-"): d for d in rundir.DIRECTIONS}  # the CLI's t1-to-t2
 
@@ -108,7 +108,7 @@ def load_generators(checkpoints: list[Path], direction: str, device: str | torch
 @torch.no_grad()
 def translate(net: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor) -> torch.Tensor:
     """[0,1] slices (N,1,H,W) -> [0,1] translations; the network (or FlipShiftMean.copies) works in [-1,1]."""
-    return ((net(images * 2 - 1).float() + 1) / 2).clamp(0, 1)
+    return from_model_range(net(to_model_range(images)))
 
 
 # test-time augmentation: each copy of the input is shifted by (rows, cols) pixels, with and without a left-right flip

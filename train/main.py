@@ -29,7 +29,7 @@ from train.config import Config, load_config, save_config
 from train.data import check_shards, evenly_spaced, train_loaders, val_samples
 from train.inference import FlipShiftMean
 from train.metrics import slice_metrics
-from train.networks import CycleGenerators, unet_levels
+from train.networks import CycleGenerators, from_model_range, to_model_range, unet_levels
 from train.step import any_rank, build_cycle_gan, train_step
 
 
@@ -311,9 +311,9 @@ def translate_both(model: CycleGenerators, t1: torch.Tensor, t2: torch.Tensor, a
     translations are the mean of flipped and shifted copies; the way back stays one pass (a tenth of the cost)."""
     g_ab, g_ba = (FlipShiftMean(net) if tta else net for net in (model.g_ab, model.g_ba))
     with accelerator.autocast():
-        fake_t2, fake_t1 = g_ab(t1 * 2 - 1), g_ba(t2 * 2 - 1)
+        fake_t2, fake_t1 = g_ab(to_model_range(t1)), g_ba(to_model_range(t2))
         cycle_t1, cycle_t2 = model.g_ba(fake_t2), model.g_ab(fake_t1)
-    return {k: ((v.float() + 1) / 2).clamp(0, 1) for k, v in
+    return {k: from_model_range(v) for k, v in
             (("t1_to_t2", fake_t2), ("t2_to_t1", fake_t1), ("t1_cycle", cycle_t1), ("t2_cycle", cycle_t2))}
 
 

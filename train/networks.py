@@ -13,6 +13,16 @@ from torch import nn
 MIN_SCALE = 1e-3
 
 
+def to_model_range(images):
+    """[0,1] slices -> the generators' [-1,1], their Tanh range (checkpoint.json `input_range`)."""
+    return images * 2 - 1
+
+
+def from_model_range(images: torch.Tensor) -> torch.Tensor:
+    """The generators' [-1,1] -> [0,1] slices in fp32 (under autocast they come out in bf16 or fp16)."""
+    return ((images.float() + 1) / 2).clamp(0, 1)
+
+
 def _norm(channels: int) -> nn.Module:
     return nn.InstanceNorm2d(channels, affine=False, track_running_stats=False)
 
