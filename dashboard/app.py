@@ -28,7 +28,7 @@ from PIL import Image
 
 from dashboard import runs as R
 from shards.format import ShardsError, encode_png16, shard_paths
-from shards.preprocess import VolumeError, fit_image, foreground, load_image, load_nifti, normalize
+from shards.preprocess import VolumeError, load_image, load_nifti, standardize_image
 from train import rundir
 from train.data import val_samples
 from train.fidelity import MODES, HallucinationMap, translate_with_map
@@ -293,10 +293,7 @@ def page_translate(run: R.RunInfo, runs: list[R.RunInfo], data_root: Path) -> No
             st.error(f"{upload.name}: larger than {MAX_IMAGE_MB} MB")
             return
         try:
-            fitted = fit_image(load_image(upload.getvalue()), preprocessing["size"])[:, :, None]
-            mask = foreground(fitted)
-            image = normalize(fitted, mask)[0][:, :, 0]
-            mask = mask[:, :, 0]
+            image, mask, _ = standardize_image(load_image(upload.getvalue()), preprocessing["size"])
         except VolumeError as err:
             st.error(f"{upload.name}: {err}")
             return

@@ -116,6 +116,13 @@ class ShardsError(ValueError):
     """A shards folder that does not hold what the format promises."""
 
 
+def shards_preprocessing(manifest: dict, size: int | None = None) -> dict:
+    """How a shards folder's volumes were prepared, for preparing a new volume the same way at inference
+    (shards.preprocess.standardize takes these; checkpoints record them as `preprocessing`)."""
+    return {"fov_mm": manifest["options"]["fov_mm"], "size": size or manifest["image_size"], "normalization": manifest["normalization"],
+            "bias_correction": manifest["options"].get("bias_correction", "none")}
+
+
 def read_manifest(root: str | os.PathLike) -> dict:
     path = Path(root) / MANIFEST
     if not path.is_file():

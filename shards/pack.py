@@ -25,8 +25,7 @@ from tqdm import tqdm
 from . import __version__
 from .format import (FORMAT_VERSION, MANIFEST, SPLITS, STREAMS, ShardsError, encode_sample, safe_subject,
                      sample_key, shard_name, write_json_atomic)
-from .preprocess import (VolumeError, fit_image, foreground, inside, kept_slices, normalize, resample,
-                         standardize, to_image)
+from .preprocess import VolumeError, inside, kept_slices, resample, standardize, standardize_image, to_image
 from .register import MAX_ROTATION_DEG, MAX_TRANSLATION_MM, MIN_MASK_DICE, check, register_rigid
 from .sources import VolumeRef, list_source, load_ref
 
@@ -152,10 +151,8 @@ def _meta(ref: VolumeRef, contrasts, z: int, spacing, normalization: dict) -> di
 def _unpaired(volume, options: PackOptions) -> list[dict]:
     loaded, ref = volume
     if ref.kind == "image":
-        image = fit_image(loaded, options.size)[:, :, None]
-        mask = foreground(image)
-        normalized, norm = normalize(image, mask)
-        return [encode_sample(sample_key(ref.subject, 0), {ref.contrast: normalized[:, :, 0]},
+        normalized, _, norm = standardize_image(loaded, options.size)
+        return [encode_sample(sample_key(ref.subject, 0), {ref.contrast: normalized},
                               _meta(ref, [ref.contrast], 0, None, norm))]
     grid, normalized, mask, norm = standardize(*loaded[:2], options.size, options.fov_mm, options.bias_correction)
     spacing = [float(grid.affine[i, i]) for i in range(3)]
@@ -172,12 +169,9 @@ def _paired(volumes, options: PackOptions) -> tuple[list[dict], dict]:
     if t1_ref.kind == "image" or t2_ref.kind == "image":
         if t1_ref.kind != t2_ref.kind:
             raise VolumeError(f"{t1_ref.name}: cannot pair a 2D image with a volume")
-        planes = [fit_image(v, options.size)[:, :, None] for v in (t1, t2)]
-        masks = [foreground(p) for p in planes]
-        (n1, norm1), (n2, norm2) = (normalize(p, m) for p, m in zip(planes, masks))
-        both = masks[0] & masks[1]
-        return [encode_sample(sample_key(t1_ref.subject, 0), {"t1": n1[:, :, 0], "t2": n2[:, :, 0]},
-                              _meta(t1_ref, ["t1", "t2"], 0, None, {"t1": norm1, "t2": norm2}), mask=both[:, :, 0])], \
+        (n1, m1, norm1), (n2, m2, norm2) = (standardize_image(v, options.size) for v in (t1, t2))
+        return [encode_sample(sample_key(t1_ref.subject, 0), {"t1": n1, "t2": n2},
+                              _meta(t1_ref, ["t1", "t2"], 0, None, {"t1": norm1, "t2": norm2}), mask=m1 & m2)], \
             {"method": "none (2D images)"}
     grid, n1, m1, norm1 = standardize(*t1[:2], options.size, options.fov_mm, options.bias_correction)
     correct = np.eye(4)

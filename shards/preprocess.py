@@ -220,6 +220,16 @@ def standardize(data: np.ndarray, affine: np.ndarray, size: int, fov_mm: float, 
     return grid, normalized, mask, norm
 
 
+def standardize_image(image: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray, dict]:
+    """What every 2D image goes through, in `shards pack` and at inference alike: fitted into size x size
+    (aspect kept, padded), head mask, foreground-percentile normalization. Returns (normalized, mask,
+    normalization record), each (size, size)."""
+    fitted = fit_image(image, size)[:, :, None]
+    mask = foreground(fitted)
+    normalized, norm = normalize(fitted, mask)
+    return normalized[:, :, 0], mask[:, :, 0], norm
+
+
 def normalize(data: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, dict]:
     if not mask.any():
         raise VolumeError("no foreground found")

@@ -20,8 +20,11 @@ import webdataset as wds
 from PIL import Image
 
 from conftest import ROOT, run_module
-from shards.format import decode_sample, read_manifest, shard_paths
+from shards.format import decode_png16, decode_sample, encode_png16, read_manifest, shard_paths, shards_preprocessing
 from shards.pack import PackOptions, pack
+from shards.preprocess import load_image, standardize_image
+from shards.sources import list_source, load_ref
+from train.inference import prepare_volume
 from shards.format import ShardsError
 
 OPTS = PackOptions(size=64, shard_size=100)
@@ -138,6 +141,27 @@ def test_image_folders_like_the_seed_dataset(tmp_path):
     assert "broken.png" in reasons and "not a readable image" in reasons["broken.png"]
     sample = decode_sample(_samples(tmp_path / "out", "train", "t1")[0])
     assert sample["t1"].shape == (64, 64) and sample["t1"].max() > 0.99
+    for raw in _samples(tmp_path / "out", "train", "t1"):  # as translate and the dashboard prepare the same file
+        sample = decode_sample(raw)
+        prepared, _, _ = standardize_image(load_image((tmp_path / "t1" / sample["meta"]["source"]).read_bytes()), 64)
+        assert np.array_equal(decode_png16(encode_png16(prepared)), sample["t1"]), sample["key"]
+
+
+def test_a_packed_volume_and_the_same_volume_prepared_for_translation_give_the_same_slices(ixi_tars, shards_dir):
+    """One preprocessing path: shards pack and train.translate / the dashboard (prepare_volume) agree to the bit."""
+    manifest = read_manifest(shards_dir)
+    refs = {ref.subject: ref for ref in list_source(ixi_tars / "IXI-T1.tar", "t1")[0]}
+    samples = [decode_sample(raw) for raw in _samples(shards_dir, "train", "t1")]
+    subjects = sorted({s["meta"]["subject"] for s in samples})[:2]
+    for subject in subjects:
+        (data, affine, _), _ = load_ref(refs[subject])
+        prepared = prepare_volume(data, affine, shards_preprocessing(manifest))
+        planes = list(prepared.planes)
+        packed = [s for s in samples if s["meta"]["subject"] == subject]
+        assert len(packed) > 5
+        for sample in packed:
+            image = prepared.images[planes.index(sample["meta"]["slice"])]
+            assert np.array_equal(decode_png16(encode_png16(image)), sample["t1"]), sample["key"]
 
 
 def _nii_gz(data, affine=None) -> bytes:

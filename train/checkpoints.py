@@ -141,12 +141,10 @@ def check_plain_data(path: Path) -> None:
 
 
 def save_checkpoint(accelerator, trained: list, inference_gens: CycleGenerators, out: Path, state: TrainState, epoch: int,
-                    config: Config, size: int, last: dict, preprocessing: dict) -> None:
+                    config: Config, size: int, last: dict, val: dict, preprocessing: dict) -> None:
     """Accelerate state + inference generators (the moving average where kept), written to a hidden folder and
-    renamed when complete."""
-    rows = rundir.read_metrics(out) if accelerator.is_main_process else []
-    val = next((r for r in reversed(rows) if rundir.VAL_SCORE in r and r["step"] == state.step), None)
-    score = val[rundir.VAL_SCORE] if val else None
+    renamed when complete. `val` holds this step's validation scores, if it validated."""
+    score = val.get(rundir.VAL_SCORE)
     if score is not None and score > state.best_score:
         state.best_score, state.best_step = score, state.step
     final = rundir.checkpoint_dir(out, state.step)
@@ -167,7 +165,7 @@ def save_checkpoint(accelerator, trained: list, inference_gens: CycleGenerators,
             for name, net in (("t1_to_t2", inference_gens.g_ab), ("t2_to_t1", inference_gens.g_ba)):
                 save_file({k: v.detach().float().contiguous().cpu() for k, v in net.state_dict().items()}, str(tmp / rundir.GENERATORS[name]))
             rundir.write_json(tmp / rundir.CHECKPOINT_INFO, {
-                "step": state.step, "epoch": epoch, "time": time.time(), "val": {k: v for k, v in (val or {}).items() if k.startswith("val/")},
+                "step": state.step, "epoch": epoch, "time": time.time(), "val": {k: v for k, v in val.items() if k.startswith("val/")},
                 "train": last, "config": {**config.to_dict(), "size": size}, "rank_checksums": rank_checksums,
                 "generator": {"arch": config.generator, "size": size, "ngf": config.ngf, "unet_depth": config.unet_depth,
                               "scale_head": bool(config.lambda_aleatoric), "upsample": config.upsample, "input_range": [-1, 1]},

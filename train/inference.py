@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 from torch import nn
 from tqdm import tqdm
 
-from shards.preprocess import Grid, fit_image, foreground, from_image, normalize, resample, standardize, to_image, unfit_image
+from shards.preprocess import Grid, from_image, resample, standardize, standardize_image, to_image, unfit_image
 from train import rundir
 from train.networks import build_generator, from_model_range, to_model_range
 
@@ -219,8 +219,5 @@ def translate_volume(net: nn.Module, data: np.ndarray, affine: np.ndarray, prepr
 
 def image_outputs(fn: SliceFn, image: np.ndarray, size: int, device: torch.device) -> dict[str, np.ndarray]:
     """A 2D image of any size (already read as float) -> each of `fn`'s outputs at the input's size."""
-    fitted = fit_image(image, size)[:, :, None]
-    mask = foreground(fitted)
-    normalized, _ = normalize(fitted, mask)
-    return {name: unfit_image(slices[0] * mask[:, :, 0], image.shape)
-            for name, slices in apply_to_slices(fn, normalized[None, :, :, 0], device).items()}
+    normalized, mask, _ = standardize_image(image, size)
+    return {name: unfit_image(slices[0] * mask, image.shape) for name, slices in apply_to_slices(fn, normalized[None], device).items()}

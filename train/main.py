@@ -21,7 +21,7 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 from tqdm import tqdm
 
-from shards.format import ShardsError
+from shards.format import ShardsError, shards_preprocessing
 from train import rundir, tracking
 from train.checkpoints import (AverageCount, StateDict, TrainState, check_compatible, check_plain_data, resolve_resume,
                                save_checkpoint, store_generators_once)
@@ -62,9 +62,7 @@ def main(argv=None) -> int:
     except ShardsError as err:
         raise SystemExit(f"error: {err}")
     size = config.size or manifest["image_size"]
-    # how the shards were made, so inference can prepare a new volume the same way
-    preprocessing = {"fov_mm": manifest["options"]["fov_mm"], "size": size, "normalization": manifest["normalization"],
-                     "bias_correction": manifest["options"].get("bias_correction", "none")}  # translate applies what the shards had
+    preprocessing = shards_preprocessing(manifest, size)  # recorded in checkpoints: translate applies what the shards had
     out = Path(config.out)
     if config.resume and config.resume != "auto" and not Path(config.resume).exists():
         raise SystemExit(f"error: --resume {config.resume}: no such checkpoint folder")
@@ -231,6 +229,7 @@ def main(argv=None) -> int:
                 window_losses.zero_()
 
             at_epoch_end = state.step == epoch_end
+            scores = {}
             if (config.val_every and state.step % config.val_every == 0) or at_epoch_end:
                 scores = validate(accelerator, model.inference_gens, val, previews, out, epoch, state, config, at_epoch_end)
                 if scores and is_main:
@@ -238,7 +237,7 @@ def main(argv=None) -> int:
             stop_now = any_rank(accelerator, stop.flag or (is_main and (out / rundir.STOP).exists()))
             if state.step % config.checkpoint_every == 0 or state.step == total_steps or stop_now:
                 save_checkpoint(accelerator, [model.gens, *([model.nce] if model.nce else [])], model.inference_gens, out, state, epoch,
-                                config, size, last, preprocessing)
+                                config, size, last, scores, preprocessing)
             if stop_now:
                 status = "stopped"
                 if is_main:
