@@ -1,7 +1,7 @@
 """Fidelity ablation: the seed's plain CycleGAN against structure-preserving variants, at one step budget, on
 synthetic IXI with lesions and a held-out anatomy (docs/fidelity.md).
 
-    python bench/fidelity_bench.py [--out bench-out/fidelity] [--subjects 30] [--size 128] [--steps 600]
+    python bench/fidelity_bench.py [--out bench-out/fidelity] [--subjects 30] [--split 0.8,0.1,0.1] [--size 128] [--steps 600]
                                    [--variants plain mind] [--uncertainty tta] [--tta] [--seed 0] [--train-seed N]
                                    [--snapshots N] [--ensemble N]
 
@@ -10,7 +10,8 @@ Stages: `shards synth --lesions --holdout-anatomy` (downsample 256/size) -> `sha
 held-out subject and no training subject. With --ensemble N, each variant is trained with N training seeds
 and their last checkpoints are scored as one ensemble. A single run's last checkpoint is scored, and where
 validation picked an earlier one, that best checkpoint too (its own row: over-training shows as a better best).
-For a small training set, give --subjects 5 and another --out. Existing stages in --out are reused. Prints one
+For a small training set, five training subjects (about 100 slices per contrast at 128²): --subjects 10 --split
+0.5,0.3,0.2 and another --out (synth needs 10 subjects for its held-out lesion and anatomy subjects). Existing stages in --out are reused. Prints one
 table of masked SSIM/PSNR, texture, hallucination-map AUROC and lesion metrics per variant and direction, and
 writes it to OUT/results.md and OUT/results.json.
 """
@@ -114,6 +115,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=ROOT / "bench-out" / "fidelity")
     parser.add_argument("--subjects", type=int, default=30)
+    parser.add_argument("--split", default="0.8,0.1,0.1", help="train,val,test fractions of the subjects (shards pack --split)")
     parser.add_argument("--size", type=int, default=128)
     parser.add_argument("--steps", type=int, default=600)
     parser.add_argument("--batch-size", type=int, default=2)
@@ -145,7 +147,7 @@ def main() -> None:
                                  "--downsample", 256 // args.size, "--lesions", "--holdout-anatomy")
     if not (shards / "manifest.json").exists():
         timings["pack_s"] = run("-m", "shards", "pack", "--t1", ixi / "IXI-T1.tar", "--t2", ixi / "IXI-T2.tar", "--out", shards,
-                                "--size", args.size, "--lesions", ixi / "IXI-lesions.tar", "--holdout", ixi / "holdout.txt")
+                                "--size", args.size, "--lesions", ixi / "IXI-lesions.tar", "--holdout", ixi / "holdout.txt", "--split", args.split)
     train_seed = args.seed if args.train_seed is None else args.train_seed
     seeds = range(train_seed, train_seed + args.ensemble)
 
