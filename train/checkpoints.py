@@ -58,7 +58,6 @@ class StateDict:
             v.load_state_dict(state[k])
 
 
-
 class AverageCount:
     """The moving average in the registered state: only its count, since its weights are the G_* files."""
 
@@ -90,11 +89,10 @@ def store_generators_once(accelerator, ema) -> None:
             weights.pop(0)
 
     def load_from_generator_files(models, input_dir):
-        weights = generator_weights(Path(input_dir))
         if ema is not None:
-            ema.module.load_state_dict(weights)
+            ema.module.load_state_dict(generator_weights(Path(input_dir)))
         elif len(list(Path(input_dir).glob("model*.safetensors"))) < len(models):  # older checkpoints saved them twice
-            accelerator.unwrap_model(models.pop(0)).load_state_dict(weights)
+            accelerator.unwrap_model(models.pop(0)).load_state_dict(generator_weights(Path(input_dir)))
 
     accelerator.register_save_state_pre_hook(skip_the_copy)
     accelerator.register_load_state_pre_hook(load_from_generator_files)

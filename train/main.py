@@ -47,10 +47,6 @@ class StopRequested:
         self.flag = True
 
 
-
-
-
-
 def main(argv=None) -> int:
     config = load_config(argv)
     # the flag wins; without it, what `accelerate launch` was given (its flag or config file), else fp32.
@@ -278,8 +274,9 @@ def validate(accelerator, model: CycleGenerators, val, previews, out: Path, epoc
         t1, t2, mask = (torch.stack([torch.from_numpy(s[k]) for s in chunk])[:, None].to(accelerator.device) for k in ("t1", "t2", "mask"))
         results = translate_both(model, t1, t2, accelerator, config.val_tta)
         values = []
-        for direction, target in (("t1_to_t2", t2), ("t2_to_t1", t1)):
-            m = slice_metrics(results[direction], target, mask)
+        images = {"t1": t1, "t2": t2}
+        for direction, (_, target) in rundir.DIRECTIONS.items():
+            m = slice_metrics(results[direction], images[target], mask)
             values += [m[k] for k in rundir.VAL_METRICS]
         values += [slice_metrics(results["t1_cycle"], t1, mask)["ssim"], slice_metrics(results["t2_cycle"], t2, mask)["ssim"]]
         sums[:-1] += torch.stack([v.sum() for v in values])

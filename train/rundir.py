@@ -38,6 +38,8 @@ HEARTBEAT_S = 30  # a run whose heartbeat is older than 3 of these is not runnin
 STOP = "STOP"  # create it to stop the run cleanly (checkpoint, exit 0); the trainer removes it when it stops
 TRACE = "trace"  # only with --trace_keys: trace/keys-rank-N.txt, the train sample keys each rank read
 GENERATORS = {"t1_to_t2": "G_t1_to_t2.safetensors", "t2_to_t1": "G_t2_to_t1.safetensors"}
+CHECKPOINT_RE = re.compile(r"^step-(\d{7})$")
+PREDICTION_RE = re.compile(r"^epoch-(\d{3,})\.png$")
 
 # What metrics.jsonl rows hold, named once for the trainer, W&B and the dashboard (docs/run-folder.md):
 # `loss/<LOSSES>` (means over the logging window), and at each validation `val/<direction>/<VAL_METRICS>`,
@@ -54,8 +56,6 @@ VAL_SCORE = "val/ssim_masked_mean"
 
 def val_name(direction: str, metric: str) -> str:
     return f"val/{direction}/{metric}"
-CHECKPOINT_RE = re.compile(r"^step-(\d{7})$")
-PREDICTION_RE = re.compile(r"^epoch-(\d{3,})\.png$")
 
 
 def checkpoint_dir(run: Path, step: int) -> Path:
