@@ -183,9 +183,7 @@ def page_run(run: R.RunInfo) -> None:
     if not checkpoints:
         st.write("No checkpoints yet.")
     rows = [{"step": c.step, "best": "★" if c.best else "", "time": time.strftime("%Y-%m-%d %H:%M", time.localtime(c.time)) if c.time else "",
-             "size (MB)": round(c.size_mb, 1), **{f"{label} {rundir.LABELS[d]}": c.val.get(rundir.val_name(d, metric))
-             for label, metric in (("SSIM", "ssim_masked"), ("PSNR", "psnr_masked")) for d in rundir.DIRECTIONS},
-             "problem": c.error or ""} for c in checkpoints]
+             "size (MB)": round(c.size_mb, 1), **R.headline_scores(c.val), "problem": c.error or ""} for c in checkpoints]
     if rows:
         st.dataframe(pd.DataFrame(rows), hide_index=True)
 

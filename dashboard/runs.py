@@ -56,9 +56,14 @@ class RunInfo:
         best, last = self.best or {}, self.last or {}
         return {"run": self.name, "status": self.status, "steps": self.steps, "total": self.total_steps,  # scores first, then settings
                 "best SSIM": best.get(rundir.VAL_SCORE), "best step": best.get("step"),
-                **{f"last {label} {rundir.LABELS[d]}": last.get(rundir.val_name(d, metric))
-                   for label, metric in (("SSIM", "ssim_masked"), ("PSNR", "psnr_masked")) for d in rundir.DIRECTIONS},
+                **headline_scores(last, "last "),
                 **{k: self.config.get(k) for k in CONFIG_SUMMARY_KEYS}, "problem": self.error or ""}
+
+
+def headline_scores(val: dict, prefix: str = "") -> dict:
+    """Masked SSIM and PSNR of each direction from a validation row, as table columns ("SSIM T1→T2", ...)."""
+    return {f"{prefix}{label} {rundir.LABELS[d]}": val.get(rundir.val_name(d, metric))
+            for label, metric in (("SSIM", "ssim_masked"), ("PSNR", "psnr_masked")) for d in rundir.DIRECTIONS}
 
 
 def _tail_rows(path: Path, max_bytes: int = 64_000) -> list[dict]:
