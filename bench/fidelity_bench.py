@@ -85,6 +85,8 @@ VARIANTS = {
     "mind10-lsgan-cyc5-unet3-aleatoric01": [*MIND10_UNET3, "--lambda_aleatoric", "0.1"],
     # and resize-convolutions in the decoder (nearest x2 + 3x3) instead of transposed ones: no checkerboard speckle
     "mind10-lsgan-cyc5-unet3-resize": [*MIND10_UNET3, "--upsample", "resize"],
+    # and transformation consistency: a flipped and shifted input's translation is the translation moved alike
+    "mind10-lsgan-cyc5-unet3-resize-equiv10": [*MIND10_UNET3, "--upsample", "resize", "--lambda_equivariance", "10"],
 }
 
 

@@ -245,7 +245,8 @@ def test_nan_guard_skips_and_then_stops(shards_dir, tmp_path, monkeypatch):
 
 def test_one_train_step_updates_generators_discriminators_average_and_schedules_and_a_nan_skips_it():
     """The step the trainer and bench/train_bench.py both run, on its own."""
-    config = load_config(["--data", "d", "--out", "o", "--ngf", "8", "--ndf", "8", "--ema_decay", "0.9", "--lambda_nce", "1"])
+    config = load_config(["--data", "d", "--out", "o", "--ngf", "8", "--ndf", "8", "--ema_decay", "0.9", "--lambda_nce", "1",
+                          "--lambda_equivariance", "5"])
     accelerator = Accelerator(mixed_precision="no")  # as the trainer makes it on one CPU process
     model = build_cycle_gan(accelerator, config, 32, total_steps=10)
 
@@ -255,14 +256,15 @@ def test_one_train_step_updates_generators_discriminators_average_and_schedules_
 
     real_a, real_b = (torch.rand(2, 1, 32, 32, generator=torch.Generator().manual_seed(i)) * 2 - 1 for i in range(2))
     before = weights()
-    losses = train_step(accelerator, model, real_a, real_b, config)
+    losses = train_step(accelerator, model, real_a, real_b, 0)
     after = weights()
     assert set(rundir.LOSSES) <= set(losses) and all(torch.isfinite(losses[k]) for k in rundir.LOSSES)
+    assert losses["equivariance"] > 0
     assert all(not all(torch.equal(a, b) for a, b in zip(before[k], after[k])) for k in before), "every side moved"
     assert (model.ema.n_averaged.item(), model.sched_g.last_epoch, model.sched_d.last_epoch) == (1, 1, 1)
 
     real_a[0, 0, 0, 0] = float("nan")
-    assert train_step(accelerator, model, real_a, real_b, config) is None
+    assert train_step(accelerator, model, real_a, real_b, 1) is None
     assert all(torch.equal(a, b) for k in after for a, b in zip(after[k], weights()[k])), "a NaN step changes nothing"
     assert (model.ema.n_averaged.item(), model.sched_g.last_epoch) == (1, 1)
 

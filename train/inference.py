@@ -16,7 +16,7 @@ from tqdm import tqdm
 
 from shards.preprocess import Grid, from_image, resample, standardize, standardize_image, to_image, unfit_image
 from train import rundir
-from train.networks import build_generator, from_model_range, to_model_range
+from train.networks import build_generator, flip_shift, from_model_range, to_model_range, unflip_shift
 
 SPELLINGS = {d.replace("_", "-"): d for d in rundir.DIRECTIONS}  # the CLI's t1-to-t2
 
@@ -133,12 +133,7 @@ class FlipShiftMean(nn.Module):
         if through is None and isinstance(self.net, Ensemble):
             return torch.cat([FlipShiftMean(member).copies(x) for member in self.net.members])
         through = through or self.net
-        out = []
-        for flip in (False, True):
-            for dy, dx in TTA_SHIFTS:
-                y = through((x.flip(-1) if flip else x).roll((dy, dx), dims=(-2, -1))).roll((-dy, -dx), dims=(-2, -1))
-                out.append(y.flip(-1) if flip else y)
-        return torch.stack(out)
+        return torch.stack([unflip_shift(through(flip_shift(x, flip, shift)), flip, shift) for flip in (False, True) for shift in TTA_SHIFTS])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.copies(x).mean(0)

@@ -5,10 +5,13 @@ from __future__ import annotations
 
 import random
 from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from train.networks import flip_shift
 
 
 def gan_loss(logits: torch.Tensor, real: bool, kind: str) -> torch.Tensor:
@@ -101,30 +104,68 @@ class PatchNCE(nn.Module):
         return torch.stack(losses).mean()
 
 
-def generator_losses(gens, discs, real_a, real_b, kind: str, lambda_cycle: float, lambda_identity: float,
-                     lambda_structure: float = 0.0, nce: nn.Module | None = None, lambda_nce: float = 0.0,
-                     lambda_adv: float = 1.0, lambda_aleatoric: float = 0.0):
+@dataclass(frozen=True)
+class Objective:
+    """The generators' objective: the adversarial loss's kind and each term's weight (0 = the term is off).
+    `identity` is a fraction of `cycle`, as in the reference."""
+
+    gan: str = "lsgan"
+    adv: float = 1.0
+    cycle: float = 5.0
+    identity: float = 0.0
+    structure: float = 0.0
+    nce: float = 0.0
+    aleatoric: float = 0.0
+    equivariance: float = 0.0
+
+    @classmethod
+    def from_config(cls, config) -> Objective:
+        return cls(config.gan_loss, config.lambda_adv, config.lambda_cycle, config.lambda_identity, config.lambda_structure,
+                   config.lambda_nce, config.lambda_aleatoric, config.lambda_equivariance)
+
+
+# the equivariance term's moves: shifts up to a U-Net depth 3's stride (8) reach every phase of its grid
+MAX_SHIFT = 4
+
+
+def move_at(step: int, seed: int) -> tuple[bool, tuple[int, int]]:
+    """The equivariance term's flip_shift arguments for a step: a left-right flip half the time and a shift of
+    up to MAX_SHIFT pixels along each axis, drawn from (seed, step) alone, so a resumed run draws the same."""
+    rng = random.Random(seed * 1_000_003 + step)
+    return rng.random() < 0.5, (rng.randint(-MAX_SHIFT, MAX_SHIFT), rng.randint(-MAX_SHIFT, MAX_SHIFT))
+
+
+def generator_losses(gens, discs, real_a, real_b, objective: Objective, nce: nn.Module | None = None,
+                     move: tuple[bool, tuple[int, int]] | None = None):
     """Fool both (frozen) discriminators, cycle back, keep identity and (optionally) structure: MIND and/or
-    PatchNCE (`nce`, possibly wrapped for DDP); fit the scale heads, if any, to the cycle's error. Returns the
-    generated images and the losses; losses["G"] is what the generators minimize."""
+    PatchNCE (`nce`, possibly wrapped for DDP); fit the scale heads, if any, to the cycle's error; with
+    `objective.equivariance`, translate the inputs moved by `move` (flip_shift's arguments) as the translations
+    moved alike. Returns the generated images and the losses; losses["G"] is what the generators minimize."""
+    w = objective
+    if w.equivariance and move is None:
+        raise ValueError("the equivariance term needs a move (losses.move_at)")
+    zero = torch.zeros((), device=real_a.device)
     patch_nce = getattr(nce, "module", nce)
-    with patch_nce.recording() if lambda_nce else nullcontext() as calls:
-        fakes = gens(real_a, real_b, identity=bool(lambda_identity))
+    with patch_nce.recording() if w.nce else nullcontext() as calls:
+        fakes = gens(real_a, real_b, identity=bool(w.identity), move=move if w.equivariance else None)
     judged_a, judged_b = discs(fakes["fake_a"], fakes["fake_b"])
-    adversarial = lambda_adv * (gan_loss(judged_a, True, kind) + gan_loss(judged_b, True, kind))
-    cycle = lambda_cycle * (F.l1_loss(fakes["rec_a"].float(), real_a) + F.l1_loss(fakes["rec_b"].float(), real_b))
-    identity = structure = torch.zeros((), device=real_a.device)
-    if lambda_identity:
-        identity = lambda_cycle * lambda_identity * (F.l1_loss(fakes["idt_a"].float(), real_a) + F.l1_loss(fakes["idt_b"].float(), real_b))
-    if lambda_structure:  # structure-constrained CycleGAN (Yang et al. 2018): MIND of input vs. translation
-        structure = lambda_structure * (F.l1_loss(mind(fakes["fake_b"]), mind(real_a)) + F.l1_loss(mind(fakes["fake_a"]), mind(real_b)))
-    patch = lambda_nce * nce(calls, real_a.shape[0]) if lambda_nce else torch.zeros((), device=real_a.device)
-    aleatoric = torch.zeros((), device=real_a.device)
-    if lambda_aleatoric:
-        aleatoric = lambda_aleatoric * (laplace_nll(real_a, fakes["rec_a"], fakes["rec_a_scale"])
-                                        + laplace_nll(real_b, fakes["rec_b"], fakes["rec_b_scale"]))
-    return fakes, {"G": adversarial + cycle + identity + structure + patch + aleatoric, "G_adv": adversarial, "cycle": cycle,
-                   "identity": identity, "structure": structure, "nce": patch, "aleatoric": aleatoric}
+    adversarial = w.adv * (gan_loss(judged_a, True, w.gan) + gan_loss(judged_b, True, w.gan))
+    cycle = w.cycle * (F.l1_loss(fakes["rec_a"].float(), real_a) + F.l1_loss(fakes["rec_b"].float(), real_b))
+    identity = structure = aleatoric = equivariance = zero
+    if w.identity:
+        identity = w.cycle * w.identity * (F.l1_loss(fakes["idt_a"].float(), real_a) + F.l1_loss(fakes["idt_b"].float(), real_b))
+    if w.structure:  # structure-constrained CycleGAN (Yang et al. 2018): MIND of input vs. translation
+        structure = w.structure * (F.l1_loss(mind(fakes["fake_b"]), mind(real_a)) + F.l1_loss(mind(fakes["fake_a"]), mind(real_b)))
+    patch = w.nce * nce(calls, real_a.shape[0]) if w.nce else zero
+    if w.aleatoric:
+        aleatoric = w.aleatoric * (laplace_nll(real_a, fakes["rec_a"], fakes["rec_a_scale"])
+                                   + laplace_nll(real_b, fakes["rec_b"], fakes["rec_b_scale"]))
+    if w.equivariance:  # transformation consistency (Mustafa & Mantiuk, ECCV 2020): what --tta averages away is penalized
+        equivariance = w.equivariance * sum(F.l1_loss(fakes[f"moved_{fake}"].float(), flip_shift(fakes[fake], *move).float())
+                                            for fake in ("fake_a", "fake_b"))
+    return fakes, {"G": adversarial + cycle + identity + structure + patch + aleatoric + equivariance, "G_adv": adversarial,
+                   "cycle": cycle, "identity": identity, "structure": structure, "nce": patch, "aleatoric": aleatoric,
+                   "equivariance": equivariance}
 
 
 def laplace_nll(target: torch.Tensor, mean: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:

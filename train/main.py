@@ -180,7 +180,7 @@ def main(argv=None) -> int:
             if config.channels_last:
                 real_a, real_b = real_a.to(memory_format=torch.channels_last), real_b.to(memory_format=torch.channels_last)
 
-            step_losses = train_step(accelerator, model, real_a, real_b, config)
+            step_losses = train_step(accelerator, model, real_a, real_b, state.step)
             if compute_dtype is None:
                 dtype_hook.remove()
                 compute_dtype = str(conv_dtypes[0]).removeprefix("torch.")

@@ -23,6 +23,17 @@ def from_model_range(images: torch.Tensor) -> torch.Tensor:
     return ((images.float() + 1) / 2).clamp(0, 1)
 
 
+def flip_shift(images: torch.Tensor, flip: bool, shift: tuple[int, int]) -> torch.Tensor:
+    """A left-right flip (if `flip`), then a circular shift by (rows, cols) pixels."""
+    return (images.flip(-1) if flip else images).roll(shift, dims=(-2, -1))
+
+
+def unflip_shift(images: torch.Tensor, flip: bool, shift: tuple[int, int]) -> torch.Tensor:
+    """The inverse of flip_shift."""
+    back = images.roll((-shift[0], -shift[1]), dims=(-2, -1))
+    return back.flip(-1) if flip else back
+
+
 def _norm(channels: int) -> nn.Module:
     return nn.InstanceNorm2d(channels, affine=False, track_running_stats=False)
 
@@ -192,17 +203,19 @@ class CycleGenerators(nn.Module):
         super().__init__()
         self.g_ab, self.g_ba = g_ab, g_ba
 
-    def forward(self, real_a, real_b, identity: bool = True):
+    def forward(self, real_a, real_b, identity: bool = True, move: tuple[bool, tuple[int, int]] | None = None):
         """Translations, reconstructions and, with `identity`, each generator applied to its own target
-        contrast (a third of the generators' work, skipped when the identity loss is off). Generators with a
-        scale head add the reconstructions' predicted scales, rec_a_scale and rec_b_scale."""
-        if not identity:
-            out = {"fake_b": self.g_ab(real_a), "fake_a": self.g_ba(real_b)}
-        else:
-            n = real_a.shape[0]
-            fake_b, idt_b = self.g_ab(torch.cat([real_a, real_b])).split(n)  # instance norm: batching changes nothing
-            fake_a, idt_a = self.g_ba(torch.cat([real_b, real_a])).split(n)
-            out = {"fake_a": fake_a, "fake_b": fake_b, "idt_a": idt_a, "idt_b": idt_b}
+        contrast (a third of the generators' work, skipped when the identity loss is off). With a `move`
+        (flip_shift's arguments), each generator also translates its moved input: moved_fake_b, moved_fake_a.
+        Each generator's passes over real images share one batch (instance norm: batching changes nothing).
+        Generators with a scale head add the reconstructions' predicted scales, rec_a_scale and rec_b_scale."""
+        n = real_a.shape[0]
+        out = {}
+        for net, real, other, names in ((self.g_ab, real_a, real_b, ("fake_b", "idt_b", "moved_fake_b")),
+                                        (self.g_ba, real_b, real_a, ("fake_a", "idt_a", "moved_fake_a"))):
+            batch = {names[0]: real, names[1]: other if identity else None, names[2]: flip_shift(real, *move) if move else None}
+            batch = {name: images for name, images in batch.items() if images is not None}
+            out.update(zip(batch, net(torch.cat(list(batch.values()))).split(n)))
         for rec, net, fake in (("rec_a", self.g_ba, out["fake_b"]), ("rec_b", self.g_ab, out["fake_a"])):
             if getattr(net, "scale_head", False):
                 out[rec], out[f"{rec}_scale"] = net.with_scale(fake).chunk(2, 1)

@@ -14,7 +14,7 @@ from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from train.config import Config
-from train.losses import ImagePool, PatchNCE, discriminator_losses, generator_losses
+from train.losses import ImagePool, Objective, PatchNCE, discriminator_losses, generator_losses, move_at
 from train.networks import CycleGenerators, Discriminators, build_discriminator, build_generator
 
 
@@ -33,6 +33,8 @@ class CycleGAN:
     nce: nn.Module | None
     ema: AveragedModel | None
     trained_gens: CycleGenerators  # gens unwrapped from DDP
+    objective: Objective
+    seed: int  # with the step, draws the equivariance term's moves
 
     @property
     def inference_gens(self) -> CycleGenerators:
@@ -75,10 +77,11 @@ def build_cycle_gan(accelerator: Accelerator, config: Config, size: int, total_s
     pools = {"a": ImagePool(config.pool_size, config.seed), "b": ImagePool(config.pool_size, config.seed + 1)}
     trained_gens = accelerator.unwrap_model(gens)
     ema = AveragedModel(trained_gens, multi_avg_fn=get_ema_multi_avg_fn(config.ema_decay)) if config.ema_decay else None
-    return CycleGAN(gens, discs, opt_g, opt_d, sched_g, sched_d, pools, heads[0] if heads else None, ema, trained_gens)
+    return CycleGAN(gens, discs, opt_g, opt_d, sched_g, sched_d, pools, heads[0] if heads else None, ema, trained_gens,
+                    Objective.from_config(config), config.seed)
 
 
-def train_step(accelerator: Accelerator, model: CycleGAN, real_a: torch.Tensor, real_b: torch.Tensor, config: Config
+def train_step(accelerator: Accelerator, model: CycleGAN, real_a: torch.Tensor, real_b: torch.Tensor, step: int
                ) -> dict[str, torch.Tensor] | None:
     """One optimizer step of both generators, then of both discriminators, then the moving average and the
     schedules. Returns the step's losses, or None when a loss was NaN or inf on any rank: every rank then skips
@@ -88,9 +91,8 @@ def train_step(accelerator: Accelerator, model: CycleGAN, real_a: torch.Tensor, 
     discs_plain = accelerator.unwrap_model(model.discs)
     discs_plain.requires_grad_(False)
     with accelerator.autocast():
-        fakes, losses_g = generator_losses(model.gens, discs_plain, real_a, real_b, config.gan_loss, config.lambda_cycle,
-                                           config.lambda_identity, config.lambda_structure, model.nce, config.lambda_nce,
-                                           config.lambda_adv, config.lambda_aleatoric)
+        fakes, losses_g = generator_losses(model.gens, discs_plain, real_a, real_b, model.objective, model.nce,
+                                           move_at(step, model.seed))
     discs_plain.requires_grad_(True)
     if any_rank(accelerator, not torch.isfinite(losses_g["G"]).item()):
         return skip(model)
@@ -102,7 +104,7 @@ def train_step(accelerator: Accelerator, model: CycleGAN, real_a: torch.Tensor, 
     fake_a = model.pools["a"].query(fakes["fake_a"].detach())
     fake_b = model.pools["b"].query(fakes["fake_b"].detach())
     with accelerator.autocast():
-        losses_d = discriminator_losses(model.discs, real_a, real_b, fake_a, fake_b, config.gan_loss)
+        losses_d = discriminator_losses(model.discs, real_a, real_b, fake_a, fake_b, model.objective.gan)
     if any_rank(accelerator, not torch.isfinite(losses_d["D"]).item()):
         return skip(model)
     model.opt_d.zero_grad(set_to_none=True)
