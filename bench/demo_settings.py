@@ -22,6 +22,8 @@ import sys
 import time
 from pathlib import Path
 
+from train import rundir
+
 ROOT = Path(__file__).resolve().parents[1]
 # the settings every variant spells out (on top of train/recipes/demo.yaml), so the table does not depend on the yaml's
 SEED = {"gan_loss": "bce", "augment": "true", "lr": "2e-4", "lambda_structure": "0", "lambda_identity": "0.5",
@@ -78,7 +80,7 @@ def main() -> None:
     if not (args.data / "manifest.json").is_file():
         raise SystemExit(f"error: --data {args.data} holds no shards (manifest.json); run `make demo` first")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"}
-    pending = [name for name in args.variants if not (args.out / name / "summary.json").exists()]
+    pending = [name for name in args.variants if rundir.read_summary(args.out / name) is None]
     running: dict[str, tuple[subprocess.Popen, float]] = {}
     timings = {}
     while pending or running:

@@ -161,7 +161,7 @@ def main() -> None:
         checkpoints = []
         for seed in seeds:
             run_dir = out / "runs" / run_name(name, seed)
-            if not (run_dir / "summary.json").exists():
+            if rundir.read_summary(run_dir) is None:
                 timings[f"train_{run_dir.name}_s"] = run(
                     "train/main.py", "--data", shards, "--out", run_dir, "--size", args.size, "--ngf", args.ngf, "--ndf", args.ngf,
                     "--batch_size", args.batch_size, "--max_steps", args.steps, "--steps_per_epoch", max(args.steps // 4, 1),
@@ -173,7 +173,7 @@ def main() -> None:
         report_dir = out / "reports" / (f"{run_name(name, train_seed)}{f'-ensemble{args.ensemble}' * (args.ensemble > 1)}"
                                         f"-{args.uncertainty}{'-tta-mean' * args.tta}")
         scored = {name: (checkpoints, report_dir)}
-        best_step = json.loads((run_dir / "summary.json").read_text()).get("best_checkpoint_step")
+        best_step = rundir.read_summary(run_dir).get("best_checkpoint_step")
         best = run_dir / "checkpoints" / f"step-{best_step:07d}" if best_step is not None else None
         if args.ensemble == 1 and best and best.is_dir() and best != checkpoints[0]:  # what validation would have picked
             scored[f"{name}, best val checkpoint (step {best_step})"] = ([best], report_dir.with_name(f"{report_dir.name}-best"))

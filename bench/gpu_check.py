@@ -50,7 +50,7 @@ def launch(data: Path, out: Path, precision: str, steps: int, batch: int, *extra
     done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, env={**os.environ, "WANDB_MODE": "disabled"})
     if done.returncode != 0:
         raise SystemExit(f"error: {' '.join(command)} failed ({done.returncode}):\n{(done.stderr or done.stdout)[-3000:]}")
-    return json.loads((out / rundir.SUMMARY).read_text())
+    return rundir.read_summary(out)
 
 
 def generators(run: Path, step: int) -> dict:

@@ -19,7 +19,7 @@ if TYPE_CHECKING:  # pandas comes with Streamlit; the run list does not need it
     import pandas as pd
 
 CONFIG_SUMMARY_KEYS = ("generator", "unet_depth", "size", "ngf", "batch_size", "lr", "lr_d", "gan_loss", "lambda_adv", "lambda_cycle",
-                       "lambda_structure", "lambda_nce", "mixed_precision")
+                       "lambda_structure", "lambda_nce", "lambda_equivariance", "mixed_precision")
 NAMING_OPTIONS = ("out", "run_name", "resume", "report_to", "trace_keys")  # and wandb*: where a run goes, not what it does
 WANDB_URL = re.compile(r"https://wandb\.ai/[\w./-]+/runs/\w+")
 
@@ -89,9 +89,8 @@ def read_run(path: Path, now: float | None = None) -> RunInfo:
         if config is not None and not isinstance(config, dict):
             raise ValueError("config.yaml is not a mapping")
         info.config = config or {}
-        summary_path, metrics_path = path / rundir.SUMMARY, path / rundir.METRICS
-        if summary_path.exists():
-            summary = json.loads(summary_path.read_text())
+        summary, metrics_path = rundir.read_summary(path), path / rundir.METRICS
+        if summary is not None:
             info.status = summary["status"]
             info.steps, info.total_steps = summary["steps"], summary.get("total_steps")
             info.best, info.last = summary.get("best"), summary.get("last")

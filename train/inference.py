@@ -47,8 +47,8 @@ def resolve_checkpoint(path: Path) -> Path:
     if not found:
         raise CheckpointError(f"{path}: a run folder without checkpoints")
     try:
-        best = json.loads((path / rundir.SUMMARY).read_text()).get("best_checkpoint_step")
-    except (OSError, json.JSONDecodeError):
+        best = (rundir.read_summary(path) or {}).get("best_checkpoint_step")
+    except (OSError, ValueError):
         best = None
     return found.get(best, found[max(found)])
 

@@ -158,6 +158,18 @@ def _row_step(line: str) -> int | None:
         return None  # a torn last line from a killed run
 
 
+def read_summary(run: Path) -> dict | None:
+    """A finished or stopped run's summary.json, None while it runs (or when it crashed before writing one).
+    ValueError if it is not a JSON object."""
+    path = Path(run) / SUMMARY
+    if not path.exists():
+        return None
+    summary = json.loads(path.read_text())
+    if not isinstance(summary, dict):
+        raise ValueError(f"{path}: not a JSON object")
+    return summary
+
+
 def read_metrics(run: Path) -> list[dict]:
     path = Path(run) / METRICS
     if not path.exists():
