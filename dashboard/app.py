@@ -13,7 +13,6 @@ import argparse
 import gzip
 import hashlib
 import io
-import json
 import os
 import sys
 import time
@@ -32,8 +31,8 @@ from shards.preprocess import VolumeError, load_image, load_nifti, standardize_i
 from train import rundir
 from train.data import val_samples
 from train.fidelity import MODES, HallucinationMap, translate_with_map
-from train.inference import (CheckpointError, FlipShiftMean, load_generators, prepare_volume, resolve_checkpoint, restore_volume,
-                             translate, translate_slices)
+from train.inference import (CheckpointError, FlipShiftMean, load_generators, prepare_volume, read_checkpoint_info, resolve_checkpoint,
+                             restore_volume, translate, translate_slices)
 from train.metrics import slice_metrics
 
 MAX_IMAGE_MB, MAX_VOLUME_MB = 20, 300
@@ -249,7 +248,7 @@ def page_translate(run: R.RunInfo, runs: list[R.RunInfo], data_root: Path) -> No
         key = tuple(map(str, members))
         net = cached_generator(key, direction, mtime, tta)
         back = cached_generator(key, rundir.REVERSE[direction], mtime, tta)
-        info = json.loads((checkpoint.path / rundir.CHECKPOINT_INFO).read_text())
+        info = read_checkpoint_info(checkpoint.path)
     except (CheckpointError, OSError, ValueError) as err:
         st.error(f"{checkpoint.path.name}: {err}")
         return

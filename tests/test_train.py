@@ -28,7 +28,8 @@ from train import rundir
 from train.checkpoints import check_compatible, generator_weights
 from train.config import Config, load_config
 from train.data import SliceStream, augment, val_samples
-from train.inference import load_generator, translate
+from train.inference import CheckpointError, load_generator, read_checkpoint_info, translate
+from train.networks import GeneratorSpec
 from train.step import build_cycle_gan, linear_decay, train_step
 
 def test_losses_fall_and_the_run_folder_is_complete(trained, shards_dir):
@@ -51,6 +52,7 @@ def test_losses_fall_and_the_run_folder_is_complete(trained, shards_dir):
     info = json.loads((last / rundir.CHECKPOINT_INFO).read_text())
     assert info["generator"] == {"arch": "unet", "size": 64, "ngf": 16, "unet_depth": 3, "scale_head": False, "upsample": "resize",
                                  "input_range": [-1, 1]}
+    assert read_checkpoint_info(last)["generator"] == GeneratorSpec("unet", 64, 16, 3, False, "resize")
     beat = json.loads((trained / rundir.HEARTBEAT).read_text())  # the trainer's last heartbeat: the final step
     assert (beat["step"], beat["total_steps"]) == (40, 40) and beat["best_checkpoint_step"] in steps
     weights = load_file(str(last / rundir.GENERATORS["t1_to_t2"]))
@@ -363,6 +365,22 @@ def test_structure_loss_is_trained_and_logged(shards_dir, tmp_path):
     rows = [r for r in rundir.read_metrics(out) if "loss/structure" in r]
     assert rows and all(r["loss/structure"] > 0 for r in rows)
     assert all(r["loss/G"] >= r["loss/structure"] for r in rows)
+
+
+def test_the_generator_block_of_checkpoint_json_round_trips_and_an_older_one_gets_what_it_was_made_with(trained, tmp_path):
+    checkpoint = tmp_path / "step-0000040"
+    shutil.copytree(rundir.checkpoint_dir(trained, 40), checkpoint)
+    spec = read_checkpoint_info(checkpoint)["generator"]
+    assert GeneratorSpec.from_dict(spec.to_dict()) == spec
+    info = json.loads((checkpoint / rundir.CHECKPOINT_INFO).read_text())
+    for key in ("unet_depth", "upsample", "scale_head", "input_range"):  # a checkpoint from before these options
+        info["generator"].pop(key)
+    (checkpoint / rundir.CHECKPOINT_INFO).write_text(json.dumps(info))
+    assert read_checkpoint_info(checkpoint)["generator"] == GeneratorSpec("unet", 64, 16)  # full depth, transposed, no head
+    for broken in ({**info["generator"], "colour": 3}, {"arch": "unet", "size": 64}):
+        (checkpoint / rundir.CHECKPOINT_INFO).write_text(json.dumps({**info, "generator": broken}))
+        with pytest.raises(CheckpointError, match=f"{checkpoint}.*unreadable checkpoint description"):
+            read_checkpoint_info(checkpoint)
 
 
 @pytest.mark.parametrize("upsample", ["transpose", "resize"])

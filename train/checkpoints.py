@@ -23,7 +23,7 @@ from safetensors.torch import load_file, save_file
 
 from train import rundir
 from train.config import ARCHITECTURE_KEYS, Config
-from train.networks import CycleGenerators
+from train.networks import CycleGenerators, GeneratorSpec
 
 
 @dataclass
@@ -165,8 +165,7 @@ def save_checkpoint(accelerator, trained: list, inference_gens: CycleGenerators,
             rundir.write_json(tmp / rundir.CHECKPOINT_INFO, {
                 "step": state.step, "epoch": epoch, "time": time.time(), "val": {k: v for k, v in val.items() if k.startswith("val/")},
                 "train": last, "config": {**config.to_dict(), "size": size}, "rank_checksums": rank_checksums,
-                "generator": {"arch": config.generator, "size": size, "ngf": config.ngf, "unet_depth": config.unet_depth,
-                              "scale_head": bool(config.lambda_aleatoric), "upsample": config.upsample, "input_range": [-1, 1]},
+                "generator": GeneratorSpec.from_config(config, size).to_dict(),
                 "preprocessing": preprocessing,
                 **({"wandb": {"project": config.wandb_project, "id": state.wandb_id}} if accelerator.trackers else {})})
             if final.exists():

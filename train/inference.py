@@ -16,7 +16,7 @@ from tqdm import tqdm
 
 from shards.preprocess import Grid, from_image, resample, standardize, standardize_image, to_image, unfit_image
 from train import rundir
-from train.networks import build_generator, flip_shift, from_model_range, to_model_range, unflip_shift
+from train.networks import GeneratorSpec, flip_shift, from_model_range, to_model_range, unflip_shift
 
 SPELLINGS = {d.replace("_", "-"): d for d in rundir.DIRECTIONS}  # the CLI's t1-to-t2
 
@@ -32,9 +32,10 @@ def read_checkpoint_info(checkpoint: Path) -> dict:
                               f"expected RUN/checkpoints/step-NNNNNNN")
     try:
         info = json.loads(path.read_text())
-        info["generator"]["arch"], info["generator"]["size"], info["generator"]["ngf"], info["preprocessing"]["fov_mm"]
+        info["generator"] = GeneratorSpec.from_dict(info["generator"])
+        info["preprocessing"]["fov_mm"]
     except (json.JSONDecodeError, KeyError, TypeError) as err:
-        raise CheckpointError(f"{path}: unreadable checkpoint description ({err})") from None
+        raise CheckpointError(f"{path}: unreadable checkpoint description ({type(err).__name__}: {err})") from None
     return info
 
 
@@ -61,12 +62,10 @@ def load_generator(checkpoint: Path, direction: str, device: str | torch.device 
     checkpoint = resolve_checkpoint(checkpoint)
     info = read_checkpoint_info(checkpoint)
     info["path"] = str(checkpoint)
-    spec = info["generator"]
     weights = Path(checkpoint) / rundir.GENERATORS[direction]
     if not weights.is_file():
         raise CheckpointError(f"{checkpoint}: no {weights.name}")
-    net = build_generator(spec["arch"], spec["size"], spec["ngf"], spec.get("unet_depth", 0), spec.get("scale_head", False),
-                          spec.get("upsample", "transpose"))
+    net = info["generator"].build()
     try:
         net.load_state_dict(load_file(str(weights)))
     except Exception as err:  # safetensors raises its own error types for corrupt headers

@@ -4,6 +4,7 @@ discriminator. Every constructor takes plain arguments; nothing reads a global o
 from __future__ import annotations
 
 import math
+from dataclasses import asdict, dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -188,6 +189,36 @@ def build_generator(arch: str, size: int, ngf: int = 64, unet_depth: int = 0, sc
     if arch == "resnet9":  # the U-Net's depth and upsampling do not apply (train/main.py refuses them when asked for)
         return init_weights(ResnetGenerator(ngf=ngf, blocks=9))
     raise ValueError(f"unknown generator {arch!r}: choose unet or resnet9")
+
+
+@dataclass(frozen=True)
+class GeneratorSpec:
+    """What builds a checkpoint's generators: checkpoint.json's `generator` block, written by the trainer and
+    read by inference. Checkpoints older than an option lack its key and get the value that they were made with."""
+
+    arch: str
+    size: int
+    ngf: int
+    unet_depth: int = 0  # before --unet_depth: down to 1x1
+    scale_head: bool = False
+    upsample: str = "transpose"  # before --upsample
+    input_range: tuple[int, int] = (-1, 1)  # to_model_range
+
+    @classmethod
+    def from_config(cls, config, size: int) -> GeneratorSpec:
+        return cls(config.generator, size, config.ngf, config.unet_depth, bool(config.lambda_aleatoric), config.upsample)
+
+    @classmethod
+    def from_dict(cls, block: dict) -> GeneratorSpec:
+        """KeyError for a missing required key, TypeError for an unknown one or a block that is no mapping."""
+        spec = cls(**block)
+        return replace(spec, input_range=tuple(spec.input_range))
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "input_range": list(self.input_range)}
+
+    def build(self) -> nn.Module:
+        return build_generator(self.arch, self.size, self.ngf, self.unet_depth, self.scale_head, self.upsample)
 
 
 def build_discriminator(ndf: int = 64, layers: int = 3) -> nn.Module:

@@ -15,7 +15,7 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from train.config import Config
 from train.losses import ImagePool, Objective, PatchNCE, discriminator_losses, generator_losses, move_at
-from train.networks import CycleGenerators, Discriminators, build_discriminator, build_generator
+from train.networks import CycleGenerators, Discriminators, GeneratorSpec, build_discriminator
 
 
 @dataclass
@@ -58,8 +58,7 @@ def any_rank(accelerator: Accelerator, flag: bool) -> bool:
 
 
 def build_cycle_gan(accelerator: Accelerator, config: Config, size: int, total_steps: int) -> CycleGAN:
-    gens = CycleGenerators(*(build_generator(config.generator, size, config.ngf, config.unet_depth, bool(config.lambda_aleatoric),
-                                             config.upsample) for _ in range(2)))
+    gens = CycleGenerators(*(GeneratorSpec.from_config(config, size).build() for _ in range(2)))
     discs = Discriminators(build_discriminator(config.ndf, config.disc_layers), build_discriminator(config.ndf, config.disc_layers))
     if config.channels_last:
         gens, discs = gens.to(memory_format=torch.channels_last), discs.to(memory_format=torch.channels_last)
