@@ -7,7 +7,7 @@ Each candidate is the std of perturbed translations of each slice (10; 14 for ro
 train.evaluate scores a map: the AUROC for pixels whose |error| exceeds the threshold inside the head
 (train.fidelity.ErrorDetection), both for the single-pass translation and for the mean of the 10 flipped and
 shifted copies (--tta). Candidates:
-  flip-shift    the `tta` map (train/inference.py FlipShiftMean)
+  flip-shift    the `tta` map (train/inference.py Translator.averaged)
   rotate        rotations of 0, ±5 and ±10 degrees about the slice centre, with and without a left-right flip
   zoom          zooms of 0.9, 0.95, 1, 1.05 and 1.1, with and without a flip
   rotate-zoom   both (Wang et al. 2019 augment with flips, rotations and scalings), 14 copies
@@ -39,7 +39,7 @@ from torch import nn
 from train import rundir
 from train.evaluate import batched, read_samples, split_shards
 from train.fidelity import ErrorDetection, HallucinationMap
-from train.inference import FlipShiftMean, load_generator, translate
+from train.inference import Translator, load_generator, translate
 
 # (degrees, zoom) per copy; each with and without a left-right flip
 ROTATE = ((0, 1.0), (5, 1.0), (-5, 1.0), (10, 1.0), (-10, 1.0))
@@ -79,7 +79,7 @@ def dropout_copies(net: nn.Module, images: torch.Tensor, rate: float, copies: in
 
 
 def candidates(net: nn.Module) -> dict[str, Callable[[torch.Tensor], torch.Tensor]]:
-    averaged = FlipShiftMean(net)
+    averaged = Translator([net]).averaged()
     return {"flip-shift": lambda x: translate(averaged.copies, x),
             "rotate": lambda x: warped_copies(net, x, ROTATE),
             "zoom": lambda x: warped_copies(net, x, ZOOM),
@@ -90,10 +90,10 @@ def candidates(net: nn.Module) -> dict[str, Callable[[torch.Tensor], torch.Tenso
 SCALE_MAPS = ("aleatoric", "aleatoric-tta", "total")
 
 
-def scale_maps(head: HallucinationMap, net: nn.Module, images: torch.Tensor, spread: torch.Tensor) -> dict[str, torch.Tensor]:
-    """The SCALE_MAPS of a generator with a scale head, as --uncertainty aleatoric computes them (`head`), with
-    and without --tta; `spread`: the flip-shift map."""
-    single, averaged = head(net, images)[1], head(FlipShiftMean(net), images)[1]
+def scale_maps(heads: tuple[HallucinationMap, HallucinationMap], images: torch.Tensor, spread: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The SCALE_MAPS of a generator with a scale head, as --uncertainty aleatoric computes them without and
+    with --tta (`heads`); `spread`: the flip-shift map."""
+    single, averaged = heads[0](images)[1], heads[1](images)[1]
     return {"aleatoric": single, "aleatoric-tta": averaged, "total": (spread**2 + 2 * averaged**2).sqrt()}
 
 
@@ -110,16 +110,18 @@ def main() -> None:
     for name, (source, target) in rundir.DIRECTIONS.items():
         net = load_generator(args.checkpoint, name)[0]
         perturbations = candidates(net)
-        head = HallucinationMap("aleatoric", args.checkpoint, name, loaded={name: net}) if getattr(net, "scale_head", False) else None
-        names = [*perturbations, *(SCALE_MAPS if head is not None else ())]
+        translator = Translator([net])
+        heads = tuple(HallucinationMap("aleatoric", t, args.checkpoint, name) for t in (translator, translator.averaged())
+                      ) if translator.scale_head else None
+        names = [*perturbations, *(SCALE_MAPS if heads else ())]
         detectors = {(translation, candidate): ErrorDetection(args.error_threshold)
                      for translation in ("single pass", "--tta") for candidate in names}
         for chunk in batched(read_samples(paths), args.batch_size):
             x, truth, mask = (torch.from_numpy(np.stack([s[k] for s in chunk]))[:, None] for k in (source, target, "mask"))
             spreads = {candidate: copies(x) for candidate, copies in perturbations.items()}
             maps = {candidate: copies.std(0) for candidate, copies in spreads.items()}
-            if head is not None:
-                maps.update(scale_maps(head, net, x, maps["flip-shift"]))
+            if heads:
+                maps.update(scale_maps(heads, x, maps["flip-shift"]))
             preds = {"single pass": translate(net, x), "--tta": spreads["flip-shift"].mean(0)}
             for (translation, candidate), detector in detectors.items():
                 detector.update(maps[candidate], preds[translation], truth, mask)

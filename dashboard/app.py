@@ -31,7 +31,7 @@ from shards.preprocess import VolumeError, load_image, load_nifti, standardize_i
 from train import rundir
 from train.data import val_samples
 from train.fidelity import MODES, HallucinationMap, translate_with_map
-from train.inference import (CheckpointError, FlipShiftMean, load_generators, prepare_volume, read_checkpoint_info, resolve_checkpoint,
+from train.inference import (CheckpointError, Translator, load_translator, prepare_volume, read_checkpoint_info, resolve_checkpoint,
                              restore_volume, translate, translate_slices)
 from train.metrics import slice_metrics
 
@@ -84,16 +84,16 @@ def cached_metrics(run: str, mtime: float) -> pd.DataFrame:
 
 
 @st.cache_resource(show_spinner="loading the model", max_entries=8)
-def cached_generator(checkpoints: tuple[str, ...], direction: str, mtime: float, tta: bool):
+def cached_translator(checkpoints: tuple[str, ...], direction: str, mtime: float, tta: bool) -> Translator:
     """One checkpoint's generator, or several checkpoints' ensemble; mtime: the newest of their checkpoint.json."""
-    net = load_generators([Path(c) for c in checkpoints], direction)[0]
-    return FlipShiftMean(net) if tta else net
+    return load_translator([Path(c) for c in checkpoints], direction, tta=tta)[0]
 
 
 @st.cache_resource(show_spinner="preparing the hallucination map", max_entries=4)
-def cached_map(checkpoints: tuple[str, ...], direction: str, mode: str, mtime: float, tta: bool, _loaded: dict) -> HallucinationMap:
-    # _loaded is left out of the cache key; tta stands for it (the cycle map runs the loaded, maybe averaging, generators)
-    return HallucinationMap(mode, [Path(c) for c in checkpoints], direction, loaded=_loaded)
+def cached_map(checkpoints: tuple[str, ...], direction: str, mode: str, mtime: float, tta: bool, _translator: Translator,
+               _back: Translator) -> HallucinationMap:
+    # the translators are left out of the cache key; the checkpoints, direction and tta stand for them
+    return HallucinationMap(mode, _translator, [Path(c) for c in checkpoints], direction, back=_back)
 
 
 @st.cache_data(show_spinner=False, max_entries=4)
@@ -246,8 +246,8 @@ def page_translate(run: R.RunInfo, runs: list[R.RunInfo], data_root: Path) -> No
         members = [checkpoint.path, *(resolve_checkpoint(r.path) for r in runs if r.name in partners)]
         mtime = max((path / rundir.CHECKPOINT_INFO).stat().st_mtime for path in members)
         key = tuple(map(str, members))
-        net = cached_generator(key, direction, mtime, tta)
-        back = cached_generator(key, rundir.REVERSE[direction], mtime, tta)
+        net = cached_translator(key, direction, mtime, tta)
+        back = cached_translator(key, rundir.REVERSE[direction], mtime, tta)
         info = read_checkpoint_info(checkpoint.path)
     except (CheckpointError, OSError, ValueError) as err:
         st.error(f"{checkpoint.path.name}: {err}")
@@ -257,7 +257,7 @@ def page_translate(run: R.RunInfo, runs: list[R.RunInfo], data_root: Path) -> No
     hallucination = None
     if mode != "none":
         try:
-            hallucination = cached_map(key, direction, mode, mtime, tta, {direction: net, rundir.REVERSE[direction]: back})
+            hallucination = cached_map(key, direction, mode, mtime, tta, net, back)
         except CheckpointError as err:
             st.warning(f"Hallucination map: {err}")
     preprocessing = info["preprocessing"]

@@ -23,7 +23,7 @@ from shards.phantom import CSF, tissue_labels, voxel_world
 from shards.synth import MIN_SUBJECTS_FOR_HOLDOUT, grid, mark_held_out, render_subject, subject_anatomy, subjects
 from train.evaluate import read_samples, split_shards
 from train.fidelity import ErrorDetection, HallucinationMap, lesion_contrasts, lesion_summary
-from train.inference import CheckpointError, Ensemble, FlipShiftMean, load_generator, load_generators, resolve_checkpoint, translate
+from train.inference import CheckpointError, Translator, load_generator, load_translator, resolve_checkpoint, translate
 
 
 @pytest.fixture(scope="module")
@@ -184,10 +184,15 @@ class Counted(torch.nn.Module):
     def __init__(self, net: torch.nn.Module):
         super().__init__()
         self.net, self.calls = net, 0
+        self.scale_head = getattr(net, "scale_head", False)
 
     def forward(self, x):
         self.calls += 1
         return self.net(x)
+
+    def with_scale(self, x):
+        self.calls += 1
+        return self.net.with_scale(x)
 
 
 def test_hallucination_maps(trained):
@@ -195,17 +200,18 @@ def test_hallucination_maps(trained):
     images = torch.rand(2, 1, 64, 64)
     net, _ = load_generator(checkpoint, "t1_to_t2")
     back, _ = load_generator(checkpoint, "t2_to_t1")
-    translated, cycle = HallucinationMap("cycle", checkpoint, "t1_to_t2")(net, images)
+    translator = Translator([net])
+    translated, cycle = HallucinationMap("cycle", translator, checkpoint, "t1_to_t2")(images)
     assert torch.equal(translated, translate(net, images))
     assert torch.allclose(cycle, (translate(back, translated) - images).abs())
-    _, tta = HallucinationMap("tta", checkpoint, "t1_to_t2")(net, images)
+    _, tta = HallucinationMap("tta", translator, checkpoint, "t1_to_t2")(images)
     assert tta.shape == images.shape and tta.min() >= 0 and tta.max() > 0
-    _, ensemble = HallucinationMap("ensemble", trained, "t1_to_t2")(net, images)  # the run keeps two checkpoints
+    _, ensemble = HallucinationMap("ensemble", translator, trained, "t1_to_t2")(images)  # the run keeps two checkpoints
     assert ensemble.shape == images.shape and ensemble.max() > 0
-    # generators the caller holds are the ones used, not loaded again
-    identity = torch.nn.Identity()
-    held = HallucinationMap("cycle", checkpoint, "t1_to_t2", loaded={"t1_to_t2": identity, "t2_to_t1": identity})
-    assert held.back is identity and held(identity, images)[1].max() < 1e-6
+    # a way back the caller holds is the one used, not loaded again
+    identity = Translator([torch.nn.Identity()])
+    held = HallucinationMap("cycle", identity, checkpoint, "t1_to_t2", back=identity)
+    assert held.back is identity and held(images)[1].max() < 1e-6
 
 
 def test_averaged_translation_and_tta_map_share_their_copies(trained):
@@ -213,14 +219,13 @@ def test_averaged_translation_and_tta_map_share_their_copies(trained):
     checkpoint = resolve_checkpoint(trained)
     images = torch.rand(2, 1, 64, 64)
     counted = Counted(load_generator(checkpoint, "t1_to_t2")[0])
-    averaged = FlipShiftMean(counted)
-    hallucination = HallucinationMap("tta", checkpoint, "t1_to_t2", loaded={"t1_to_t2": averaged})
-    translated, spread = hallucination(averaged, images)
+    averaged = Translator([counted], tta=True)
+    translated, spread = HallucinationMap("tta", averaged, checkpoint, "t1_to_t2")(images)
     assert counted.calls == 10
     assert torch.allclose(translated, translate(averaged, images), atol=1e-6)
     assert torch.allclose(spread, translate(averaged.copies, images).std(0), atol=1e-6)
     counted.calls = 0
-    single, _ = hallucination(counted, images)  # a single-pass translation beside the map: 1 + 10 passes
+    single, _ = HallucinationMap("tta", Translator([counted]), checkpoint, "t1_to_t2")(images)  # one pass beside the map: 1 + 10
     assert counted.calls == 11 and torch.equal(single, translate(counted, images))
 
 
@@ -236,22 +241,21 @@ def test_aleatoric_map_is_the_generators_own_error_estimate(trained_with_scales)
     head's E|error|, halved into the [0,1] image's units."""
     images = torch.rand(2, 1, 64, 64)
     counted = Counted(load_generator(trained_with_scales, "t2_to_t1")[0])
-    counted.with_scale, counted.scale_head = counted.net.with_scale, True
-    hallucination = HallucinationMap("aleatoric", trained_with_scales, "t2_to_t1", loaded={"t2_to_t1": counted})
-    translated, scale = hallucination(counted, images)
+    translated, scale = HallucinationMap("aleatoric", Translator([counted]), trained_with_scales, "t2_to_t1")(images)
+    assert counted.calls == 1, "the translation and its scale from one pass"
     assert torch.allclose(translated, translate(counted.net, images), atol=1e-6)
     assert torch.allclose(scale, counted.net.with_scale(images * 2 - 1)[:, 1:] / 2)
-    assert counted.calls == 0 and scale.min() > 0
-    averaged = FlipShiftMean(counted.net)
-    tta_translated, tta_scale = hallucination(averaged, images)
+    assert scale.min() > 0
+    averaged = Translator([counted.net], tta=True)
+    tta_translated, tta_scale = HallucinationMap("aleatoric", averaged, trained_with_scales, "t2_to_t1")(images)
     assert torch.allclose(tta_translated, translate(averaged, images), atol=1e-6)
-    assert torch.allclose(tta_scale, averaged.copies(images * 2 - 1, counted.net.with_scale)[:, :, 1:].mean(0) / 2)
+    assert torch.allclose(tta_scale, averaged.copies(images * 2 - 1, with_scale=True)[:, :, 1:].mean(0) / 2)
 
 
 def test_aleatoric_map_needs_a_run_trained_with_scale_heads(trained, trained_with_scales, fidelity_shards, shards_dir, tmp_path):
     checkpoint = resolve_checkpoint(trained)
     with pytest.raises(CheckpointError, match=f"{checkpoint}.*--lambda_aleatoric"):
-        HallucinationMap("aleatoric", checkpoint, "t1_to_t2")
+        HallucinationMap("aleatoric", load_translator([checkpoint], "t1_to_t2")[0], checkpoint, "t1_to_t2")
     result = train("--data", shards_dir, "--out", tmp_path / "resnet", *SMALL, "--max_steps", 2, "--generator", "resnet9",
                    "--lambda_aleatoric", 1, check=False)
     assert result.returncode != 0 and "--lambda_aleatoric 1.0: needs --generator unet" in result.stderr
@@ -269,7 +273,7 @@ def test_ensemble_needs_two_checkpoints(trained, shards_dir, tmp_path):
     kept = sorted((run / "checkpoints").iterdir())
     shutil.rmtree(kept[0])
     with pytest.raises(CheckpointError, match="needs a run folder with at least two kept checkpoints"):
-        HallucinationMap("ensemble", kept[1], "t1_to_t2")
+        HallucinationMap("ensemble", load_translator([kept[1]], "t1_to_t2")[0], kept[1], "t1_to_t2")
     result = run_module("train.evaluate", "--checkpoint", kept[1], "--data", shards_dir / "test", "--out", tmp_path / "e",
                         "--uncertainty", "ensemble", check=False)
     assert result.returncode != 0 and str(kept[1]) in result.stderr and "ensemble" in result.stderr
@@ -285,37 +289,39 @@ def test_an_ensemble_translates_as_its_members_mean_and_its_maps_spread_over_the
     kept = kept_checkpoints(trained)
     images = torch.rand(2, 1, 64, 64)
     members = [load_generator(path, "t2_to_t1")[0] for path in kept]
-    net, info = load_generators(kept, "t2-to-t1")
-    assert isinstance(net, Ensemble) and info["members"] == [str(path) for path in kept]
+    net, info = load_translator(kept, "t2-to-t1")
+    assert len(net.members) == 2 and info["members"] == [str(path) for path in kept]
     singles = torch.stack([translate(member, images) for member in members])
     assert torch.allclose(translate(net, images), singles.mean(0), atol=1e-6)
-    copies = torch.cat([translate(FlipShiftMean(member).copies, images) for member in members])
-    assert copies.shape[0] == 20 and torch.allclose(translate(FlipShiftMean(net).copies, images), copies, atol=1e-6)
+    copies = torch.cat([translate(Translator([member], tta=True).copies, images) for member in members])
+    assert copies.shape[0] == 20 and torch.allclose(translate(net.averaged().copies, images), copies, atol=1e-6)
 
-    translated, spread = HallucinationMap("tta", kept, "t2_to_t1")(net, images)
+    translated, spread = HallucinationMap("tta", net, kept, "t2_to_t1")(images)
     assert torch.allclose(translated, singles.mean(0), atol=1e-6) and torch.allclose(spread, copies.std(0), atol=1e-5)
-    averaged = FlipShiftMean(net)
-    translated, spread = HallucinationMap("tta", kept, "t2_to_t1", loaded={"t2_to_t1": averaged})(averaged, images)
+    averaged = load_translator(kept, "t2_to_t1", tta=True)[0]
+    translated, spread = HallucinationMap("tta", averaged, kept, "t2_to_t1")(images)
     assert torch.allclose(translated, copies.mean(0), atol=1e-6) and torch.allclose(spread, copies.std(0), atol=1e-5)
-    _, spread = HallucinationMap("ensemble", kept, "t2_to_t1", loaded={"t2_to_t1": net})(net, images)
+    _, spread = HallucinationMap("ensemble", averaged, kept, "t2_to_t1")(images)  # the members' single passes, even with --tta
     assert torch.allclose(spread, singles.std(0), atol=1e-5) and spread.max() > 0
-    assert load_generators(kept[:1], "t2_to_t1")[0].__class__ is members[0].__class__  # one checkpoint: no ensemble
+    one, info = load_translator(kept[:1], "t2_to_t1")
+    assert len(one.members) == 1 and "members" not in info  # one checkpoint: no ensemble
 
 
 def test_an_ensemble_refuses_a_repeated_or_mismatched_member(trained, trained_with_scales, tmp_path):
     kept = kept_checkpoints(trained)
     best = resolve_checkpoint(trained)
     with pytest.raises(CheckpointError, match=f"{best}: given twice"):
-        load_generators([trained, best], "t1_to_t2")  # the run folder stands for its best checkpoint
+        load_translator([trained, best], "t1_to_t2")  # the run folder stands for its best checkpoint
     other = tmp_path / "other"
     shutil.copytree(kept[0], other)
     info = json.loads((other / "checkpoint.json").read_text())
     info["preprocessing"]["fov_mm"] *= 2
     (other / "checkpoint.json").write_text(json.dumps(info))
     with pytest.raises(CheckpointError, match=f"{other}: preprocessing .* differs from {kept[0]}'s"):
-        load_generators([kept[0], other], "t1_to_t2")
+        load_translator([kept[0], other], "t1_to_t2")
     with pytest.raises(CheckpointError, match="'aleatoric' reads one checkpoint's scale heads, not an ensemble's"):
-        HallucinationMap("aleatoric", [trained_with_scales, kept[0]], "t1_to_t2")
+        HallucinationMap("aleatoric", Translator([load_generator(trained_with_scales, "t1_to_t2")[0], load_generator(kept[0], "t1_to_t2")[0]]),
+                         [trained_with_scales, kept[0]], "t1_to_t2")
     result = run_module("train.translate", "--checkpoint", kept[0], other, "--direction", "t1-to-t2", "--input", tmp_path,
                         "--output", tmp_path / "out", check=False)
     assert result.returncode != 0 and f"--checkpoint {other}: preprocessing" in result.stderr

@@ -17,7 +17,7 @@ from torch import nn
 from conftest import SMALL, run_module, train
 from shards.preprocess import load_nifti
 from train import rundir
-from train.inference import FlipShiftMean, resolve_checkpoint, translate_volume
+from train.inference import Translator, resolve_checkpoint, translate_volume
 from train.metrics import slice_metrics
 
 
@@ -41,11 +41,11 @@ class ShiftRight(PassThrough):
 
 def test_test_time_augmentation_moves_each_copy_back_before_averaging():
     x = torch.rand(2, 1, 16, 16)
-    copies = FlipShiftMean(PassThrough()).copies(x)
+    copies = Translator([PassThrough()], tta=True).copies(x)
     assert copies.shape == (10, 2, 1, 16, 16)
     assert torch.equal(copies, x.expand_as(copies)), "every flipped/shifted copy lands back on the input"
     # shifts commute with a one-pixel move, flips mirror it: half the copies move right, half left
-    averaged = FlipShiftMean(ShiftRight())(x)
+    averaged = Translator([ShiftRight()], tta=True)(x)
     assert torch.allclose(averaged, (x.roll(1, dims=-1) + x.roll(-1, dims=-1)) / 2)
 
 

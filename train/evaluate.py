@@ -42,7 +42,7 @@ from shards.format import ShardsError, check_complete, decode_sample, recorded_s
 from train import rundir, tracking
 from train.fidelity import (FLAGGED_RANK, MODES, ErrorDetection, HallucinationMap, lesion_contrasts, lesion_summary,
                             stack_subject, translate_with_map)
-from train.inference import ENSEMBLE_HELP, TTA_HELP, CheckpointError, FlipShiftMean, device_for_inference, load_generators
+from train.inference import ENSEMBLE_HELP, TTA_HELP, CheckpointError, device_for_inference, load_translator
 from train.metrics import slice_metrics
 
 POOLED = ("ssim_masked", "psnr_masked", "mae_masked", "texture")
@@ -279,9 +279,9 @@ def main(argv=None) -> int:
     paths = [path for folder in args.data for path in split_shards(folder)]
     device = device_for_inference()
     try:
-        loaded = {name: load_generators(args.checkpoint, name, device) for name in rundir.DIRECTIONS}
-        nets = {name: FlipShiftMean(net) if args.tta else net for name, (net, _) in loaded.items()}
-        maps = {name: HallucinationMap(args.uncertainty, args.checkpoint, name, device, loaded=nets)
+        loaded = {name: load_translator(args.checkpoint, name, device, args.tta) for name in rundir.DIRECTIONS}
+        nets = {name: translator for name, (translator, _) in loaded.items()}
+        maps = {name: HallucinationMap(args.uncertainty, nets[name], args.checkpoint, name, device, back=nets[rundir.REVERSE[name]])
                 for name in rundir.DIRECTIONS} if args.uncertainty else None
     except CheckpointError as err:
         raise SystemExit(f"error: --checkpoint {err}")

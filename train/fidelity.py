@@ -25,12 +25,10 @@ from pathlib import Path
 import numpy as np
 import torch
 from scipy import ndimage
-from torch import nn
 from torchmetrics.classification import BinaryAUROC
 
 from train import rundir
-from train.inference import (SPELLINGS, CheckpointError, FlipShiftMean, load_generator, load_generators, resolve_checkpoint,
-                             translate)
+from train.inference import SPELLINGS, CheckpointError, Translator, load_translator, resolve_checkpoint, translate
 from train.networks import from_model_range, to_model_range
 
 MODES = ("tta", "cycle", "ensemble", "aleatoric")
@@ -42,75 +40,60 @@ AUROC_THRESHOLDS = torch.cat([torch.linspace(0, 0.1, 501), torch.linspace(0.1, 1
 
 
 class HallucinationMap:
-    """Loads what a mode needs from a checkpoint (or its run folder), or from several checkpoints, an Ensemble;
-    called with a generator and [0,1] slices, gives their translation and its map."""
+    """A translator's hallucination map of one mode: called with [0,1] slices, gives their translation and its map.
+    `checkpoints` (or a run folder, for its best checkpoint) are what the translator was loaded from: the cycle
+    mode loads their reverse direction unless `back` is given, and the ensemble mode of one checkpoint loads
+    its run's kept checkpoints."""
 
-    def __init__(self, mode: str, checkpoint: Path | list[Path], direction: str, device: torch.device | str = "cpu",
-                 loaded: dict[str, nn.Module] | None = None):
-        """`loaded`: the checkpoints' generators the caller already holds, by direction (not loaded twice)."""
+    def __init__(self, mode: str, translator: Translator, checkpoints: Path | list[Path], direction: str,
+                 device: torch.device | str = "cpu", back: Translator | None = None):
         if mode not in MODES:
             raise CheckpointError(f"unknown uncertainty mode {mode!r}: choose one of {', '.join(MODES)}")
-        self.mode = mode
+        self.mode, self.translator = mode, translator
         direction = SPELLINGS.get(direction, direction)  # the CLI spelling t1-to-t2 too
-        checkpoints = [resolve_checkpoint(path) for path in (checkpoint if isinstance(checkpoint, list) else [checkpoint])]
+        checkpoints = [resolve_checkpoint(path) for path in (checkpoints if isinstance(checkpoints, list) else [checkpoints])]
         checkpoint = checkpoints[0]
-        loaded = loaded or {}
-
-        def generator(name: str) -> nn.Module:
-            return loaded[name] if name in loaded else load_generators(checkpoints, name, device)[0]
-
-        def single_pass(net: nn.Module) -> nn.Module:  # the generator inside an averaging (--tta) one
-            return net.net if isinstance(net, FlipShiftMean) else net
-
-        if mode == "ensemble":
-            if len(checkpoints) > 1:
-                self.members = list(single_pass(generator(direction)).members)
+        if mode == "tta":
+            self.spread_of = translator.averaged()
+        elif mode == "cycle":
+            self.back = back or load_translator(checkpoints, rundir.REVERSE[direction], device, translator.tta)[0]
+        elif mode == "ensemble":
+            if len(translator.members) > 1:
+                self.spread_of = translator.single_pass()
                 return
             run = Path(checkpoint).parent.parent
             kept = [path for _, path in rundir.list_checkpoints(run)]
             if len(kept) < 2:
                 raise CheckpointError(f"{checkpoint}: uncertainty mode 'ensemble' needs a run folder with at least two "
                                       f"kept checkpoints ({run} has {len(kept)}) or more checkpoints as members; use tta or cycle")
-            self.members = [load_generator(path, direction, device)[0] for path in kept]
-            return
-        if mode == "tta":
-            self.averaged = generator(direction)
-            if not isinstance(self.averaged, FlipShiftMean):
-                self.averaged = FlipShiftMean(self.averaged)
-        if mode == "cycle":
-            self.back = generator(rundir.REVERSE[direction])
-        if mode == "aleatoric":
-            if len(checkpoints) > 1:
-                raise CheckpointError(f"{checkpoint} and {len(checkpoints) - 1} more: uncertainty mode 'aleatoric' reads one "
-                                      f"checkpoint's scale heads, not an ensemble's; use tta, cycle or ensemble")
-            if not getattr(single_pass(generator(direction)), "scale_head", False):
-                raise CheckpointError(f"{checkpoint}: uncertainty mode 'aleatoric' needs a run trained with --lambda_aleatoric "
-                                      f"(its generators have no scale head); use tta, cycle or ensemble")
+            self.spread_of = load_translator(kept, direction, device)[0]
+        elif len(translator.members) > 1:
+            raise CheckpointError(f"{checkpoint} and {len(translator.members) - 1} more: uncertainty mode 'aleatoric' reads one "
+                                  f"checkpoint's scale heads, not an ensemble's; use tta, cycle or ensemble")
+        elif not translator.scale_head:
+            raise CheckpointError(f"{checkpoint}: uncertainty mode 'aleatoric' needs a run trained with --lambda_aleatoric "
+                                  f"(its generators have no scale head); use tta, cycle or ensemble")
 
     @torch.no_grad()
-    def __call__(self, net: nn.Module, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """[0,1] images (N,1,H,W) -> (their translation by `net`, the map). When `net` is the averaging generator
-        (--tta) that the tta map spreads, its 10 copies run once: their mean is the translation, their std the map."""
+    def __call__(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """[0,1] images (N,1,H,W) -> (their translation, the map). Where the translator averages the copies that
+        the tta map spreads (--tta), they run once: their mean is the translation, their std the map."""
         if self.mode == "aleatoric":
-            x = to_model_range(images)
-            out = net.copies(x, net.net.with_scale).mean(0) if isinstance(net, FlipShiftMean) else net.with_scale(x)
-            translation, scale = out.float().chunk(2, 1)
+            translation, scale = self.translator.with_scale(to_model_range(images)).float().chunk(2, 1)
             return from_model_range(translation), scale / 2  # the scale in the [0,1] image's units
-        if self.mode == "tta" and net is self.averaged:
-            copies = translate(net.copies, images)
+        if self.mode == "tta" and self.translator.tta:
+            copies = translate(self.translator.copies, images)
             return copies.mean(0), copies.std(0)
-        translated = translate(net, images)
+        translated = translate(self.translator, images)
         if self.mode == "cycle":
             return translated, (translate(self.back, translated) - images).abs()
-        if self.mode == "ensemble":
-            return translated, torch.stack([translate(member, images) for member in self.members]).std(0)
-        return translated, translate(self.averaged.copies, images).std(0)
+        return translated, translate(self.spread_of.copies, images).std(0)
 
 
-def translate_with_map(net: nn.Module, images: torch.Tensor,
+def translate_with_map(translator: Translator, images: torch.Tensor,
                        hallucination: HallucinationMap | None) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """[0,1] images -> (their translation by `net`, its hallucination map, or None without one)."""
-    return hallucination(net, images) if hallucination is not None else (translate(net, images), None)
+    """[0,1] images -> (their translation, its hallucination map, or None without one)."""
+    return hallucination(images) if hallucination is not None else (translate(translator, images), None)
 
 
 class ErrorDetection:

@@ -73,25 +73,11 @@ def load_generator(checkpoint: Path, direction: str, device: str | torch.device 
     return net.to(device).eval(), info
 
 
-class Ensemble(nn.Module):
-    """One direction's generators from independently trained runs (a deep ensemble, Lakshminarayanan et al.
-    2017): the translation is the mean of theirs. FlipShiftMean runs every member on its copies, so the tta
-    map of an ensemble is the spread of all members' copies together."""
-
-    def __init__(self, members: list[nn.Module]):
-        super().__init__()
-        self.members = nn.ModuleList(members)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.stack([member(x) for member in self.members]).mean(0)
-
-
-def load_generators(checkpoints: list[Path], direction: str, device: str | torch.device = "cpu") -> tuple[nn.Module, dict]:
-    """One checkpoint's generator as load_generator gives it, or several checkpoints' Ensemble. Returns
-    (network, the first checkpoint's info, with `members`: every checkpoint's path when there are several)."""
+def load_translator(checkpoints: list[Path], direction: str, device: str | torch.device = "cpu", tta: bool = False
+                    ) -> tuple[Translator, dict]:
+    """One checkpoint's generator, or several checkpoints' as a deep ensemble, as a Translator. Returns it and the
+    first checkpoint's info, with `members`: every checkpoint's path when there are several."""
     loaded = [load_generator(checkpoint, direction, device) for checkpoint in checkpoints]
-    if len(loaded) == 1:
-        return loaded[0]
     first = loaded[0][1]
     paths = [info["path"] for _, info in loaded]
     repeated = next((path for i, path in enumerate(paths) if path in paths[:i]), None)
@@ -101,12 +87,12 @@ def load_generators(checkpoints: list[Path], direction: str, device: str | torch
         if info["preprocessing"] != first["preprocessing"]:
             raise CheckpointError(f"{info['path']}: preprocessing {info['preprocessing']} differs from {first['path']}'s "
                                   f"{first['preprocessing']}; an ensemble's members must be trained on the same grid")
-    return Ensemble([net for net, _ in loaded]), {**first, "members": paths}
+    return Translator([net for net, _ in loaded], tta), {**first, **({"members": paths} if len(paths) > 1 else {})}
 
 
 @torch.no_grad()
 def translate(net: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor) -> torch.Tensor:
-    """[0,1] slices (N,1,H,W) -> [0,1] translations; the network (or FlipShiftMean.copies) works in [-1,1]."""
+    """[0,1] slices (N,1,H,W) -> [0,1] translations; the network (or Translator.copies) works in [-1,1]."""
     return from_model_range(net(to_model_range(images)))
 
 
@@ -117,25 +103,50 @@ ENSEMBLE_HELP = ("several (independently trained runs of the same size): transla
                  "translations (a deep ensemble; compute times their number)")
 
 
-class FlipShiftMean(nn.Module):
-    """A generator run on 10 flipped and shifted copies of its input, each translation moved back, averaged.
-    Texture the generator invents differs from copy to copy and averages out; anatomy does not. `copies` are
-    the translations themselves, whose spread is the tta hallucination map (train/fidelity.py)."""
+class Translator(nn.Module):
+    """One direction of a trained model as it is used: one generator, or the generators of independently trained
+    runs (a deep ensemble, Lakshminarayanan et al. 2017: the translation is the mean of theirs), in one pass or,
+    with `tta`, on 10 flipped and shifted copies of the input, each translation moved back and averaged. Texture
+    a generator invents differs from copy to copy and averages out; anatomy does not. Works in the generators'
+    [-1,1] like a generator (`translate` for [0,1] slices). The model-use layer: callers ask it, never unwrap it."""
 
-    def __init__(self, net: nn.Module):
+    def __init__(self, members: list[nn.Module], tta: bool = False):
         super().__init__()
-        self.net = net
+        self.members, self.tta = nn.ModuleList(members), tta
 
-    def copies(self, x: torch.Tensor, through: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
-        """(N,C,H,W) in the network's [-1,1] -> (10,N,C',H,W): what the network (or `through`, another of its
-        functions, such as with_scale) makes of each copy; for an Ensemble, (10 x members,N,C,H,W)"""
-        if through is None and isinstance(self.net, Ensemble):
-            return torch.cat([FlipShiftMean(member).copies(x) for member in self.net.members])
-        through = through or self.net
-        return torch.stack([unflip_shift(through(flip_shift(x, flip, shift)), flip, shift) for flip in (False, True) for shift in TTA_SHIFTS])
+    def averaged(self) -> Translator:
+        """The same members on the 10 copies (the copies whose spread is the tta hallucination map)."""
+        return Translator(list(self.members), tta=True)
+
+    def single_pass(self) -> Translator:
+        return Translator(list(self.members), tta=False)
+
+    @property
+    def scale_head(self) -> bool:
+        """True when this is one generator with a scale head (a run trained with --lambda_aleatoric)."""
+        return len(self.members) == 1 and getattr(self.members[0], "scale_head", False)
+
+    def copies(self, x: torch.Tensor, with_scale: bool = False) -> torch.Tensor:
+        """(N,C,H,W) in [-1,1] -> (K,N,C',H,W): each member's translation, or with tta each member's 10 copies'
+        (K = members x 10). `with_scale`: the scale head's output too (C' = 2C; see scale_head)."""
+        if with_scale and not self.scale_head:
+            raise ValueError("with_scale needs one generator with a scale head")
+        out = []
+        for member in self.members:
+            through = member.with_scale if with_scale else member
+            if not self.tta:
+                out.append(through(x)[None])
+                continue
+            out.append(torch.stack([unflip_shift(through(flip_shift(x, flip, shift)), flip, shift)
+                                    for flip in (False, True) for shift in TTA_SHIFTS]))
+        return torch.cat(out)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.copies(x).mean(0)
+        return self.members[0](x) if len(self.members) == 1 and not self.tta else self.copies(x).mean(0)
+
+    def with_scale(self, x: torch.Tensor) -> torch.Tensor:
+        """(N,C,H,W) -> (N,2C,H,W): the translation and its Laplace scale (with tta, the copies' means)."""
+        return self.copies(x, with_scale=True).mean(0)
 
 
 def device_for_inference() -> torch.device:

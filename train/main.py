@@ -27,7 +27,7 @@ from train.checkpoints import (AverageCount, StateDict, TrainState, check_compat
                                save_checkpoint, store_generators_once)
 from train.config import Config, load_config, save_config
 from train.data import check_shards, evenly_spaced, train_loaders, val_samples
-from train.inference import FlipShiftMean
+from train.inference import Translator
 from train.metrics import slice_metrics
 from train.networks import CycleGenerators, from_model_range, to_model_range, unet_levels
 from train.step import any_rank, build_cycle_gan, train_step
@@ -305,7 +305,7 @@ def validate(accelerator, model: CycleGenerators, val, previews, out: Path, epoc
 def translate_both(model: CycleGenerators, t1: torch.Tensor, t2: torch.Tensor, accelerator, tta: bool) -> dict[str, torch.Tensor]:
     """[0,1] inputs -> [0,1] translations and cycle reconstructions in both directions. With `tta` the
     translations are the mean of flipped and shifted copies; the way back stays one pass (a tenth of the cost)."""
-    g_ab, g_ba = (FlipShiftMean(net) if tta else net for net in (model.g_ab, model.g_ba))
+    g_ab, g_ba = (Translator([net], tta) for net in (model.g_ab, model.g_ba))
     with accelerator.autocast():
         fake_t2, fake_t1 = g_ab(to_model_range(t1)), g_ba(to_model_range(t2))
         cycle_t1, cycle_t2 = model.g_ba(fake_t2), model.g_ab(fake_t1)

@@ -32,8 +32,8 @@ from shards.dicom import Volume, find_series, is_dicom, load_series, write_serie
 from shards.format import encode_png16
 from shards.preprocess import VolumeError, load_image, load_nifti, read_file
 from train.fidelity import MODES, HallucinationMap, translate_with_map
-from train.inference import (ENSEMBLE_HELP, SPELLINGS, TTA_HELP, CheckpointError, FlipShiftMean, device_for_inference,
-                             image_outputs, load_generators, volume_outputs)
+from train.inference import (ENSEMBLE_HELP, TTA_HELP, CheckpointError, device_for_inference, image_outputs, load_translator,
+                             volume_outputs)
 
 VOLUME_SUFFIXES = (".nii", ".nii.gz")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
@@ -137,15 +137,13 @@ def main(argv=None) -> int:
 
     device = device_for_inference()
     try:
-        net, info = load_generators(args.checkpoint, args.direction, device)
-        net = FlipShiftMean(net) if args.tta else net
-        hallucination = HallucinationMap(args.uncertainty, args.checkpoint, args.direction, device,
-                                         loaded={SPELLINGS[args.direction]: net}) if args.uncertainty else None
+        translator, info = load_translator(args.checkpoint, args.direction, device, args.tta)
+        hallucination = HallucinationMap(args.uncertainty, translator, args.checkpoint, args.direction, device) if args.uncertainty else None
     except CheckpointError as err:
         raise SystemExit(f"error: --checkpoint {err}")
 
     def outputs_of(images):
-        translated, spread = translate_with_map(net, images, hallucination)  # one pass for both where they share copies
+        translated, spread = translate_with_map(translator, images, hallucination)  # one pass for both where they share copies
         return {"translation": translated, **({"uncertainty": spread} if spread is not None else {})}
 
     inputs = list_inputs(args.input)
