@@ -33,7 +33,7 @@ from scipy import ndimage
 
 from demo_bounds import LookupTable  # bench/, the script's own folder
 from train import rundir
-from train.evaluate import POOLED, lesion_report, mean_std, per_subject, read_samples, score, split_shards
+from train.scoring import lesion_report, read_samples, score, split_shards, summarize
 from train.fidelity import MODES, RING_PIXELS
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -108,8 +108,7 @@ def lookup_reference(shards: Path) -> dict:
     fit = images["mask"] & ~torch.from_numpy(near_lesion)
     nets = {name: LookupTable(images[source], images[target], fit) for name, (source, target) in rundir.DIRECTIONS.items()}
     rows, lesion_slices = score(nets, paths, 32, torch.device("cpu"))
-    return {"directions": {name: {"summary": {k: mean_std([s[k] for s in per_subject(rows[name])]) for k in POOLED}}
-                           for name in rundir.DIRECTIONS},
+    return {"directions": {name: summarize(rows[name]) for name in rundir.DIRECTIONS},
             "lesions": lesion_report(lesion_slices)}
 
 

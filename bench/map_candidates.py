@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from train import rundir
-from train.evaluate import batched, read_samples, split_shards
+from train.scoring import batched, read_samples, split_shards
 from train.fidelity import ErrorDetection, HallucinationMap
 from train.inference import Translator, load_generator, translate
 

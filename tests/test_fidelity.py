@@ -21,7 +21,7 @@ from shards.pack import assign_splits
 from shards.preprocess import Grid, load_nifti, resample
 from shards.phantom import CSF, tissue_labels, voxel_world
 from shards.synth import MIN_SUBJECTS_FOR_HOLDOUT, grid, mark_held_out, render_subject, subject_anatomy, subjects
-from train.evaluate import read_samples, split_shards
+from train.scoring import read_samples, split_shards
 from train.fidelity import ErrorDetection, HallucinationMap, lesion_contrasts, lesion_summary
 from train.inference import CheckpointError, Translator, load_generator, load_translator, resolve_checkpoint, translate
 

@@ -4,10 +4,10 @@
                              [--overwrite] [--tta]
 
 Per slice, the same metrics as the trainer's validation (train/metrics.py: data range 1, SSIM with an 11x11
-Gaussian window, σ 1.5, inside the head mask). Per subject, slices are pooled over the mask: masked SSIM is
-the mean of the SSIM map over all the subject's masked pixels, PSNR comes from the mean squared error over
-them, MAE likewise. Across subjects: mean ± std. `slice_mean` repeats the trainer's per-slice averages, so
-evaluating the val split reproduces the logged validation (with --tta where the run validated with --val_tta).
+Gaussian window, σ 1.5, inside the head mask), pooled per subject by train/scoring.py (masked SSIM is the mean
+of the SSIM map over all the subject's masked pixels, PSNR comes from the mean squared error over them, MAE
+likewise). Across subjects: mean ± std. `slice_mean` repeats the trainer's per-slice averages, so evaluating
+the val split reproduces the logged validation (with --tta where the run validated with --val_tta).
 With --tta each translation is the mean of 10 flipped and shifted copies (train/inference.py). Several
 checkpoints (independently trained runs) are scored as their ensemble: each translation is the mean of theirs.
 
@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import itertools
 import json
 import shutil
 import sys
@@ -34,119 +33,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import webdataset as wds
 from PIL import Image
-from tqdm import tqdm
 
-from shards.format import ShardsError, check_complete, decode_sample, recorded_samples
 from train import rundir, tracking
-from train.fidelity import (FLAGGED_RANK, MODES, ErrorDetection, HallucinationMap, lesion_contrasts, lesion_summary,
-                            stack_subject, translate_with_map)
+from train.fidelity import FLAGGED_RANK, MODES, ErrorDetection, HallucinationMap, translate_with_map
 from train.inference import ENSEMBLE_HELP, TTA_HELP, CheckpointError, device_for_inference, load_translator
-from train.metrics import slice_metrics
+from train.scoring import POOLED, ScoringError, lesion_report, read_samples, score, split_shards, summarize
 
-POOLED = ("ssim_masked", "psnr_masked", "mae_masked", "texture")
-SLICE = ("ssim", "ssim_masked", "psnr", "psnr_masked", "mae_masked", "texture")
 ERROR_GAIN = 4  # |error| is drawn x4 so small errors show
-
-
-def split_shards(folder: Path) -> list[str]:
-    paths = sorted(str(p) for p in folder.glob("paired-*.tar"))
-    if not folder.is_dir():
-        raise SystemExit(f"error: --data {folder}: no such folder")
-    if not paths:
-        raise SystemExit(f"error: --data {folder}: no paired-*.tar shards; pass a split folder such as SHARDS/test")
-    return paths
-
-
-def read_samples(paths: list[str], allow_partial: bool = False, check: bool = True):
-    """Every paired sample of `paths`, decoded; with `check`, once all are read, each shard's count is checked
-    against its manifest (an error naming the shard, or a warning with `allow_partial`)."""
-    dataset = wds.WebDataset(paths, shardshuffle=False, empty_check=False, nodesplitter=None, workersplitter=None)
-    counted = dict.fromkeys(paths, 0)
-    for raw in dataset:
-        sample = decode_sample(raw)
-        if not {"t1", "t2", "mask"} <= set(sample):
-            raise SystemExit(f"error: {sample['key']} in {raw.get('__url__')}: a paired sample needs t1.png, t2.png and mask.png")
-        counted[raw["__url__"]] += 1
-        yield sample
-    try:
-        if check:
-            check_complete(counted, allow_partial, warn=lambda message: print(message, file=sys.stderr))
-    except ShardsError as err:
-        raise SystemExit(f"error: {err}")
-
-
-def batched(iterable, n):
-    it = iter(iterable)
-    while chunk := list(itertools.islice(it, n)):
-        yield chunk
-
-
-def score(nets: dict, paths: list[str], batch_size: int, device: torch.device, maps: dict | None = None,
-          detectors: dict | None = None, allow_partial: bool = False) -> tuple[dict, dict]:
-    """Per-slice metrics for both directions, streamed (a test split does not fit in memory at 256²).
-    With `maps`, feeds each direction's ErrorDetection. Also returns, per direction and lesion subject, the
-    slices that hold lesions, with their translations."""
-    rows = {name: [] for name in rundir.DIRECTIONS}
-    lesion_slices = {name: {} for name in rundir.DIRECTIONS}
-    recorded = [recorded_samples(path) for path in paths]
-    bar = tqdm(total=None if None in recorded else sum(recorded), desc="evaluate", unit="slice")
-    for chunk in batched(read_samples(paths, allow_partial), batch_size):
-        bar.update(len(chunk))
-        tensors = {k: torch.from_numpy(np.stack([s[k] for s in chunk]))[:, None].to(device) for k in ("t1", "t2", "mask")}
-        for name, (source, target) in rundir.DIRECTIONS.items():
-            pred, spread = translate_with_map(nets[name], tensors[source], maps[name] if maps else None)
-            if spread is not None:
-                detectors[name].update(spread, pred, tensors[target], tensors["mask"])
-            metrics = slice_metrics(pred, tensors[target], tensors["mask"])
-            for i, sample in enumerate(chunk):
-                rows[name].append({"key": sample["key"], "subject": sample["meta"]["subject"],
-                                   **{k: float(v[i]) for k, v in metrics.items()}})
-                if "lesion" in sample and sample["lesion"].any():
-                    lesion_slices[name].setdefault(sample["meta"]["subject"], []).append(
-                        {"z": sample["meta"]["slice"], "lesion": sample["lesion"], "mask": sample["mask"],
-                         "input": sample[source], "pred": pred[i, 0].cpu().numpy(), "truth": sample[target],
-                         **({"map": spread[i, 0].cpu().numpy()} if spread is not None else {})})
-    bar.close()
-    return rows, lesion_slices
-
-
-def lesion_report(lesion_slices: dict) -> dict:
-    """Per direction: lesion metrics over all lesion subjects (docs/fidelity.md)."""
-    report = {}
-    for name, subjects in lesion_slices.items():
-        lesions, errors = [], []
-        for slices in subjects.values():
-            stacked = stack_subject(slices)
-            lesions += lesion_contrasts(stacked["lesion"], stacked["mask"], {"pred": stacked["pred"], "truth": stacked["truth"]},
-                                        stacked.get("map"))
-            errors.append(np.abs(stacked["pred"] - stacked["truth"])[stacked["lesion"]])
-        if lesions:
-            report[name] = {"subjects": len(subjects), **lesion_summary(lesions, errors)}
-    return report
-
-
-def per_subject(rows: list[dict]) -> list[dict]:
-    subjects = {}
-    for row in rows:
-        subjects.setdefault(row["subject"], []).append(row)
-    out = []
-    for subject, slices in sorted(subjects.items()):
-        area = np.array([r["mask_area"] for r in slices])
-
-        def pooled(key, slices=slices, area=area):  # weighted by head area
-            return float((np.array([r[key] for r in slices]) * area).sum() / area.sum())
-
-        out.append({"subject": subject, "slices": len(slices), "ssim_masked": pooled("ssim_masked"),
-                    "psnr_masked": float(10 * np.log10(1.0 / max(pooled("mse_masked"), 1e-10))), "mae_masked": pooled("mae_masked"),
-                    "texture": float(np.sqrt(pooled("lap_pred") / max(pooled("lap_truth"), 1e-12)))})
-    return out
-
-
-def mean_std(values) -> dict:
-    values = np.asarray(values, np.float64)
-    return {"mean": float(values.mean()), "std": float(values.std(ddof=1)) if len(values) > 1 else 0.0}
 
 
 def figure(nets: dict, paths: list[str], rows: dict, device: torch.device, maps: dict | None = None) -> np.ndarray:
@@ -276,7 +170,10 @@ def main(argv=None) -> int:
         raise SystemExit(f"error: --out {args.out} already exists; pass --overwrite to replace it")
     if args.out.exists():
         check_replaceable(args.out)
-    paths = [path for folder in args.data for path in split_shards(folder)]
+    try:
+        paths = [path for folder in args.data for path in split_shards(folder)]
+    except ScoringError as err:
+        raise SystemExit(f"error: --data {err}")
     device = device_for_inference()
     try:
         loaded = {name: load_translator(args.checkpoint, name, device, args.tta) for name in rundir.DIRECTIONS}
@@ -288,19 +185,16 @@ def main(argv=None) -> int:
 
     checkpoint = loaded["t1_to_t2"][1]["path"]
     detectors = {name: ErrorDetection(args.error_threshold) for name in rundir.DIRECTIONS}
-    rows, lesion_slices = score(nets, paths, args.batch_size, device, maps, detectors, args.allow_partial)
+    try:
+        rows, lesion_slices = score(nets, paths, args.batch_size, device, maps, detectors, args.allow_partial)
+    except ScoringError as err:
+        raise SystemExit(f"error: {err}")
     if not rows["t1_to_t2"]:
         raise SystemExit(f"error: --data {' '.join(map(str, args.data))}: the shards hold no samples")
     members = {"members": loaded["t1_to_t2"][1]["members"]} if "members" in loaded["t1_to_t2"][1] else {}
     report = {"checkpoint": checkpoint, **members, "step": loaded["t1_to_t2"][1].get("step"), "data": " ".join(map(str, args.data)),
-              "subjects": len({r["subject"] for r in rows["t1_to_t2"]}), "slices": len(rows["t1_to_t2"]), "tta": args.tta,
-              "directions": {}}
-    for name in rundir.DIRECTIONS:
-        subjects = per_subject(rows[name])
-        report["directions"][name] = {
-            "summary": {k: mean_std([s[k] for s in subjects]) for k in POOLED},
-            "slice_mean": {k: float(np.mean([r[k] for r in rows[name]])) for k in SLICE},
-            "subjects": subjects}
+              "subjects": len({r["subject"] for r in rows["t1_to_t2"]}), "slices": len(rows["t1_to_t2"]), "tta": args.tta}
+    report["directions"] = {name: summarize(rows[name]) for name in rundir.DIRECTIONS}
     if maps:
         report["uncertainty"] = {"mode": args.uncertainty, "error_threshold": args.error_threshold,
                                  "directions": {name: detectors[name].result() for name in rundir.DIRECTIONS}}
