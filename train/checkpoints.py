@@ -138,6 +138,21 @@ def check_plain_data(path: Path) -> None:
                              f"checkpoints you trust")
 
 
+def load_checkpoint(accelerator, path: Path, schedules, config: Config) -> None:
+    """Restore a registered training state. The saved optimizers and schedules carry the old rates and betas;
+    the options given now win (a lower --lr after a NaN stop), at the saved step's place in the schedule.
+    `schedules`: the generators' and the discriminators' schedulers."""
+    try:
+        accelerator.load_state(str(path))
+    except Exception as err:  # a truncated or damaged file: name the checkpoint, not a deep traceback
+        raise SystemExit(f"error: --resume {path}: cannot load it ({type(err).__name__}: {str(err).splitlines()[0][:300]}); "
+                         f"it may be truncated: resume from an earlier checkpoint in {path.parent}") from None
+    for sched, lr in zip(schedules, (config.lr, config.lr_d or config.lr)):
+        sched.base_lrs = [lr] * len(sched.optimizer.param_groups)
+        for group in sched.optimizer.param_groups:
+            group.update(initial_lr=lr, lr=lr * sched.lr_lambdas[0](sched.last_epoch), betas=(config.beta1, config.beta2))
+
+
 def save_checkpoint(accelerator, trained: list, inference_gens: CycleGenerators, out: Path, state: TrainState, epoch: int,
                     config: Config, size: int, last: dict, val: dict, preprocessing: dict) -> None:
     """Accelerate state + inference generators (the moving average where kept), written to a hidden folder and

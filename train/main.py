@@ -23,8 +23,8 @@ from tqdm import tqdm
 
 from shards.format import ShardsError, shards_preprocessing
 from train import rundir, tracking
-from train.checkpoints import (AverageCount, StateDict, TrainState, check_compatible, check_plain_data, resolve_resume,
-                               save_checkpoint, store_generators_once)
+from train.checkpoints import (AverageCount, StateDict, TrainState, check_compatible, check_plain_data, load_checkpoint,
+                               resolve_resume, save_checkpoint, store_generators_once)
 from train.config import Config, load_config, save_config
 from train.data import check_shards, evenly_spaced, train_loaders, val_samples
 from train.inference import Translator
@@ -47,6 +47,46 @@ class StopRequested:
         self.flag = True
 
 
+class LossWindow:
+    """The steps since the last logged row: their mean losses (over every rank) and images per second."""
+
+    def __init__(self, accelerator: Accelerator):
+        self.accelerator = accelerator
+        self.losses = torch.zeros(len(rundir.LOSSES), device=accelerator.device)
+        self.steps, self.images, self.start = 0, 0, time.time()
+
+    def add(self, losses: dict[str, torch.Tensor], images: int) -> None:
+        self.losses += torch.stack([losses[k] for k in rundir.LOSSES]).detach().float()
+        self.steps, self.images = self.steps + 1, self.images + images
+
+    def means(self) -> dict[str, float]:
+        """`loss/<name>` means and images_per_s over the window, which then starts again."""
+        losses = self.losses / max(self.steps, 1)
+        losses = self.accelerator.reduce(losses, reduction="mean") if self.accelerator.num_processes > 1 else losses
+        row = {**{f"loss/{k}": v.item() for k, v in zip(rundir.LOSSES, losses)},
+               "images_per_s": self.images / max(time.time() - self.start, 1e-9)}
+        self.losses.zero_()
+        self.steps, self.images, self.start = 0, 0, time.time()
+        return row
+
+
+def check_options(config: Config, size: int) -> None:
+    """Options that contradict each other, the image size or the machine: a one-line error naming the option."""
+    # the default depth stands for "not asked for" with another generator (--upsample is the U-Net decoder's only)
+    if config.generator != "unet" and config.unet_depth != Config.defaults()["unet_depth"]:
+        raise SystemExit(f"error: --unet_depth {config.unet_depth}: needs --generator unet, not {config.generator}")
+    if config.unet_depth and config.generator == "unet":
+        try:
+            unet_levels(size, config.unet_depth)
+        except ValueError as err:
+            raise SystemExit(f"error: --unet_depth {config.unet_depth}: {err}")
+    if config.lambda_aleatoric and config.generator != "unet":
+        raise SystemExit(f"error: --lambda_aleatoric {config.lambda_aleatoric}: needs --generator unet, not {config.generator}")
+    if config.mixed_precision == "fp16" and not torch.cuda.is_available():
+        raise SystemExit("error: --mixed_precision fp16 needs a GPU and none is visible (whether the flag or the launcher asked "
+                         "for it); use bf16 or no on CPU")
+
+
 def main(argv=None) -> int:
     config = load_config(argv)
     # the flag wins; without it, what `accelerate launch` was given (its flag or config file), else fp32.
@@ -63,19 +103,7 @@ def main(argv=None) -> int:
     if config.resume and config.resume != "auto" and not Path(config.resume).exists():
         raise SystemExit(f"error: --resume {config.resume}: no such checkpoint folder")
 
-    # the default depth stands for "not asked for" with another generator (--upsample is the U-Net decoder's only)
-    if config.generator != "unet" and config.unet_depth != Config.defaults()["unet_depth"]:
-        raise SystemExit(f"error: --unet_depth {config.unet_depth}: needs --generator unet, not {config.generator}")
-    if config.unet_depth and config.generator == "unet":
-        try:
-            unet_levels(size, config.unet_depth)
-        except ValueError as err:
-            raise SystemExit(f"error: --unet_depth {config.unet_depth}: {err}")
-    if config.lambda_aleatoric and config.generator != "unet":
-        raise SystemExit(f"error: --lambda_aleatoric {config.lambda_aleatoric}: needs --generator unet, not {config.generator}")
-    if config.mixed_precision == "fp16" and not torch.cuda.is_available():
-        raise SystemExit("error: --mixed_precision fp16 needs a GPU and none is visible (whether the flag or the launcher asked "
-                         "for it); use bf16 or no on CPU")
+    check_options(config, size)
 
     mode = tracking.wandb_mode(config.report_to, config.wandb)
     os.environ["WANDB_MODE"] = mode
@@ -103,17 +131,7 @@ def main(argv=None) -> int:
     accelerator.register_for_checkpointing(kept)
     store_generators_once(accelerator, model.ema)
     if resume_path:
-        try:
-            accelerator.load_state(str(resume_path))
-        except Exception as err:  # a truncated or damaged file: name the checkpoint, not a deep traceback
-            raise SystemExit(f"error: --resume {resume_path}: cannot load it ({type(err).__name__}: {str(err).splitlines()[0][:300]}); "
-                             f"it may be truncated: resume from an earlier checkpoint in {resume_path.parent}")
-        # the saved optimizers and schedules carry the old rates and betas; the options given now win (a lower --lr
-        # after a NaN stop), on the saved step's place in the schedule
-        for sched, lr in ((model.sched_g, config.lr), (model.sched_d, config.lr_d or config.lr)):
-            sched.base_lrs = [lr] * len(sched.optimizer.param_groups)
-            for group in sched.optimizer.param_groups:
-                group.update(initial_lr=lr, lr=lr * sched.lr_lambdas[0](sched.last_epoch), betas=(config.beta1, config.beta2))
+        load_checkpoint(accelerator, resume_path, (model.sched_g, model.sched_d), config)
         accelerator.print(f"resumed from {resume_path} at step {state.step}")
     state.wandb_id = state.wandb_id or tracking.new_run_id(config.run_name or out.name)
 
@@ -133,11 +151,7 @@ def main(argv=None) -> int:
     if mode != "disabled":  # the config as resolved: what the run really does, not what was left at 0
         resolved = {**config.to_dict(), "size": size, "steps_per_epoch": steps_per_epoch, "max_steps": total_steps,
                     "world_size": world, "global_batch_size": config.batch_size * world}
-        accelerator.init_trackers(config.wandb_project, config=resolved, init_kwargs={"wandb": {
-            "name": config.run_name or out.name, "group": config.wandb_group or None, "dir": str(out),
-            "tags": [t for t in config.wandb_tags.split(",") if t] or None, "resume": "allow", "id": state.wandb_id}})
-        if is_main:
-            tracking.define_metrics(accelerator.get_tracker("wandb", unwrap=True))
+        tracking.start(accelerator, config, resolved, out, state.wandb_id)
 
     trace = None
     if config.trace_keys:
@@ -148,8 +162,8 @@ def main(argv=None) -> int:
     heartbeat = rundir.Heartbeat(out, lambda: {"step": state.step, "total_steps": total_steps,
                                                "best_checkpoint_step": state.best_step}).start() if is_main else None
     skipped_by_slot: dict[int, int] = {}
-    window_start, window_images, run_start, images_seen = time.time(), 0, time.time(), 0
-    window_losses, window_steps = torch.zeros(len(rundir.LOSSES), device=accelerator.device), 0  # logged rows are window means
+    window = LossWindow(accelerator)
+    run_start, images_seen = time.time(), 0
     # what the first convolution really produced, logged once: the proof that mixed precision is on (the prepared
     # model's outputs are cast back to fp32, so they cannot tell)
     compute_dtype, conv_dtypes = None, []
@@ -201,18 +215,12 @@ def main(argv=None) -> int:
             state.bad_in_a_row = 0
             state.step += 1
             bar.update()
-            window_losses += torch.stack([step_losses[k] for k in rundir.LOSSES]).detach().float()
-            window_steps += 1
             images = 2 * real_a.shape[0] * world
-            window_images += images
+            window.add(step_losses, images)
             images_seen += images
 
             if state.step % config.log_every == 0 or state.step == total_steps:
-                elapsed = time.time() - window_start
-                losses = window_losses / window_steps
-                losses = accelerator.reduce(losses, reduction="mean") if world > 1 else losses
-                last = {**{f"loss/{k}": v.item() for k, v in zip(rundir.LOSSES, losses)}, "lr": model.sched_g.get_last_lr()[0],
-                        "lr_d": model.sched_d.get_last_lr()[0], "images_per_s": window_images / max(elapsed, 1e-9),
+                last = {**window.means(), "lr": model.sched_g.get_last_lr()[0], "lr_d": model.sched_d.get_last_lr()[0],
                         "nan_steps": state.nan_steps, "skipped_samples": sum(skipped_by_slot.values())}
                 if is_main:
                     metrics_log.write({"step": state.step, "epoch": epoch, **last})
@@ -221,8 +229,6 @@ def main(argv=None) -> int:
                                f"{last['loss/cycle']:.4f} idt {last['loss/identity']:.4f}) D {last['loss/D']:.4f} "
                                f"{last['images_per_s']:.2f} images/s")
                 accelerator.log({**last, "epoch": epoch}, step=state.step)
-                window_start, window_images, window_steps = time.time(), 0, 0
-                window_losses.zero_()
 
             at_epoch_end = state.step == epoch_end
             scores = {}

@@ -39,6 +39,16 @@ def new_run_id(name: str) -> str:
     return f"{re.sub(r'[^A-Za-z0-9_-]', '-', name)[:40]}-{secrets.token_hex(4)}"
 
 
+def start(accelerator, config, resolved: dict, out: Path, run_id: str) -> None:
+    """The W&B run through Accelerate's tracker: named after the run folder unless --run_name, resumed by id,
+    its files in the run folder; `resolved` is the config as the run really uses it."""
+    accelerator.init_trackers(config.wandb_project, config=resolved, init_kwargs={"wandb": {
+        "name": config.run_name or out.name, "group": config.wandb_group or None, "dir": str(out),
+        "tags": [t for t in config.wandb_tags.split(",") if t] or None, "resume": "allow", "id": run_id}})
+    if accelerator.is_main_process:
+        define_metrics(accelerator.get_tracker("wandb", unwrap=True))
+
+
 def define_metrics(run) -> None:
     """Validation summaries hold the best value of the run, not the last one (W&B globs match suffixes only)."""
     for name, goal in SUMMARY_BEST.items():
