@@ -29,65 +29,38 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import yaml
 from scipy import ndimage
 
 from demo_bounds import LookupTable  # bench/, the script's own folder
 from train import rundir
-from train.scoring import lesion_report, read_samples, score, split_shards, summarize
 from train.fidelity import MODES, RING_PIXELS
+from train.scoring import lesion_report, read_samples, score, split_shards, summarize
 
 ROOT = Path(__file__).resolve().parents[1]
-# train/recipes/demo.yaml's settings when they were the best at 64² in bench/demo_settings.py (spelled out, so a row's
-# meaning does not change with the demo)
-MIND_LSGAN = ["--lambda_structure", "5", "--lambda_identity", "0", "--gan_loss", "lsgan", "--augment", "false", "--lr", "5e-4"]
-# and half the reference cycle weight, the lever at 64² (docs/benchmarks.md)
-MIND_LSGAN_CYC5 = [*MIND_LSGAN, "--lambda_cycle", "5"]
-# and a shallow U-Net: each output pixel sees a 30-pixel window, not the whole slice (the best at 128²)
-UNET3 = [*MIND_LSGAN_CYC5, "--unet_depth", "3"]
-# and twice the MIND weight (the later flag wins): edges held closer to the input's
-MIND10_UNET3 = [*UNET3, "--lambda_structure", "10"]
-# each variant: train/main.py flags on top of the seed's recipe (SEED), so that a row keeps its meaning when the
-# trainer's defaults change; "plain" is the seed's CycleGAN, and mind10-lsgan-cyc5-unet3-resize is the trainer's default
 SEED = ["--config", "train/recipes/seed.yaml"]
-VARIANTS = {
-    "plain": [],
-    "mind": ["--lambda_structure", "5"],
-    "mind-noidt": ["--lambda_structure", "5", "--lambda_identity", "0"],
-    "mind-lsgan": MIND_LSGAN,
-    "mind-lsgan-cyc5": MIND_LSGAN_CYC5,
-    # and the demo's moving average of the generator weights
-    "mind-lsgan-cyc5-ema": [*MIND_LSGAN_CYC5, "--ema_decay", "0.995"],
-    # and CUT's patch contrastive loss, both ways
-    "mind-lsgan-cyc5-nce": [*MIND_LSGAN_CYC5, "--lambda_nce", "1"],
-    "mind-lsgan-cyc5-unet3": UNET3,
-    # a 62-pixel window
-    "mind-lsgan-cyc5-unet4": [*MIND_LSGAN_CYC5, "--unet_depth", "4"],
-    # and a slower moving average of the generator weights (about the last 1000 steps), for the long runs
-    "mind-lsgan-cyc5-unet3-ema": [*UNET3, "--ema_decay", "0.999"],
-    # and 34-pixel discriminator patches: the reference's 70 cover half a 128² slice
-    "mind-lsgan-cyc5-unet3-d2": [*UNET3, "--disc_layers", "2"],
-    # and discriminators that learn at half the generators' rate (past 12000 steps they win)
-    "mind-lsgan-cyc5-unet3-lrd": [*UNET3, "--lr_d", "2.5e-4"],
-    # and half the adversarial weight: the cycle and MIND terms weigh more against fooling the discriminators
-    "mind-lsgan-cyc5-unet3-adv05": [*UNET3, "--lambda_adv", "0.5"],
-    "mind10-lsgan-cyc5-unet3": MIND10_UNET3,
-    # and a learning-rate decay over the last three quarters of the steps, not the last half
-    "mind10-lsgan-cyc5-unet3-decay025": [*MIND10_UNET3, "--lr_decay_start", "0.25"],
-    # and a decay from the first step
-    "mind10-lsgan-cyc5-unet3-decay0": [*MIND10_UNET3, "--lr_decay_start", "0"],
-    # and the reference's generator width (64, not the bench's 32; discriminators stay at 32): 2.6 steps/s, not 4.25
-    "mind10-lsgan-cyc5-unet3-ngf64": [*MIND10_UNET3, "--ngf", "64"],
-    # and a width between the two (48): 3.2 steps/s
-    "mind10-lsgan-cyc5-unet3-ngf48": [*MIND10_UNET3, "--ngf", "48"],
-    # and a scale head per generator, fitted to the cycle's error: the map --uncertainty aleatoric reads
-    "mind10-lsgan-cyc5-unet3-aleatoric": [*MIND10_UNET3, "--lambda_aleatoric", "1"],
-    # and a tenth of that weight: less of the scale's gradient in the layers it shares with the translation
-    "mind10-lsgan-cyc5-unet3-aleatoric01": [*MIND10_UNET3, "--lambda_aleatoric", "0.1"],
-    # and resize-convolutions in the decoder (nearest x2 + 3x3) instead of transposed ones: no checkerboard speckle
-    "mind10-lsgan-cyc5-unet3-resize": [*MIND10_UNET3, "--upsample", "resize"],
-    # and transformation consistency: a flipped and shifted input's translation is the translation moved alike
-    "mind10-lsgan-cyc5-unet3-resize-equiv10": [*MIND10_UNET3, "--upsample", "resize", "--lambda_equivariance", "10"],
-}
+VARIANTS_FILE = Path(__file__).with_name("fidelity_variants.yaml")
+DEFAULT_VARIANT = "mind10-lsgan-cyc5-unet3-resize"  # the trainer's defaults (tests/test_train.py checks it)
+
+
+def load_variants(path: Path = VARIANTS_FILE) -> dict[str, dict]:
+    """Each variant's train/main.py options (on top of SEED): its base's, then its own."""
+    listed = yaml.safe_load(path.read_text())
+
+    def options(name: str, seen: tuple = ()) -> dict:
+        if name in seen or name not in listed:
+            raise ValueError(f"{path}: variant {name!r} is {'its own base' if name in seen else 'not listed'}")
+        entry = listed[name]
+        return {**(options(entry["base"], (*seen, name)) if "base" in entry else {}), **entry["options"]}
+
+    return {name: options(name) for name in listed}
+
+
+def flags(options: dict) -> list[str]:
+    return [token for key, value in options.items() for token in (f"--{key}", str(value))]
+
+
+VARIANTS = load_variants()
 
 
 def run(*args, **kwargs) -> float:
@@ -167,7 +140,7 @@ def main() -> None:
                     # at every validation (keeping the newest 2 and the best), or spread snapshots over the second half
                     "--checkpoint_every", args.steps // (2 * args.snapshots) if args.snapshots > 1 else max(args.steps // 4, 1),
                     "--checkpoints_total_limit", max(args.snapshots, 2), "--num_workers", 1, "--report_to", "none",
-                    "--seed", seed, "--resume", "auto", *SEED, *VARIANTS[name], env=env)
+                    "--seed", seed, "--resume", "auto", *SEED, *flags(VARIANTS[name]), env=env)
             checkpoints.append(max((run_dir / "checkpoints").glob("step-*")))  # the step budget's last checkpoint, not val-selected
         report_dir = out / "reports" / (f"{run_name(name, train_seed)}{f'-ensemble{args.ensemble}' * (args.ensemble > 1)}"
                                         f"-{args.uncertainty}{'-tta-mean' * args.tta}")

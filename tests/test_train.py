@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import json
 import os
 import shutil
@@ -429,6 +430,20 @@ def recipe_of(config: Config) -> dict:
 def test_the_defaults_are_the_recipe_and_the_seed_is_a_recipe_file():
     assert recipe_of(load_config(["--data", "d", "--out", "o"])) == RECIPE
     assert recipe_of(load_config(["--config", str(ROOT / "train" / "recipes" / "seed.yaml"), "--data", "d", "--out", "o"])) == SEED
+
+
+def test_every_fidelity_bench_variant_is_a_valid_config_and_its_default_row_is_the_trainers_default(monkeypatch, tmp_path):
+    monkeypatch.syspath_prepend(str(ROOT / "bench"))
+    bench = importlib.import_module("fidelity_bench")
+    seed = ["--config", str(ROOT / "train" / "recipes" / "seed.yaml"), "--data", "d", "--out", "o"]
+    configs = {name: load_config([*seed, *bench.flags(options)]) for name, options in bench.VARIANTS.items()}
+    assert len(configs) > 20 and recipe_of(configs["plain"]) == SEED
+    without_file = {k: v for k, v in configs[bench.DEFAULT_VARIANT].to_dict().items() if k != "config"}
+    assert without_file == {k: v for k, v in load_config(["--data", "d", "--out", "o"]).to_dict().items() if k != "config"}
+    looped = tmp_path / "variants.yaml"
+    looped.write_text("a: {base: b, about: x, options: {}}\nb: {base: a, about: y, options: {}}\n")
+    with pytest.raises(ValueError, match="'a' is its own base"):
+        bench.load_variants(looped)
 
 
 def tissue_contrast(checkpoint, shards) -> dict[str, float]:
