@@ -73,7 +73,7 @@ def check_precision(data: Path, out: Path, precision: str, steps: int, widths: l
 def loader_rate(data: Path, batch: int, seconds: float = 10.0) -> float:
     """Slices per second that one DataLoader worker delivers for one contrast (decode, augmentation off)."""
     config = Config(data=str(data), out="-", batch_size=batch, num_workers=1)
-    loader = train_loaders(str(data), config, 0, 1)["t1"]
+    loader = train_loaders(config, 0, 1)["t1"]
     count, start = 0, None
     for batch_images in loader:
         if start is None:  # the worker's start-up is not its rate

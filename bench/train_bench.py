@@ -15,6 +15,7 @@ matmul FLOP/s is measured too, as the ceiling to compare against.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import itertools
 import multiprocessing as mp
 import os
@@ -43,7 +44,7 @@ def matmul_flops(n: int = 2048, seconds: float = 3.0) -> float:
 def one_size(size: int, steps: int, config: Config, results) -> None:
     torch.manual_seed(0)
     accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=config.mixed_precision or "no")
-    model = build_cycle_gan(accelerator, config, size, total_steps=steps + 2)
+    model = build_cycle_gan(accelerator, dataclasses.replace(config, size=size), total_steps=steps + 2)
     device, batch = accelerator.device, config.batch_size
 
     steps_taken = itertools.count()

@@ -251,7 +251,7 @@ def test_one_train_step_updates_generators_discriminators_average_and_schedules_
     config = load_config(["--data", "d", "--out", "o", "--ngf", "8", "--ndf", "8", "--ema_decay", "0.9", "--lambda_nce", "1",
                           "--lambda_equivariance", "5"])
     accelerator = Accelerator(mixed_precision="no")  # as the trainer makes it on one CPU process
-    model = build_cycle_gan(accelerator, config, 32, total_steps=10)
+    model = build_cycle_gan(accelerator, dataclasses.replace(config, size=32), total_steps=10)
 
     def weights():
         return {name: [p.detach().clone() for p in net.parameters()]
@@ -538,15 +538,15 @@ def test_every_option_is_documented_with_its_default():
 
 
 def test_resume_compares_architecture_with_defaults_for_options_newer_than_the_checkpoint(tmp_path):
-    config = load_config(["--data", "d", "--out", "o", "--disc_layers", "2"])
+    config = load_config(["--data", "d", "--out", "o", "--disc_layers", "2", "--size", "64"])
     checkpoint = tmp_path / "step-0000010"
     checkpoint.mkdir()
-    saved = {**config.to_dict(), "size": 64}
+    saved = config.to_dict()
     del saved["disc_layers"]  # written before the option existed: it had the default, 3
     (checkpoint / rundir.CHECKPOINT_INFO).write_text(json.dumps({"config": saved}))
     with pytest.raises(SystemExit, match="disc_layers: checkpoint 3 vs now 2"):
-        check_compatible(checkpoint, config, 64)
-    check_compatible(checkpoint, load_config(["--data", "d", "--out", "o"]), 64)
+        check_compatible(checkpoint, config)
+    check_compatible(checkpoint, load_config(["--data", "d", "--out", "o", "--size", "64"]))
 
 
 @pytest.mark.parametrize("gpus, expected, absent", [

@@ -111,14 +111,14 @@ def resolve_resume(config: Config, out: Path) -> Path | None:
     return path
 
 
-def check_compatible(path: Path, config: Config, size: int) -> None:
+def check_compatible(path: Path, config: Config) -> None:
     try:
         saved = json.loads((path / rundir.CHECKPOINT_INFO).read_text())["config"]
     except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as err:
         raise SystemExit(f"error: --resume {path}: unreadable {rundir.CHECKPOINT_INFO} ({type(err).__name__}: {err}); "
                          f"it may be truncated: resume from an earlier checkpoint in {path.parent}")
     saved = {**Config.defaults(), **saved}  # an option newer than the checkpoint had its default then
-    current = {**config.to_dict(), "size": size}
+    current = config.to_dict()
     differ = [f"{k}: checkpoint {saved.get(k)!r} vs now {current[k]!r}" for k in ARCHITECTURE_KEYS if saved.get(k) != current[k]]
     if differ:
         raise SystemExit(f"error: --resume {path} was made with a different configuration ({'; '.join(differ)}); "
@@ -154,7 +154,7 @@ def load_checkpoint(accelerator, path: Path, schedules, config: Config) -> None:
 
 
 def save_checkpoint(accelerator, trained: list, inference_gens: CycleGenerators, out: Path, state: TrainState, epoch: int,
-                    config: Config, size: int, last: dict, val: dict, preprocessing: dict) -> None:
+                    config: Config, last: dict, val: dict, preprocessing: dict) -> None:
     """Accelerate state + inference generators (the moving average where kept), written to a hidden folder and
     renamed when complete. `val` holds this step's validation scores, if it validated."""
     score = val.get(rundir.VAL_SCORE)
@@ -179,8 +179,8 @@ def save_checkpoint(accelerator, trained: list, inference_gens: CycleGenerators,
                 save_file({k: v.detach().float().contiguous().cpu() for k, v in net.state_dict().items()}, str(tmp / rundir.GENERATORS[name]))
             rundir.write_json(tmp / rundir.CHECKPOINT_INFO, {
                 "step": state.step, "epoch": epoch, "time": time.time(), "val": {k: v for k, v in val.items() if k.startswith("val/")},
-                "train": last, "config": {**config.to_dict(), "size": size}, "rank_checksums": rank_checksums,
-                "generator": GeneratorSpec.from_config(config, size).to_dict(),
+                "train": last, "config": config.to_dict(), "rank_checksums": rank_checksums,
+                "generator": GeneratorSpec.from_config(config).to_dict(),
                 "preprocessing": preprocessing,
                 **({"wandb": {"project": config.wandb_project, "id": state.wandb_id}} if accelerator.trackers else {})})
             if final.exists():

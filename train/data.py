@@ -136,12 +136,13 @@ class SliceStream(IterableDataset):
             seed += 1
 
 
-def train_loaders(root: str, config, rank: int, world: int) -> dict[str, DataLoader]:
-    """Two loaders, T1 and T2. With config.data_url, shards are read from `data_url + 'train/NAME.tar'`
-    (an http:// prefix, or pipe:COMMAND with a trailing path), still listed from the local manifest."""
+def train_loaders(config, rank: int, world: int) -> dict[str, DataLoader]:
+    """Two loaders, T1 and T2, of config.data's train shards. With config.data_url, shards are read from
+    `data_url + 'train/NAME.tar'` (an http:// prefix, or pipe:COMMAND with a trailing path), still listed from
+    the local manifest."""
     loaders = {}
     for index, contrast in enumerate(CONTRASTS):
-        urls = shard_paths(root, "train", contrast)
+        urls = shard_paths(config.data, "train", contrast)
         if config.data_url:
             urls = [f"{config.data_url}train/{Path(u).name}" for u in urls]
         stream = SliceStream(urls, contrast, config.seed * 2 + index, rank, world, config.shuffle_buffer, config.augment)

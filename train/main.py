@@ -70,14 +70,14 @@ class LossWindow:
         return row
 
 
-def check_options(config: Config, size: int) -> None:
+def check_options(config: Config) -> None:
     """Options that contradict each other, the image size or the machine: a one-line error naming the option."""
     # the default depth stands for "not asked for" with another generator (--upsample is the U-Net decoder's only)
     if config.generator != "unet" and config.unet_depth != Config.defaults()["unet_depth"]:
         raise SystemExit(f"error: --unet_depth {config.unet_depth}: needs --generator unet, not {config.generator}")
     if config.unet_depth and config.generator == "unet":
         try:
-            unet_levels(size, config.unet_depth)
+            unet_levels(config.size, config.unet_depth)
         except ValueError as err:
             raise SystemExit(f"error: --unet_depth {config.unet_depth}: {err}")
     if config.lambda_aleatoric and config.generator != "unet":
@@ -97,13 +97,13 @@ def main(argv=None) -> int:
         manifest = check_shards(config.data, config.size or None, config.allow_partial)
     except ShardsError as err:
         raise SystemExit(f"error: {err}")
-    size = config.size or manifest["image_size"]
-    preprocessing = shards_preprocessing(manifest, size)  # recorded in checkpoints: translate applies what the shards had
+    config = dataclasses.replace(config, size=config.size or manifest["image_size"])  # from here on, the size trained at
+    preprocessing = shards_preprocessing(manifest, config.size)  # recorded in checkpoints: translate applies what the shards had
     out = Path(config.out)
     if config.resume and config.resume != "auto" and not Path(config.resume).exists():
         raise SystemExit(f"error: --resume {config.resume}: no such checkpoint folder")
 
-    check_options(config, size)
+    check_options(config)
 
     mode = tracking.wandb_mode(config.report_to, config.wandb)
     os.environ["WANDB_MODE"] = mode
@@ -115,7 +115,7 @@ def main(argv=None) -> int:
     is_main = accelerator.is_main_process
     resume_path = resolve_resume(config, out)
     if resume_path:
-        check_compatible(resume_path, config, size)
+        check_compatible(resume_path, config)
         check_plain_data(resume_path)
     elif existing := rundir.list_checkpoints(out):  # a fresh run here would prune, and later resume, another run's checkpoints
         raise SystemExit(f"error: --out {out} already holds checkpoints (step {existing[-1][0]}); "
@@ -124,7 +124,7 @@ def main(argv=None) -> int:
     world = accelerator.num_processes
     steps_per_epoch = config.steps_per_epoch or max(1, min(manifest["splits"]["train"]["slices"].values()) // (config.batch_size * world))
     total_steps = config.max_steps or config.epochs * steps_per_epoch
-    model = build_cycle_gan(accelerator, config, size, total_steps)
+    model = build_cycle_gan(accelerator, config, total_steps)
     state = TrainState()
     kept = StateDict(train=state, sched_g=model.sched_g, sched_d=model.sched_d, pool_a=model.pools["a"], pool_b=model.pools["b"],
                      **({"ema": AverageCount(model.ema)} if model.ema else {}))
@@ -135,7 +135,7 @@ def main(argv=None) -> int:
         accelerator.print(f"resumed from {resume_path} at step {state.step}")
     state.wandb_id = state.wandb_id or tracking.new_run_id(config.run_name or out.name)
 
-    loaders = train_loaders(config.data, config, accelerator.process_index, world)
+    loaders = train_loaders(config, accelerator.process_index, world)
     try:
         val = val_samples(config.data, "val", config.val_max_slices)
     except ShardsError as err:
@@ -143,13 +143,13 @@ def main(argv=None) -> int:
     previews = evenly_spaced(val, config.preview_slices)
     if is_main:  # only once the checks, the resume and reading val have passed: a refused run leaves the folder as it was
         out.mkdir(parents=True, exist_ok=True)
-        save_config(Config(**{**config.to_dict(), "size": size}), out / rundir.CONFIG)
+        save_config(config, out / rundir.CONFIG)
         (out / rundir.STOP).unlink(missing_ok=True)  # a stop request left from an earlier run is stale
     metrics_log = rundir.MetricsLog(out, state.step if resume_path else None) if is_main else None
     if is_main and not resume_path and (out / rundir.METRICS).exists():
         (out / rundir.METRICS).unlink()  # a fresh run in a reused folder starts a fresh curve
     if mode != "disabled":  # the config as resolved: what the run really does, not what was left at 0
-        resolved = {**config.to_dict(), "size": size, "steps_per_epoch": steps_per_epoch, "max_steps": total_steps,
+        resolved = {**config.to_dict(), "steps_per_epoch": steps_per_epoch, "max_steps": total_steps,
                     "world_size": world, "global_batch_size": config.batch_size * world}
         tracking.start(accelerator, config, resolved, out, state.wandb_id)
 
@@ -239,7 +239,7 @@ def main(argv=None) -> int:
             stop_now = any_rank(accelerator, stop.flag or (is_main and (out / rundir.STOP).exists()))
             if state.step % config.checkpoint_every == 0 or state.step == total_steps or stop_now:
                 save_checkpoint(accelerator, [model.gens, *([model.nce] if model.nce else [])], model.inference_gens, out, state, epoch,
-                                config, size, last, scores, preprocessing)
+                                config, last, scores, preprocessing)
             if stop_now:
                 status = "stopped"
                 if is_main:

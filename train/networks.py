@@ -205,8 +205,8 @@ class GeneratorSpec:
     input_range: tuple[int, int] = (-1, 1)  # to_model_range
 
     @classmethod
-    def from_config(cls, config, size: int) -> GeneratorSpec:
-        return cls(config.generator, size, config.ngf, config.unet_depth, bool(config.lambda_aleatoric), config.upsample)
+    def from_config(cls, config) -> GeneratorSpec:
+        return cls(config.generator, config.size, config.ngf, config.unet_depth, bool(config.lambda_aleatoric), config.upsample)
 
     @classmethod
     def from_dict(cls, block: dict) -> GeneratorSpec:

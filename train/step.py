@@ -57,8 +57,9 @@ def any_rank(accelerator: Accelerator, flag: bool) -> bool:
     return bool(accelerator.reduce(t, reduction="sum").item() > 0)
 
 
-def build_cycle_gan(accelerator: Accelerator, config: Config, size: int, total_steps: int) -> CycleGAN:
-    gens = CycleGenerators(*(GeneratorSpec.from_config(config, size).build() for _ in range(2)))
+def build_cycle_gan(accelerator: Accelerator, config: Config, total_steps: int) -> CycleGAN:
+    """The CycleGAN of `config` at config.size (resolved: not 0)."""
+    gens = CycleGenerators(*(GeneratorSpec.from_config(config).build() for _ in range(2)))
     discs = Discriminators(build_discriminator(config.ndf, config.disc_layers), build_discriminator(config.ndf, config.disc_layers))
     if config.channels_last:
         gens, discs = gens.to(memory_format=torch.channels_last), discs.to(memory_format=torch.channels_last)
