@@ -40,7 +40,7 @@ from train.scoring import lesion_report, read_samples, score, split_shards, summ
 ROOT = Path(__file__).resolve().parents[1]
 SEED = ["--config", "train/recipes/seed.yaml"]
 VARIANTS_FILE = Path(__file__).with_name("fidelity_variants.yaml")
-DEFAULT_VARIANT = "mind10-lsgan-cyc5-unet3-resize"  # the trainer's defaults (tests/test_train.py checks it)
+DEFAULT_VARIANT = "mind10-lsgan-cyc5-unet3-resize-equiv10"  # the trainer's defaults (tests/test_train.py checks it)
 
 
 def load_variants(path: Path = VARIANTS_FILE) -> dict[str, dict]:

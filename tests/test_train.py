@@ -418,9 +418,9 @@ def test_patch_nce_heads_train_checkpoint_and_resume_exactly(shards_dir, tmp_pat
 
 
 RECIPE = {"gan_loss": "lsgan", "lambda_cycle": 5.0, "lambda_identity": 0.0, "lambda_structure": 10.0, "unet_depth": 3,
-          "upsample": "resize", "augment": False, "lr": 5e-4}  # docs/fidelity.md's best measured recipe
+          "upsample": "resize", "lambda_equivariance": 10.0, "augment": False, "lr": 5e-4}  # docs/fidelity.md's best measured recipe
 SEED = {"gan_loss": "bce", "lambda_cycle": 10.0, "lambda_identity": 0.5, "lambda_structure": 0.0, "unet_depth": 0,
-        "upsample": "transpose", "augment": True, "lr": 2e-4}  # the seed notebook's plain CycleGAN
+        "upsample": "transpose", "lambda_equivariance": 0.0, "augment": True, "lr": 2e-4}  # the seed notebook's plain CycleGAN
 
 
 def recipe_of(config: Config) -> dict:

@@ -62,9 +62,9 @@ class Config:
                                      "a Laplace distribution around its translation, fitted to the cycle reconstruction's error by "
                                      "this weight times its negative log-likelihood (the translation keeps its L1 losses; UGAC, "
                                      "Upadhyay et al. 2021). Read by --uncertainty aleatoric. 0 = off, no head", minimum=0)
-    lambda_equivariance: float = option(0.0, "transformation consistency: L1 between the translation of a randomly flipped and shifted "
-                                        "input and the translation moved alike, both ways (0 = off). It penalizes the speckle "
-                                        "that --tta averages away, so one pass gives what ten would; costs a third more generator work",
+    lambda_equivariance: float = option(10.0, "transformation consistency: L1 between the translation of a randomly flipped and shifted "
+                                        "input and the translation moved alike, both ways (0 = off, as in the seed). It penalizes the "
+                                        "speckle that --tta averages away, so one pass gives what ten would; a step costs about 30 percent more",
                                         minimum=0)
     pool_size: int = option(50, "history pool of generated images shown to the discriminators", minimum=0)
     lr: float = option(5e-4, "Adam learning rate for the generators, and for the discriminators unless --lr_d (the seed's is 2e-4)", above=0)
