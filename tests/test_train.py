@@ -225,14 +225,18 @@ def test_sigterm_checkpoints_and_exits_cleanly(shards_dir, tmp_path):
 def test_nan_guard_skips_and_then_stops(shards_dir, tmp_path, monkeypatch):
     import torch.nn.functional as F
 
-    real_l1 = F.l1_loss
-    calls = {"n": 0}
+    real_l1, real_step = F.l1_loss, trainer.train_step
+    steps = {"n": 0}
 
-    def sometimes_nan(*args, **kwargs):  # every call in one step in three returns NaN
-        calls["n"] += 1
+    def counted_step(*args, **kwargs):
+        steps["n"] += 1
+        return real_step(*args, **kwargs)
+
+    def sometimes_nan(*args, **kwargs):  # every L1 term of one step in three is NaN
         value = real_l1(*args, **kwargs)
-        return value * float("nan") if (calls["n"] // 4) % 3 == 1 else value
+        return value * float("nan") if steps["n"] % 3 == 1 else value
 
+    monkeypatch.setattr(trainer, "train_step", counted_step)
     monkeypatch.setattr(F, "l1_loss", sometimes_nan)
     out = tmp_path / "nan"
     assert trainer.main(["--data", str(shards_dir), "--out", str(out), *SMALL, "--max_steps", "9", "--num_workers", "0"]) == 0
