@@ -88,7 +88,7 @@ class PatchNCE(nn.Module):
 
     def forward(self, calls: dict, n: int) -> torch.Tensor:
         """Mean InfoNCE over layers and both directions. calls[name][0] is the generator's pass over its real
-        input (the first n images; an identity pass may follow in the same batch), calls[name][1] its pass over
+        input (the first n images; identity and moved passes may follow in the same batch), calls[name][1] its pass over
         the other generator's translation."""
         losses = []
         for made_by, taken_back_by in (("g_ab", "g_ba"), ("g_ba", "g_ab")):
