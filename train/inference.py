@@ -169,13 +169,13 @@ def apply_to_slices(fn: SliceFn, slices: np.ndarray, device: torch.device, batch
     return out
 
 
-def translator(net: nn.Module) -> SliceFn:
+def translation_only(net: nn.Module) -> SliceFn:
     return lambda images: {"translation": translate(net, images)}
 
 
 def translate_slices(net: nn.Module, slices: np.ndarray, batch_size: int = 8, progress: bool = False) -> np.ndarray:
     """(N, H, W) [0,1] float32 -> (N, H, W) translations, in batches on the network's device."""
-    return apply_to_slices(translator(net), slices, next(net.parameters()).device, batch_size, progress)["translation"]
+    return apply_to_slices(translation_only(net), slices, next(net.parameters()).device, batch_size, progress)["translation"]
 
 
 @dataclass
@@ -219,7 +219,7 @@ def translate_volume(net: nn.Module, data: np.ndarray, affine: np.ndarray, prepr
                      progress: bool = False) -> np.ndarray:
     """A 3D volume -> its translation on the same voxel grid, in [0,1]."""
     device = next(net.parameters()).device
-    return volume_outputs(translator(net), data, affine, preprocessing, device, batch_size, progress)["translation"]
+    return volume_outputs(translation_only(net), data, affine, preprocessing, device, batch_size, progress)["translation"]
 
 
 def image_outputs(fn: SliceFn, image: np.ndarray, size: int, device: torch.device) -> dict[str, np.ndarray]:

@@ -91,8 +91,8 @@ def train_step(accelerator: Accelerator, model: CycleGAN, real_a: torch.Tensor, 
     discs_plain = accelerator.unwrap_model(model.discs)
     discs_plain.requires_grad_(False)
     with accelerator.autocast():
-        fakes, losses_g = generator_losses(model.gens, discs_plain, real_a, real_b, model.objective, model.nce,
-                                           move_at(step, model.seed))
+        move = move_at(step, model.seed) if model.objective.equivariance else None
+        fakes, losses_g = generator_losses(model.gens, discs_plain, real_a, real_b, model.objective, model.nce, move)
     discs_plain.requires_grad_(True)
     if any_rank(accelerator, not torch.isfinite(losses_g["G"]).item()):
         return skip(model)
