@@ -3,13 +3,19 @@
     python bench/train_bench.py [--sizes 256 128] [--batch 1] [--steps 5] [trainer options ...]
     python bench/train_bench.py --sizes 256 --config train/recipes/seed.yaml    # the seed's (and reference's) network
     OMP_NUM_THREADS=1 python bench/train_bench.py --sizes 64 --batch 8 --config train/recipes/demo.yaml
+    python bench/train_bench.py --reference ~/src/pytorch-CycleGAN-and-pix2pix --sizes 256 --batch 1 \
+        --config train/recipes/seed.yaml --rounds 2          # the reference itself, alternating with ours
 
 Runs train.step.train_step, the step train/main.py runs (both generators against frozen discriminators, then
 both discriminators on image-pool fakes, the NaN guard, the moving average and the LR schedules, under
 Accelerate's autocast), on random inputs, each size in a fresh process so peak RSS is per size. Every other
 option is the trainer's own, with its defaults (docs/training.md): `--config`, `--ngf`, `--mixed_precision`, ...
 FLOPs are counted with torch.utils.flop_counter over one full step (forward and backward). The machine's fp32
-matmul FLOP/s is measured too, as the ceiling to compare against.
+matmul FLOP/s is measured too, as the ceiling to compare against. Times are medians over the timed steps.
+
+With --reference PATH, a local checkout of junyanz/pytorch-CycleGAN-and-pix2pix runs its own train.py at the
+same network, loss and batch (bench/reference_cyclegan.py), alternating with this project's step, reference
+first, for --rounds rounds, and the bench prints the ratio of images/s.
 """
 
 from __future__ import annotations
@@ -21,12 +27,15 @@ import multiprocessing as mp
 import os
 import platform
 import resource
+import statistics
 import time
+from pathlib import Path
 
 import torch
 from accelerate import Accelerator
 from torch.utils.flop_counter import FlopCounterMode
 
+import reference_cyclegan
 from train.config import Config, load_config
 from train.step import build_cycle_gan, train_step
 
@@ -57,14 +66,26 @@ def one_size(size: int, steps: int, config: Config, results) -> None:
     with FlopCounterMode(display=False) as counter:
         step()
     flops = counter.get_total_flops()
-    start = time.perf_counter()
+    times = []
     for _ in range(steps):
+        start = time.perf_counter()
         step()
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-    seconds = (time.perf_counter() - start) / steps
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    seconds = statistics.median(times)
     results.put({"size": size, "batch": batch, "step_s": seconds, "images_per_s": 2 * batch / seconds, "flops_per_step": flops,
                  "flop_per_s": flops / seconds, "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20})
+
+
+def run_ours(size: int, steps: int, config: Config) -> dict:
+    """One size in a fresh process, so that peak RSS belongs to that size alone."""
+    results = mp.get_context("spawn").Queue()
+    proc = mp.get_context("spawn").Process(target=one_size, args=(size, steps, config, results))
+    proc.start()
+    result = results.get()
+    proc.join()
+    return result
 
 
 def main():
@@ -72,25 +93,42 @@ def main():
     parser.add_argument("--sizes", type=int, nargs="+", default=[256, 128])
     parser.add_argument("--batch", type=int, help="images per step and contrast (default: the trainer's --batch_size)")
     parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--reference", type=Path, metavar="PATH", help="a checkout of junyanz/pytorch-CycleGAN-and-pix2pix to time beside ours")
+    parser.add_argument("--reference-env", type=Path, default=Path("bench-out/reference-env"),
+                        help="where the reference's own environment is made on first use")
+    parser.add_argument("--rounds", type=int, default=2, help="with --reference: reference-then-ours rounds")
     args, trainer_options = parser.parse_known_args()
     config = load_config(["--data", "-", "--out", "-", *trainer_options, *(["--batch_size", str(args.batch)] if args.batch else [])])
+    if args.reference:
+        reference_cyclegan.check_checkout(args.reference)
+        for size in args.sizes:
+            reference_cyclegan.options(config, size, 1)  # refuse a network the reference has not, before any setup
+        reference_python = reference_cyclegan.prepare_env(args.reference_env)
 
     print(f"machine: {platform.machine()} {platform.processor() or ''}, {os.cpu_count()} cores, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads")
     peak = matmul_flops()
     print(f"fp32 matmul (2048^2): {peak / 1e9:.1f} GFLOP/s")
-    ctx = mp.get_context("spawn")  # a fresh process per size: peak RSS belongs to that size alone
+    depth = f" depth {config.unet_depth}" if config.generator == "unet" else ""
+    network = f"{config.generator}{depth} ngf {config.ngf} ndf {config.ndf}"
     for size in args.sizes:
-        results = ctx.Queue()
-        proc = ctx.Process(target=one_size, args=(size, args.steps, config, results))
-        proc.start()
-        r = results.get()
-        proc.join()
-        depth = f" depth {config.unet_depth}" if config.generator == "unet" else ""
-        network = f"{config.generator}{depth} ngf {config.ngf} ndf {config.ndf}"
-        print(f"{network} {size}^2 batch {r['batch']}: {r['step_s']:.2f} s/step, {r['images_per_s']:.2f} images/s, "
-              f"{r['flops_per_step'] / 1e9:.0f} GFLOP/step, {r['flop_per_s'] / 1e9:.1f} GFLOP/s "
-              f"= {100 * r['flop_per_s'] / peak:.0f}% of matmul, peak RSS {r['peak_rss_gib']:.2f} GiB")
+        ratios = []
+        for round_ in range(1, args.rounds + 1 if args.reference else 2):
+            label = f"round {round_}: " if args.reference else ""
+            if args.reference:
+                ref = reference_cyclegan.run(reference_python, args.reference, config, size, args.steps)
+                print(f"{label}reference unet_{size} ngf {config.ngf} ndf {config.ndf} {size}^2 batch {config.batch_size}: "
+                      f"{ref['step_s']:.2f} s/step, {2 * config.batch_size / ref['step_s']:.2f} images/s, "
+                      f"peak RSS {ref['peak_rss_gib']:.2f} GiB", flush=True)
+            r = run_ours(size, args.steps, config)
+            print(f"{label}{network} {size}^2 batch {r['batch']}: {r['step_s']:.2f} s/step, {r['images_per_s']:.2f} images/s, "
+                  f"{r['flops_per_step'] / 1e9:.0f} GFLOP/step, {r['flop_per_s'] / 1e9:.1f} GFLOP/s "
+                  f"= {100 * r['flop_per_s'] / peak:.0f}% of matmul, peak RSS {r['peak_rss_gib']:.2f} GiB", flush=True)
+            if args.reference:
+                ratios.append(ref["step_s"] / r["step_s"])
+        if ratios:
+            print(f"{size}^2: this project's images/s over the reference's: {statistics.median(ratios):.2f}x "
+                  f"(rounds: {', '.join(f'{x:.2f}' for x in ratios)})")
 
 
 if __name__ == "__main__":
