@@ -22,7 +22,7 @@ from PIL import Image
 from conftest import ROOT, run_module
 from shards.format import decode_png16, decode_sample, encode_png16, read_manifest, shard_paths, shards_preprocessing
 from shards.pack import PackOptions, pack
-from shards.preprocess import load_image, standardize_image
+from shards.preprocess import Grid, _sample_3d, _source_axes, load_image, resample, standardize_image
 from shards.sources import list_source, load_ref
 from train.inference import prepare_volume
 from shards.format import ShardsError
@@ -93,6 +93,46 @@ def test_split_is_deterministic_for_a_seed(ixi_tars, tmp_path):
     t2, _ = list_source(ixi_tars / "IXI-T2.tar", "t2")
     a, b, c = plan(t1, t2, OPTS)[1], plan(t1, t2, OPTS)[1], plan(t1, t2, PackOptions(size=64, seed=7))[1]
     assert a == b and a != c
+
+
+def ramp_volume():
+    """A volume whose value is a linear function of its voxel index, which trilinear sampling reproduces exactly,
+    under an IXI-like header: axes permuted (PIR), one flipped, anisotropic voxels, off-centre."""
+    i, j, k = np.meshgrid(*(np.arange(n, dtype=np.float32) for n in (40, 36, 30)), indexing="ij")
+    affine = np.array([[0, 0, -1.2, 30], [-0.94, 0, 0, 20], [0, 0.94, 0, -15], [0, 0, 0, 1]], float)
+    return 1 + i + 2 * j + 3 * k, affine
+
+
+def test_resampling_along_the_volumes_axes_is_trilinear_and_zero_outside():
+    data, affine = ramp_volume()
+    grid = Grid((48, 44, 50), np.array([[1, 0, 0, -24], [0, 1, 0, -25], [0, 0, 1, -20], [0, 0, 0, 1]], float))  # past every side
+    to_source = np.linalg.inv(affine) @ grid.affine
+    assert _source_axes(to_source[:3, :3]) is not None  # the separable path
+    out = resample(data, affine, grid)
+    g = np.stack(np.meshgrid(*(np.arange(n) for n in grid.shape), indexing="ij"), -1).reshape(-1, 3)
+    ijk = g @ to_source[:3, :3].T + to_source[:3, 3]
+    within = np.all((ijk >= 0) & (ijk <= np.array(data.shape) - 1), axis=1)
+    assert 0.2 < within.mean() < 0.9
+    np.testing.assert_allclose(out.reshape(-1)[within], (1 + ijk @ [1, 2, 3])[within], rtol=1e-5)
+    far = np.any((ijk < -1) | (ijk > np.array(data.shape)), axis=1)
+    assert far.any() and (out.reshape(-1)[far] == 0).all()
+    # edges included, the one-axis-at-a-time result is the 3D sampling's
+    np.testing.assert_allclose(out, _sample_3d(data, to_source, grid.shape), rtol=2e-5, atol=1e-4)  # its float32 coordinates
+
+
+def test_an_oblique_grid_is_sampled_in_3d():
+    data, affine = ramp_volume()
+    angle = np.deg2rad(10)
+    rotation = np.array([[np.cos(angle), -np.sin(angle), 0, -10], [np.sin(angle), np.cos(angle), 0, -10], [0, 0, 1, -10], [0, 0, 0, 1]])
+    grid = Grid((20, 20, 20), rotation)
+    to_source = np.linalg.inv(affine) @ grid.affine
+    assert _source_axes(to_source[:3, :3]) is None
+    out = resample(data, affine, grid)
+    g = np.stack(np.meshgrid(*(np.arange(n) for n in grid.shape), indexing="ij"), -1).reshape(-1, 3)
+    ijk = g @ to_source[:3, :3].T + to_source[:3, 3]
+    within = np.all((ijk >= 0) & (ijk <= np.array(data.shape) - 1), axis=1)
+    assert within.mean() > 0.5
+    np.testing.assert_allclose(out.reshape(-1)[within], (1 + ijk @ [1, 2, 3])[within], rtol=1e-4)
 
 
 def test_nifti_folders_and_inspect(ixi_tars, tmp_path):
