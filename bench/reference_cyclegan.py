@@ -39,6 +39,7 @@ TIME = re.compile(r"\btime: ([0-9.]+)")
 
 def prepare_env(env_dir: Path) -> Path:
     """The reference's Python, creating its environment on first use (about 10 s and one torchvision download)."""
+    env_dir = env_dir.absolute()  # the reference runs in its checkout (not resolve(): bin/python is a link out of the venv)
     python = env_dir / "bin" / "python"
     if (env_dir / ".ready").exists():
         return python

@@ -4,6 +4,7 @@ alternating ratio, against a stand-in checkout whose train.py logs known times t
 from __future__ import annotations
 
 import importlib
+import os
 import re
 import subprocess
 import sys
@@ -74,7 +75,9 @@ def test_reference_environment_imports_torchvision_beside_the_cpu_torch(referenc
 def test_reference_and_ours_alternate_and_the_ratio_is_of_their_median_steps(reference_env, tmp_path):
     env, _ = reference_env
     checkout = stand_in_checkout(tmp_path)
-    done = bench("--reference", checkout, "--reference-env", env, "--sizes", 128, "--steps", 2, "--rounds", 2,
+    # paths relative to where the bench is started, as a user types them: the reference itself runs in its checkout
+    done = bench("--reference", os.path.relpath(checkout, ROOT), "--reference-env", os.path.relpath(env, ROOT), "--sizes", 128,
+                 "--steps", 2, "--rounds", 2,
                  "--config", "train/recipes/seed.yaml", "--ngf", 8, "--ndf", 8)
     assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
     lines = [line for line in done.stdout.splitlines() if line.startswith("round")]
