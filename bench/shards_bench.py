@@ -1,6 +1,6 @@
 """Packing throughput, peak memory and read-back speed on IXI-size volumes, and what registration and N4 cost.
 
-    python bench/shards_bench.py [--subjects 8] [--workers 2] [--size 256] [--motion 10,10]
+    python bench/shards_bench.py [--subjects 8] [--workers 2] [--size 256] [--motion 10,10] [--packs none rigid n4]
 
 Synthesizes IXI-size (256x256x150 T1, 256x256x130 T2) subjects whose heads move between T1 and T2, packs them
 three times (--register none; the default --register rigid; rigid with --bias-correction n4) and prints, for
@@ -29,6 +29,11 @@ from shards.pack import PackOptions, pack
 from shards.preprocess import foreground, load_nifti
 from shards.register import apply
 from shards.synth import MOTION_FILE, synthesize
+
+
+PACKS = {"none": "register none", "rigid": "register rigid (default)", "n4": "register rigid + n4"}
+OPTIONS = {"none": lambda size: PackOptions(size=size, register="none"), "rigid": lambda size: PackOptions(size=size),
+           "n4": lambda size: PackOptions(size=size, bias_correction="n4")}
 
 
 def tree_rss(proc: psutil.Process) -> int:
@@ -84,6 +89,8 @@ def main():
     parser.add_argument("--size", type=int, default=256)
     parser.add_argument("--motion", default="10,10", help="synth --motion DEG,MM for the synthesized subjects")
     parser.add_argument("--data", help="existing folder with IXI-T1.tar and IXI-T2.tar (default: synthesize)")
+    parser.add_argument("--packs", nargs="+", choices=PACKS, default=list(PACKS), help="which packs to time (the costs of "
+                        "registration and N4 are printed when their pack and the one without are both timed)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         data = Path(args.data or Path(tmp) / "ixi")
@@ -92,26 +99,27 @@ def main():
             synthesize(data, args.subjects, seed=0, workers=args.workers, motion=tuple(float(v) for v in args.motion.split(",")))
             print(f"synth: {args.subjects} subjects in {time.time() - start:.1f}s")
         print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores")
-        timings = {}
-        for name, options in (("register none", PackOptions(size=args.size, register="none")),
-                              ("register rigid (default)", PackOptions(size=args.size)),
-                              ("register rigid + n4", PackOptions(size=args.size, bias_correction="n4"))):
-            seconds, peak, manifest = timed_pack(data, Path(tmp) / name.replace(" ", "-"), options, args.workers)
-            timings[name] = seconds
+        timings, manifests = {}, {}
+        for pack_name in args.packs:
+            name = PACKS[pack_name]
+            seconds, peak, manifest = timed_pack(data, Path(tmp) / pack_name, OPTIONS[pack_name](args.size), args.workers)
+            timings[pack_name], manifests[pack_name] = seconds, manifest
             volumes = len(manifest["files"])
             slices = sum(n for split in manifest["splits"].values() for n in split["slices"].values())
             print(f"pack, {name}: {volumes} volumes, {slices} slices at {args.size}^2 in {seconds:.1f}s = {volumes / seconds:.2f} "
                   f"volumes/s with {args.workers} workers; peak RSS of the process tree {peak / 2**30:.2f} GiB")
-        registered = manifest["registration"]["subjects"]
-        extra = (timings["register rigid (default)"] - timings["register none"]) * args.workers / max(1, len(registered))
-        print(f"registration: {len(registered)} paired subjects, about {extra:.1f} s more each (one worker)")
-        if (data / MOTION_FILE).exists():
+        registered = manifests["rigid"]["registration"]["subjects"] if "rigid" in manifests else {}
+        if {"none", "rigid"} <= timings.keys():
+            extra = (timings["rigid"] - timings["none"]) * args.workers / max(1, len(registered))
+            print(f"registration: {len(registered)} paired subjects, about {extra:.1f} s more each (one worker)")
+        if registered and (data / MOTION_FILE).exists():
             for subject, residual in residuals(data, registered).items():
                 print(f"registration: {subject}: true motion up to {residual[0]:.1f} mm over the head, residual after "
                       f"registration up to {residual[1]:.2f} mm")
-        n4 = (timings["register rigid + n4"] - timings["register rigid (default)"]) * args.workers / volumes
-        print(f"n4: about {n4:.1f} s more per volume (one worker)")
-        shards = Path(tmp) / "register-rigid-(default)"
+        if {"rigid", "n4"} <= timings.keys():
+            n4 = (timings["n4"] - timings["rigid"]) * args.workers / volumes
+            print(f"n4: about {n4:.1f} s more per volume (one worker)")
+        shards = Path(tmp) / args.packs[-1]
         torch_threads = os.environ.get("OMP_NUM_THREADS")
         paths = shard_paths(shards, "train", "t1")
         start = time.time()
