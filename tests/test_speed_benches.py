@@ -1,5 +1,6 @@
-"""bench/train_bench.py --reference: the reference CycleGAN's own environment, its flags, its logged times and the
-alternating ratio, against a stand-in checkout whose train.py logs known times the way the reference's does."""
+"""The training-speed benches. bench/train_bench.py --reference: the reference CycleGAN's own environment, its
+flags, its logged times and the alternating ratio, against a stand-in checkout whose train.py logs known times
+the way the reference's does. bench/upsample_bench.py: the reformulation it times computes the same function."""
 
 from __future__ import annotations
 
@@ -122,3 +123,14 @@ def test_reference_refuses_networks_it_does_not_have_before_setting_anything_up(
     done = bench("--reference", tmp_path, "--reference-env", env, "--sizes", 128, "--config", "train/recipes/seed.yaml", timeout=120)
     assert done.returncode != 0 and f"--reference {tmp_path}: not a checkout" in done.stderr
     assert not env.exists() and not env.with_name("never-made.partial").exists()
+
+
+def test_the_sub_pixel_reformulation_timed_by_upsample_bench_is_the_transposed_convolution(monkeypatch):
+    import torch
+    monkeypatch.syspath_prepend(ROOT / "bench")
+    upsample_bench = importlib.import_module("upsample_bench")
+    torch.manual_seed(0)
+    for cin, cout, side in ((3, 5, 1), (4, 2, 7), (6, 3, 16)):
+        layer = torch.nn.ConvTranspose2d(cin, cout, 4, stride=2, padding=1)
+        x = torch.randn(2, cin, side, side)
+        torch.testing.assert_close(upsample_bench.subpixel(x, layer.weight, layer.bias), layer(x), rtol=1e-5, atol=1e-5)
