@@ -3,15 +3,16 @@ synthetic IXI with lesions and a held-out anatomy (docs/fidelity.md).
 
     python bench/fidelity_bench.py [--out bench-out/fidelity] [--subjects 30] [--split 0.8,0.1,0.1] [--size 128] [--steps 600]
                                    [--variants plain mind] [--uncertainty tta] [--tta] [--seed 0] [--train-seed N]
-                                   [--snapshots N] [--ensemble N]
+                                   [--snapshots N] [--ensemble N] [--train-subjects N]
 
 Stages: `shards synth --lesions --holdout-anatomy` (downsample 256/size) -> `shards pack --lesions --holdout`
 -> per variant `train/main.py` -> `train.evaluate --uncertainty` on val+test, which hold every lesion and
 held-out subject and no training subject. With --ensemble N, each variant is trained with N training seeds
 and their last checkpoints are scored as one ensemble. A single run's last checkpoint is scored, and where
 validation picked an earlier one, that best checkpoint too (its own row: over-training shows as a better best).
-For a small training set, five training subjects (about 100 slices per contrast at 128²): --subjects 10 --split
-0.5,0.3,0.2 and another --out (synth needs 10 subjects for its held-out lesion and anatomy subjects). Existing stages in --out are reused. Prints one
+For a small training set, --train-subjects 5 (about 100 slices per contrast at 128²) trains on five of the
+training subjects, drawn by the training seed, and scores the same val+test as the full runs beside it.
+Existing stages in --out are reused. Prints one
 table of masked SSIM/PSNR, texture, hallucination-map AUROC and lesion metrics per variant and direction, and
 writes it to OUT/results.md and OUT/results.json.
 """
@@ -106,6 +107,8 @@ def main() -> None:
     parser.add_argument("--snapshots", type=int, default=1, help="keep N checkpoints spread over the second half of "
                         "each run, where the learning rate decays (the members of --uncertainty ensemble; the last one is "
                         "scored); N > 1 gets its own run folder, NAME-SIZE-STEPS-snapN")
+    parser.add_argument("--train-subjects", type=int, default=0, help="train on N of the training subjects (train/main.py "
+                        "--train_subjects), scored on the same val+test; its own run folder, NAME-SIZE-STEPS-Nsubjects")
     args = parser.parse_args()
     if not 1 <= args.snapshots <= args.steps // 2:
         parser.error(f"--snapshots must be between 1 and half of --steps ({args.steps // 2}), got {args.snapshots}")
@@ -126,7 +129,8 @@ def main() -> None:
     seeds = range(train_seed, train_seed + args.ensemble)
 
     def run_name(name: str, seed: int) -> str:
-        return f"{name}-{args.size}-{args.steps}{f'-seed{seed}' * (seed != args.seed)}{f'-snap{args.snapshots}' * (args.snapshots > 1)}"
+        return (f"{name}-{args.size}-{args.steps}{f'-seed{seed}' * (seed != args.seed)}{f'-snap{args.snapshots}' * (args.snapshots > 1)}"
+                f"{f'-{args.train_subjects}subjects' * (args.train_subjects > 0)}")
 
     results = {}
     for name in args.variants:
@@ -140,7 +144,7 @@ def main() -> None:
                     # at every validation (keeping the newest 2 and the best), or spread snapshots over the second half
                     "--checkpoint_every", args.steps // (2 * args.snapshots) if args.snapshots > 1 else max(args.steps // 4, 1),
                     "--checkpoints_total_limit", max(args.snapshots, 2), "--num_workers", 1, "--report_to", "none",
-                    "--seed", seed, "--resume", "auto", *SEED, *flags(VARIANTS[name]), env=env)
+                    "--seed", seed, "--train_subjects", args.train_subjects, "--resume", "auto", *SEED, *flags(VARIANTS[name]), env=env)
             checkpoints.append(max((run_dir / "checkpoints").glob("step-*")))  # the step budget's last checkpoint, not val-selected
         report_dir = out / "reports" / (f"{run_name(name, train_seed)}{f'-ensemble{args.ensemble}' * (args.ensemble > 1)}"
                                         f"-{args.uncertainty}{'-tta-mean' * args.tta}")
@@ -156,7 +160,8 @@ def main() -> None:
             results[row] = json.loads((folder / "report.json").read_text())
     results["lookup table (reference)"] = lookup_reference(shards)
 
-    lines = [f"{args.subjects} synthetic subjects at {args.size}², {args.steps} steps of batch {args.batch_size}, ngf/ndf {args.ngf}, "
+    lines = [f"{args.subjects} synthetic subjects at {args.size}², {f'training on {args.train_subjects} of them, ' * (args.train_subjects > 0)}"
+             f"{args.steps} steps of batch {args.batch_size}, ngf/ndf {args.ngf}, "
              f"training seed{f's {seeds[0]} to {seeds[-1]}, scored as one ensemble' if args.ensemble > 1 else f' {train_seed}'}; "
              f"evaluated on val+test (held-out subjects only); hallucination map: {args.uncertainty}"
              f"{'; translations: the mean of 10 flipped and shifted copies (--tta)' * args.tta}. "

@@ -43,6 +43,11 @@ def sample_key(subject: str, z: int) -> str:
     return f"{subject}_z{z:03d}"
 
 
+def key_subject(key: str) -> str:
+    """The subject of a sample key: sample_key's inverse."""
+    return key.rsplit("_z", 1)[0]
+
+
 def safe_subject(name: str) -> str:
     """Subject ids become tar member prefixes: webdataset splits keys at the first '.', so keep [A-Za-z0-9_-]."""
     return re.sub(r"[^A-Za-z0-9_-]+", "-", name).strip("-") or "subject"

@@ -23,12 +23,12 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from conftest import ROOT, SMALL, train
-from shards.format import shard_paths
+from shards.format import ShardsError, key_subject, read_manifest, shard_paths
 from train import main as trainer
 from train import rundir
 from train.checkpoints import check_compatible, generator_weights
 from train.config import Config, load_config
-from train.data import SliceStream, augment, val_samples
+from train.data import SliceStream, augment, train_loaders, training_subjects, val_samples
 from train.inference import CheckpointError, load_generator, read_checkpoint_info, translate
 from train.networks import GeneratorSpec
 from train.step import build_cycle_gan, linear_decay, train_step
@@ -293,6 +293,33 @@ def test_each_rank_and_worker_reads_a_disjoint_part(shards_dir):
         assert parts[0] and parts[1] and not parts[0] & parts[1]
         total = sum(len(list(tarfile.open(u).getnames())) // 2 for u in shards)
         assert len(parts[0] | parts[1]) == total
+
+
+def test_train_subjects_limits_training_to_a_seeded_subset_split_across_ranks(shards_dir):
+    listed = read_manifest(shards_dir)["splits"]["train"]["subjects"]
+    chosen = training_subjects(shards_dir, 2, seed=0)
+    assert len(chosen) == 2 and chosen <= set(listed)
+    assert training_subjects(shards_dir, 2, seed=0) == chosen  # every rank and every resume draws the same
+    assert {frozenset(training_subjects(shards_dir, 2, seed)) for seed in range(8)} != {chosen}
+    with pytest.raises(ShardsError, match=f"--train_subjects 99: {shards_dir} has only {len(listed)} training subjects"):
+        training_subjects(shards_dir, 99, seed=0)
+
+    urls = shard_paths(shards_dir, "train", "t2")
+    expected = {name.removesuffix(".t2.png") for u in urls for name in tarfile.open(u).getnames()
+                if name.endswith(".t2.png") and key_subject(name.removesuffix(".t2.png")) in chosen}
+    parts = []
+    for rank in range(2):  # whole shards would leave a rank without the chosen subjects: samples are dealt instead
+        keys = []
+        for item in SliceStream(urls, "t2", seed=0, rank=rank, world=2, shuffle_buffer=10, do_augment=False, subjects=chosen):
+            if item["key"] in keys:
+                break
+            keys.append(item["key"])
+        parts.append(set(keys))
+    assert parts[0] and parts[1] and not parts[0] & parts[1] and parts[0] | parts[1] == expected
+
+    config = load_config(["--data", str(shards_dir), "--out", "-", "--train_subjects", "2", "--num_workers", "0", "--batch_size", "4"])
+    batches = [batch for batch, _ in zip(train_loaders(config, 0, 1)["t1"], range(6))]
+    assert {key_subject(key) for batch in batches for key in batch["key"]} <= chosen
 
 
 def test_augmentation_keeps_the_background_at_zero():

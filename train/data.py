@@ -21,7 +21,8 @@ import torch.nn.functional as F
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from shards.format import CONTRASTS, ShardsError, check_complete, decode_png16, decode_sample, read_manifest, shard_paths
+from shards.format import (CONTRASTS, ShardsError, check_complete, decode_png16, decode_sample, key_subject, read_manifest,
+                           shard_paths)
 from train.networks import to_model_range
 
 
@@ -90,10 +91,11 @@ class SliceStream(IterableDataset):
     epoch; `skipped` counts this slot's unreadable samples so far."""
 
     def __init__(self, urls: list[str], contrast: str, seed: int, rank: int, world: int,
-                 shuffle_buffer: int, do_augment: bool):
+                 shuffle_buffer: int, do_augment: bool, subjects: frozenset[str] | None = None):
         self.urls, self.contrast, self.seed = urls, contrast, seed
         self.rank, self.world = rank, world
         self.shuffle_buffer, self.do_augment = shuffle_buffer, do_augment
+        self.subjects = subjects  # None: every subject in the shards
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -108,9 +110,9 @@ class SliceStream(IterableDataset):
         slot, slots = self._slot()
         urls = list(self.urls)
         random.Random(self.seed * 1000003 + self.epoch).shuffle(urls)  # same shard order on every rank
-        if len(urls) >= slots:
+        if len(urls) >= slots and self.subjects is None:
             mine, keep = urls[slot::slots], None
-        else:
+        else:  # few shards, or a subset of subjects that whole shards would split unevenly: every slots-th sample
             mine, keep = urls, (slot, slots)
         seed = zlib.crc32(f"{self.seed}/{self.epoch}/{slot}/{self.contrast}".encode())  # stable across processes
         rng = torch.Generator().manual_seed(seed)
@@ -118,6 +120,8 @@ class SliceStream(IterableDataset):
         for _ in itertools.count():  # cycle this slot's part until the trainer stops asking
             yielded = 0
             samples = iter(wds.DataPipeline(wds.SimpleShardList(mine), wds.tarfile_to_samples(handler=wds.warn_and_continue)))
+            if self.subjects is not None:
+                samples = (s for s in samples if key_subject(s["__key__"]) in self.subjects)
             if keep:
                 samples = (s for i, s in enumerate(samples) if i % keep[1] == keep[0])
             for sample in wds.filters._shuffle(samples, self.shuffle_buffer, max(1, self.shuffle_buffer // 10), random.Random(seed)):
@@ -141,15 +145,24 @@ def train_loaders(config, rank: int, world: int) -> dict[str, DataLoader]:
     `data_url + 'train/NAME.tar'` (an http:// prefix, or pipe:COMMAND with a trailing path), still listed from
     the local manifest."""
     loaders = {}
+    subjects = training_subjects(config.data, config.train_subjects, config.seed) if config.train_subjects else None
     for index, contrast in enumerate(CONTRASTS):
         urls = shard_paths(config.data, "train", contrast)
         if config.data_url:
             urls = [f"{config.data_url}train/{Path(u).name}" for u in urls]
-        stream = SliceStream(urls, contrast, config.seed * 2 + index, rank, world, config.shuffle_buffer, config.augment)
+        stream = SliceStream(urls, contrast, config.seed * 2 + index, rank, world, config.shuffle_buffer, config.augment, subjects)
         loaders[contrast] = DataLoader(stream, batch_size=config.batch_size, num_workers=config.num_workers,
                                        persistent_workers=False, pin_memory=torch.cuda.is_available(),
                                        multiprocessing_context="fork" if config.num_workers else None)
     return loaders
+
+
+def training_subjects(root: str, count: int, seed: int) -> frozenset[str]:
+    """`count` of the manifest's training subjects, drawn by `seed`: the same ones on every rank and resume."""
+    listed = sorted(read_manifest(root)["splits"]["train"]["subjects"])
+    if count > len(listed):
+        raise ShardsError(f"--train_subjects {count}: {root} has only {len(listed)} training subjects")
+    return frozenset(random.Random(seed).sample(listed, count))
 
 
 def val_samples(root: str, split: str = "val", limit: int | None = None) -> list[dict]:
