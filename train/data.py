@@ -2,9 +2,10 @@
 
 Training reads train/t1 and train/t2 as two independent streams (CycleGAN is unpaired). Each epoch, every
 (rank, DataLoader worker) slot reads a disjoint part of the data: whole shards when there are at least as
-many shards as slots, otherwise every n-th sample. No sample goes to two ranks in one epoch. A slot cycles
-its part until the epoch's fixed step count is reached, so ranks never run out at different times. The order
-is a function of (seed, epoch, slot), which makes the data position exactly reproducible on resume.
+many shards as slots, otherwise (or when --train_subjects keeps a subset) every n-th sample. No sample goes
+to two ranks in one epoch. A slot cycles its part until the epoch's fixed step count is reached, so ranks never
+run out at different times. The order is a function of (seed, epoch, slot), which makes the data position
+exactly reproducible on resume.
 """
 
 from __future__ import annotations
