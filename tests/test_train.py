@@ -295,7 +295,7 @@ def test_each_rank_and_worker_reads_a_disjoint_part(shards_dir):
         assert len(parts[0] | parts[1]) == total
 
 
-def test_train_subjects_limits_training_to_a_seeded_subset_split_across_ranks(shards_dir):
+def test_train_subjects_limits_training_to_a_seeded_subset_split_across_ranks(shards_dir, tmp_path):
     listed = read_manifest(shards_dir)["splits"]["train"]["subjects"]
     chosen = training_subjects(shards_dir, 2, seed=0)
     assert len(chosen) == 2 and chosen <= set(listed)
@@ -316,6 +316,11 @@ def test_train_subjects_limits_training_to_a_seeded_subset_split_across_ranks(sh
             keys.append(item["key"])
         parts.append(set(keys))
     assert parts[0] and parts[1] and not parts[0] & parts[1] and parts[0] | parts[1] == expected
+
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit, match=f"error: --train_subjects 99: {shards_dir} has only {len(listed)} training subjects"):
+        trainer.main(["--data", str(shards_dir), "--out", str(out), *SMALL, "--train_subjects", "99"])
+    assert not out.exists(), "a refused run writes nothing"
 
     config = load_config(["--data", str(shards_dir), "--out", "-", "--train_subjects", "2", "--num_workers", "0", "--batch_size", "4"])
     batches = [batch for batch, _ in zip(train_loaders(config, 0, 1)["t1"], range(6))]

@@ -135,8 +135,8 @@ def main(argv=None) -> int:
         accelerator.print(f"resumed from {resume_path} at step {state.step}")
     state.wandb_id = state.wandb_id or tracking.new_run_id(config.run_name or out.name)
 
-    loaders = train_loaders(config, accelerator.process_index, world)
     try:
+        loaders = train_loaders(config, accelerator.process_index, world)
         val = val_samples(config.data, "val", config.val_max_slices)
     except ShardsError as err:
         raise SystemExit(f"error: {err}")
