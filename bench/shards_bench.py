@@ -31,9 +31,9 @@ from shards.register import apply
 from shards.synth import MOTION_FILE, synthesize
 
 
-PACKS = {"none": "register none", "rigid": "register rigid (default)", "n4": "register rigid + n4"}
-OPTIONS = {"none": lambda size: PackOptions(size=size, register="none"), "rigid": lambda size: PackOptions(size=size),
-           "n4": lambda size: PackOptions(size=size, bias_correction="n4")}
+# the packs it can time: their label and the PackOptions beside --size
+PACKS = {"none": ("register none", {"register": "none"}), "rigid": ("register rigid (default)", {}),
+         "n4": ("register rigid + n4", {"bias_correction": "n4"})}
 
 
 def tree_rss(proc: psutil.Process) -> int:
@@ -101,8 +101,8 @@ def main():
         print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores")
         timings, manifests = {}, {}
         for pack_name in args.packs:
-            name = PACKS[pack_name]
-            seconds, peak, manifest = timed_pack(data, Path(tmp) / pack_name, OPTIONS[pack_name](args.size), args.workers)
+            name, options = PACKS[pack_name]
+            seconds, peak, manifest = timed_pack(data, Path(tmp) / pack_name, PackOptions(size=args.size, **options), args.workers)
             timings[pack_name], manifests[pack_name] = seconds, manifest
             volumes = len(manifest["files"])
             slices = sum(n for split in manifest["splits"].values() for n in split["slices"].values())

@@ -80,8 +80,9 @@ def one_size(size: int, steps: int, config: Config, results) -> None:
 
 def run_ours(size: int, steps: int, config: Config) -> dict:
     """One size in a fresh process, so that peak RSS belongs to that size alone."""
-    results = mp.get_context("spawn").Queue()
-    proc = mp.get_context("spawn").Process(target=one_size, args=(size, steps, config, results))
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    proc = ctx.Process(target=one_size, args=(size, steps, config, results))
     proc.start()
     result = results.get()
     proc.join()
