@@ -13,8 +13,9 @@ validation picked an earlier one, that best checkpoint too (its own row: over-tr
 For a small training set, --train-subjects 5 (about 100 slices per contrast at 128²) trains on five of the
 training subjects, drawn by the training seed, and scores the same val+test as the full runs beside it.
 Existing stages in --out are reused. Prints one
-table of masked SSIM/PSNR, texture, hallucination-map AUROC and lesion metrics per variant and direction, and
-writes it to OUT/results.md and OUT/results.json.
+table of masked SSIM/PSNR, texture, the input noise each translation passes and its cycle returns
+(train.fidelity.noise_transfer, on 64 of the scored slices), hallucination-map AUROC and lesion metrics per
+variant and direction, and writes it to OUT/results.md and OUT/results.json.
 """
 
 from __future__ import annotations
@@ -35,7 +36,8 @@ from scipy import ndimage
 
 from demo_bounds import LookupTable  # bench/, the script's own folder
 from train import rundir
-from train.fidelity import MODES, RING_PIXELS
+from train.fidelity import MODES, RING_PIXELS, noise_transfer
+from train.inference import load_translator
 from train.scoring import lesion_report, read_samples, score, split_shards, summarize
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -86,6 +88,22 @@ def lookup_reference(shards: Path) -> dict:
             "lesions": lesion_report(lesion_slices)}
 
 
+def noise_slices(shards: Path, count: int = 64) -> list[dict]:
+    """`count` slices spread evenly over val+test, for the noise-transfer figure."""
+    samples = list(read_samples([*split_shards(shards / "test"), *split_shards(shards / "val")]))
+    return samples[::max(len(samples) // count, 1)][:count]
+
+
+def noise_transfers(members: list[Path], slices: list[dict], tta: bool) -> dict:
+    """train.fidelity.noise_transfer both ways: how much input noise each translation passes and its cycle returns."""
+    mask = torch.from_numpy(np.stack([s["mask"] for s in slices]))[:, None]
+    figures = {}
+    for direction, (source, _) in rundir.DIRECTIONS.items():
+        forward, back = (load_translator(members, way, tta=tta)[0] for way in (direction, rundir.REVERSE[direction]))
+        figures[direction] = noise_transfer(forward, back, torch.from_numpy(np.stack([s[source] for s in slices]))[:, None], mask)
+    return figures
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=ROOT / "bench-out" / "fidelity")
@@ -133,6 +151,7 @@ def main() -> None:
                 f"{f'-{args.train_subjects}subjects' * (args.train_subjects > 0)}")
 
     results = {}
+    slices = noise_slices(shards)
     for name in args.variants:
         checkpoints = []
         for seed in seeds:
@@ -157,7 +176,7 @@ def main() -> None:
             timings[f"evaluate_{folder.name}_s"] = run("-m", "train.evaluate", "--checkpoint", *members, "--data", shards / "test",
                                                        shards / "val", "--out", folder, "--overwrite", "--uncertainty", args.uncertainty,
                                                        *["--tta"] * args.tta, "--report_to", "none", stdout=subprocess.DEVNULL)
-            results[row] = json.loads((folder / "report.json").read_text())
+            results[row] = {**json.loads((folder / "report.json").read_text()), "noise_transfer": noise_transfers(members, slices, args.tta)}
     results["lookup table (reference)"] = lookup_reference(shards)
 
     lines = [f"{args.subjects} synthetic subjects at {args.size}², {f'training on {args.train_subjects} of them, ' * (args.train_subjects > 0)}"
@@ -166,19 +185,21 @@ def main() -> None:
              f"evaluated on val+test (held-out subjects only); hallucination map: {args.uncertainty}"
              f"{'; translations: the mean of 10 flipped and shifted copies (--tta)' * args.tta}. "
              f"Machine: {platform.machine()}, {os.cpu_count()} cores, {platform.python_version()}.", "",
-             "| variant | direction | masked SSIM | masked PSNR | texture | AUROC | lesions visible | lesion contrast ratio | lesion MAE "
-             "| lesions flagged by the map |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "| variant | direction | masked SSIM | masked PSNR | texture | input noise passed / returned | AUROC | lesions visible "
+             "| lesion contrast ratio | lesion MAE | lesions flagged by the map |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, report in results.items():
         for direction in ("t1_to_t2", "t2_to_t1"):
             s = report["directions"][direction]["summary"]
             auroc = report["uncertainty"]["directions"][direction]["auroc"] if "uncertainty" in report else None
             lesion = report["lesions"].get(direction)
+            noise = report.get("noise_transfer", {}).get(direction)
+            noise_cell = f"{noise['passed']:.2f} / {noise['returned']:.2f}" if noise else "-"
             flagged = f"{100 * lesion['flagged_fraction']:.0f}%" if lesion and "flagged_fraction" in lesion else "-"
             lesion_cells = (f"{100 * lesion['visible_fraction']:.0f}% of {lesion['lesions']} | {lesion['contrast_ratio']:.2f} | "
                             f"{lesion['mae_lesion']:.3f} | {flagged}") if lesion else "- | - | - | -"
             lines.append(f"| {name} | {direction.replace('_', ' ')} | {s['ssim_masked']['mean']:.3f} | {s['psnr_masked']['mean']:.2f} | "
-                         f"{s['texture']['mean']:.2f} | {'-' if auroc is None else f'{auroc:.3f}'} | {lesion_cells} |")
+                         f"{s['texture']['mean']:.2f} | {noise_cell} | {'-' if auroc is None else f'{auroc:.3f}'} | {lesion_cells} |")
     table = "\n".join(lines)
     print(table)
     print("timings (s):", json.dumps({k: round(v, 1) for k, v in timings.items()}))

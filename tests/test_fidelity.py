@@ -6,6 +6,7 @@ import json
 import shutil
 import tarfile
 from dataclasses import replace
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
@@ -22,7 +23,7 @@ from shards.preprocess import Grid, load_nifti, resample
 from shards.phantom import CSF, tissue_labels, voxel_world
 from shards.synth import MIN_SUBJECTS_FOR_HOLDOUT, grid, mark_held_out, render_subject, subject_anatomy, subjects
 from train.scoring import read_samples, split_shards
-from train.fidelity import ErrorDetection, HallucinationMap, lesion_contrasts, lesion_summary
+from train.fidelity import ErrorDetection, HallucinationMap, lesion_contrasts, lesion_summary, noise_transfer
 from train.inference import CheckpointError, Translator, load_generator, load_translator, resolve_checkpoint, translate
 
 
@@ -163,6 +164,33 @@ def test_a_map_that_stands_out_at_a_lesion_flags_it():
     summary = lesion_summary(rows, [np.abs(pred - truth)[lesion]])
     assert summary["flagged_fraction"] == 0.5 and summary["lost_flagged_fraction"] == 1.0
     assert summary["map_rank"] == pytest.approx(sum(ranks) / 2)
+
+
+class Projected(torch.nn.Module):
+    """Keeps an image's 2x2 block means and multiplies what is left (the finer detail) by `detail`: a smoothing
+    translation at 0, the identity at 1. With 1/detail it undoes `detail` exactly: the block means are a projection."""
+
+    def __init__(self, detail: float):
+        super().__init__()
+        self.detail = detail
+
+    def forward(self, x):
+        coarse = torch.nn.functional.interpolate(torch.nn.functional.avg_pool2d(x, 2), scale_factor=2.0, mode="nearest")
+        return coarse + self.detail * (x - coarse)
+
+
+def test_noise_transfer_tells_a_translation_that_hides_the_input_noise_from_one_that_drops_it():
+    """Two cycles that look alike on the way out (the 2x2 block means of the noise, plus 5% of the rest: half its
+    RMS) differ on the way back: one decodes the faint rest into all of the input's noise, the other cannot."""
+    images = 0.3 + 0.4 * torch.rand(16, 1, 32, 32, generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(images, dtype=torch.bool)
+    assert noise_transfer(Projected(1.0), Projected(1.0), images, mask) == pytest.approx({"passed": 1.0, "returned": 1.0}, abs=1e-3)
+    hiding = noise_transfer(Projected(0.05), Projected(20.0), images, mask)
+    dropping = noise_transfer(Projected(0.05), Projected(1.0), images, mask)
+    assert hiding["passed"] == pytest.approx(dropping["passed"], abs=1e-6)
+    assert hiding["passed"] == pytest.approx((0.25 + 0.75 * 0.05**2) ** 0.5, abs=0.02)  # a white noise's block means: 1/4 of its power
+    assert hiding["returned"] == pytest.approx(1.0, abs=1e-3)
+    assert dropping["returned"] == pytest.approx(0.25 + 0.75 * 0.05, abs=0.03)
 
 
 def test_error_detection_auroc():
@@ -379,6 +407,23 @@ def test_evaluate_reports_auroc_and_lesion_metrics(trained, fidelity_shards, tmp
     else:
         assert report["lesions"] == {} and not (out / "lesions.png").exists()
     assert "AUROC" in (out / "report.md").read_text()
+
+
+def test_the_fidelity_bench_measures_a_checkpoints_noise_transfer_both_ways(trained, fidelity_shards, monkeypatch):
+    """bench/fidelity_bench.py's column: the checkpoint's own generators, on slices spread over val+test."""
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "bench"))
+    from fidelity_bench import noise_slices, noise_transfers
+
+    slices = noise_slices(fidelity_shards, count=8)
+    test_keys = {s["key"] for s in read_samples(split_shards(fidelity_shards / "test"))}
+    assert len(slices) == 8 and test_keys & {s["key"] for s in slices}
+    checkpoint = max((trained / "checkpoints").glob("step-*"))
+    figures = noise_transfers([checkpoint], slices, tta=False)
+    images = torch.from_numpy(np.stack([s["t2"] for s in slices]))[:, None]
+    mask = torch.from_numpy(np.stack([s["mask"] for s in slices]))[:, None]
+    direct = noise_transfer(load_generator(checkpoint, "t2_to_t1")[0], load_generator(checkpoint, "t1_to_t2")[0], images, mask)
+    assert figures["t2_to_t1"] == pytest.approx(direct, rel=1e-4)
+    assert set(figures) == {"t1_to_t2", "t2_to_t1"} and all(f["passed"] > 0 for f in figures.values())
 
 
 def test_translate_writes_a_hallucination_map_beside_each_volume(trained, fidelity_tars, tmp_path):
