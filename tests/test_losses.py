@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from train.inference import Translator
-from train.losses import MAX_SHIFT, ImagePool, Objective, PatchNCE, generator_losses, laplace_nll, mind, move_at
+from train.losses import MAX_SHIFT, ImagePool, Objective, PatchNCE, generator_losses, laplace_nll, mind, move_at, noise_at
 from train.networks import CycleGenerators, Discriminators, build_discriminator, build_generator, flip_shift
 
 
@@ -200,6 +200,41 @@ def test_the_equivariance_term_is_zero_for_a_pointwise_translation_and_measures_
                                                                     "equivariance")))
     with pytest.raises(ValueError, match="needs a move"):
         generator_losses(gens, discs, real_a, real_b, Objective(equivariance=1.0))
+
+
+def test_cycle_noise_is_drawn_from_seed_step_and_rank():
+    def draw(step, seed, rank):
+        return torch.randn(4, generator=noise_at(step, seed, rank, torch.device("cpu")))
+
+    assert torch.equal(draw(7, 0, 1), draw(7, 0, 1)), "a resumed run draws the same noise"
+    assert not torch.equal(draw(7, 0, 0), draw(7, 0, 1)), "ranks draw their own"
+    assert not torch.equal(draw(7, 0, 0), draw(8, 0, 0)) and not torch.equal(draw(7, 0, 0), draw(7, 1, 0))
+
+
+def gain(value: float) -> torch.nn.Conv2d:
+    conv = torch.nn.Conv2d(1, 1, 1, bias=False)
+    torch.nn.init.constant_(conv.weight, value)
+    return conv
+
+
+def test_cycle_noise_makes_a_faint_encoding_costly_and_leaves_the_translations_alone():
+    """A cycle that carries its input at a tenth of its amplitude and amplifies it back is exact without the noise.
+    With it, the way back amplifies the noise tenfold into the reconstruction, and the loss's gradient asks the
+    translation to carry its input louder than the noise."""
+    _, discs, real_a, real_b = tiny_cycle_gan()
+    faint = CycleGenerators(gain(0.1), gain(10.0))
+    fakes, losses = generator_losses(faint, discs, real_a, real_b, Objective(cycle=5.0))
+    assert losses["cycle"] < 1e-5
+    objective = Objective(cycle=5.0, cycle_noise=0.05)
+    noisy, losses = generator_losses(faint, discs, real_a, real_b, objective, noise=noise_at(0, 0, 0, real_a.device))
+    torch.testing.assert_close(noisy["fake_b"], fakes["fake_b"])
+    noise = torch.randn(real_a.shape, generator=noise_at(0, 0, 0, real_a.device)) * 0.05  # what G_ba's input got
+    torch.testing.assert_close(noisy["rec_a"], real_a + 10.0 * noise, atol=1e-5, rtol=1e-5)
+    assert losses["cycle"].item() == pytest.approx(5.0 * (10.0 + 0.1) * 0.05 * (2 / torch.pi) ** 0.5, rel=0.05)  # 5 E|10 n| + 5 E|0.1 n'|
+    losses["G"].backward()
+    assert faint.g_ab.weight.grad.item() < 0, "a louder translation lowers the loss"
+    with pytest.raises(ValueError, match="cycle noise needs a generator"):
+        generator_losses(faint, discs, real_a, real_b, objective)
 
 
 def test_training_with_the_equivariance_term_brings_the_single_pass_to_the_tta_mean():

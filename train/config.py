@@ -66,6 +66,10 @@ class Config:
                                         "input and the translation moved alike, both ways (0 = off, as in the seed). It penalizes the "
                                         "speckle that --tta averages away, so one pass gives what ten would; a step costs about 30 percent more",
                                         minimum=0)
+    cycle_noise: float = option(0.0, "std of Gaussian noise added to each translation (in the model's [-1, 1] range) before the other "
+                                "generator takes it back, in training only. The cycle loss asks for the input's own noise back, which "
+                                "a generator can hide in its translation as a faint speckle; noise above that level leaves nothing "
+                                "to hide it in (Bashkirova et al. 2019). 0 = off, as in the seed", minimum=0)
     pool_size: int = option(50, "history pool of generated images shown to the discriminators", minimum=0)
     lr: float = option(5e-4, "Adam learning rate for the generators, and for the discriminators unless --lr_d (the seed's is 2e-4)", above=0)
     lr_d: float = option(0.0, "Adam learning rate for the discriminators; 0 = --lr. Below --lr the discriminators learn more slowly "

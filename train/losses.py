@@ -117,11 +117,12 @@ class Objective:
     nce: float = 0.0
     aleatoric: float = 0.0
     equivariance: float = 0.0
+    cycle_noise: float = 0.0  # not a weight: the std of the noise on the translations the cycle takes back
 
     @classmethod
     def from_config(cls, config) -> Objective:
         return cls(config.gan_loss, config.lambda_adv, config.lambda_cycle, config.lambda_identity, config.lambda_structure,
-                   config.lambda_nce, config.lambda_aleatoric, config.lambda_equivariance)
+                   config.lambda_nce, config.lambda_aleatoric, config.lambda_equivariance, config.cycle_noise)
 
 
 # the equivariance term's moves: shifts up to a U-Net depth 3's stride (8) reach every phase of its grid
@@ -135,19 +136,29 @@ def move_at(step: int, seed: int) -> tuple[bool, tuple[int, int]]:
     return rng.random() < 0.5, (rng.randint(-MAX_SHIFT, MAX_SHIFT), rng.randint(-MAX_SHIFT, MAX_SHIFT))
 
 
+def noise_at(step: int, seed: int, rank: int, device: torch.device) -> torch.Generator:
+    """The cycle noise's generator for one step on one rank, seeded from those alone: a resumed run draws the
+    same noise without checkpointing an RNG, and ranks draw different noise."""
+    return torch.Generator(device).manual_seed((seed * 1_000_003 + step) * 1_009 + rank)
+
+
 def generator_losses(gens, discs, real_a, real_b, objective: Objective, nce: nn.Module | None = None,
-                     move: tuple[bool, tuple[int, int]] | None = None):
+                     move: tuple[bool, tuple[int, int]] | None = None, noise: torch.Generator | None = None):
     """Fool both (frozen) discriminators, cycle back, keep identity and (optionally) structure: MIND and/or
     PatchNCE (`nce`, possibly wrapped for DDP); fit the scale heads, if any, to the cycle's error; with
     `objective.equivariance`, translate the inputs moved by `move` (flip_shift's arguments) as the translations
-    moved alike. Returns the generated images and the losses; losses["G"] is what the generators minimize."""
+    moved alike; with `objective.cycle_noise`, take back translations with noise drawn from `noise` (noise_at).
+    Returns the generated images and the losses; losses["G"] is what the generators minimize."""
     w = objective
     if w.equivariance and move is None:
         raise ValueError("the equivariance term needs a move (losses.move_at)")
+    if w.cycle_noise and noise is None:
+        raise ValueError("cycle noise needs a generator to draw it from (losses.noise_at)")
     zero = torch.zeros((), device=real_a.device)
     patch_nce = getattr(nce, "module", nce)
     with patch_nce.recording() if w.nce else nullcontext() as calls:
-        fakes = gens(real_a, real_b, identity=bool(w.identity), move=move if w.equivariance else None)
+        fakes = gens(real_a, real_b, identity=bool(w.identity), move=move if w.equivariance else None,
+                     back_noise=(w.cycle_noise, noise) if w.cycle_noise else None)
     judged_a, judged_b = discs(fakes["fake_a"], fakes["fake_b"])
     adversarial = w.adv * (gan_loss(judged_a, True, w.gan) + gan_loss(judged_b, True, w.gan))
     cycle = w.cycle * (F.l1_loss(fakes["rec_a"].float(), real_a) + F.l1_loss(fakes["rec_b"].float(), real_b))

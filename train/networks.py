@@ -234,10 +234,12 @@ class CycleGenerators(nn.Module):
         super().__init__()
         self.g_ab, self.g_ba = g_ab, g_ba
 
-    def forward(self, real_a, real_b, identity: bool = True, move: tuple[bool, tuple[int, int]] | None = None):
+    def forward(self, real_a, real_b, identity: bool = True, move: tuple[bool, tuple[int, int]] | None = None,
+                back_noise: tuple[float, torch.Generator] | None = None):
         """Translations, reconstructions and, with `identity`, each generator applied to its own target
         contrast (a third of the generators' work, skipped when the identity loss is off). With a `move`
         (flip_shift's arguments), each generator also translates its moved input: moved_fake_b, moved_fake_a.
+        With `back_noise` (std, generator), the reconstructions are made from the translations plus that noise.
         Each generator's passes over real images share one batch (instance norm: batching changes nothing).
         Generators with a scale head add the reconstructions' predicted scales, rec_a_scale and rec_b_scale."""
         n = real_a.shape[0]
@@ -248,6 +250,9 @@ class CycleGenerators(nn.Module):
             batch = {name: images for name, images in batch.items() if images is not None}
             out.update(zip(batch, net(torch.cat(list(batch.values()))).split(n)))
         for rec, net, fake in (("rec_a", self.g_ba, out["fake_b"]), ("rec_b", self.g_ab, out["fake_a"])):
+            if back_noise:
+                std, generator = back_noise
+                fake = fake + std * torch.randn(fake.shape, generator=generator, device=fake.device, dtype=fake.dtype)
             if getattr(net, "scale_head", False):
                 out[rec], out[f"{rec}_scale"] = net.with_scale(fake).chunk(2, 1)
             else:

@@ -14,7 +14,7 @@ from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from train.config import Config
-from train.losses import ImagePool, Objective, PatchNCE, discriminator_losses, generator_losses, move_at
+from train.losses import ImagePool, Objective, PatchNCE, discriminator_losses, generator_losses, move_at, noise_at
 from train.networks import CycleGenerators, Discriminators, GeneratorSpec, build_discriminator
 
 
@@ -34,7 +34,7 @@ class CycleGAN:
     ema: AveragedModel | None
     trained_gens: CycleGenerators  # gens unwrapped from DDP
     objective: Objective
-    seed: int  # with the step, draws the equivariance term's moves
+    seed: int  # with the step, draws the equivariance term's moves and the cycle noise
 
     @property
     def inference_gens(self) -> CycleGenerators:
@@ -92,7 +92,8 @@ def train_step(accelerator: Accelerator, model: CycleGAN, real_a: torch.Tensor, 
     discs_plain.requires_grad_(False)
     with accelerator.autocast():
         move = move_at(step, model.seed) if model.objective.equivariance else None
-        fakes, losses_g = generator_losses(model.gens, discs_plain, real_a, real_b, model.objective, model.nce, move)
+        noise = noise_at(step, model.seed, accelerator.process_index, real_a.device) if model.objective.cycle_noise else None
+        fakes, losses_g = generator_losses(model.gens, discs_plain, real_a, real_b, model.objective, model.nce, move, noise)
     discs_plain.requires_grad_(True)
     if any_rank(accelerator, not torch.isfinite(losses_g["G"]).item()):
         return skip(model)
