@@ -4,6 +4,7 @@ disjoint data, the run folder is written once, and the logged val metrics are th
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from collections import Counter
@@ -79,3 +80,42 @@ def test_logged_val_metrics_are_the_all_rank_result(ddp_run, shards_dir):
         scores = slice_metrics(translate(net, source), target, mask)
         for name in ("ssim_masked", "psnr_masked"):
             assert scores[name].mean().item() == pytest.approx(logged[f"val/{direction}/{name}"], abs=1e-4), (direction, name)
+
+
+FAILING_WRITE = """
+import dataclasses, errno, sys
+from pathlib import Path
+from accelerate import Accelerator
+from train import checkpoints
+from train.config import load_config
+from train.step import build_cycle_gan
+
+out = Path(sys.argv[1])
+accelerator = Accelerator(cpu=True)  # the trainer's choice on a node without GPUs: gloo
+config = load_config(["--data", "unused", "--out", str(out), "--ngf", "4", "--ndf", "4"])
+model = build_cycle_gan(accelerator, dataclasses.replace(config, size=32), total_steps=1)
+if accelerator.is_main_process:  # rank 0 finds the disk full when it writes the generators
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    checkpoints.save_file = full
+try:
+    checkpoints.save_checkpoint(accelerator, [model.gens], model.inference_gens, out, checkpoints.TrainState(step=3), 0, config,
+                                {}, {}, {})
+except SystemExit as err:
+    print(f"rank {accelerator.process_index}: {err}", flush=True)
+"""
+
+
+def test_a_checkpoint_write_that_fails_on_one_rank_stops_every_rank_with_the_error(tmp_path):
+    """Rank 0's write fails after the other rank's part is done: both get the error, none waits in a collective
+    for a rank that gave up (each catches it here and exits cleanly, so a rank left waiting would fail the run)."""
+    script = tmp_path / "failing_write.py"
+    script.write_text(FAILING_WRITE)
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", "accelerate_config.yaml", "--num_processes", "2",
+           "--mixed_precision", "no", "--main_process_port", "29518", str(script), str(out)]
+    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    for rank in (0, 1):
+        assert f"rank {rank}: error: cannot write the step-3 checkpoint" in result.stdout and "no space left on device" in result.stdout
+    assert not list((out / rundir.CHECKPOINTS).iterdir()), "the partial checkpoint is removed"

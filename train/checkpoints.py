@@ -24,6 +24,7 @@ from safetensors.torch import load_file, save_file
 from train import rundir
 from train.config import ARCHITECTURE_KEYS, Config
 from train.networks import CycleGenerators, GeneratorSpec
+from train.step import any_rank
 
 
 @dataclass
@@ -166,13 +167,18 @@ def save_checkpoint(accelerator, trained: list, inference_gens: CycleGenerators,
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
+    failure = None
     try:
         accelerator.save_state(str(tmp))
-        # DDP keeps replicas identical; record each rank's sum of the trained generator-side weights so a divergence is visible
-        params = [p for net in trained for p in accelerator.unwrap_model(net).parameters()]
-        checksum = torch.stack([p.detach().double().sum() for p in params]).sum()
-        rank_checksums = accelerator.gather(checksum[None].to(accelerator.device)).tolist()
-        if accelerator.is_main_process:
+    except Exception as err:  # writers word a full disk their own way (torch.save: "enforce fail ... unexpected pos")
+        failure = err
+    stop_if_any_failed(accelerator, failure, tmp, out, state.step)
+    # DDP keeps replicas identical; record each rank's sum of the trained generator-side weights so a divergence is visible
+    params = [p for net in trained for p in accelerator.unwrap_model(net).parameters()]
+    checksum = torch.stack([p.detach().double().sum() for p in params]).sum()
+    rank_checksums = accelerator.gather(checksum[None].to(accelerator.device)).tolist()
+    if accelerator.is_main_process:
+        try:
             if len(set(rank_checksums)) > 1:
                 print(f"warning: step {state.step}: generator weights differ across ranks: {rank_checksums}", flush=True)
             for name, net in (("t1_to_t2", inference_gens.g_ab), ("t2_to_t1", inference_gens.g_ba)):
@@ -186,12 +192,23 @@ def save_checkpoint(accelerator, trained: list, inference_gens: CycleGenerators,
             if final.exists():
                 shutil.rmtree(final)
             os.replace(tmp, final)
-    except Exception as err:  # writers word a full disk their own way (torch.save: "enforce fail ... unexpected pos")
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise checkpoint_write_error(err, out, state.step) from err
+        except Exception as err:
+            failure = err
+    stop_if_any_failed(accelerator, failure, tmp, out, state.step)
     if accelerator.is_main_process:
         prune_checkpoints(out, config.checkpoints_total_limit, state.best_step)
     accelerator.wait_for_everyone()
+
+
+def stop_if_any_failed(accelerator, failure: Exception | None, tmp: Path, out: Path, step: int) -> None:
+    """Every rank stops with the error when any rank's part of the write failed, so none is left waiting in a
+    collective for a rank that gave up (on one node the launcher would stop it; across nodes nothing would).
+    The partial folder is removed."""
+    if not any_rank(accelerator, failure is not None):
+        return
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+    raise checkpoint_write_error(failure or OSError("another process could not write its part"), out, step) from failure
 
 
 def checkpoint_write_error(err: Exception, out: Path, step: int) -> SystemExit:
