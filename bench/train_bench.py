@@ -15,7 +15,7 @@ matmul FLOP/s is measured too, as the ceiling to compare against. Times are medi
 
 With --reference PATH, a local checkout of junyanz/pytorch-CycleGAN-and-pix2pix runs its own train.py at the
 same network, loss and batch (bench/reference_cyclegan.py), alternating with this project's step, reference
-first, for --rounds rounds, and the bench prints the ratio of images/s.
+first, for --rounds rounds (each round times every size), and the bench prints the ratio of images/s per size.
 """
 
 from __future__ import annotations
@@ -112,10 +112,10 @@ def main():
     print(f"fp32 matmul (2048^2): {peak / 1e9:.1f} GFLOP/s")
     depth = f" depth {config.unet_depth}" if config.generator == "unet" else ""
     network = f"{config.generator}{depth} ngf {config.ngf} ndf {config.ndf}"
-    for size in args.sizes:
-        ratios = []
-        for round_ in range(1, args.rounds + 1 if args.reference else 2):
-            label = f"round {round_}: " if args.reference else ""
+    ratios = {size: [] for size in args.sizes}
+    for round_ in range(1, args.rounds + 1 if args.reference else 2):  # rounds outermost: a drift in speed reaches every size alike
+        label = f"round {round_}: " if args.reference else ""
+        for size in args.sizes:
             if args.reference:
                 ref = reference_cyclegan.run(reference_python, args.reference, config, size, args.steps)
                 print(f"{label}reference unet_{size} ngf {config.ngf} ndf {config.ndf} {size}^2 batch {config.batch_size}: "
@@ -126,11 +126,11 @@ def main():
                   f"{r['flops_per_step'] / 1e9:.0f} GFLOP/step, {r['flop_per_s'] / 1e9:.1f} GFLOP/s "
                   f"= {100 * r['flop_per_s'] / peak:.0f}% of matmul, peak RSS {r['peak_rss_gib']:.2f} GiB", flush=True)
             if args.reference:
-                ratios.append(ref["step_s"] / r["step_s"])
-        if ratios:
-            print(f"{size}^2: this project's images/s over the reference's: {statistics.median(ratios):.2f}x "
-                  f"(rounds: {', '.join(f'{x:.2f}' for x in ratios)})")
-
+                ratios[size].append(ref["step_s"] / r["step_s"])
+    for size, size_ratios in ratios.items():
+        if size_ratios:
+            print(f"{size}^2: this project's images/s over the reference's: {statistics.median(size_ratios):.2f}x "
+                  f"(rounds: {', '.join(f'{x:.2f}' for x in size_ratios)})")
 
 if __name__ == "__main__":
     main()

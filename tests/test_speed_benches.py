@@ -92,6 +92,30 @@ def test_reference_and_ours_alternate_and_the_ratio_is_of_their_median_steps(ref
         assert float(ratio) == pytest.approx(0.25 / step_s, rel=0.05, abs=0.01)
 
 
+def test_rounds_run_outermost_so_every_size_meets_the_same_drift(monkeypatch, tmp_path, capsys):
+    """With several sizes, round 1 times every size (reference, then ours) before round 2 starts; each size's
+    ratio is the median of its own rounds. The runs are stand-ins: the order and the arithmetic are tested here,
+    the processes by the test above."""
+    monkeypatch.syspath_prepend(ROOT / "bench")
+    train_bench = importlib.import_module("train_bench")
+    order, ours_s = [], iter([0.5, 1.0, 0.25, 2.0])
+    monkeypatch.setattr(train_bench.reference_cyclegan, "check_checkout", lambda path: None)
+    monkeypatch.setattr(train_bench.reference_cyclegan, "prepare_env", lambda env: "python")
+    monkeypatch.setattr(train_bench.reference_cyclegan, "run", lambda python, checkout, config, size, steps:
+                        order.append(("reference", size)) or {"step_s": 1.0, "peak_rss_gib": 1.0})
+    monkeypatch.setattr(train_bench, "matmul_flops", lambda: 1e9)
+    monkeypatch.setattr(train_bench, "run_ours", lambda size, steps, config: order.append(("ours", size)) or {
+        "batch": 1, "step_s": (step_s := next(ours_s)), "images_per_s": 2 / step_s, "flops_per_step": 1e9, "flop_per_s": 1e9 / step_s,
+        "peak_rss_gib": 1.0})
+    monkeypatch.setattr(sys, "argv", ["train_bench.py", "--reference", str(tmp_path), "--sizes", "128", "256", "--rounds", "2",
+                                      "--config", "train/recipes/seed.yaml"])
+    train_bench.main()
+    assert order == [(who, size) for _ in (1, 2) for size in (128, 256) for who in ("reference", "ours")]
+    printed = capsys.readouterr().out
+    assert "128^2: this project's images/s over the reference's: 3.00x (rounds: 2.00, 4.00)" in printed
+    assert "256^2: this project's images/s over the reference's: 0.75x (rounds: 1.00, 0.50)" in printed
+
+
 def test_reference_runs_at_the_configs_network_loss_and_batch(reference_env, tmp_path, monkeypatch):
     monkeypatch.syspath_prepend(ROOT / "bench")
     reference_cyclegan = importlib.import_module("reference_cyclegan")
