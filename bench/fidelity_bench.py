@@ -72,12 +72,16 @@ def run(*args, **kwargs) -> float:
     return time.time() - start
 
 
-def lookup_reference(shards: Path) -> dict:
+def scored_samples(shards: Path) -> tuple[list[str], list[dict]]:
+    """The shards every row is scored on (test, then val) and their samples, read once."""
+    paths = [*split_shards(shards / "test"), *split_shards(shards / "val")]
+    return paths, list(read_samples(paths))
+
+
+def lookup_reference(paths: list[str], samples: list[dict]) -> dict:
     """bench/demo_bounds.py's per-intensity lookup table, as a report like train.evaluate's: fitted on the
     scored slices' head pixels away from every lesion (paired truth no CycleGAN gets: a generous reference for
     what a mapping without context keeps), then scored and lesion-measured by train.evaluate's own code."""
-    paths = [*split_shards(shards / "test"), *split_shards(shards / "val")]
-    samples = list(read_samples(paths))
     images = {k: torch.from_numpy(np.stack([s[k] for s in samples])) for k in ("t1", "t2", "mask")}
     lesions = np.stack([s.get("lesion", np.zeros_like(s["mask"])) for s in samples])
     near_lesion = ndimage.binary_dilation(lesions, np.array([[[0, 1, 0], [1, 1, 1], [0, 1, 0]]], bool), iterations=RING_PIXELS + 1)
@@ -88,20 +92,18 @@ def lookup_reference(shards: Path) -> dict:
             "lesions": lesion_report(lesion_slices)}
 
 
-def noise_slices(shards: Path, count: int = 64) -> list[dict]:
-    """`count` slices spread evenly over val+test, for the noise-transfer figure."""
-    samples = list(read_samples([*split_shards(shards / "test"), *split_shards(shards / "val")]))
+def noise_slices(samples: list[dict], count: int = 64) -> list[dict]:
+    """`count` of the scored samples, spread evenly over them, for the noise-transfer figure."""
     return samples[::max(len(samples) // count, 1)][:count]
 
 
 def noise_transfers(members: list[Path], slices: list[dict], tta: bool) -> dict:
     """train.fidelity.noise_transfer both ways: how much input noise each translation passes and its cycle returns."""
     mask = torch.from_numpy(np.stack([s["mask"] for s in slices]))[:, None]
-    figures = {}
-    for direction, (source, _) in rundir.DIRECTIONS.items():
-        forward, back = (load_translator(members, way, tta=tta)[0] for way in (direction, rundir.REVERSE[direction]))
-        figures[direction] = noise_transfer(forward, back, torch.from_numpy(np.stack([s[source] for s in slices]))[:, None], mask)
-    return figures
+    translators = {direction: load_translator(members, direction, tta=tta)[0] for direction in rundir.DIRECTIONS}
+    return {direction: noise_transfer(translators[direction], translators[rundir.REVERSE[direction]],
+                                      torch.from_numpy(np.stack([s[source] for s in slices]))[:, None], mask)
+            for direction, (source, _) in rundir.DIRECTIONS.items()}
 
 
 def main() -> None:
@@ -151,7 +153,8 @@ def main() -> None:
                 f"{f'-{args.train_subjects}subjects' * (args.train_subjects > 0)}")
 
     results = {}
-    slices = noise_slices(shards)
+    paths, samples = scored_samples(shards)
+    slices = noise_slices(samples)
     for name in args.variants:
         checkpoints = []
         for seed in seeds:
@@ -177,7 +180,7 @@ def main() -> None:
                                                        shards / "val", "--out", folder, "--overwrite", "--uncertainty", args.uncertainty,
                                                        *["--tta"] * args.tta, "--report_to", "none", stdout=subprocess.DEVNULL)
             results[row] = {**json.loads((folder / "report.json").read_text()), "noise_transfer": noise_transfers(members, slices, args.tta)}
-    results["lookup table (reference)"] = lookup_reference(shards)
+    results["lookup table (reference)"] = lookup_reference(paths, samples)
 
     lines = [f"{args.subjects} synthetic subjects at {args.size}², {f'training on {args.train_subjects} of them, ' * (args.train_subjects > 0)}"
              f"{args.steps} steps of batch {args.batch_size}, ngf/ndf {args.ngf}, "

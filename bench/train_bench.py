@@ -132,5 +132,6 @@ def main():
             print(f"{size}^2: this project's images/s over the reference's: {statistics.median(size_ratios):.2f}x "
                   f"(rounds: {', '.join(f'{x:.2f}' for x in size_ratios)})")
 
+
 if __name__ == "__main__":
     main()

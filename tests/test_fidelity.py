@@ -412,9 +412,9 @@ def test_evaluate_reports_auroc_and_lesion_metrics(trained, fidelity_shards, tmp
 def test_the_fidelity_bench_measures_a_checkpoints_noise_transfer_both_ways(trained, fidelity_shards, monkeypatch):
     """bench/fidelity_bench.py's column: the checkpoint's own generators, on slices spread over val+test."""
     monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "bench"))
-    from fidelity_bench import noise_slices, noise_transfers
+    from fidelity_bench import noise_slices, noise_transfers, scored_samples
 
-    slices = noise_slices(fidelity_shards, count=8)
+    slices = noise_slices(scored_samples(fidelity_shards)[1], count=8)
     test_keys = {s["key"] for s in read_samples(split_shards(fidelity_shards / "test"))}
     assert len(slices) == 8 and test_keys & {s["key"] for s in slices}
     checkpoint = max((trained / "checkpoints").glob("step-*"))
