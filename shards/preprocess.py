@@ -242,8 +242,7 @@ def foreground(data: np.ndarray) -> np.ndarray:
     mask |= ~outside[background]
     labels, count = ndimage.label(mask)
     if count > 1:
-        sizes = np.bincount(labels.ravel())
-        sizes[0] = 0
+        sizes = np.bincount(labels[mask])  # head voxels only, so label 0 counts none
         mask = labels == sizes.argmax()
     return mask
 

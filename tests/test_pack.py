@@ -72,6 +72,23 @@ def test_plain_webdataset_reads_the_contract(shards_dir):
     assert {"t1.png", "t2.png", "mask.png"} <= set(paired)
 
 
+def test_slices_are_plain_pngs_that_pillow_decodes_exactly_and_compress_like_pillows(shards_dir):
+    from shards.format import encode_mask
+    paired = [decode_sample(s) for s in _samples(shards_dir, "val", "paired")]
+    ours = pillows = 0
+    for sample in paired:
+        encoded = encode_png16(sample["t1"])
+        with Image.open(io.BytesIO(encoded)) as im:
+            assert im.format == "PNG" and im.mode == "I;16"
+            assert np.array_equal(np.asarray(im), np.round(sample["t1"] * 65535).astype(np.uint16))
+        buf = io.BytesIO()
+        Image.fromarray(np.round(sample["t1"] * 65535).astype(np.uint16)).save(buf, format="PNG", compress_level=1)
+        ours, pillows = ours + len(encoded), pillows + len(buf.getvalue())
+        with Image.open(io.BytesIO(encode_mask(sample["mask"]))) as im:
+            assert im.mode == "L" and np.array_equal(np.asarray(im), sample["mask"].astype(np.uint8) * 255)
+    assert ours < 1.05 * pillows, f"the fast encoder's shards are {ours / pillows:.2f}x Pillow's size"
+
+
 def test_paired_slices_are_aligned_16_bit_and_normalized(shards_dir):
     decoded = [decode_sample(s) for s in _samples(shards_dir, "val", "paired")]
     mid = decoded[len(decoded) // 2]
