@@ -468,6 +468,21 @@ def test_the_defaults_are_the_recipe_and_the_seed_is_a_recipe_file():
     assert recipe_of(load_config(["--config", str(ROOT / "train" / "recipes" / "seed.yaml"), "--data", "d", "--out", "o"])) == SEED
 
 
+def test_a_long_run_on_few_slices_without_augmentation_is_warned_and_pointed_at_the_small_data_recipe():
+    from train.data import over_training_warning
+    # the fidelity bench's 64² shards: 24 training subjects, 1211 T1 and 873 T2 slices
+    manifest = {"splits": {"train": {"slices": {"t1": 1211, "t2": 873}, "subjects": [f"IXI{i:03d}" for i in range(24)]}}}
+    small = load_config(["--data", "d", "--out", "o", "--train_subjects", "2"])
+    warning = over_training_warning(manifest, small, 12000 * 2)  # 2 subjects' 73 T2 slices, 12000 steps of batch 2
+    assert warning and "about 330 times" in warning and "train/recipes/small-data.yaml" in warning
+    assert over_training_warning(manifest, dataclasses.replace(small, augment=True), 12000 * 2) is None
+    assert over_training_warning(manifest, load_config(["--data", "d", "--out", "o"]), 3000 * 2) is None  # 7 passes over all 24
+    recipe = load_config(["--config", str(ROOT / "train" / "recipes" / "small-data.yaml"), "--data", "d", "--out", "o"])
+    assert recipe.augment and over_training_warning(manifest, recipe, 12000 * 2) is None
+    differs = {k for k, v in recipe.to_dict().items() if load_config(["--data", "d", "--out", "o"]).to_dict()[k] != v}
+    assert differs == {"augment"}
+
+
 def test_every_fidelity_bench_variant_is_a_valid_config_and_its_default_row_is_the_trainers_default(monkeypatch, tmp_path):
     monkeypatch.syspath_prepend(str(ROOT / "bench"))
     bench = importlib.import_module("fidelity_bench")
