@@ -35,7 +35,7 @@ CONTRASTS = ("t1", "t2")
 SHARD_RE = re.compile(r"^(t1|t2|paired)-(\d{6})\.tar$")
 PNG16_MAX = 65535
 # Pillow tries five filters on every row; one Sub filter with run-length deflate gives MR slices the same size
-# (within 2%) in a quarter of the time, which is a third of packing (docs/benchmarks.md). Decoding stays Pillow's.
+# (within 2%) in a quarter of the time; it was about a quarter of packing (docs/benchmarks.md). Decoding stays Pillow's.
 _FAST_PNG = {"level": imagecodecs.PNG.COMPRESSION.SPEED, "strategy": imagecodecs.PNG.STRATEGY.RLE, "filter": imagecodecs.PNG.FILTER.SUB}
 
 

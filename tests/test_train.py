@@ -479,7 +479,8 @@ def test_a_long_run_on_few_slices_without_augmentation_is_warned_and_pointed_at_
     assert over_training_warning(manifest, load_config(["--data", "d", "--out", "o"]), 3000 * 2) is None  # 7 passes over all 24
     recipe = load_config(["--config", str(ROOT / "train" / "recipes" / "small-data.yaml"), "--data", "d", "--out", "o"])
     assert recipe.augment and over_training_warning(manifest, recipe, 12000 * 2) is None
-    differs = {k for k, v in recipe.to_dict().items() if load_config(["--data", "d", "--out", "o"]).to_dict()[k] != v}
+    defaults = load_config(["--data", "d", "--out", "o"]).to_dict()
+    differs = {k for k, v in recipe.to_dict().items() if defaults[k] != v}
     assert differs == {"augment"}
 
 
