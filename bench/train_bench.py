@@ -119,10 +119,10 @@ def main():
             if args.reference:
                 ref = reference_cyclegan.run(reference_python, args.reference, config, size, args.steps)
                 print(f"{label}reference unet_{size} ngf {config.ngf} ndf {config.ndf} {size}^2 batch {config.batch_size}: "
-                      f"{ref['step_s']:.2f} s/step, {2 * config.batch_size / ref['step_s']:.2f} images/s, "
+                      f"{ref['step_s']:.3g} s/step, {2 * config.batch_size / ref['step_s']:.2f} images/s, "
                       f"peak RSS {ref['peak_rss_gib']:.2f} GiB", flush=True)
             r = run_ours(size, args.steps, config)
-            print(f"{label}{network} {size}^2 batch {r['batch']}: {r['step_s']:.2f} s/step, {r['images_per_s']:.2f} images/s, "
+            print(f"{label}{network} {size}^2 batch {r['batch']}: {r['step_s']:.3g} s/step, {r['images_per_s']:.2f} images/s, "
                   f"{r['flops_per_step'] / 1e9:.0f} GFLOP/step, {r['flop_per_s'] / 1e9:.1f} GFLOP/s "
                   f"= {100 * r['flop_per_s'] / peak:.0f}% of matmul, peak RSS {r['peak_rss_gib']:.2f} GiB", flush=True)
             if args.reference:
