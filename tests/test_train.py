@@ -36,6 +36,7 @@ from train.step import build_cycle_gan, linear_decay, train_step
 def test_losses_fall_and_the_run_folder_is_complete(trained, shards_dir):
     config = yaml.safe_load((trained / "config.yaml").read_text())
     assert config["size"] == 64 and config["ngf"] == 16
+    assert config["augment"] is False  # --augment auto, recorded as what it decided: 40 steps of 2 pass over few slices
     assert config["data"] == str(shards_dir.resolve())  # given relative, recorded absolute
     rows = rundir.read_metrics(trained)
     assert all("step" in r and "epoch" in r for r in rows)
@@ -454,7 +455,7 @@ def test_patch_nce_heads_train_checkpoint_and_resume_exactly(shards_dir, tmp_pat
 
 
 RECIPE = {"gan_loss": "lsgan", "lambda_cycle": 5.0, "lambda_identity": 0.0, "lambda_structure": 10.0, "unet_depth": 3,
-          "upsample": "resize", "lambda_equivariance": 10.0, "augment": False, "lr": 5e-4}  # docs/fidelity.md's best measured recipe
+          "upsample": "resize", "lambda_equivariance": 10.0, "augment": "auto", "lr": 5e-4}  # docs/fidelity.md's best measured recipe
 SEED = {"gan_loss": "bce", "lambda_cycle": 10.0, "lambda_identity": 0.5, "lambda_structure": 0.0, "unet_depth": 0,
         "upsample": "transpose", "lambda_equivariance": 0.0, "augment": True, "lr": 2e-4}  # the seed notebook's plain CycleGAN
 
@@ -468,20 +469,19 @@ def test_the_defaults_are_the_recipe_and_the_seed_is_a_recipe_file():
     assert recipe_of(load_config(["--config", str(ROOT / "train" / "recipes" / "seed.yaml"), "--data", "d", "--out", "o"])) == SEED
 
 
-def test_a_long_run_on_few_slices_without_augmentation_is_warned_and_pointed_at_the_small_data_recipe():
-    from train.data import over_training_warning
+def test_augmentation_turns_on_by_itself_for_a_long_run_on_few_slices_and_an_explicit_off_there_is_warned():
+    from train.data import resolve_augment
     # the fidelity bench's 64² shards: 24 training subjects, 1211 T1 and 873 T2 slices
     manifest = {"splits": {"train": {"slices": {"t1": 1211, "t2": 873}, "subjects": [f"IXI{i:03d}" for i in range(24)]}}}
     small = load_config(["--data", "d", "--out", "o", "--train_subjects", "2"])
-    warning = over_training_warning(manifest, small, 12000 * 2)  # 2 subjects' 73 T2 slices, 12000 steps of batch 2
-    assert warning and "about 330 times" in warning and "train/recipes/small-data.yaml" in warning
-    assert over_training_warning(manifest, dataclasses.replace(small, augment=True), 12000 * 2) is None
-    assert over_training_warning(manifest, load_config(["--data", "d", "--out", "o"]), 3000 * 2) is None  # 7 passes over all 24
-    recipe = load_config(["--config", str(ROOT / "train" / "recipes" / "small-data.yaml"), "--data", "d", "--out", "o"])
-    assert recipe.augment and over_training_warning(manifest, recipe, 12000 * 2) is None
-    defaults = load_config(["--data", "d", "--out", "o"]).to_dict()
-    differs = {k for k, v in recipe.to_dict().items() if defaults[k] != v}
-    assert differs == {"augment"}
+    assert small.augment == "auto"
+    augment, note = resolve_augment(manifest, small, 12000 * 2)  # 2 subjects' 73 T2 slices, 12000 steps of batch 2
+    assert augment is True and "about 330 times" in note and "--augment auto" in note
+    assert resolve_augment(manifest, small, 49 * 73) == (False, None)  # 49 passes: not yet
+    assert resolve_augment(manifest, load_config(["--data", "d", "--out", "o"]), 3000 * 2) == (False, None)  # 7 passes over all 24
+    augment, warning = resolve_augment(manifest, dataclasses.replace(small, augment=False), 12000 * 2)
+    assert augment is False and warning.startswith("warning:") and "--augment false" in warning
+    assert resolve_augment(manifest, dataclasses.replace(small, augment=True), 3000 * 2) == (True, None)  # asked for: kept
 
 
 def test_every_fidelity_bench_variant_is_a_valid_config_and_its_default_row_is_the_trainers_default(monkeypatch, tmp_path):
@@ -545,7 +545,11 @@ def test_the_diffusers_spellings_hyphens_and_bare_booleans_are_accepted(capsys):
         load_config(["--help"])
     shown = " ".join(capsys.readouterr().out.split())  # as one line, whatever the terminal's width wrapped
     assert "(required)" in shown and "(default: None)" not in shown and "{,online" not in shown
-    assert "(default: False; --augment or --no-augment)" in shown
+    assert "(default: 'auto'; --augment or --no-augment)" in shown
+    assert load_config(["--data", "d", "--out", "o", "--augment", "AUTO"]).augment == "auto"
+    with pytest.raises(SystemExit):
+        load_config(["--data", "d", "--out", "o", "--augment", "maybe"])
+    assert "expected true/false/auto, got 'maybe'" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("where", ["flag", "yaml"])
@@ -574,7 +578,9 @@ def test_yaml_values_must_fit_their_option_type(tmp_path, capsys):
     config.write_text("lr: 2e-4\nngf: 32\naugment: false\n")  # PyYAML reads 2e-4 as a string
     loaded = load_config(["--data", "d", "--out", "o", "--config", str(config)])
     assert (loaded.lr, loaded.ngf, loaded.augment) == (2e-4, 32, False)
-    for text, expected in (("ngf: wide\n", "ngf: expected int, got 'wide'"), ("augment: 1\n", "augment: expected bool, got 1"),
+    config.write_text("augment: auto\n")
+    assert load_config(["--data", "d", "--out", "o", "--config", str(config)]).augment == "auto"
+    for text, expected in (("ngf: wide\n", "ngf: expected int, got 'wide'"), ("augment: 1\n", "augment: expected bool or auto, got 1"),
                            ("batch_size: 2.5\n", "batch_size: expected int, got 2.5")):
         config.write_text(text)
         with pytest.raises(SystemExit):

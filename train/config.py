@@ -93,7 +93,10 @@ class Config:
     # data pipeline
     num_workers: int = option(2, "DataLoader workers per process", minimum=0)
     shuffle_buffer: int = option(500, "samples in the shuffle buffer of each stream", minimum=1)
-    augment: bool = option(False, "random flips, small affine and intensity (gamma/gain) jitter (on in the seed)")
+    augment: bool = option("auto", "random flips, small affine and intensity (gamma/gain) jitter (on in the seed). auto = on when the run "
+                           "passes over its training slices more than 50 times (a small training set trained long, where "
+                           "without it the model memorises and its single pass speckles), else off. config.yaml records the one used",
+                           auto=True)
     # precision and devices
     mixed_precision: str = option("", "mixed precision: no, fp16 or bf16; unset = what `accelerate launch` was given (its "
                                   "--mixed_precision or config file), else no. config.yaml records the one used",
@@ -148,10 +151,22 @@ def _parse_bool(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true/false, got {text!r}")
 
 
-def _from_yaml(value, type_name: str):
-    """A YAML value as an option's type (annotations are strings here). Numbers written as text pass, since
-    PyYAML reads `2e-4` as a string; bools never pass as numbers. Raises ValueError."""
+def _parse_bool_or_auto(text: str) -> bool | str:
+    """For a bool option whose default, "auto", the trainer decides from the run (metadata auto=True)."""
+    if text.lower() == "auto":
+        return "auto"
+    try:
+        return _parse_bool(text)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"expected true/false/auto, got {text!r}") from None
+
+
+def _from_yaml(value, type_name: str, auto: bool = False):
+    """A YAML value as an option's type (annotations are strings here), or "auto" where the option takes it. Numbers
+    written as text pass, since PyYAML reads `2e-4` as a string; bools never pass as numbers. Raises ValueError."""
     is_number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if auto and value == "auto":
+        return value
     try:
         if isinstance(value, {"bool": bool, "str": str}.get(type_name, ())):
             return value
@@ -161,7 +176,7 @@ def _from_yaml(value, type_name: str):
             return int(value)
     except ValueError:
         pass
-    raise ValueError(f"expected {type_name}, got {value!r}")
+    raise ValueError(f"expected {type_name}{' or auto' if auto else ''}, got {value!r}")
 
 
 # the names Hugging Face's diffusers/accelerate training scripts use, accepted beside this project's own
@@ -181,13 +196,14 @@ def build_parser() -> argparse.ArgumentParser:
                                      allow_abbrev=False)
     parser.add_argument("--config", help="YAML file of options; flags given here override it")
     for f in dataclasses.fields(Config):
-        kind = {"bool": _parse_bool, "int": int, "float": float}.get(f.type, str)  # annotations are strings here
+        kind = {"bool": _parse_bool_or_auto if f.metadata.get("auto") else _parse_bool, "int": int, "float": float}.get(f.type, str)
         names = _spellings(f.name) + (_spellings(ALIASES[f.name]) if f.name in ALIASES else [])
         default = "required" if f.metadata.get("required") else f"default: {f.default!r}"
         choices = f.metadata.get("choices")
         metavar = "{" + ",".join(c for c in choices if c) + "}" if choices and "" in choices else None  # "" = unset, not a choice to type
         if f.type == "bool":  # --augment, --augment false, --no-augment
-            parser.add_argument(*names, dest=f.name, type=kind, nargs="?", const=True, default=None, metavar="true|false",
+            parser.add_argument(*names, dest=f.name, type=kind, nargs="?", const=True, default=None,
+                                metavar="true|false|auto" if f.metadata.get("auto") else "true|false",
                                 help=f"{f.metadata['help']} ({default}; --{f.name.replace('_', '-')} or --no-{f.name.replace('_', '-')})")
             negations = dict.fromkeys([f"--no_{f.name}", f"--no-{f.name.replace('_', '-')}"])
             parser.add_argument(*negations, dest=f.name, action="store_const", const=False, help=argparse.SUPPRESS)
@@ -223,7 +239,7 @@ def load_config(argv=None) -> Config:
         for f in dataclasses.fields(Config):
             if f.name in loaded:
                 try:
-                    loaded[f.name] = _from_yaml(loaded[f.name], f.type)
+                    loaded[f.name] = _from_yaml(loaded[f.name], f.type, f.metadata.get("auto", False))
                 except ValueError as err:
                     parser.error(f"--config {path}: {f.name}: {err}")
         values.update(loaded)

@@ -158,23 +158,29 @@ def train_loaders(config, rank: int, world: int) -> dict[str, DataLoader]:
     return loaders
 
 
-# Past this many passes over its training slices without augmentation, the default recipe over-trained on a
-# small training set and its single pass speckled (docs/fidelity.md, "Small data, trained long")
+# Past this many passes over its training slices, the default recipe without augmentation over-trained on a small
+# training set and its single pass speckled; augmentation kept it from both, but cost on plentiful data trained
+# briefly (7 passes). docs/fidelity.md, "Small data, trained long"
 OVER_TRAINING_PASSES = 50
 
 
-def over_training_warning(manifest: dict, config, samples: int) -> str | None:
-    """A warning when a run drawing `samples` images per contrast, without --augment, passes over the smaller
-    contrast's training slices more than OVER_TRAINING_PASSES times (a --train_subjects subset counted as its share
-    of the subjects' slices), else None."""
+def resolve_augment(manifest: dict, config, samples: int) -> tuple[bool, str | None]:
+    """Whether a run drawing `samples` images per contrast augments, and a line to print about it, or None.
+    --augment auto augments when the run passes over the smaller contrast's training slices more than
+    OVER_TRAINING_PASSES times (a --train_subjects subset counted as its share of the subjects' slices); an
+    explicit --augment false there is warned."""
     train = manifest["splits"]["train"]
     slices = min(train["slices"].values()) * (config.train_subjects / len(train["subjects"]) if config.train_subjects else 1)
     passes = samples / max(slices, 1)
-    if config.augment or passes <= OVER_TRAINING_PASSES:
-        return None
-    return (f"warning: this run passes over its training slices about {passes:.0f} times without --augment; on a small "
-            f"training set the default recipe over-trains and its single pass speckles, and augmentation is what kept it "
-            f"from doing so: consider --config train/recipes/small-data.yaml (docs/fidelity.md)")
+    many = passes > OVER_TRAINING_PASSES
+    if config.augment == "auto":
+        return many, (f"augmentation on (--augment auto): this run passes over its training slices about {passes:.0f} times, "
+                      f"more than {OVER_TRAINING_PASSES}" if many else None)
+    if many and not config.augment:
+        return False, (f"warning: this run passes over its training slices about {passes:.0f} times with --augment false; on "
+                       f"a small training set the default recipe then over-trains and its single pass speckles "
+                       f"(docs/fidelity.md, \"Small data, trained long\"); --augment auto would augment")
+    return config.augment, None
 
 
 def training_subjects(root: str, count: int, seed: int) -> frozenset[str]:

@@ -26,7 +26,7 @@ from train import rundir, tracking
 from train.checkpoints import (AverageCount, StateDict, TrainState, check_compatible, check_plain_data, load_checkpoint,
                                resolve_resume, save_checkpoint, store_generators_once)
 from train.config import Config, load_config, save_config
-from train.data import check_shards, evenly_spaced, over_training_warning, train_loaders, val_samples
+from train.data import check_shards, evenly_spaced, resolve_augment, train_loaders, val_samples
 from train.inference import Translator
 from train.metrics import slice_metrics
 from train.networks import CycleGenerators, from_model_range, to_model_range, unet_levels
@@ -124,8 +124,10 @@ def main(argv=None) -> int:
     world = accelerator.num_processes
     steps_per_epoch = config.steps_per_epoch or max(1, min(manifest["splits"]["train"]["slices"].values()) // (config.batch_size * world))
     total_steps = config.max_steps or config.epochs * steps_per_epoch
-    if warning := over_training_warning(manifest, config, total_steps * config.batch_size * world):
-        accelerator.print(warning)
+    augment, note = resolve_augment(manifest, config, total_steps * config.batch_size * world)
+    config = dataclasses.replace(config, augment=augment)  # config.yaml records the one used
+    if note:
+        accelerator.print(note)
     model = build_cycle_gan(accelerator, config, total_steps)
     state = TrainState()
     kept = StateDict(train=state, sched_g=model.sched_g, sched_d=model.sched_d, pool_a=model.pools["a"], pool_b=model.pools["b"],
