@@ -232,9 +232,22 @@ _IN_PLANE = np.zeros((3, 3, 3), bool)
 _IN_PLANE[:, :, 1] = ndimage.generate_binary_structure(2, 1)  # connect within an axial slice only
 
 
+def _head_box(mask: np.ndarray) -> tuple[slice, slice, slice]:
+    """The bounding box of `mask`. Holes and components are the same in it as in the whole volume (background
+    at the box's edge meets the background beyond it, which reaches the slice's border), and labelling the box
+    alone costs about half."""
+    in_plane, along = mask.any(axis=2), np.flatnonzero(mask.any(axis=(0, 1)))
+    xs, ys = np.flatnonzero(in_plane.any(axis=1)), np.flatnonzero(in_plane.any(axis=0))
+    return slice(xs[0], xs[-1] + 1), slice(ys[0], ys[-1] + 1), slice(along[0], along[-1] + 1)
+
+
 def foreground(data: np.ndarray) -> np.ndarray:
     """Head mask: bright voxels, holes (skull, sinuses) filled slice by slice, largest 3D component kept."""
-    mask = data > head_threshold(data)
+    bright = data > head_threshold(data)
+    if not bright.any():
+        return bright
+    box = _head_box(bright)
+    mask = bright[box]
     # a hole is background not connected, within its slice, to the slice's border; one labelling does all slices
     background, _ = ndimage.label(~mask, _IN_PLANE)
     outside = np.zeros(background.max() + 1, bool)  # by label: touches its slice's border
@@ -244,7 +257,9 @@ def foreground(data: np.ndarray) -> np.ndarray:
     if count > 1:
         sizes = np.bincount(labels[mask])  # head voxels only, so label 0 counts none
         mask = labels == sizes.argmax()
-    return mask
+    head = np.zeros_like(bright)
+    head[box] = mask
+    return head
 
 
 def standardize(data: np.ndarray, affine: np.ndarray, size: int, fov_mm: float, bias_correction: str = "none",
@@ -280,7 +295,10 @@ def normalize(data: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, dict]:
     low, high = np.percentile(data[mask], PERCENTILES)
     if high <= low:
         raise VolumeError("foreground has no intensity range (constant image)")
-    scaled = np.clip((data - low) / (high - low), 0.0, 1.0).astype(np.float32)
+    # in float32: numpy's float64 percentiles would promote the whole volume to float64 and back (3x the time)
+    scaled = data.astype(np.float32) - np.float32(low)
+    scaled /= np.float32(high - low)
+    np.clip(scaled, 0.0, 1.0, out=scaled)
     return scaled, {"method": "foreground-percentile", "percentiles": list(PERCENTILES), "low": float(low), "high": float(high)}
 
 

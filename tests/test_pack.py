@@ -22,7 +22,7 @@ from PIL import Image
 from conftest import ROOT, run_module
 from shards.format import decode_png16, decode_sample, encode_png16, read_manifest, shard_paths, shards_preprocessing
 from shards.pack import PackOptions, pack
-from shards.preprocess import Grid, _sample_3d, _source_axes, load_image, resample, standardize_image
+from shards.preprocess import Grid, _sample_3d, _source_axes, foreground, load_image, normalize, resample, standardize_image
 from shards.sources import list_source, load_ref
 from train.inference import prepare_volume
 from shards.format import ShardsError
@@ -320,3 +320,40 @@ def test_every_shards_option_says_what_it_does():
             if action.dest != "help":
                 assert action.help, f"python -m shards {name} {action.option_strings or action.dest}: no help text"
                 assert "(default: None)" not in action.help
+
+
+def test_the_head_mask_fills_each_slices_holes_and_keeps_the_largest_component_wherever_the_head_lies():
+    """foreground() labels only the head's bounding box; it must equal the whole-volume definition, written here
+    with other scipy calls: holes filled slice by slice, then the largest 3D component."""
+    from scipy import ndimage
+    rng = np.random.default_rng(0)
+    blobs = ndimage.gaussian_filter(rng.random((40, 36, 12)), 2) > 0.52  # components, holes, some touching the edges
+    volume = np.zeros((40, 36, 12), np.float32)
+    volume[blobs] = 100 + rng.random(blobs.sum())
+    head = np.zeros((40, 36, 12), np.float32)
+    head[3:30, 5:33, 2:9] = 100
+    head[10:20, 12:25, :] = 0  # a hole in every slice, and open at the volume's top and bottom
+    head[34:38, 1:4, 4] = 90  # a speck apart
+    edge = np.zeros((40, 36, 12), np.float32)
+    edge[:, :, 3:10] = 100  # the whole slice: no ring to pad
+    edge[15:25, 15:25, 5] = 0
+    for data in (volume, head, edge, np.zeros((8, 8, 4), np.float32)):
+        bright = data > 0.1 * np.percentile(data[data > 0], 99) if data.any() else data > 0
+        filled = np.stack([ndimage.binary_fill_holes(bright[:, :, z]) for z in range(bright.shape[2])], axis=2)
+        labels, count = ndimage.label(filled)
+        expected = labels == np.argmax(np.bincount(labels.ravel())[1:]) + 1 if count else filled
+        np.testing.assert_array_equal(foreground(data), expected)
+    assert foreground(head)[15, 18, 5] and foreground(head)[15, 18, 0] == 0  # a hole filled, air above the head kept
+    assert not foreground(head)[35, 2, 4] and foreground(edge)[20, 20, 5]
+
+
+def test_normalization_scales_the_foreground_percentiles_to_0_and_1_in_float32():
+    data = np.linspace(0, 1000, 8000, dtype=np.float32).reshape(20, 20, 20)
+    mask = np.zeros_like(data, bool)
+    mask[5:15] = True
+    scaled, record = normalize(data, mask)
+    low, high = np.percentile(data[mask], record["percentiles"])
+    expected = np.clip((data.astype(np.float64) - low) / (high - low), 0, 1)
+    assert scaled.dtype == np.float32 and np.abs(scaled - expected).max() < 1e-6
+    assert (record["low"], record["high"]) == (low, high)
+
