@@ -169,7 +169,9 @@ def resample(data: np.ndarray, affine: np.ndarray, grid: Grid) -> np.ndarray:
     axes = _source_axes(to_source[:3, :3])
     if axes is None:
         return _sample_3d(data, to_source, grid.shape)
-    out = data.transpose(axes)  # source axes in grid order
+    # source axes in grid order, copied so each interpolation gathers contiguous rows (NIfTI data is
+    # Fortran-ordered: gathering through the transposed view cost more than this copy)
+    out = np.ascontiguousarray(data.transpose(axes))
     for g, source_axis in enumerate(axes):
         out = _interpolate_axis(out, g, to_source[source_axis, g] * np.arange(grid.shape[g]) + to_source[source_axis, 3])
     return np.ascontiguousarray(out, dtype=np.float32)
