@@ -71,7 +71,9 @@ def check_shards(root: str, size: int | None = None, allow_partial: bool = False
 
 def augment(image: torch.Tensor, rng: torch.Generator) -> torch.Tensor:
     """(1,H,W) in [0,1]: left-right flip, small affine (+-5 deg, +-5% scale, +-4% shift), gamma and gain.
-    Intensity changes are multiplicative, so the air around the head stays at zero as in every shard."""
+    Intensity changes are multiplicative, so the air around the head stays at zero as in every shard. The affine
+    resamples bicubically: bilinear resampling blurs what the discriminators see as real, and the generators
+    learnt to translate that blur (single-pass texture 0.83 / 0.85 of the truth's against 0.98 / 1.00)."""
     u = torch.rand(7, generator=rng)
     if u[0] < 0.5:
         image = image.flip(-1)
@@ -81,7 +83,7 @@ def augment(image: torch.Tensor, rng: torch.Generator) -> torch.Tensor:
     theta = torch.tensor([[math.cos(angle) / scale, -math.sin(angle) / scale, tx],
                           [math.sin(angle) / scale, math.cos(angle) / scale, ty]], dtype=image.dtype)
     grid = F.affine_grid(theta[None], [1, *image.shape], align_corners=False)
-    image = F.grid_sample(image[None], grid, mode="bilinear", padding_mode="zeros", align_corners=False)[0]
+    image = F.grid_sample(image[None], grid, mode="bicubic", padding_mode="zeros", align_corners=False)[0]
     gamma = math.exp((u[5].item() - 0.5) * 0.4)  # 0.82 .. 1.22
     gain = 0.9 + u[6].item() * 0.2
     return (image.clamp(0, 1) ** gamma * gain).clamp(0, 1)
