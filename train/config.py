@@ -27,8 +27,8 @@ def option(default, help: str, **kw):
 @dataclass
 class Config:
     """The defaults are the recipe docs/fidelity.md measured best (MIND 10, LSGAN, cycle 5, no identity loss, U-Net
-    depth 3 with resize-convolutions, no augmentation, lr 5e-4); `--config train/recipes/seed.yaml` is the seed's
-    plain CycleGAN."""
+    depth 3 with resize-convolutions, lr 5e-4, augmentation only for a run past 50 passes over its slices);
+    `--config train/recipes/seed.yaml` is the seed's plain CycleGAN."""
 
     # data and run folder
     data: str = option(None, "shards folder written by `python -m shards pack` (local path; shard URLs via --data_url)", required=True)
