@@ -270,7 +270,7 @@ def pack(t1_src, t2_src, out, options: PackOptions = PackOptions(), workers: int
             and not (t.stream == "paired" and ("train", "t1", t.subject) in finished)]
     pending = {key: [] for key in RECORDED}
     started = time.time()
-    with ProcessPoolExecutor(max_workers=workers or os.cpu_count(), initializer=_one_thread) as pool:
+    with ProcessPoolExecutor(max_workers=workers or os.cpu_count(), initializer=_init_worker) as pool:
         window: deque = deque()
         bar = tqdm(total=len(todo), desc="pack", unit="volume", disable=not progress)
         queue = iter(todo)
@@ -300,12 +300,15 @@ def pack(t1_src, t2_src, out, options: PackOptions = PackOptions(), workers: int
     return manifest
 
 
-def _one_thread() -> None:
-    """Workers are the parallelism: keep torch from oversubscribing the cores."""
+def _init_worker() -> None:
+    """Workers are the parallelism: keep torch from oversubscribing the cores. And no transparent huge pages for
+    numpy's arrays: a worker allocates and frees about a GB of volume-sized arrays per volume, and the kernel's
+    work on huge pages for them doubled the workers' system time (packing 1.2x faster without; docs/benchmarks.md)."""
     import torch
 
     torch.set_num_threads(1)
     sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(1)
+    np._core.multiarray._set_madvise_hugepage(False)  # what NUMPY_MADVISE_HUGEPAGE=0 does at import
 
 
 RECORDED = ("files", "skipped", "registration")  # what a task reports besides samples, kept in the state file

@@ -357,3 +357,12 @@ def test_normalization_scales_the_foreground_percentiles_to_0_and_1_in_float32()
     assert scaled.dtype == np.float32 and np.abs(scaled - expected).max() < 1e-6
     assert (record["low"], record["high"]) == (low, high)
 
+
+
+def test_pack_workers_turn_off_numpys_huge_page_advice():
+    # huge pages doubled the workers' system time (docs/benchmarks.md); numpy's setter returns the previous value
+    code = ("import numpy as np; from shards.pack import _init_worker; _init_worker(); "
+            "print(np._core.multiarray._set_madvise_hugepage(True))")
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "False"
