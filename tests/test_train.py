@@ -492,7 +492,7 @@ def test_augmentation_turns_on_by_itself_for_a_long_run_on_few_slices_and_an_exp
     assert small.augment == "auto"
     augment, note = resolve_augment(manifest, small, 12000 * 2)  # 2 subjects' 73 T2 slices, 12000 steps of batch 2
     assert augment is True and "about 330 times" in note and "--augment auto" in note
-    assert resolve_augment(manifest, small, 49 * 73) == (False, None)  # 49 passes: not yet
+    assert resolve_augment(manifest, small, 99 * 73) == (False, None)  # 99 passes: not yet
     assert resolve_augment(manifest, load_config(["--data", "d", "--out", "o"]), 3000 * 2) == (False, None)  # 7 passes over all 24
     augment, warning = resolve_augment(manifest, dataclasses.replace(small, augment=False), 12000 * 2)
     assert augment is False and warning.startswith("warning:") and "--augment false" in warning

@@ -27,7 +27,7 @@ def option(default, help: str, **kw):
 @dataclass
 class Config:
     """The defaults are the recipe docs/fidelity.md measured best (MIND 10, LSGAN, cycle 5, no identity loss, U-Net
-    depth 3 with resize-convolutions, lr 5e-4, augmentation only for a run past 50 passes over its slices);
+    depth 3 with resize-convolutions, lr 5e-4, augmentation only for a run past 100 passes over its slices);
     `--config train/recipes/seed.yaml` is the seed's plain CycleGAN."""
 
     # data and run folder
@@ -94,7 +94,7 @@ class Config:
     num_workers: int = option(2, "DataLoader workers per process", minimum=0)
     shuffle_buffer: int = option(500, "samples in the shuffle buffer of each stream", minimum=1)
     augment: bool = option("auto", "random flips, small affine and intensity (gamma/gain) jitter (on in the seed). auto = on when the run "
-                           "passes over its training slices more than 50 times (a small training set trained long, where "
+                           "passes over its training slices more than 100 times (a small training set trained long, where "
                            "without it the model memorises and its single pass speckles), else off. config.yaml records the one used",
                            auto=True)
     # precision and devices
