@@ -26,6 +26,7 @@ from shards.preprocess import Grid, _sample_3d, _source_axes, foreground, load_i
 from shards.sources import list_source, load_ref
 from train.inference import prepare_volume
 from shards.format import ShardsError
+from shards.head import head_threshold
 
 OPTS = PackOptions(size=64, shard_size=100)
 
@@ -338,7 +339,7 @@ def test_the_head_mask_fills_each_slices_holes_and_keeps_the_largest_component_w
     edge[:, :, 3:10] = 100  # the whole slice: no ring to pad
     edge[15:25, 15:25, 5] = 0
     for data in (volume, head, edge, np.zeros((8, 8, 4), np.float32)):
-        bright = data > 0.1 * np.percentile(data[data > 0], 99) if data.any() else data > 0
+        bright = data > head_threshold(data)
         filled = np.stack([ndimage.binary_fill_holes(bright[:, :, z]) for z in range(bright.shape[2])], axis=2)
         labels, count = ndimage.label(filled)
         expected = labels == np.argmax(np.bincount(labels.ravel())[1:]) + 1 if count else filled
@@ -356,7 +357,6 @@ def test_normalization_scales_the_foreground_percentiles_to_0_and_1_in_float32()
     expected = np.clip((data.astype(np.float64) - low) / (high - low), 0, 1)
     assert scaled.dtype == np.float32 and np.abs(scaled - expected).max() < 1e-6
     assert (record["low"], record["high"]) == (low, high)
-
 
 
 def test_pack_workers_turn_off_numpys_huge_page_advice():

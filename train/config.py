@@ -19,6 +19,11 @@ import yaml
 # a batch larger than this per process is a typo, not a plan: 512 slices of 256² fill an H200's memory many times
 MAX_BATCH_SIZE = 512
 
+# Augmentation helped at 330 passes over the training slices (without it the default recipe over-trained and its
+# single pass speckled) and cost at 3, 7 and 54, where it had not caught up by the run's end; the cut lies between,
+# not measured closer. docs/fidelity.md, "Small data, trained long"
+OVER_TRAINING_PASSES = 100
+
 
 def option(default, help: str, **kw):
     return field(default=default, metadata={"help": help, **kw})
@@ -94,7 +99,7 @@ class Config:
     num_workers: int = option(2, "DataLoader workers per process", minimum=0)
     shuffle_buffer: int = option(500, "samples in the shuffle buffer of each stream", minimum=1)
     augment: bool = option("auto", "random flips, small affine and intensity (gamma/gain) jitter (on in the seed). auto = on when the run "
-                           "passes over its training slices more than 100 times (a small training set trained long, where "
+                           f"passes over its training slices more than {OVER_TRAINING_PASSES} times (a small training set trained long, where "
                            "without it the model memorises and its single pass speckles), else off. config.yaml records the one used",
                            auto=True)
     # precision and devices

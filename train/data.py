@@ -24,6 +24,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from shards.format import (CONTRASTS, ShardsError, check_complete, decode_png16, decode_sample, key_subject, read_manifest,
                            shard_paths)
+from train.config import OVER_TRAINING_PASSES
 from train.networks import to_model_range
 
 
@@ -158,12 +159,6 @@ def train_loaders(config, rank: int, world: int) -> dict[str, DataLoader]:
                                        persistent_workers=False, pin_memory=torch.cuda.is_available(),
                                        multiprocessing_context="fork" if config.num_workers else None)
     return loaders
-
-
-# Augmentation helped at 330 passes over the training slices (without it the default recipe over-trained and its
-# single pass speckled) and cost at 3, 7 and 54, where it had not caught up by the run's end; the cut lies between,
-# not measured closer. docs/fidelity.md, "Small data, trained long"
-OVER_TRAINING_PASSES = 100
 
 
 def resolve_augment(manifest: dict, config, samples: int) -> tuple[bool, str | None]:
