@@ -5,6 +5,7 @@
     OMP_NUM_THREADS=1 python bench/train_bench.py --sizes 64 --batch 8 --config train/recipes/demo.yaml
     python bench/train_bench.py --reference ~/src/pytorch-CycleGAN-and-pix2pix --sizes 256 --batch 1 \
         --config train/recipes/seed.yaml --rounds 2          # the reference itself, alternating with ours
+    python bench/train_bench.py --reference ... --also mixed_precision=bf16,channels_last=true   # a second set of ours
 
 Runs train.step.train_step, the step train/main.py runs (both generators against frozen discriminators, then
 both discriminators on image-pool fakes, the NaN guard, the moving average and the LR schedules, under
@@ -16,6 +17,8 @@ matmul FLOP/s is measured too, as the ceiling to compare against. Times are medi
 With --reference PATH, a local checkout of junyanz/pytorch-CycleGAN-and-pix2pix runs its own train.py at the
 same network, loss and batch (bench/reference_cyclegan.py), alternating with this project's step, reference
 first, for --rounds rounds (each round times every size), and the bench prints the ratio of images/s per size.
+Each --also adds a configuration of ours (trainer options as key=value pairs), timed in the same rounds after
+the first, so that the reference, this project as configured and, say, this project in bf16 share one run.
 """
 
 from __future__ import annotations
@@ -98,8 +101,18 @@ def main():
     parser.add_argument("--reference-env", type=Path, default=Path("bench-out/reference-env"),
                         help="where the reference's own environment is made on first use")
     parser.add_argument("--rounds", type=int, default=2, help="with --reference: reference-then-ours rounds")
+    parser.add_argument("--also", action="append", default=[], metavar="KEY=VALUE,...",
+                        help="another configuration of ours, timed in the same rounds: trainer options changed from the "
+                             "rest of the command line, e.g. mixed_precision=bf16,channels_last=true")
     args, trainer_options = parser.parse_known_args()
-    config = load_config(["--data", "-", "--out", "-", *trainer_options, *(["--batch_size", str(args.batch)] if args.batch else [])])
+    base = ["--data", "-", "--out", "-", *trainer_options, *(["--batch_size", str(args.batch)] if args.batch else [])]
+    configs = {"": load_config(base)}
+    for also in args.also:
+        pairs = [pair.partition("=") for pair in also.split(",")]
+        if not all(key and eq and value for key, eq, value in pairs):
+            parser.error(f"--also {also}: expected trainer options as key=value pairs separated by commas")
+        configs[also] = load_config([*base, *(arg for key, _, value in pairs for arg in (f"--{key}", value))])
+    config = configs[""]
     if args.reference:
         reference_cyclegan.check_checkout(args.reference)
         for size in args.sizes:
@@ -112,7 +125,7 @@ def main():
     print(f"fp32 matmul (2048^2): {peak / 1e9:.1f} GFLOP/s")
     depth = f" depth {config.unet_depth}" if config.generator == "unet" else ""
     network = f"{config.generator}{depth} ngf {config.ngf} ndf {config.ndf}"
-    ratios = {size: [] for size in args.sizes}
+    ratios = {(also, size): [] for also in configs for size in args.sizes}
     for round_ in range(1, args.rounds + 1 if args.reference else 2):  # rounds outermost: a drift in speed reaches every size alike
         label = f"round {round_}: " if args.reference else ""
         for size in args.sizes:
@@ -121,16 +134,18 @@ def main():
                 print(f"{label}reference unet_{size} ngf {config.ngf} ndf {config.ndf} {size}^2 batch {config.batch_size}: "
                       f"{ref['step_s']:.3g} s/step, {2 * config.batch_size / ref['step_s']:.2f} images/s, "
                       f"peak RSS {ref['peak_rss_gib']:.2f} GiB", flush=True)
-            r = run_ours(size, args.steps, config)
-            print(f"{label}{network} {size}^2 batch {r['batch']}: {r['step_s']:.3g} s/step, {r['images_per_s']:.2f} images/s, "
-                  f"{r['flops_per_step'] / 1e9:.0f} GFLOP/step, {r['flop_per_s'] / 1e9:.1f} GFLOP/s "
-                  f"= {100 * r['flop_per_s'] / peak:.0f}% of matmul, peak RSS {r['peak_rss_gib']:.2f} GiB", flush=True)
-            if args.reference:
-                ratios[size].append(ref["step_s"] / r["step_s"])
-    for size, size_ratios in ratios.items():
+            for also, also_config in configs.items():
+                r = run_ours(size, args.steps, also_config)
+                print(f"{label}{network}{f' with {also}' * bool(also)} {size}^2 batch {r['batch']}: {r['step_s']:.3g} s/step, "
+                      f"{r['images_per_s']:.2f} images/s, {r['flops_per_step'] / 1e9:.0f} GFLOP/step, "
+                      f"{r['flop_per_s'] / 1e9:.1f} GFLOP/s = {100 * r['flop_per_s'] / peak:.0f}% of matmul, "
+                      f"peak RSS {r['peak_rss_gib']:.2f} GiB", flush=True)
+                if args.reference:
+                    ratios[also, size].append(ref["step_s"] / r["step_s"])
+    for (also, size), size_ratios in ratios.items():
         if size_ratios:
-            print(f"{size}^2: this project's images/s over the reference's: {statistics.median(size_ratios):.2f}x "
-                  f"(rounds: {', '.join(f'{x:.2f}' for x in size_ratios)})")
+            print(f"{size}^2{f' with {also}' * bool(also)}: this project's images/s over the reference's: "
+                  f"{statistics.median(size_ratios):.2f}x (rounds: {', '.join(f'{x:.2f}' for x in size_ratios)})")
 
 
 if __name__ == "__main__":

@@ -116,6 +116,46 @@ def test_rounds_run_outermost_so_every_size_meets_the_same_drift(monkeypatch, tm
     assert "256^2: this project's images/s over the reference's: 0.75x (rounds: 1.00, 0.50)" in printed
 
 
+def test_also_configurations_run_in_the_same_rounds_each_with_its_own_ratio(monkeypatch, tmp_path, capsys):
+    """--also adds configurations of ours timed right after the first, inside every round, with the options
+    changed as given and the rest of the command line kept."""
+    monkeypatch.syspath_prepend(ROOT / "bench")
+    train_bench = importlib.import_module("train_bench")
+    order, ours_s = [], iter([0.5, 0.25, 0.4, 0.2])
+    monkeypatch.setattr(train_bench.reference_cyclegan, "check_checkout", lambda path: None)
+    monkeypatch.setattr(train_bench.reference_cyclegan, "prepare_env", lambda env: "python")
+    monkeypatch.setattr(train_bench.reference_cyclegan, "run", lambda python, checkout, config, size, steps:
+                        order.append(("reference", config.mixed_precision)) or {"step_s": 1.0, "peak_rss_gib": 1.0})
+    monkeypatch.setattr(train_bench, "matmul_flops", lambda: 1e9)
+    monkeypatch.setattr(train_bench, "run_ours", lambda size, steps, config: order.append(
+        ("ours", config.mixed_precision, config.channels_last, config.ngf)) or {
+        "batch": 1, "step_s": (step_s := next(ours_s)), "images_per_s": 2 / step_s, "flops_per_step": 1e9, "flop_per_s": 1e9 / step_s,
+        "peak_rss_gib": 1.0})
+    monkeypatch.setattr(sys, "argv", ["train_bench.py", "--reference", str(tmp_path), "--sizes", "256", "--rounds", "2",
+                                      "--config", "train/recipes/seed.yaml", "--ngf", "16",
+                                      "--also", "mixed_precision=bf16,channels_last=true"])
+    train_bench.main()
+    assert order == [("reference", ""), ("ours", "", False, 16), ("ours", "bf16", True, 16)] * 2
+    printed = capsys.readouterr().out
+    assert "with mixed_precision=bf16,channels_last=true 256^2 batch 1: 0.25 s/step" in printed
+    assert "256^2: this project's images/s over the reference's: 2.25x (rounds: 2.00, 2.50)" in printed
+    assert ("256^2 with mixed_precision=bf16,channels_last=true: this project's images/s over the reference's: 4.50x "
+            "(rounds: 4.00, 5.00)") in printed
+
+
+@pytest.mark.parametrize("also", ["bf16", "mixed_precision=", "mixed_precision=bf16,,ngf=8"])
+def test_also_that_is_not_key_value_pairs_is_refused_by_name(also):
+    done = bench("--sizes", 64, "--also", also)
+    assert done.returncode == 2
+    assert f"--also {also}: expected trainer options as key=value pairs" in done.stderr
+
+
+def test_also_with_an_unknown_trainer_option_is_refused():
+    done = bench("--sizes", 64, "--also", "mixed_precisoin=bf16")
+    assert done.returncode != 0
+    assert "mixed_precisoin" in done.stderr
+
+
 def test_reference_runs_at_the_configs_network_loss_and_batch(reference_env, tmp_path, monkeypatch):
     monkeypatch.syspath_prepend(ROOT / "bench")
     reference_cyclegan = importlib.import_module("reference_cyclegan")
