@@ -308,7 +308,11 @@ def _init_worker() -> None:
 
     torch.set_num_threads(1)
     sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(1)
-    np._core.multiarray._set_madvise_hugepage(False)  # what NUMPY_MADVISE_HUGEPAGE=0 does at import
+    # numpy's private switch for what NUMPY_MADVISE_HUGEPAGE=0 does at import, which forked workers have passed;
+    # a numpy without it packs as fast as it did before
+    set_hugepage = getattr(np._core.multiarray, "_set_madvise_hugepage", None)
+    if set_hugepage is not None:
+        set_hugepage(False)
 
 
 RECORDED = ("files", "skipped", "registration")  # what a task reports besides samples, kept in the state file

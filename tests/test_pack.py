@@ -366,3 +366,11 @@ def test_pack_workers_turn_off_numpys_huge_page_advice():
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "False"
+
+
+def test_pack_workers_start_on_a_numpy_without_the_huge_page_switch():
+    code = ("import numpy as np; del np._core.multiarray._set_madvise_hugepage; "
+            "from shards.pack import _init_worker; _init_worker(); print('started')")
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "started"
