@@ -53,6 +53,11 @@ def matmul_flops(n: int = 2048, seconds: float = 3.0) -> float:
     return 2 * n**3 * count / (time.perf_counter() - start)
 
 
+def network(config: Config) -> str:
+    depth = f" depth {config.unet_depth}" if config.generator == "unet" else ""
+    return f"{config.generator}{depth} ngf {config.ngf} ndf {config.ndf}"
+
+
 def one_size(size: int, steps: int, config: Config, results) -> None:
     torch.manual_seed(0)
     accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=config.mixed_precision or "no")
@@ -123,8 +128,6 @@ def main():
           f"{torch.get_num_threads()} threads")
     peak = matmul_flops()
     print(f"fp32 matmul (2048^2): {peak / 1e9:.1f} GFLOP/s")
-    depth = f" depth {config.unet_depth}" if config.generator == "unet" else ""
-    network = f"{config.generator}{depth} ngf {config.ngf} ndf {config.ndf}"
     ratios = {(also, size): [] for also in configs for size in args.sizes}
     for round_ in range(1, args.rounds + 1 if args.reference else 2):  # rounds outermost: a drift in speed reaches every size alike
         label = f"round {round_}: " if args.reference else ""
@@ -136,7 +139,7 @@ def main():
                       f"peak RSS {ref['peak_rss_gib']:.2f} GiB", flush=True)
             for also, also_config in configs.items():
                 r = run_ours(size, args.steps, also_config)
-                print(f"{label}{network}{f' with {also}' * bool(also)} {size}^2 batch {r['batch']}: {r['step_s']:.3g} s/step, "
+                print(f"{label}{network(also_config)}{f' with {also}' * bool(also)} {size}^2 batch {r['batch']}: {r['step_s']:.3g} s/step, "
                       f"{r['images_per_s']:.2f} images/s, {r['flops_per_step'] / 1e9:.0f} GFLOP/step, "
                       f"{r['flop_per_s'] / 1e9:.1f} GFLOP/s = {100 * r['flop_per_s'] / peak:.0f}% of matmul, "
                       f"peak RSS {r['peak_rss_gib']:.2f} GiB", flush=True)

@@ -133,13 +133,13 @@ def test_also_configurations_run_in_the_same_rounds_each_with_its_own_ratio(monk
         "peak_rss_gib": 1.0})
     monkeypatch.setattr(sys, "argv", ["train_bench.py", "--reference", str(tmp_path), "--sizes", "256", "--rounds", "2",
                                       "--config", "train/recipes/seed.yaml", "--ngf", "16",
-                                      "--also", "mixed_precision=bf16,channels_last=true"])
+                                      "--also", "mixed_precision=bf16,channels_last=true,ngf=8"])
     train_bench.main()
-    assert order == [("reference", ""), ("ours", "", False, 16), ("ours", "bf16", True, 16)] * 2
+    assert order == [("reference", ""), ("ours", "", False, 16), ("ours", "bf16", True, 8)] * 2
     printed = capsys.readouterr().out
-    assert "with mixed_precision=bf16,channels_last=true 256^2 batch 1: 0.25 s/step" in printed
+    assert "ngf 8 ndf 64 with mixed_precision=bf16,channels_last=true,ngf=8 256^2 batch 1: 0.25 s/step" in printed
     assert "256^2: this project's images/s over the reference's: 2.25x (rounds: 2.00, 2.50)" in printed
-    assert ("256^2 with mixed_precision=bf16,channels_last=true: this project's images/s over the reference's: 4.50x "
+    assert ("256^2 with mixed_precision=bf16,channels_last=true,ngf=8: this project's images/s over the reference's: 4.50x "
             "(rounds: 4.00, 5.00)") in printed
 
 
