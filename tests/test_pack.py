@@ -359,18 +359,18 @@ def test_normalization_scales_the_foreground_percentiles_to_0_and_1_in_float32()
     assert (record["low"], record["high"]) == (low, high)
 
 
-def test_pack_workers_turn_off_numpys_huge_page_advice():
-    # huge pages doubled the workers' system time (docs/benchmarks.md); numpy's setter returns the previous value
-    code = ("import numpy as np; from shards.pack import _init_worker; _init_worker(); "
-            "print(np._core.multiarray._set_madvise_hugepage(True))")
+def run_pack_worker_initializer(before: str, after: str) -> str:
+    """What a fresh interpreter prints after running `before`, the pack workers' initializer, then `after`."""
+    code = f"import numpy as np; {before}from shards.pack import _init_worker; _init_worker(); {after}"
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
-    assert result.stdout.strip() == "False"
+    return result.stdout.strip()
+
+
+def test_pack_workers_turn_off_numpys_huge_page_advice():
+    # huge pages doubled the workers' system time (docs/benchmarks.md); numpy's setter returns the previous value
+    assert run_pack_worker_initializer("", "print(np._core.multiarray._set_madvise_hugepage(True))") == "False"
 
 
 def test_pack_workers_start_on_a_numpy_without_the_huge_page_switch():
-    code = ("import numpy as np; del np._core.multiarray._set_madvise_hugepage; "
-            "from shards.pack import _init_worker; _init_worker(); print('started')")
-    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.strip() == "started"
+    assert run_pack_worker_initializer("del np._core.multiarray._set_madvise_hugepage; ", "print('started')") == "started"

@@ -92,25 +92,33 @@ def test_reference_and_ours_alternate_and_the_ratio_is_of_their_median_steps(ref
         assert float(ratio) == pytest.approx(0.25 / step_s, rel=0.05, abs=0.01)
 
 
-def test_rounds_run_outermost_so_every_size_meets_the_same_drift(monkeypatch, tmp_path, capsys):
-    """With several sizes, round 1 times every size (reference, then ours) before round 2 starts; each size's
-    ratio is the median of its own rounds. The runs are stand-ins: the order and the arithmetic are tested here,
-    the processes by the test above."""
+def run_with_stand_ins(monkeypatch, argv, ours_s):
+    """train_bench.main() with the reference and our step replaced by stand-ins that take 1 s and the given
+    times: the order of runs (who, size, mixed precision, channels_last, ngf) and what is printed come back.
+    The processes themselves are tested above."""
     monkeypatch.syspath_prepend(ROOT / "bench")
     train_bench = importlib.import_module("train_bench")
-    order, ours_s = [], iter([0.5, 1.0, 0.25, 2.0])
+    order, ours_s = [], iter(ours_s)
     monkeypatch.setattr(train_bench.reference_cyclegan, "check_checkout", lambda path: None)
     monkeypatch.setattr(train_bench.reference_cyclegan, "prepare_env", lambda env: "python")
     monkeypatch.setattr(train_bench.reference_cyclegan, "run", lambda python, checkout, config, size, steps:
-                        order.append(("reference", size)) or {"step_s": 1.0, "peak_rss_gib": 1.0})
+                        order.append(("reference", size, config.mixed_precision)) or {"step_s": 1.0, "peak_rss_gib": 1.0})
     monkeypatch.setattr(train_bench, "matmul_flops", lambda: 1e9)
-    monkeypatch.setattr(train_bench, "run_ours", lambda size, steps, config: order.append(("ours", size)) or {
+    monkeypatch.setattr(train_bench, "run_ours", lambda size, steps, config: order.append(
+        ("ours", size, config.mixed_precision, config.channels_last, config.ngf)) or {
         "batch": 1, "step_s": (step_s := next(ours_s)), "images_per_s": 2 / step_s, "flops_per_step": 1e9, "flop_per_s": 1e9 / step_s,
         "peak_rss_gib": 1.0})
-    monkeypatch.setattr(sys, "argv", ["train_bench.py", "--reference", str(tmp_path), "--sizes", "128", "256", "--rounds", "2",
-                                      "--config", "train/recipes/seed.yaml"])
+    monkeypatch.setattr(sys, "argv", ["train_bench.py", *argv])
     train_bench.main()
-    assert order == [(who, size) for _ in (1, 2) for size in (128, 256) for who in ("reference", "ours")]
+    return order
+
+
+def test_rounds_run_outermost_so_every_size_meets_the_same_drift(monkeypatch, tmp_path, capsys):
+    """With several sizes, round 1 times every size (reference, then ours) before round 2 starts; each size's
+    ratio is the median of its own rounds."""
+    order = run_with_stand_ins(monkeypatch, ["--reference", str(tmp_path), "--sizes", "128", "256", "--rounds", "2",
+                                             "--config", "train/recipes/seed.yaml"], [0.5, 1.0, 0.25, 2.0])
+    assert [run[:2] for run in order] == [(who, size) for _ in (1, 2) for size in (128, 256) for who in ("reference", "ours")]
     printed = capsys.readouterr().out
     assert "128^2: this project's images/s over the reference's: 3.00x (rounds: 2.00, 4.00)" in printed
     assert "256^2: this project's images/s over the reference's: 0.75x (rounds: 1.00, 0.50)" in printed
@@ -119,23 +127,10 @@ def test_rounds_run_outermost_so_every_size_meets_the_same_drift(monkeypatch, tm
 def test_also_configurations_run_in_the_same_rounds_each_with_its_own_ratio(monkeypatch, tmp_path, capsys):
     """--also adds configurations of ours timed right after the first, inside every round, with the options
     changed as given and the rest of the command line kept."""
-    monkeypatch.syspath_prepend(ROOT / "bench")
-    train_bench = importlib.import_module("train_bench")
-    order, ours_s = [], iter([0.5, 0.25, 0.4, 0.2])
-    monkeypatch.setattr(train_bench.reference_cyclegan, "check_checkout", lambda path: None)
-    monkeypatch.setattr(train_bench.reference_cyclegan, "prepare_env", lambda env: "python")
-    monkeypatch.setattr(train_bench.reference_cyclegan, "run", lambda python, checkout, config, size, steps:
-                        order.append(("reference", config.mixed_precision)) or {"step_s": 1.0, "peak_rss_gib": 1.0})
-    monkeypatch.setattr(train_bench, "matmul_flops", lambda: 1e9)
-    monkeypatch.setattr(train_bench, "run_ours", lambda size, steps, config: order.append(
-        ("ours", config.mixed_precision, config.channels_last, config.ngf)) or {
-        "batch": 1, "step_s": (step_s := next(ours_s)), "images_per_s": 2 / step_s, "flops_per_step": 1e9, "flop_per_s": 1e9 / step_s,
-        "peak_rss_gib": 1.0})
-    monkeypatch.setattr(sys, "argv", ["train_bench.py", "--reference", str(tmp_path), "--sizes", "256", "--rounds", "2",
-                                      "--config", "train/recipes/seed.yaml", "--ngf", "16",
-                                      "--also", "mixed_precision=bf16,channels_last=true,ngf=8"])
-    train_bench.main()
-    assert order == [("reference", ""), ("ours", "", False, 16), ("ours", "bf16", True, 8)] * 2
+    order = run_with_stand_ins(monkeypatch, ["--reference", str(tmp_path), "--sizes", "256", "--rounds", "2",
+                                             "--config", "train/recipes/seed.yaml", "--ngf", "16",
+                                             "--also", "mixed_precision=bf16,channels_last=true,ngf=8"], [0.5, 0.25, 0.4, 0.2])
+    assert order == [("reference", 256, ""), ("ours", 256, "", False, 16), ("ours", 256, "bf16", True, 8)] * 2
     printed = capsys.readouterr().out
     assert "ngf 8 ndf 64 with mixed_precision=bf16,channels_last=true,ngf=8 256^2 batch 1: 0.25 s/step" in printed
     assert "256^2: this project's images/s over the reference's: 2.25x (rounds: 2.00, 2.50)" in printed
