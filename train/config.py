@@ -19,9 +19,9 @@ import yaml
 # a batch larger than this per process is a typo, not a plan: 512 slices of 256² fill an H200's memory many times
 MAX_BATCH_SIZE = 512
 
-# Augmentation helped at 330 passes over the training slices (without it the default recipe over-trained and its
-# single pass speckled) and cost at 3, 7 and 54, where it had not caught up by the run's end; the cut lies between,
-# not measured closer. docs/fidelity.md, "Small data, trained long"
+# Augmentation helped at 245 (128²) and 330 (64²) passes over the training slices (without it the default recipe
+# over-trained and its single pass speckled) and cost at 3, 7 and 54, where it had not caught up by the run's end;
+# the cut lies between, not measured closer. docs/fidelity.md, "Small data, trained long"
 OVER_TRAINING_PASSES = 100
 
 
