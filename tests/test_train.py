@@ -497,6 +497,20 @@ def test_augmentation_turns_on_by_itself_for_a_long_run_on_few_slices_and_an_exp
     augment, warning = resolve_augment(manifest, dataclasses.replace(small, augment=False), 12000 * 2)
     assert augment is False and warning.startswith("warning:") and "--augment false" in warning
     assert resolve_augment(manifest, dataclasses.replace(small, augment=True), 3000 * 2) == (True, None)  # asked for: kept
+    # a resume keeps what the run it resumes decided, whatever its new --max_steps would decide
+    augment, note = resolve_augment(manifest, small, 99 * 73, resumed=True)
+    assert augment is True and "as in the run resumed" in note and "--augment false would change it" in note
+    assert resolve_augment(manifest, small, 12000 * 2, resumed=True) == (True, None)
+    assert resolve_augment(manifest, dataclasses.replace(small, augment=False), 12000 * 2, resumed=True)[0] is False  # asked for: wins
+
+
+def test_a_resume_with_more_steps_keeps_the_augmentation_its_run_trained_with(shards_dir, tmp_path):
+    out = tmp_path / "run"
+    args = ["--data", shards_dir, "--out", out, *SMALL, "--steps_per_epoch", 5, "--checkpoint_every", 5]
+    train(*args, "--max_steps", 5, "--augment", "true")
+    resumed = train(*args, "--max_steps", 10, "--resume", "auto")  # auto alone would decide off: 10 steps are few passes
+    assert "augmentation on (--augment auto), as in the run resumed" in resumed.stdout + resumed.stderr
+    assert yaml.safe_load((out / "config.yaml").read_text())["augment"] is True
 
 
 def test_every_fidelity_bench_variant_is_a_valid_config_and_its_default_row_is_the_trainers_default(monkeypatch, tmp_path):

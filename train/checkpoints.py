@@ -112,7 +112,8 @@ def resolve_resume(config: Config, out: Path) -> Path | None:
     return path
 
 
-def check_compatible(path: Path, config: Config) -> None:
+def check_compatible(path: Path, config: Config) -> dict:
+    """Refuse to resume `path` with a different network; return the configuration it was trained with."""
     try:
         saved = json.loads((path / rundir.CHECKPOINT_INFO).read_text())["config"]
     except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as err:
@@ -124,6 +125,7 @@ def check_compatible(path: Path, config: Config) -> None:
     if differ:
         raise SystemExit(f"error: --resume {path} was made with a different configuration ({'; '.join(differ)}); "
                          f"start a new run folder or resume with the same options")
+    return saved
 
 
 def check_plain_data(path: Path) -> None:

@@ -161,15 +161,19 @@ def train_loaders(config, rank: int, world: int) -> dict[str, DataLoader]:
     return loaders
 
 
-def resolve_augment(manifest: dict, config, samples: int) -> tuple[bool, str | None]:
+def resolve_augment(manifest: dict, config, samples: int, resumed=None) -> tuple[bool, str | None]:
     """Whether a run drawing `samples` images per contrast augments, and a line to print about it, or None.
     --augment auto augments when the run passes over the smaller contrast's training slices more than
     OVER_TRAINING_PASSES times (a --train_subjects subset counted as its share of the subjects' slices); an
-    explicit --augment false there is warned."""
+    explicit --augment false there is warned. `resumed`: what the checkpoint being resumed trained with, which
+    auto keeps, so that a resume with another --max_steps does not change the data halfway."""
     train = manifest["splits"]["train"]
     slices = min(train["slices"].values()) * (config.train_subjects / len(train["subjects"]) if config.train_subjects else 1)
     passes = samples / max(slices, 1)
     many = passes > OVER_TRAINING_PASSES
+    if config.augment == "auto" and isinstance(resumed, bool):
+        return resumed, (f"augmentation {'on' if resumed else 'off'} (--augment auto), as in the run resumed; "
+                         f"--augment {str(not resumed).lower()} would change it" if resumed != many else None)
     if config.augment == "auto":
         return many, (f"augmentation on (--augment auto): this run passes over its training slices about {passes:.0f} times, "
                       f"more than {OVER_TRAINING_PASSES}" if many else None)
