@@ -270,13 +270,14 @@ def pack(t1_src, t2_src, out, options: PackOptions = PackOptions(), workers: int
             and not (t.stream == "paired" and ("train", "t1", t.subject) in finished)]
     pending = {key: [] for key in RECORDED}
     started = time.time()
-    with ProcessPoolExecutor(max_workers=workers or os.cpu_count(), initializer=_init_worker) as pool:
+    workers = workers or os.cpu_count() or 1
+    with ProcessPoolExecutor(max_workers=workers, initializer=_init_worker) as pool:
         window: deque = deque()
         bar = tqdm(total=len(todo), desc="pack", unit="volume", disable=not progress)
         queue = iter(todo)
         for task in queue:  # keep at most 2 x workers subjects in flight: bounded memory
             window.append(pool.submit(process, task, options))
-            if len(window) < 2 * pool._max_workers:
+            if len(window) < 2 * workers:
                 continue
             _drain(window.popleft().result(), writers, state, pending, out)
             bar.update()

@@ -21,6 +21,7 @@ from PIL import Image
 
 from conftest import ROOT, run_module
 from shards.format import decode_png16, decode_sample, encode_png16, read_manifest, shard_paths, shards_preprocessing
+import shards.pack
 from shards.pack import PackOptions, pack
 from shards.preprocess import Grid, _sample_3d, _source_axes, foreground, load_image, normalize, resample, standardize_image
 from shards.sources import list_source, load_ref
@@ -374,3 +375,35 @@ def test_pack_workers_turn_off_numpys_huge_page_advice():
 
 def test_pack_workers_start_on_a_numpy_without_the_huge_page_switch():
     assert run_pack_worker_initializer("del np._core.multiarray._set_madvise_hugepage; ", "print('started')") == "started"
+
+
+def test_at_most_two_subjects_per_worker_are_in_flight(ixi_tars, tmp_path, monkeypatch):
+    """The bound that keeps packing's memory flat however many subjects there are."""
+    in_flight, peak = [0], [0]
+
+    class Done:
+        def __init__(self, value):
+            self.value = value
+
+        def result(self):
+            in_flight[0] -= 1
+            return self.value
+
+    class InProcessPool:  # runs each task as it is submitted, and counts tasks whose results are not yet written
+        def __init__(self, max_workers, initializer):
+            pass
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def submit(self, fn, *args):
+            in_flight[0] += 1
+            peak[0] = max(peak[0], in_flight[0])
+            return Done(fn(*args))
+
+    monkeypatch.setattr(shards.pack, "ProcessPoolExecutor", InProcessPool)
+    manifest = pack(ixi_tars / "IXI-T1.tar", ixi_tars / "IXI-T2.tar", tmp_path / "out", OPTS, workers=2, progress=False)
+    assert manifest["timing"]["volumes"] > 4 and (peak[0], in_flight[0]) == (4, 0)
