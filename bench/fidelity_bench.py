@@ -1,8 +1,8 @@
 """Fidelity ablation: the seed's plain CycleGAN against structure-preserving variants, at one step budget, on
 synthetic IXI with lesions and a held-out anatomy (docs/fidelity.md).
 
-    python bench/fidelity_bench.py [--out bench-out/fidelity] [--subjects 30] [--split 0.8,0.1,0.1] [--size 128] [--steps 600]
-                                   [--variants plain mind] [--uncertainty tta] [--tta] [--seed 0] [--train-seed N]
+    python bench/fidelity_bench.py [--out bench-out/fidelity] [--subjects 30] [--split 0.8,0.1,0.1] [--size 128] [--steps 3000]
+                                   [--variants plain mind10-lsgan-cyc5-unet3-resize-equiv10] [--uncertainty tta] [--tta] [--seed 0] [--train-seed N]
                                    [--snapshots N] [--ensemble N] [--train-subjects N]
 
 Stages: `shards synth --lesions --holdout-anatomy` (downsample 256/size) -> `shards pack --lesions --holdout`
@@ -112,10 +112,12 @@ def main() -> None:
     parser.add_argument("--subjects", type=int, default=30)
     parser.add_argument("--split", default="0.8,0.1,0.1", help="train,val,test fractions of the subjects (shards pack --split)")
     parser.add_argument("--size", type=int, default=128)
-    parser.add_argument("--steps", type=int, default=600)
+    parser.add_argument("--steps", type=int, default=3000)
     parser.add_argument("--batch-size", type=int, default=2)
     parser.add_argument("--ngf", type=int, default=32)
-    parser.add_argument("--variants", nargs="+", choices=sorted(VARIANTS), default=["plain", "mind"])
+    parser.add_argument("--variants", nargs="+", choices=sorted(VARIANTS), default=["plain", DEFAULT_VARIANT],
+                        metavar="NAME", help=f"variants of bench/fidelity_variants.yaml (default: the seed's plain CycleGAN "
+                        f"and the trainer's default, {DEFAULT_VARIANT}): {', '.join(sorted(VARIANTS))}")
     parser.add_argument("--uncertainty", choices=MODES, default="tta")
     parser.add_argument("--tta", action="store_true", help="score the mean of 10 flipped and shifted copies (train.evaluate --tta)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the synthetic subjects and, by default, of training")
