@@ -187,6 +187,24 @@ def load_series(files: tuple[str, ...] | list[str], name: str) -> Volume:
     return Volume(data, affine, (float(column_mm), float(row_mm), step), slices, digest.hexdigest())
 
 
+def dicom_files(folder: Path) -> list[Path]:
+    """The DICOM files under `folder`, at any depth (hidden files left out)."""
+    return sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith(".") and is_dicom(p))
+
+
+def read_series(folder: Path) -> Volume:
+    """The one DICOM series in `folder`; VolumeError naming the series when there are several or it is unusable."""
+    series, unreadable = find_series(dicom_files(folder))
+    if not series and not unreadable:
+        raise VolumeError(f"{folder}: no DICOM files (Part 10: 'DICM' after a 128-byte preamble)")
+    if unreadable:
+        raise VolumeError(f"{unreadable[0]['file']}: {unreadable[0]['reason']}")
+    if len(series) > 1:
+        names = "; ".join(s.name(folder) for s in series)
+        raise VolumeError(f"several series where one was expected: {names}. Give the folder of one series")
+    return load_series(series[0].files, series[0].name(folder))
+
+
 # identifiers a derived series keeps, so that it files under the same patient, study and frame of reference
 KEPT = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "PatientAge", "StudyInstanceUID", "StudyDate", "StudyTime",
         "StudyID", "AccessionNumber", "ReferringPhysicianName", "StudyDescription", "FrameOfReferenceUID",

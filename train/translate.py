@@ -28,7 +28,7 @@ import nibabel as nib
 import numpy as np
 from tqdm import tqdm
 
-from shards.dicom import Volume, find_series, is_dicom, load_series, write_series
+from shards.dicom import Volume, dicom_files, is_dicom, read_series, write_series
 from shards.format import encode_png16
 from shards.preprocess import VolumeError, load_image, load_nifti, read_file
 from train.fidelity import MODES, HallucinationMap, translate_with_map
@@ -42,10 +42,6 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
 def suffix(path: Path) -> str:
     name = path.name.lower()
     return ".nii.gz" if name.endswith(".nii.gz") else path.suffix.lower()
-
-
-def dicom_files(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith(".") and is_dicom(p))
 
 
 def list_inputs(path: Path) -> list[Path]:
@@ -64,17 +60,6 @@ def list_inputs(path: Path) -> list[Path]:
     if suffix(path) not in VOLUME_SUFFIXES + IMAGE_SUFFIXES:
         raise SystemExit(f"error: --input {path}: not a NIfTI volume (.nii/.nii.gz), a DICOM series folder or an image (PNG/JPG/TIFF)")
     return [path]
-
-
-def read_series(folder: Path) -> Volume:
-    """The one DICOM series in `folder`; VolumeError naming the series when there are several or it is unusable."""
-    series, unreadable = find_series(dicom_files(folder))
-    if unreadable:
-        raise VolumeError(f"{unreadable[0]['file']}: {unreadable[0]['reason']}")
-    if len(series) > 1:
-        names = "; ".join(s.name(folder) for s in series)
-        raise VolumeError(f"several series where one was expected: {names}. Give the folder of one series")
-    return load_series(series[0].files, series[0].name(folder))
 
 
 def output_path(path: Path, out_dir: Path, direction: str, uncertainty: str | None = None, output_format: str = "nifti") -> Path:
