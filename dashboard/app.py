@@ -15,7 +15,10 @@ import hashlib
 import io
 import os
 import sys
+import tempfile
 import time
+import zipfile
+import zlib
 from pathlib import Path
 
 import nibabel as nib
@@ -26,6 +29,7 @@ import torch
 from PIL import Image
 
 from dashboard import runs as R
+from shards.dicom import MAX_FILES, read_series
 from shards.format import ShardsError, encode_png16, shard_paths
 from shards.preprocess import VolumeError, load_image, load_nifti, standardize_image
 from train import rundir
@@ -105,6 +109,49 @@ def cached_split(shards: str, split: str) -> list[dict]:
 def cached_volume(digest: str, data: bytes, preprocessing: dict):
     volume, affine, _ = load_nifti(data)
     return volume.shape, affine, prepare_volume(volume, affine, preprocessing)
+
+
+def unpack_series(uploads, folder: Path) -> None:
+    """Write the uploaded files of one DICOM series, or a .zip of its folder, into `folder` under numbered
+    names: neither an upload's name nor a member's path becomes a path here. A zip is read no further than
+    MAX_VOLUME_MB in all, whatever sizes its headers claim. VolumeError names the upload."""
+    budget, count = MAX_VOLUME_MB * 2**20, 0
+
+    def keep(name: str, data: bytes) -> None:
+        nonlocal budget, count
+        budget -= len(data)
+        count += 1
+        if budget < 0:
+            raise VolumeError(f"{name}: the series is larger than {MAX_VOLUME_MB} MB")
+        if count > MAX_FILES:
+            raise VolumeError(f"{name}: more than the {MAX_FILES} files a series may have")
+        (folder / f"{count:05d}.dcm").write_bytes(data)
+
+    for upload in uploads:
+        if not upload.name.lower().endswith(".zip"):
+            keep(upload.name, upload.getvalue())
+            continue
+        try:
+            with zipfile.ZipFile(io.BytesIO(upload.getvalue())) as archive:
+                for member in archive.infolist():
+                    if not member.is_dir():
+                        with archive.open(member) as stream:
+                            keep(f"{upload.name}: {member.filename}", stream.read(max(budget, 0) + 1))
+        except (zipfile.BadZipFile, NotImplementedError, RuntimeError, EOFError, zlib.error) as err:  # damaged, encrypted
+            raise VolumeError(f"{upload.name}: not a readable zip archive ({err})") from None
+
+
+@st.cache_data(show_spinner="reading the DICOM series", max_entries=2)
+def cached_series(digest: str, _uploads, preprocessing: dict):
+    """The uploads' one series, prepared for translation; `digest` stands for the uploads' bytes."""
+    label = _uploads[0].name if len(_uploads) == 1 else f"the {len(_uploads)} files uploaded"
+    with tempfile.TemporaryDirectory(prefix="dicom-upload-") as folder:
+        try:
+            unpack_series(_uploads, Path(folder))
+            series = read_series(Path(folder))
+        except VolumeError as err:  # name the upload, not the temporary folder it was read from
+            raise VolumeError(str(err).replace(folder, label)) from None
+    return series.data.shape, series.affine, prepare_volume(series.data, series.affine, preprocessing)
 
 
 def metrics_of(run: R.RunInfo) -> pd.DataFrame:
@@ -261,7 +308,8 @@ def page_translate(run: R.RunInfo, runs: list[R.RunInfo], data_root: Path) -> No
         except CheckpointError as err:
             st.warning(f"Hallucination map: {err}")
     preprocessing = info["preprocessing"]
-    source = st.radio("Input", ["Val/test shard", "Image (PNG/JPG/TIFF)", "NIfTI volume"], horizontal=True, key="source")
+    source = st.radio("Input", ["Val/test shard", "Image (PNG/JPG/TIFF)", "NIfTI volume", "DICOM series"], horizontal=True,
+                      key="source")
 
     image, truth, mask, volume, lesion = None, None, None, None, None
     if source == "Val/test shard":
@@ -295,20 +343,37 @@ def page_translate(run: R.RunInfo, runs: list[R.RunInfo], data_root: Path) -> No
             st.error(f"{upload.name}: {err}")
             return
     else:
-        upload = st.file_uploader("Volume", type=["nii", "gz"], key="volume_upload")
-        if upload is None:
-            return
-        if upload.size > MAX_VOLUME_MB * 2**20:
-            st.error(f"{upload.name}: larger than {MAX_VOLUME_MB} MB")
-            return
-        data = upload.getvalue()
-        try:
-            shape, affine, prepared = cached_volume(hashlib.sha1(data).hexdigest(), data, preprocessing)
-        except VolumeError as err:
-            st.error(f"{upload.name}: {err}")
-            return
+        if source == "NIfTI volume":
+            upload = st.file_uploader("Volume", type=["nii", "gz"], key="volume_upload")
+            if upload is None:
+                return
+            if upload.size > MAX_VOLUME_MB * 2**20:
+                st.error(f"{upload.name}: larger than {MAX_VOLUME_MB} MB")
+                return
+            data = upload.getvalue()
+            try:
+                shape, affine, prepared = cached_volume(hashlib.sha1(data).hexdigest(), data, preprocessing)
+            except VolumeError as err:
+                st.error(f"{upload.name}: {err}")
+                return
+            name = upload.name
+        else:
+            uploads = st.file_uploader("DICOM series", accept_multiple_files=True, key="dicom_upload",
+                                       help="every file of one series (any names), or one .zip of its folder; translated "
+                                            "volumes download as NIfTI (`python -m train.translate --output-format dicom` "
+                                            "writes a DICOM series)")
+            if not uploads:
+                return
+            uploads = sorted(uploads, key=lambda u: u.name)
+            digest = hashlib.sha1(b"".join(hashlib.sha1(u.getvalue()).digest() for u in uploads)).hexdigest()
+            try:
+                shape, affine, prepared = cached_series(digest, uploads, preprocessing)
+            except VolumeError as err:
+                st.error(str(err))
+                return
+            name = uploads[0].name if len(uploads) == 1 else "dicom-series"
         index = st.slider("Axial slice", 0, len(prepared.images) - 1, len(prepared.images) // 2, key="volume_slice")
-        image, mask, volume = prepared.images[index], prepared.image_masks[index], (upload.name, shape, affine, prepared)
+        image, mask, volume = prepared.images[index], prepared.image_masks[index], (name, shape, affine, prepared)
 
     tensor = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))[None, None]
     translated, heat = translate_with_map(net, tensor, hallucination)

@@ -12,6 +12,7 @@ import subprocess
 import sys
 import tarfile
 import time
+import zipfile
 
 import numpy as np
 import pandas as pd
@@ -23,6 +24,7 @@ from PIL import Image
 from streamlit.testing.v1 import AppTest
 
 from conftest import ROOT
+from test_dicom import write_series
 from test_hostile_input import HOSTILE
 from dashboard import runs as R
 from dashboard.screenshots import screenshots, serve
@@ -298,6 +300,61 @@ def test_translate_an_uploaded_volume_and_download_it(app, ixi_tars):
     assert not at.exception
     labels = [b.proto.label for b in at.get("download_button")]
     assert "Download the translated volume (NIfTI)" in labels
+
+
+@pytest.fixture(scope="module")
+def dicom_series(ixi_tars, tmp_path_factory) -> list[tuple[str, bytes]]:
+    """One subject's T1 as a DICOM series written by SimpleITK (GDCM): (file name, bytes) per slice."""
+    root = tmp_path_factory.mktemp("dicom-upload")
+    with tarfile.open(ixi_tars / "IXI-T1.tar") as tar:
+        member = sorted(tar.getmembers(), key=lambda m: m.name)[0]
+        (root / member.name).write_bytes(tar.extractfile(member).read())
+    write_series(root / member.name, root / "series", "PAT001", "1.2.826.0.9", "1.2.826.0.9.1")
+    return [(p.name, p.read_bytes()) for p in sorted((root / "series").iterdir())]
+
+
+def upload_series(app, files: list[tuple[str, bytes]]) -> AppTest:
+    at = go(app, "Translate", "base")
+    at.radio(key="source").set_value("DICOM series").run()
+    uploader = at.file_uploader(key="dicom_upload")
+    for name, data in files:
+        uploader.upload(name, data, "application/octet-stream")
+    return at.run()
+
+
+def zipped(members: list[tuple[str, bytes]], compression=zipfile.ZIP_DEFLATED) -> bytes:
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", compression) as archive:
+        for name, data in members:
+            archive.writestr(name, data)
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("packed", ["files", "zip"])
+def test_translate_an_uploaded_dicom_series_and_download_it(packed, app, dicom_series):
+    files = dicom_series if packed == "files" else [("series.zip", zipped([(f"PAT001/T1/{n}", d) for n, d in dicom_series]))]
+    at = upload_series(app, files)
+    assert not at.exception and not at.error, [e.value for e in at.error]
+    assert at.slider(key="volume_slice").max + 1 > len(dicom_series) // 2 and len(at.image) == 3
+    at.button(key="translate_volume").click().run()
+    download = next(b for b in at.get("download_button") if b.proto.label == "Download the translated volume (NIfTI)")
+    assert download.proto.url and not at.exception
+
+
+@pytest.mark.parametrize("case, expect", [
+    ("zip bomb", "larger than 300 MB"),  # 400 MB of zeros in a 0.4 MB archive: never inflated past the limit
+    ("not a zip", "series.zip: not a readable zip archive"),
+    ("one slice", "a single slice is not a volume"),
+    ("no DICOM", "no DICOM files"),
+])
+def test_the_dashboard_names_a_hostile_dicom_upload(case, expect, app, dicom_series):
+    files = {"zip bomb": lambda: [("series.zip", zipped([("a", bytes(200 * 2**20)), ("b", bytes(200 * 2**20))]))],
+             "not a zip": lambda: [("series.zip", b"PK\x03\x04 truncated")],
+             "one slice": lambda: dicom_series[:1],
+             "no DICOM": lambda: [("notes.txt", b"not an image")]}[case]()
+    at = upload_series(app, files)
+    assert not at.exception and any(expect in e.value for e in at.error), [e.value for e in at.error]
+    assert not any("dicom-upload-" in e.value for e in at.error)  # the upload is named, not the temporary folder
 
 
 def test_translate_rejects_a_file_that_is_not_an_image(app):
