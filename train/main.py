@@ -114,9 +114,9 @@ def main(argv=None) -> int:
     set_seed(config.seed, device_specific=False)  # identical initial weights on every rank
     is_main = accelerator.is_main_process
     resume_path = resolve_resume(config, out)
-    resumed = {}
+    resumed_config = {}
     if resume_path:
-        resumed = check_compatible(resume_path, config)
+        resumed_config = check_compatible(resume_path, config)
         check_plain_data(resume_path)
     elif existing := rundir.list_checkpoints(out):  # a fresh run here would prune, and later resume, another run's checkpoints
         raise SystemExit(f"error: --out {out} already holds checkpoints (step {existing[-1][0]}); "
@@ -125,7 +125,7 @@ def main(argv=None) -> int:
     world = accelerator.num_processes
     steps_per_epoch = config.steps_per_epoch or max(1, min(manifest["splits"]["train"]["slices"].values()) // (config.batch_size * world))
     total_steps = config.max_steps or config.epochs * steps_per_epoch
-    augment, note = resolve_augment(manifest, config, total_steps * config.batch_size * world, resumed.get("augment"))
+    augment, note = resolve_augment(manifest, config, total_steps * config.batch_size * world, resumed_config.get("augment"))
     config = dataclasses.replace(config, augment=augment)  # config.yaml records the one used
     if note:
         accelerator.print(note)
