@@ -322,9 +322,9 @@ def upload_series(app, files: list[tuple[str, bytes]]) -> AppTest:
     return at.run()
 
 
-def zipped(members: list[tuple[str, bytes]], compression=zipfile.ZIP_DEFLATED) -> bytes:
+def zipped(members: list[tuple[str, bytes]]) -> bytes:
     buf = io.BytesIO()
-    with zipfile.ZipFile(buf, "w", compression) as archive:
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as archive:
         for name, data in members:
             archive.writestr(name, data)
     return buf.getvalue()

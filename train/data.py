@@ -161,7 +161,7 @@ def train_loaders(config, rank: int, world: int) -> dict[str, DataLoader]:
     return loaders
 
 
-def resolve_augment(manifest: dict, config, samples: int, resumed=None) -> tuple[bool, str | None]:
+def resolve_augment(manifest: dict, config, samples: int, resumed: bool | str | None = None) -> tuple[bool, str | None]:
     """Whether a run drawing `samples` images per contrast augments, and a line to print about it, or None.
     --augment auto augments when the run passes over the smaller contrast's training slices more than
     OVER_TRAINING_PASSES times (a --train_subjects subset counted as its share of the subjects' slices); an
