@@ -348,5 +348,15 @@ def write_summary(out: Path, state: TrainState, epoch: int, status: str, images_
         "last_train": next((r for r in reversed(rows) if "loss/G" in r), None)})
 
 
+def run() -> None:
+    """The command: main(), then the process group torn down on every exit, an error's too. Left to the
+    interpreter's teardown, gloo's worker threads can abort the process (SIGABRT; pytorch/pytorch#179291)."""
+    try:
+        sys.exit(main())
+    finally:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run()
