@@ -98,22 +98,29 @@ except SystemExit as err:  # each rank lives on to print its error: one that exi
 """
 
 
-def test_a_checkpoint_write_that_fails_on_one_rank_stops_every_rank_with_the_error(shards_dir, tmp_path):
-    """Rank 0's write fails after the other rank's part is done: the trainer stops both with the error, none waits in a
+@pytest.mark.parametrize("fails", ["generators", "folder"])
+def test_a_checkpoint_write_that_fails_on_one_rank_stops_every_rank_with_the_error(fails, shards_dir, tmp_path):
+    """Rank 0's write fails, after the other rank's part is done (the generators, which rank 0 alone writes) or before
+    any (the temporary folder, which rank 0 alone makes): the trainer stops both with the error, none waits in a
     collective for a rank that gave up, and none aborts (SIGABRT) on the way out, as gloo's threads may when the
     process group is left to the interpreter's teardown (CI saw it once)."""
     script = tmp_path / "failing_write.py"
-    script.write_text(FAILING_WRITE)
+    script.write_text(FAILING_WRITE if fails == "generators" else FAILING_WRITE.replace("checkpoints.save_file = full", "pass"))
     out = tmp_path / "run"
+    if fails == "folder":  # a file where the checkpoints folder goes: rank 0 cannot make the step's folder in it
+        out.mkdir()
+        (out / rundir.CHECKPOINTS).write_text("")
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", "accelerate_config.yaml", "--num_processes", "2",
            "--mixed_precision", "no", "--main_process_port", "29518", str(script), "--data", str(shards_dir), "--out", str(out), *SMALL,
            "--max_steps", "3", "--steps_per_epoch", "3", "--checkpoint_every", "3"]
     result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(ROOT)})
     log = result.stdout + result.stderr
     assert result.returncode == 0 and "terminate called" not in log, log[-3000:]
-    for rank, cause in ((0, "no space left on device"), (1, "OSError: another process could not write its part")):
+    rank0 = "no space left on device" if fails == "generators" else "NotADirectoryError"
+    for rank, cause in ((0, rank0), (1, "OSError: another process could not write its part")):
         assert f"rank {rank}: error: cannot write the step-3 checkpoint into {out} ({cause}" in result.stdout, log[-3000:]
-    assert not list((out / rundir.CHECKPOINTS).iterdir()), "the partial checkpoint is removed"
+    if fails == "generators":
+        assert not list((out / rundir.CHECKPOINTS).iterdir()), "the partial checkpoint is removed"
 
 
 def test_the_command_tears_the_process_group_down_when_it_fails(tmp_path, monkeypatch):

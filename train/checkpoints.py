@@ -165,11 +165,14 @@ def save_checkpoint(accelerator, trained: list, inference_gens: CycleGenerators,
         state.best_score, state.best_step = score, state.step
     final = rundir.checkpoint_dir(out, state.step)
     tmp = final.with_name(f".{final.name}.tmp")
-    if accelerator.is_main_process:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    accelerator.wait_for_everyone()
     failure = None
+    if accelerator.is_main_process:
+        try:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        except OSError as err:
+            failure = err
+    stop_if_any_failed(accelerator, failure, tmp, out, state.step)  # and the barrier before every rank writes into tmp
     try:
         accelerator.save_state(str(tmp))
     except Exception as err:  # writers word a full disk their own way (torch.save: "enforce fail ... unexpected pos")
