@@ -492,13 +492,20 @@ def test_augmentation_turns_on_by_itself_for_a_long_run_on_few_slices_and_an_exp
     assert small.augment == "auto"
     augment, note = resolve_augment(manifest, small, 12000 * 2)  # 2 subjects' 73 T2 slices, 12000 steps of batch 2
     assert augment is True and "about 330 times" in note and "--augment auto" in note
-    assert resolve_augment(manifest, small, 99 * 73) == (False, None)  # 99 passes: not yet
+    assert resolve_augment(manifest, small, 59 * 73) == (False, None)  # 59 passes: not yet
+    # the fidelity bench's 128² shards (2400 T1, 1764 T2 slices), 5 subjects for 12000 steps of batch 2: the run that
+    # collapsed without augmentation and held with it
+    bench_128 = {"splits": {"train": {**manifest["splits"]["train"], "slices": {"t1": 2400, "t2": 1764}}}}
+    five = dataclasses.replace(small, train_subjects=5)
+    augment, note = resolve_augment(bench_128, five, 12000 * 2)
+    assert augment is True and "about 65 times" in note
+    assert resolve_augment(bench_128, five, 4000 * 2) == (False, None)  # 22 passes
     assert resolve_augment(manifest, load_config(["--data", "d", "--out", "o"]), 3000 * 2) == (False, None)  # 7 passes over all 24
     augment, warning = resolve_augment(manifest, dataclasses.replace(small, augment=False), 12000 * 2)
     assert augment is False and warning.startswith("warning:") and "--augment false" in warning
     assert resolve_augment(manifest, dataclasses.replace(small, augment=True), 3000 * 2) == (True, None)  # asked for: kept
     # a resume keeps what the run it resumes decided, whatever its new --max_steps would decide
-    augment, note = resolve_augment(manifest, small, 99 * 73, resumed=True)
+    augment, note = resolve_augment(manifest, small, 59 * 73, resumed=True)
     assert augment is True and "as in the run resumed" in note and "--augment false would change it" in note
     assert resolve_augment(manifest, small, 12000 * 2, resumed=True) == (True, None)
     assert resolve_augment(manifest, dataclasses.replace(small, augment=False), 12000 * 2, resumed=True)[0] is False  # asked for: wins

@@ -20,9 +20,9 @@ import yaml
 MAX_BATCH_SIZE = 512
 
 # Augmentation helped at 245 (128²) and 330 (64²) passes over the training slices (without it the default recipe
-# over-trained and its single pass speckled) and cost at 3, 7 and 54, where it had not caught up by the run's end;
-# the cut lies between, not measured closer. docs/fidelity.md, "Small data, trained long"
-OVER_TRAINING_PASSES = 100
+# over-trained and its single pass speckled), and at 65 (128², 5 subjects) it kept the run from collapsing; it cost
+# at 3, 7 and 54, where it had not caught up by the run's end. docs/fidelity.md, "Small data"
+OVER_TRAINING_PASSES = 60
 
 
 def option(default, help: str, **kw):
