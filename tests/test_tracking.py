@@ -109,3 +109,23 @@ def test_an_offline_run_holds_what_a_wandb_user_looks_for(shards_dir, tmp_path, 
     shutil.rmtree(run / rundir.CHECKPOINTS)  # the folder reused for a fresh run: a new W&B run, not appended to the old one
     train(*args, "--max_steps", 2, "--checkpoint_every", 2)
     assert offline_runs(run)[-1]["id"] not in (None, first["id"])
+
+
+def exit_codes(run: Path) -> list[int]:
+    """The exit code each offline W&B run in a run folder recorded, oldest first."""
+    return [r.exit.exit_code for path in sorted(run.glob("wandb/offline-run-*/run-*.wandb")) for r in records(path)
+            if r.WhichOneof("record_type") == "exit"]
+
+
+def test_a_run_that_stops_with_an_error_is_failed_in_wandb_not_finished(shards_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / rundir.CHECKPOINTS).write_text("")  # a file where the checkpoints go: the first checkpoint write fails
+    result = train("--data", shards_dir, "--out", run, *SMALL, "--report_to", "wandb", "--max_steps", 2, "--checkpoint_every", 2,
+                   check=False)
+    assert result.returncode == 1 and "error: cannot write the step-2 checkpoint" in result.stderr, result.stderr[-2000:]
+    assert exit_codes(run) == [1]
+    shutil.rmtree(run)
+    train("--data", shards_dir, "--out", run, *SMALL, "--report_to", "wandb", "--max_steps", 2, "--checkpoint_every", 2)
+    assert exit_codes(run) == [0]

@@ -213,7 +213,6 @@ def main(argv=None) -> int:
                     last_good = rundir.list_checkpoints(out)
                     where = f"the last good checkpoint is {last_good[-1][1]}" if last_good else "no checkpoint was written yet"
                     bar.close()
-                    accelerator.end_training()
                     raise SystemExit(f"error: {consecutive} consecutive steps with NaN/inf losses at step {state.step}; "
                                      f"stopping ({where}). Try a lower --lr or --mixed_precision no.")
                 continue
@@ -349,13 +348,17 @@ def write_summary(out: Path, state: TrainState, epoch: int, status: str, images_
 
 
 def run() -> None:
-    """The command: main(), then the process group torn down on every exit, an error's too. Left to the
-    interpreter's teardown, gloo's worker threads can abort the process (SIGABRT; pytorch/pytorch#179291)."""
+    """The command: main(); an error exit marks the W&B run failed, and every exit tears the process group down
+    (left to the interpreter's teardown, gloo's worker threads can abort the process: SIGABRT, pytorch/pytorch#179291)."""
     try:
-        sys.exit(main())
+        code = main()
+    except SystemExit as err:
+        tracking.finish_failed(err.code)
+        raise
     finally:
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
+    sys.exit(code)
 
 
 if __name__ == "__main__":

@@ -49,6 +49,14 @@ def start(accelerator, config, resolved: dict, out: Path, run_id: str) -> None:
         define_metrics(accelerator.get_tracker("wandb", unwrap=True))
 
 
+def finish_failed(exit_code) -> None:
+    """Close this process's W&B run as failed. A SystemExit raised out of the trainer never passes through W&B's
+    hooks (sys.exit and the excepthook), which would then record the exit as a success."""
+    import wandb
+    if wandb.run is not None:
+        wandb.run.finish(exit_code=exit_code if isinstance(exit_code, int) and exit_code else 1)
+
+
 def define_metrics(run) -> None:
     """Validation summaries hold the best value of the run, not the last one (W&B globs match suffixes only)."""
     for name, goal in SUMMARY_BEST.items():
