@@ -32,7 +32,7 @@ def option(default, help: str, **kw):
 @dataclass
 class Config:
     """The defaults are the recipe docs/fidelity.md measured best (MIND 10, LSGAN, cycle 5, no identity loss, U-Net
-    depth 3 with resize-convolutions, lr 5e-4, augmentation only for a run past 100 passes over its slices);
+    depth 3 with resize-convolutions, lr 5e-4, augmentation only for a run past 60 passes over its slices);
     `--config train/recipes/seed.yaml` is the seed's plain CycleGAN."""
 
     # data and run folder
