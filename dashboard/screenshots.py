@@ -1,9 +1,10 @@
 """Screenshots of every dashboard page in a real headless Chromium, for docs/ and the README.
 
-    python -m dashboard.screenshots --runs runs --data data --run demo [--out docs/images]
+    python -m dashboard.screenshots --runs runs --data data --run demo [--out docs/images] [--dicom SERIES/*]
 
 Starts `streamlit run dashboard/app.py` on a free loopback port, opens each page by its link
-(`?page=...&run=...`), waits until the page has finished running, and writes OUT/dashboard-<page>.png.
+(`?page=...&run=...`), waits until the page has finished running, and writes OUT/dashboard-<page>.png; with
+--dicom, also the Translate page after uploading that series through the browser (dashboard-translate-dicom.png).
 Chromium comes from dashboard/setup-browser.sh (/usr/bin/chromium).
 """
 
@@ -51,8 +52,24 @@ def serve(runs: Path, data: Path, cwd: Path = ROOT, *app_args: str):
         server.wait(timeout=30)
 
 
-def screenshots(runs: Path, data: Path, run: str, out: Path, width: int = 1400, height: int = 1700) -> list[Path]:
+def screenshots(runs: Path, data: Path, run: str, out: Path, width: int = 1400, height: int = 1700,
+                dicom: list[Path] | None = None) -> list[Path]:
+    """Every page, and with `dicom` (the files of one series, or a .zip of it) the Translate page once they are
+    uploaded, as a user drops them in."""
     from playwright.sync_api import expect, sync_playwright
+
+    def finished(heading: str) -> None:
+        expect(page.get_by_role("heading", name=heading)).to_be_visible(timeout=120_000)
+        # Streamlit shows its status widget while the script runs; charts draw after it finishes
+        expect(page.get_by_test_id("stStatusWidgetRunningIcon")).to_have_count(0, timeout=300_000)
+        page.wait_for_timeout(1500)
+
+    def shoot(name: str) -> None:
+        path = out / f"dashboard-{name}.png"
+        tmp = path.with_name(f".{path.name}.tmp.png")
+        page.screenshot(path=str(tmp))
+        tmp.replace(path)
+        written.append(path)
 
     out.mkdir(parents=True, exist_ok=True)
     written = []
@@ -61,15 +78,17 @@ def screenshots(runs: Path, data: Path, run: str, out: Path, width: int = 1400, 
         page = browser.new_page(viewport={"width": width, "height": height})  # the pages scroll inside Streamlit, not the window
         for name, (title, heading) in PAGES.items():
             page.goto(f"{url}/?page={title}&run={run}")
-            expect(page.get_by_role("heading", name=heading.format(run=run))).to_be_visible(timeout=120_000)
-            # Streamlit shows its status widget while the script runs; charts draw after it finishes
-            expect(page.get_by_test_id("stStatusWidgetRunningIcon")).to_have_count(0, timeout=300_000)
-            page.wait_for_timeout(1500)
-            path = out / f"dashboard-{name}.png"
-            tmp = path.with_name(f".{path.name}.tmp.png")
-            page.screenshot(path=str(tmp))
-            tmp.replace(path)
-            written.append(path)
+            finished(heading.format(run=run))
+            shoot(name)
+        if dicom:
+            title, heading = PAGES["translate"]
+            page.goto(f"{url}/?page={title}&run={run}")
+            finished(heading.format(run=run))
+            page.get_by_text("DICOM series", exact=True).first.click()
+            page.get_by_test_id("stFileUploaderDropzoneInput").set_input_files([str(f) for f in dicom])
+            expect(page.get_by_text("Download this translation (16-bit PNG)")).to_be_visible(timeout=300_000)
+            finished(heading.format(run=run))
+            shoot("translate-dicom")
         browser.close()
     return written
 
@@ -80,8 +99,10 @@ def main() -> None:
     parser.add_argument("--data", type=Path, default=Path("data"), help="shards root for the Translate page (default: data)")
     parser.add_argument("--run", default="demo", help="the run the Run and Translate pages show (default: demo)")
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "images", help="where the PNGs go (default: docs/images)")
+    parser.add_argument("--dicom", type=Path, nargs="+", help="the files of one DICOM series (or a .zip of it): also shoot the "
+                                                               "Translate page with them uploaded")
     args = parser.parse_args()
-    for path in screenshots(args.runs.resolve(), args.data.resolve(), args.run, args.out):
+    for path in screenshots(args.runs.resolve(), args.data.resolve(), args.run, args.out, dicom=args.dicom):
         print(path)
 
 

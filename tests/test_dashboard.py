@@ -497,10 +497,16 @@ def test_in_a_real_browser_select_a_run_and_translate(chromium, served, tmp_path
         assert im.size[0] == 1400 and np.asarray(im.convert("L")).std() > 10, "a rendered page, not a blank one"
 
 
-def test_the_screenshot_script_renders_every_page(chromium, runs_root, shards_dir, tmp_path):
-    shots = screenshots(runs_root, shards_dir.parent, "base", tmp_path)
-    assert [p.name for p in shots] == ["dashboard-runs.png", "dashboard-compare.png", "dashboard-run.png", "dashboard-translate.png"]
+def test_the_screenshot_script_renders_every_page(chromium, runs_root, shards_dir, dicom_series, tmp_path):
+    """Every page, and a DICOM series (written by SimpleITK) uploaded through the browser and translated."""
+    series = tmp_path / "series"
+    series.mkdir()
+    for name, data in dicom_series:
+        (series / name).write_bytes(data)
+    shots = screenshots(runs_root, shards_dir.parent, "base", tmp_path / "shots", dicom=sorted(series.iterdir()))
+    assert [p.name for p in shots] == ["dashboard-runs.png", "dashboard-compare.png", "dashboard-run.png", "dashboard-translate.png",
+                                       "dashboard-translate-dicom.png"]
     for path in shots:
         with Image.open(path) as im:
             assert im.size[0] == 1400 and np.asarray(im.convert("L")).std() > 10, f"{path.name}: a rendered page, not a blank one"
-    assert not list(tmp_path.glob(".*.tmp.png"))
+    assert not list((tmp_path / "shots").glob(".*.tmp.png"))
