@@ -80,15 +80,12 @@ def screenshots(runs: Path, data: Path, run: str, out: Path, width: int = 1400, 
             page.goto(f"{url}/?page={title}&run={run}")
             finished(heading.format(run=run))
             shoot(name)
-        if dicom:
-            title, heading = PAGES["translate"]
-            page.goto(f"{url}/?page={title}&run={run}")
-            finished(heading.format(run=run))
-            page.get_by_text("DICOM series", exact=True).first.click()
-            page.get_by_test_id("stFileUploaderDropzoneInput").set_input_files([str(f) for f in dicom])
-            expect(page.get_by_text("Download this translation (16-bit PNG)")).to_be_visible(timeout=300_000)
-            finished(heading.format(run=run))
-            shoot("translate-dicom")
+            if name == "translate" and dicom:  # the page just shot, with the series dropped in
+                page.get_by_text("DICOM series", exact=True).first.click()
+                page.get_by_test_id("stFileUploaderDropzoneInput").set_input_files([str(f) for f in dicom])
+                expect(page.get_by_text("Download this translation (16-bit PNG)")).to_be_visible(timeout=300_000)
+                finished(heading.format(run=run))
+                shoot("translate-dicom")
         browser.close()
     return written
 
