@@ -119,6 +119,7 @@ def test_a_checkpoint_write_that_fails_on_one_rank_stops_every_rank_with_the_err
     rank0 = "no space left on device" if fails == "generators" else "NotADirectoryError"
     for rank, cause in ((0, rank0), (1, "OSError: another process could not write its part")):
         assert f"rank {rank}: error: cannot write the step-3 checkpoint into {out} ({cause}" in result.stdout, log[-3000:]
+    assert result.stdout.count("no partial checkpoint is left behind. No checkpoint was written yet.") == 2, log[-3000:]
     if fails == "generators":
         assert not list((out / rundir.CHECKPOINTS).iterdir()), "the partial checkpoint is removed"
 

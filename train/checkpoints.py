@@ -223,7 +223,7 @@ def checkpoint_write_error(err: Exception, out: Path, step: int) -> SystemExit:
     why = "no space left on device" if full else f"{type(err).__name__}: {str(err).splitlines()[0][:200]}"
     kept = rundir.list_checkpoints(out)
     return SystemExit(f"error: cannot write the step-{step} checkpoint into {out} ({why}; {free / 2**20:.0f} MiB free there); "
-                      "the partial one was removed. " + (f"The newest complete checkpoint is {kept[-1][1]}." if kept
+                      "no partial checkpoint is left behind. " + (f"The newest complete checkpoint is {kept[-1][1]}." if kept
                                                          else "No checkpoint was written yet."))
 
 
