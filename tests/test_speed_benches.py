@@ -1,6 +1,7 @@
 """The training-speed benches. bench/train_bench.py --reference: the reference CycleGAN's own environment, its
 flags, its logged times and the alternating ratio, against a stand-in checkout whose train.py logs known times
-the way the reference's does. bench/upsample_bench.py: the reformulation it times computes the same function."""
+the way the reference's does. bench/upsample_bench.py: the reformulation it times computes the same function.
+bench/optimizer_bench.py: the state it reports is Adam's two fp32 moments per parameter."""
 
 from __future__ import annotations
 
@@ -193,3 +194,13 @@ def test_the_sub_pixel_reformulation_timed_by_upsample_bench_is_the_transposed_c
         layer = torch.nn.ConvTranspose2d(cin, cout, 4, stride=2, padding=1)
         x = torch.randn(2, cin, side, side)
         torch.testing.assert_close(upsample_bench.subpixel(x, layer.weight, layer.bias), layer(x), rtol=1e-5, atol=1e-5)
+
+
+def test_optimizer_bench_reports_adams_two_fp32_moments_per_parameter():
+    done = subprocess.run([sys.executable, "bench/optimizer_bench.py", "--ngf", "16", "--rounds", "1"], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert done.returncode == 0, done.stderr[-2000:]
+    params = float(re.search(r"ngf 16: ([0-9.]+) M parameters", done.stdout)[1]) * 1e6
+    fused = re.search(r"fused Adam, fp32 state \(the trainer's\): ([0-9.]+) s/step, state ([0-9.]+) MiB", done.stdout)
+    step_s, state_mib = map(float, fused.groups())
+    assert state_mib == pytest.approx(2 * 4 * params / 2**20, rel=0.01) and step_s > 0
