@@ -31,7 +31,7 @@ from pydicom.errors import InvalidDicomError
 from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, generate_uid
 
 from . import __version__
-from .preprocess import MAX_VOXELS, VolumeError, read_file
+from .preprocess import MAX_VOXELS, VolumeError, check_geometry, read_file
 
 MAX_FILES = 4096  # slices in one series; IXI's have 130-150
 SPACING_TOLERANCE = 0.01  # relative: slice gaps may differ from the median by this much
@@ -168,6 +168,15 @@ def load_series(files: tuple[str, ...] | list[str], name: str) -> Volume:
     in_plane = positions - positions[0] - np.outer(depth - depth[0], normal)
     if np.abs(in_plane).max() > SPACING_TOLERANCE * step + 1e-3:
         raise VolumeError(f"{name}: slice positions do not lie along the slice normal (a tilted or sheared stack)")
+    row_mm, column_mm = spacing[0]  # PixelSpacing: between rows, then between columns
+    lps = np.eye(4)
+    lps[:3, 0], lps[:3, 1], lps[:3, 2], lps[:3, 3] = along_row * column_mm, along_column * row_mm, normal * step, positions[0]
+    affine = np.eye(4)
+    affine[:3] = LPS_TO_RAS @ lps[:3]
+    try:
+        check_geometry((columns, rows, len(slices)), affine)
+    except VolumeError as err:
+        raise VolumeError(f"{name}: {err}") from None
     data = np.empty((columns, rows, len(slices)), np.float32)
     syntax = first.file_meta.get("TransferSyntaxUID", "unknown")
     for k, s in enumerate(slices):
@@ -179,11 +188,6 @@ def load_series(files: tuple[str, ...] | list[str], name: str) -> Volume:
                               f"decoders ({type(err).__name__}: {err})") from err
         data[:, :, k] = (pixels * float(s.get("RescaleSlope", 1) or 1) + float(s.get("RescaleIntercept", 0) or 0)).T
         del s.PixelData
-    row_mm, column_mm = spacing[0]  # PixelSpacing: between rows, then between columns
-    lps = np.eye(4)
-    lps[:3, 0], lps[:3, 1], lps[:3, 2], lps[:3, 3] = along_row * column_mm, along_column * row_mm, normal * step, positions[0]
-    affine = np.eye(4)
-    affine[:3] = LPS_TO_RAS @ lps[:3]
     return Volume(data, affine, (float(column_mm), float(row_mm), step), slices, digest.hexdigest())
 
 

@@ -42,6 +42,9 @@ class Grid:
 MAX_VOXELS = 2**27  # 512^3 voxels; float32 is 512 MiB (IXI's volumes hold 10 M)
 MAX_IMAGE_PIXELS = 2**26  # 8192 x 8192
 MAX_FILE_BYTES = MAX_VOXELS * 8 + 2**20  # the largest volume as float64, plus header and extensions
+# The axial grid has one slice per grid spacing of the volume's extent, so the extent a header claims bounds it
+# too: a metre along any world axis, where head scans (IXI's) span 150-260 mm.
+MAX_EXTENT_MM = 1000.0
 NIFTI1_HEADER_BYTES = 348
 
 
@@ -100,8 +103,7 @@ def load_nifti(data: bytes) -> tuple[np.ndarray, np.ndarray, tuple[float, ...]]:
         array = array[..., 0]
     if array.ndim != 3:
         raise VolumeError(f"expected a 3D volume, got {array.ndim}D with shape {array.shape}")
-    if not np.isfinite(affine).all() or abs(np.linalg.det(affine[:3, :3])) < 1e-6:
-        raise VolumeError("the header's voxel-to-world affine is degenerate (zero or infinite voxel axes): no orientation to work in")
+    check_geometry(array.shape, affine)
     check_intensities(array)
     return np.nan_to_num(array, nan=0.0, posinf=0.0, neginf=0.0), affine, header.get_zooms()[:3]
 
@@ -126,6 +128,17 @@ def load_image(data: bytes) -> np.ndarray:
         raise VolumeError(f"expected a 2D grayscale or RGB image, got shape {array.shape}")
     check_intensities(array)
     return np.nan_to_num(array)
+
+
+def check_geometry(shape: tuple[int, ...], affine: np.ndarray) -> None:
+    """A voxel-to-world affine that can be worked in: not degenerate, and not spreading the voxels over more than
+    MAX_EXTENT_MM (a 16 KB file whose voxels are 10 m apart would otherwise ask the resampling for gigabytes)."""
+    if not np.isfinite(affine).all() or abs(np.linalg.det(affine[:3, :3])) < 1e-6:
+        raise VolumeError("the voxel-to-world affine is degenerate (zero or infinite voxel axes): no orientation to work in")
+    extent = np.abs(affine[:3, :3]) @ (np.asarray(shape[:3], dtype=float) - 1)
+    if extent.max() > MAX_EXTENT_MM:
+        raise VolumeError(f"the voxel-to-world affine spreads the volume over {' x '.join(f'{e:.0f}' for e in extent)} mm, more than "
+                          f"the {MAX_EXTENT_MM:.0f} mm a scan may span (MAX_EXTENT_MM): are the voxel sizes in the header right?")
 
 
 def check_intensities(array: np.ndarray) -> None:

@@ -365,7 +365,7 @@ def test_translate_rejects_a_file_that_is_not_an_image(app):
     assert not at.exception and any("scan.png" in e.value and "not a readable image" in e.value for e in at.error)
 
 
-@pytest.mark.parametrize("case", ["header-2000-cubed", "damaged-deflate", "zero-affine"])
+@pytest.mark.parametrize("case", ["header-2000-cubed", "damaged-deflate", "zero-affine", "voxels-10-m-apart"])
 def test_the_dashboard_upload_names_a_hostile_volume(case, app):
     name, make, expect = HOSTILE[case]
     at = go(app, "Translate", "base")

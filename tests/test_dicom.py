@@ -170,6 +170,11 @@ def _break(folder: Path, case: str) -> None:
             ds.SeriesInstanceUID = "1.2.826.0.1.999"
             ds.SeriesDescription = "localizer"
             ds.save_as(path)
+    elif case in ("spacing in micrometres", "zero pixel spacing"):  # micrometres: the axial grid would span 1.3 km
+        for path in files:
+            ds = pydicom.dcmread(path)
+            ds.PixelSpacing = [float(v) * (1000 if case == "spacing in micrometres" else 0) for v in ds.PixelSpacing]
+            ds.save_as(path)
     elif case == "compressed":
         from pydicom.encaps import encapsulate
         from pydicom.uid import JPEGLSLossless
@@ -181,7 +186,8 @@ def _break(folder: Path, case: str) -> None:
 
 
 BAD = {"missing slices": "1 slice(s) missing", "uneven spacing": "uneven slice spacing", "mixed orientations": "mixed slice orientations",
-       "not MR": "not MR", "several series": "several series where one was expected", "compressed": "JPEG-LS"}
+       "not MR": "not MR", "several series": "several series where one was expected", "compressed": "JPEG-LS",
+       "spacing in micrometres": "MAX_EXTENT_MM", "zero pixel spacing": "affine is degenerate"}
 
 
 @pytest.mark.parametrize("case", BAD)

@@ -84,6 +84,13 @@ def zero_affine() -> bytes:
     return gzip.compress(bytes(block))
 
 
+def voxels_10_m_apart() -> bytes:
+    """A small head whose slices the header puts 10 m apart: the axial grid would need a slice per grid spacing of 190 m."""
+    data = np.zeros((20, 20, 20), np.int16)
+    data[5:15, 5:15, 5:15] = 100
+    return gzip.compress(nib.Nifti1Image(data, np.diag([1.0, 1.0, 10_000.0, 1.0])).to_bytes())
+
+
 # name -> (file name (contrast T1), bytes, what the error says)
 HOSTILE = {
     "header-2000-cubed": ("IXI801-Guys-0801-T1.nii.gz", lambda: gzip.compress(nifti_header((2000, 2000, 2000))), "MAX_VOXELS"),
@@ -96,6 +103,7 @@ HOSTILE = {
     "text-named-nii": ("IXI808-Guys-0808-T1.nii", lambda: b"this is a text file, not a volume\n" * 20, "NIfTI-1"),
     "empty-nii": ("IXI809-Guys-0809-T1.nii", lambda: b"", "NIfTI-1"),
     "zero-affine": ("IXI810-Guys-0810-T1.nii.gz", zero_affine, "affine is degenerate"),
+    "voxels-10-m-apart": ("IXI811-Guys-0811-T1.nii.gz", voxels_10_m_apart, "MAX_EXTENT_MM"),
 }
 IMAGES = {"png-30000-squared": ("bomb.png", lambda: png_claiming(30000, 30000), "MAX_IMAGE_PIXELS")}
 
