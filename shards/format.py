@@ -20,6 +20,7 @@ import io
 import json
 import os
 import re
+from collections.abc import Iterator
 from pathlib import Path
 
 import imagecodecs
@@ -73,9 +74,11 @@ def encode_png16(image: np.ndarray) -> bytes:
     return imagecodecs.png_encode(scaled, **_FAST_PNG)
 
 
-def decode_png16(data: bytes) -> np.ndarray:
-    """16-bit PNG bytes -> float32 image in [0,1]."""
+def decode_png16(data: bytes, size: int | None = None) -> np.ndarray:
+    """16-bit PNG bytes -> float32 image in [0,1]; with `size`, any other size is refused from the header, before
+    the pixels are decoded."""
     with Image.open(io.BytesIO(data)) as im:
+        _check_size(im, size)
         if im.mode not in ("I;16", "I"):
             raise ValueError(f"expected a 16-bit grayscale PNG, got mode {im.mode}")
         array = np.asarray(im)
@@ -86,9 +89,15 @@ def encode_mask(mask: np.ndarray) -> bytes:
     return imagecodecs.png_encode((mask > 0).astype(np.uint8) * 255, **_FAST_PNG)
 
 
-def decode_mask(data: bytes) -> np.ndarray:
+def decode_mask(data: bytes, size: int | None = None) -> np.ndarray:
     with Image.open(io.BytesIO(data)) as im:
+        _check_size(im, size)
         return np.asarray(im) > 127
+
+
+def _check_size(im: Image.Image, size: int | None) -> None:
+    if size and im.size != (size, size):
+        raise ValueError(f"a {im.width}x{im.height} image where the slices are {size}x{size}")
 
 
 def encode_sample(key: str, images: dict[str, np.ndarray], meta: dict, mask: np.ndarray | None = None,
@@ -104,17 +113,37 @@ def encode_sample(key: str, images: dict[str, np.ndarray], meta: dict, mask: np.
     return sample
 
 
-def decode_sample(sample: dict) -> dict:
-    """Raw webdataset sample (bytes per member) -> {'key', 'meta', 't1'/'t2': float32 [0,1], 'mask'/'lesion': bool}."""
+def decode_sample(sample: dict, size: int | None = None) -> dict:
+    """Raw webdataset sample (bytes per member) -> {'key', 'meta', 't1'/'t2': float32 [0,1], 'mask'/'lesion': bool}.
+    Every image and mask must be size x size; without `size`, the sample's first image sets it."""
     out = {"key": sample["__key__"], "meta": json.loads(sample["json"])}
     for contrast in CONTRASTS:
         if f"{contrast}.png" in sample:
-            out[contrast] = decode_png16(sample[f"{contrast}.png"])
-    if "mask.png" in sample:
-        out["mask"] = decode_mask(sample["mask.png"])
-    if "lesion.png" in sample:
-        out["lesion"] = decode_mask(sample["lesion.png"])
+            out[contrast] = decode_png16(sample[f"{contrast}.png"], size)
+            size = size or _square_side(out[contrast])
+    for name in ("mask", "lesion"):
+        if f"{name}.png" in sample:
+            out[name] = decode_mask(sample[f"{name}.png"], size)
     return out
+
+
+def _square_side(image: np.ndarray) -> int:
+    if image.shape[0] != image.shape[1]:
+        raise ValueError(f"a {image.shape[1]}x{image.shape[0]} image where slices are square")
+    return image.shape[0]
+
+
+def decode_samples(raw_samples) -> Iterator[dict]:
+    """Decoded samples of a stream (webdataset's raw dicts), each with the 'url' of its shard and the size of the
+    first: a damaged sample, or one of another size, is a ShardsError naming its shard and key."""
+    size = None
+    for raw in raw_samples:
+        try:
+            sample = decode_sample(raw, size)
+        except Exception as err:  # Pillow and json raise many kinds on damaged bytes; all mean the same here
+            raise ShardsError(f"{raw.get('__url__')}: sample {raw.get('__key__')} is unreadable ({type(err).__name__}: {err})") from err
+        size = size or next((sample[c].shape[0] for c in CONTRASTS if c in sample), None)
+        yield {**sample, "url": raw.get("__url__")}
 
 
 class ShardsError(ValueError):

@@ -9,7 +9,7 @@ import numpy as np
 import webdataset as wds
 from PIL import Image
 
-from .format import SPLITS, STREAMS, decode_sample, read_manifest, shard_paths
+from .format import SPLITS, STREAMS, decode_samples, read_manifest, shard_paths
 
 TILE = 96
 
@@ -35,7 +35,7 @@ def contact_sheet(root, out_png, per_row: int = 8, seed: int = 0) -> Path:
             paths = shard_paths(root, split, stream)
             if not paths:
                 continue
-            samples = [decode_sample(s) for s in wds.WebDataset(paths, shardshuffle=False, empty_check=False)]
+            samples = list(decode_samples(wds.WebDataset(paths, shardshuffle=False, empty_check=False)))
             chosen = rng.sample(samples, min(per_row, len(samples)))
             for contrast in ("t1", "t2"):
                 tiles = [_tile(s[contrast], s.get("mask")) for s in chosen if contrast in s]

@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import gzip
 import io
+import itertools
 import json
+import re
 import shutil
 import struct
 import subprocess
@@ -21,6 +23,7 @@ import pytest
 import torch
 
 from conftest import ROOT, SMALL, run_module, train
+from shards.format import encode_png16
 from shards.preprocess import VolumeError, load_image, load_nifti, read_file
 from train import rundir
 from train.config import load_config
@@ -300,6 +303,41 @@ def test_a_corrupt_first_sample_stops_start_up_with_its_shard_and_key(split, dam
     result = train("--data", damaged_shards, "--out", tmp_path / "run", *SMALL, "--max_steps", 2, check=False, timeout=180)
     assert result.returncode != 0 and f"{shard}: sample " in result.stderr and "unreadable" in result.stderr, result.stderr[-2000:]
     assert "Traceback" not in result.stderr and not (tmp_path / "run" / "config.yaml").exists(), result.stderr[-3000:]
+
+
+SMALL_SLICE = encode_png16(np.full((32, 32), 0.5, np.float32))  # the shards' slices are 64x64
+
+
+def test_train_slices_of_another_size_are_skipped_and_named(damaged_shards, tmp_path):
+    """Every other T1 slice of the train shards is 32x32: each one read is skipped with a warning naming its shard
+    and key, and counted, where a batch of two sizes stopped training deep inside the loss."""
+    slices = itertools.count()
+    for shard in (damaged_shards / "train").glob("t1-*.tar"):
+        rewrite_tar(shard, change=lambda member, data: SMALL_SLICE if member.name.endswith("t1.png") and next(slices) % 2 else data)
+    run = tmp_path / "run"
+    result = train("--data", damaged_shards, "--out", run, *SMALL, "--max_steps", 4, "--checkpoint_every", 4, timeout=300)
+    warnings = [line for line in result.stdout.splitlines() if "warning: skipping unreadable sample" in line]
+    assert warnings and all(re.search(r"sample IXI\w+ in .*/train/t1-\d+\.tar: a 32x32 image where the slices are 64x64$", line)
+                            for line in warnings), warnings[:3]
+    assert json.loads((run / rundir.SUMMARY).read_text())["skipped_samples"] >= len(warnings)
+
+
+@pytest.mark.parametrize("damage", ["another size", "not a png"])
+def test_a_later_val_sample_of_another_size_or_damaged_is_an_error_naming_it(damage, damaged_shards, trained, tmp_path):
+    """The trainer at start-up and train.evaluate: one line naming the shard and the sample, nothing written."""
+    shard = damaged_shards / "val" / "paired-000000.tar"
+    with tarfile.open(shard) as tar:
+        key = [m.name for m in tar.getmembers() if m.name.endswith(".t2.png")][5].removesuffix(".t2.png")
+    rewrite_tar(shard, change=lambda member, data: (SMALL_SLICE if damage == "another size" else b"not a png")
+                if member.name == f"{key}.t2.png" else data)
+    expect = f"{shard}: sample {key} is unreadable ("
+    result = train("--data", damaged_shards, "--out", tmp_path / "run", *SMALL, "--max_steps", 2, check=False, timeout=180)
+    assert result.returncode != 0 and expect in result.stderr and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert not (tmp_path / "run" / "config.yaml").exists()
+    evaluate = run_module("train.evaluate", "--checkpoint", rundir.checkpoint_dir(trained, 40), "--data", damaged_shards / "val",
+                          "--out", tmp_path / "report", check=False)
+    assert evaluate.returncode != 0 and expect in evaluate.stderr and "Traceback" not in evaluate.stderr, evaluate.stderr[-2000:]
+    assert not (tmp_path / "report").exists()
 
 
 def test_evaluate_overwrite_never_replaces_a_folder_it_did_not_write(trained, shards_dir, tmp_path):

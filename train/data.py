@@ -22,7 +22,7 @@ import torch.nn.functional as F
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from shards.format import (CONTRASTS, ShardsError, check_complete, decode_png16, decode_sample, key_subject, read_manifest,
+from shards.format import (CONTRASTS, ShardsError, check_complete, decode_png16, decode_samples, key_subject, read_manifest,
                            shard_paths)
 from train.config import OVER_TRAINING_PASSES
 from train.networks import to_model_range
@@ -95,8 +95,8 @@ class SliceStream(IterableDataset):
     epoch; `skipped` counts this slot's unreadable samples so far."""
 
     def __init__(self, urls: list[str], contrast: str, seed: int, rank: int, world: int,
-                 shuffle_buffer: int, do_augment: bool, subjects: frozenset[str] | None = None):
-        self.urls, self.contrast, self.seed = urls, contrast, seed
+                 shuffle_buffer: int, do_augment: bool, size: int, subjects: frozenset[str] | None = None):
+        self.urls, self.contrast, self.seed, self.size = urls, contrast, seed, size
         self.rank, self.world = rank, world
         self.shuffle_buffer, self.do_augment = shuffle_buffer, do_augment
         self.subjects = subjects  # None: every subject in the shards
@@ -130,7 +130,7 @@ class SliceStream(IterableDataset):
                 samples = (s for i, s in enumerate(samples) if i % keep[1] == keep[0])
             for sample in wds.filters._shuffle(samples, self.shuffle_buffer, max(1, self.shuffle_buffer // 10), random.Random(seed)):
                 try:
-                    image = torch.from_numpy(decode_png16(sample[f"{self.contrast}.png"]))[None]
+                    image = torch.from_numpy(decode_png16(sample[f"{self.contrast}.png"], self.size))[None]
                 except (KeyError, ValueError, OSError) as err:
                     skipped += 1
                     print(f"warning: skipping unreadable sample {sample.get('__key__')} in {sample.get('__url__')}: {err}")
@@ -154,7 +154,7 @@ def train_loaders(config, rank: int, world: int) -> dict[str, DataLoader]:
         urls = shard_paths(config.data, "train", contrast)
         if config.data_url:
             urls = [f"{config.data_url}train/{Path(u).name}" for u in urls]
-        stream = SliceStream(urls, contrast, config.seed * 2 + index, rank, world, config.shuffle_buffer, config.augment, subjects)
+        stream = SliceStream(urls, contrast, config.seed * 2 + index, rank, world, config.shuffle_buffer, config.augment, config.size, subjects)
         loaders[contrast] = DataLoader(stream, batch_size=config.batch_size, num_workers=config.num_workers,
                                        persistent_workers=False, pin_memory=torch.cuda.is_available(),
                                        multiprocessing_context="fork" if config.num_workers else None)
@@ -197,13 +197,7 @@ def val_samples(root: str, split: str = "val", limit: int | None = None) -> list
     paths = shard_paths(root, split, "paired")
     if not paths:
         return []
-    samples = []
-    for raw in itertools.islice(read_whole(paths), limit):
-        try:
-            samples.append(decode_sample(raw))
-        except Exception as err:  # a damaged PNG or JSON: name where it is
-            raise ShardsError(f"{raw.get('__url__')}: sample {raw.get('__key__')} is unreadable ({type(err).__name__}: {err})") from err
-    return samples
+    return list(decode_samples(itertools.islice(read_whole(paths), limit)))
 
 
 def evenly_spaced(samples: list, count: int) -> list:

@@ -18,7 +18,7 @@ import torch
 import webdataset as wds
 from tqdm import tqdm
 
-from shards.format import ShardsError, check_complete, decode_sample, recorded_samples
+from shards.format import ShardsError, check_complete, decode_samples, recorded_samples
 from train import rundir
 from train.fidelity import lesion_contrasts, lesion_summary, stack_subject, translate_with_map
 from train.metrics import slice_metrics
@@ -45,13 +45,12 @@ def read_samples(paths: list[str], allow_partial: bool = False, check: bool = Tr
     against its manifest (an error naming the shard, or a warning with `allow_partial`)."""
     dataset = wds.WebDataset(paths, shardshuffle=False, empty_check=False, nodesplitter=None, workersplitter=None)
     counted = dict.fromkeys(paths, 0)
-    for raw in dataset:
-        sample = decode_sample(raw)
-        if not {"t1", "t2", "mask"} <= set(sample):
-            raise ScoringError(f"{sample['key']} in {raw.get('__url__')}: a paired sample needs t1.png, t2.png and mask.png")
-        counted[raw["__url__"]] += 1
-        yield sample
     try:
+        for sample in decode_samples(dataset):
+            if not {"t1", "t2", "mask"} <= set(sample):
+                raise ScoringError(f"{sample['key']} in {sample['url']}: a paired sample needs t1.png, t2.png and mask.png")
+            counted[sample["url"]] += 1
+            yield sample
         if check:
             check_complete(counted, allow_partial, warn=lambda message: print(message, file=sys.stderr))
     except ShardsError as err:
