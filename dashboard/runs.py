@@ -14,6 +14,7 @@ import numpy as np
 import yaml
 
 from train import rundir
+from train.config import read_yaml
 
 if TYPE_CHECKING:  # pandas comes with Streamlit; the run list does not need it
     import pandas as pd
@@ -85,7 +86,7 @@ def _tail_rows(path: Path, max_bytes: int = 64_000) -> list[dict]:
 def read_run(path: Path, now: float | None = None) -> RunInfo:
     info = RunInfo(path.name, path)
     try:
-        config = yaml.safe_load((path / rundir.CONFIG).read_text()) if (path / rundir.CONFIG).exists() else None
+        config = read_yaml(path / rundir.CONFIG) if (path / rundir.CONFIG).exists() else None
         if config is not None and not isinstance(config, dict):
             raise ValueError("config.yaml is not a mapping")
         info.config = config or {}

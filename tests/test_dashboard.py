@@ -25,7 +25,7 @@ from streamlit.testing.v1 import AppTest
 
 from conftest import ROOT
 from test_dicom import write_series
-from test_hostile_input import HOSTILE
+from test_hostile_input import BILLION_LAUGHS, HOSTILE
 from dashboard import runs as R
 from dashboard.screenshots import screenshots, serve
 from train import rundir
@@ -449,6 +449,23 @@ def test_listening_beyond_loopback_needs_allow_remote(allow, app, monkeypatch):
         config.set_option("server.address", previous)
     refused = any("Refusing to serve" in e.value for e in at.error)
     assert refused != allow and (len(at.dataframe) == 0) != allow
+
+
+def test_a_config_yaml_of_nested_aliases_is_a_broken_run_never_expanded(trained, tmp_path, monkeypatch):
+    """A 500-byte config.yaml that stands for billions of values: comparing it with another run hung the
+    dashboard (json.dumps of each option) and would have filled the memory."""
+    root = tmp_path / "runs"
+    shutil.copytree(trained, root / "base")
+    (root / "laughs").mkdir()
+    (root / "laughs" / rundir.CONFIG).write_text(BILLION_LAUGHS)
+    runs = {info.name: info for info in R.list_runs(root)}
+    assert runs["laughs"].status == "broken" and "a YAML alias (*a0)" in runs["laughs"].error and not runs["laughs"].config
+    assert all(row["laughs"] == "" for row in R.config_diff(list(runs.values()))), "its options are never read"
+    monkeypatch.setenv("MRI_CYCLEGAN_RUNS", str(root))
+    st.cache_data.clear()
+    at = AppTest.from_file(str(ROOT / "dashboard" / "app.py"), default_timeout=120).run()
+    assert not at.exception and "a YAML alias" in " ".join(w.value for w in at.warning), [w.value for w in at.warning]
+    go(at, "Compare")
 
 
 def test_links_out_of_the_runs_folder_are_listed_as_broken_and_never_read(runs_root, shards_dir, tmp_path, monkeypatch):

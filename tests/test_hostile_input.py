@@ -238,18 +238,27 @@ def test_the_trainer_refuses_a_hostile_or_damaged_run_folder_and_changes_nothing
     assert after == before, "a refused run changed the run folder (config.yaml, checkpoints)"
 
 
+# 500 bytes whose two options each stand for 9^10 values once their nine nested aliases are expanded
+BILLION_LAUGHS = "\n".join(['a0: &a0 ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]',
+                            *(f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 9)}]" for i in range(1, 10)), "lr: *a9", "ngf: *a9", ""])
+
+
 @pytest.mark.parametrize("argv, expect", [
     (["--lr", "-1"], "--lr -1.0: must be above 0"), (["--lr", "nan"], "--lr nan: must be a finite number"),
     (["--lr", "0"], "--lr 0.0: must be above 0"), (["--beta1", "1.5"], "--beta1 1.5: must be below 1"),
     (["--lambda_cycle", "-1"], "--lambda_cycle -1.0: must be at least 0"),
     (["--batch_size", "100000"], "--batch_size 100000: must be at most 512"),
-    ("yaml-syntax", "line 2, column"), ("binary", "not a text file")])
+    ("yaml-syntax", "line 2, column"), ("binary", "not a text file"), ("billion-laughs", "line 2: a YAML alias (*a0)"),
+    ("huge", "more than the 1048576 a config file may have")])
 def test_bad_options_and_config_files_are_one_line_errors(argv, expect, tmp_path, capsys):
     if argv == "yaml-syntax":
         (tmp_path / "c.yaml").write_text("lr: 1e-4\nngf: 32: 4\nseed: 1\n")
         argv = ["--config", str(tmp_path / "c.yaml")]
     elif argv == "binary":
         (tmp_path / "c.yaml").write_bytes(bytes(range(256)))
+        argv = ["--config", str(tmp_path / "c.yaml")]
+    elif argv in ("billion-laughs", "huge"):
+        (tmp_path / "c.yaml").write_text(BILLION_LAUGHS if argv == "billion-laughs" else "# padding\n" * 200_000)
         argv = ["--config", str(tmp_path / "c.yaml")]
     with pytest.raises(SystemExit):
         load_config(["--data", "d", "--out", "o", *argv])

@@ -229,13 +229,15 @@ def load_config(argv=None) -> Config:
         if not path.is_file():
             parser.error(f"--config {path}: no such file")
         try:
-            loaded = yaml.safe_load(path.read_text()) or {}
+            loaded = read_yaml(path) or {}
         except UnicodeDecodeError:
             parser.error(f"--config {path}: not a text file (expected YAML)")
         except yaml.YAMLError as err:
             mark = getattr(err, "problem_mark", None)
             where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
             parser.error(f"--config {path}: {where}not valid YAML ({getattr(err, 'problem', None) or err})")
+        except ValueError as err:
+            parser.error(f"--config {path}: {err}")
         if not isinstance(loaded, dict):
             parser.error(f"--config {path}: expected a mapping of option: value")
         unknown = sorted(set(loaded) - known)
@@ -262,6 +264,24 @@ def load_config(argv=None) -> Config:
             if bound in f.metadata and f.name in values and outside(values[f.name], f.metadata[bound]):
                 parser.error(f"--{f.name} {values[f.name]!r}: must be {wording} {f.metadata[bound]}")
     return Config(**values)
+
+
+MAX_YAML_BYTES = 2**20  # a run's config.yaml is about 3 KB
+
+
+def read_yaml(path: Path):
+    """A config file as plain data. Config files come from other people (a shared recipe, a copied run folder),
+    so one may hold at most MAX_YAML_BYTES and no aliases: nine nested aliases make a 500-byte file stand for a
+    billion values ("billion laughs"), which printing or comparing one option expands. Raises ValueError (or
+    yaml.YAMLError for bad syntax)."""
+    size = path.stat().st_size
+    if size > MAX_YAML_BYTES:
+        raise ValueError(f"{size} bytes, more than the {MAX_YAML_BYTES} a config file may have (MAX_YAML_BYTES)")
+    text = path.read_text()
+    for event in yaml.parse(text, Loader=yaml.SafeLoader):
+        if isinstance(event, yaml.AliasEvent):
+            raise ValueError(f"line {event.start_mark.line + 1}: a YAML alias (*{event.anchor}); write the value out instead")
+    return yaml.safe_load(text)
 
 
 def save_config(config: Config, path: Path) -> None:
