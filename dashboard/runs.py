@@ -77,8 +77,8 @@ def _tail_rows(path: Path, max_bytes: int = 64_000) -> list[dict]:
     rows = []
     for line in lines:
         try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
+            rows.append(rundir.parse_json(line))
+        except ValueError:
             continue
     return rows
 
@@ -154,7 +154,7 @@ def list_checkpoints(run: RunInfo) -> list[CheckpointInfo]:
     for step, path in rundir.list_checkpoints(run.path):
         size = sum(f.stat().st_size for f in path.iterdir() if f.is_file()) / 2**20
         try:
-            info = json.loads((path / rundir.CHECKPOINT_INFO).read_text())
+            info = rundir.parse_json((path / rundir.CHECKPOINT_INFO).read_text())
             missing = [n for n in rundir.GENERATORS.values() if not (path / n).is_file()]
             error = f"missing {', '.join(missing)}" if missing else None
             out.append(CheckpointInfo(step, path, info.get("time"), size, info.get("val") or {}, step == run.best_checkpoint_step, error))

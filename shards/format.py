@@ -163,8 +163,8 @@ def read_manifest(root: str | os.PathLike) -> dict:
         raise ShardsError(f"{path}: no manifest.json; is {root} a folder written by `python -m shards pack`?")
     try:
         manifest = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise ShardsError(f"{path}: not valid JSON ({err})") from err
+    except (json.JSONDecodeError, RecursionError) as err:  # RecursionError: nested deeper than the parser goes
+        raise ShardsError(f"{path}: not valid JSON ({type(err).__name__}: {err})") from None
     if manifest.get("format_version") != FORMAT_VERSION:
         raise ShardsError(f"{path}: format_version {manifest.get('format_version')!r}, expected {FORMAT_VERSION}")
     return manifest

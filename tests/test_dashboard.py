@@ -468,6 +468,34 @@ def test_a_config_yaml_of_nested_aliases_is_a_broken_run_never_expanded(trained,
     go(at, "Compare")
 
 
+@pytest.mark.parametrize("damaged", [rundir.SUMMARY, rundir.METRICS, rundir.HEARTBEAT, rundir.CHECKPOINT_INFO])
+def test_json_nested_deeper_than_the_parser_goes_breaks_only_its_own_run(damaged, trained, tmp_path, monkeypatch):
+    """200 KB of '[' is a RecursionError in Python's JSON parser, which no handler caught: one such file in one run
+    folder stopped the whole dashboard."""
+    root = tmp_path / "runs"
+    for name in ("base", "deep"):
+        shutil.copytree(trained, root / name)
+    deep, checkpoint = root / "deep", rundir.list_checkpoints(root / "deep")[-1][1]
+    if damaged in (rundir.METRICS, rundir.HEARTBEAT):
+        (deep / rundir.SUMMARY).unlink()  # a run without a summary is read from its metrics' tail and its heartbeat
+    with open(checkpoint / damaged if damaged == rundir.CHECKPOINT_INFO else deep / damaged, "a" if damaged == rundir.METRICS else "w") as f:
+        f.write("[" * 200_000 + "\n")
+    runs = {info.name: info for info in R.list_runs(root)}
+    if damaged == rundir.SUMMARY:
+        assert runs["deep"].status == "broken" and "JSON nested too deeply" in runs["deep"].error
+    elif damaged == rundir.CHECKPOINT_INFO:
+        assert "JSON nested too deeply" in R.list_checkpoints(runs["deep"])[-1].error
+    else:  # listed from its metrics' tail (here all of it the long line) as a run that stopped
+        assert runs["deep"].status == "crashed"
+        assert len(rundir.read_metrics(deep)) == len(rundir.read_metrics(root / "base")), "every other row still reads"
+    monkeypatch.setenv("MRI_CYCLEGAN_RUNS", str(root))
+    st.cache_data.clear()
+    at = AppTest.from_file(str(ROOT / "dashboard" / "app.py"), default_timeout=120).run()
+    assert not at.exception, [e.value for e in at.exception]
+    go(at, "Run", "deep")
+    go(at, "Translate", "deep")
+
+
 def test_links_out_of_the_runs_folder_are_listed_as_broken_and_never_read(runs_root, shards_dir, tmp_path, monkeypatch):
     outside = tmp_path / "elsewhere"
     shutil.copytree(runs_root / "base", outside)

@@ -23,7 +23,7 @@ import pytest
 import torch
 
 from conftest import ROOT, SMALL, run_module, train
-from shards.format import encode_png16
+from shards.format import ShardsError, encode_png16, read_manifest
 from shards.preprocess import VolumeError, load_image, load_nifti, read_file
 from train import rundir
 from train.config import load_config
@@ -312,6 +312,12 @@ def test_a_corrupt_first_sample_stops_start_up_with_its_shard_and_key(split, dam
     result = train("--data", damaged_shards, "--out", tmp_path / "run", *SMALL, "--max_steps", 2, check=False, timeout=180)
     assert result.returncode != 0 and f"{shard}: sample " in result.stderr and "unreadable" in result.stderr, result.stderr[-2000:]
     assert "Traceback" not in result.stderr and not (tmp_path / "run" / "config.yaml").exists(), result.stderr[-3000:]
+
+
+def test_a_manifest_nested_deeper_than_the_parser_goes_is_a_shards_error(tmp_path):
+    (tmp_path / "manifest.json").write_text("[" * 200_000)
+    with pytest.raises(ShardsError, match=r"manifest.json: not valid JSON \(RecursionError"):
+        read_manifest(tmp_path)
 
 
 SMALL_SLICE = encode_png16(np.full((32, 32), 0.5, np.float32))  # the shards' slices are 64x64

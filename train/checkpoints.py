@@ -10,7 +10,6 @@ average, and the registered state keeps only its count.
 from __future__ import annotations
 
 import errno
-import json
 import math
 import os
 import shutil
@@ -115,7 +114,7 @@ def resolve_resume(config: Config, out: Path) -> Path | None:
 def check_compatible(path: Path, config: Config) -> dict:
     """Refuse to resume `path` with a different network; return the configuration it was trained with."""
     try:
-        saved = json.loads((path / rundir.CHECKPOINT_INFO).read_text())["config"]
+        saved = rundir.parse_json((path / rundir.CHECKPOINT_INFO).read_text())["config"]
     except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as err:
         raise SystemExit(f"error: --resume {path}: unreadable {rundir.CHECKPOINT_INFO} ({type(err).__name__}: {err}); "
                          f"it may be truncated: resume from an earlier checkpoint in {path.parent}")

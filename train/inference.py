@@ -3,7 +3,6 @@ train.translate, train.evaluate and the dashboard; only .safetensors are read, n
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,10 +30,10 @@ def read_checkpoint_info(checkpoint: Path) -> dict:
         raise CheckpointError(f"{checkpoint}: not a checkpoint folder (no {rundir.CHECKPOINT_INFO}); "
                               f"expected RUN/checkpoints/step-NNNNNNN")
     try:
-        info = json.loads(path.read_text())
+        info = rundir.parse_json(path.read_text())
         info["generator"] = GeneratorSpec.from_dict(info["generator"])
         info["preprocessing"]["fov_mm"]
-    except (json.JSONDecodeError, KeyError, TypeError) as err:
+    except (ValueError, KeyError, TypeError) as err:
         raise CheckpointError(f"{path}: unreadable checkpoint description ({type(err).__name__}: {err})") from None
     return info
 

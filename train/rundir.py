@@ -97,6 +97,15 @@ def write_json(path: Path, obj) -> None:
     write_atomic(path, json.dumps(obj, indent=2, sort_keys=True))
 
 
+def parse_json(text: str):
+    """json.loads for run-folder files, which may come from elsewhere: JSON nested deeper than Python's parser
+    goes (a 200 KB line of '[') is a ValueError like any other damage, not a RecursionError past every handler."""
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise ValueError("JSON nested too deeply") from None
+
+
 class Heartbeat:
     """Rewrites RUN/heartbeat.json every HEARTBEAT_S seconds from a thread, so that a run is seen as alive through
     slow steps and long validations, and as dead soon after its process is: `fields()` gives what it reports."""
@@ -126,7 +135,7 @@ class Heartbeat:
 def heartbeat_alive(run: Path, now: float | None = None) -> dict | None:
     """The run's heartbeat when its trainer is alive: fresh, and on this host its process still exists."""
     try:
-        beat = json.loads((Path(run) / HEARTBEAT).read_text())
+        beat = parse_json((Path(run) / HEARTBEAT).read_text())
         fresh = (now or time.time()) - beat["time"] < 3 * HEARTBEAT_S
         if beat["host"] == socket.gethostname():
             os.kill(beat["pid"], 0)  # raises when there is no such process
@@ -153,7 +162,7 @@ class MetricsLog:
 
 def _row_step(line: str) -> int | None:
     try:
-        return int(json.loads(line)["step"])
+        return int(parse_json(line)["step"])
     except (ValueError, KeyError, TypeError):
         return None  # a torn last line from a killed run
 
@@ -164,7 +173,7 @@ def read_summary(run: Path) -> dict | None:
     path = Path(run) / SUMMARY
     if not path.exists():
         return None
-    summary = json.loads(path.read_text())
+    summary = parse_json(path.read_text())
     if not isinstance(summary, dict):
         raise ValueError(f"{path}: not a JSON object")
     return summary
@@ -177,8 +186,8 @@ def read_metrics(run: Path) -> list[dict]:
     rows = []
     for line in path.read_text().splitlines():
         try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
+            rows.append(parse_json(line))
+        except ValueError:
             continue
     return rows
 
