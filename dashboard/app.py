@@ -26,7 +26,6 @@ import numpy as np
 import pandas as pd
 import streamlit as st
 import torch
-from PIL import Image
 
 from dashboard import runs as R
 from shards.dicom import MAX_FILES, read_series
@@ -41,6 +40,7 @@ from train.metrics import slice_metrics
 
 MAX_IMAGE_MB, MAX_VOLUME_MB = 20, 300
 TILE_PX = 256  # prediction tiles are upscaled to at least this
+MAX_SHOWN_SLICES = 16  # of an epoch's prediction grid (the trainer draws --preview_slices, 4 by default)
 # Compare's charts: each draws several metrics, a line per run and metric
 CHARTS = {
     "Masked SSIM": {rundir.val_name(d, "ssim_masked"): label for d, label in rundir.LABELS.items()},
@@ -236,11 +236,18 @@ def page_run(run: R.RunInfo) -> None:
 
 def show_predictions(path: Path) -> None:
     """An epoch's prediction grid as labelled tiles: a row per val slice and direction, a column per image."""
-    rows = rundir.split_grid(np.asarray(Image.open(path).convert("L")))
+    try:
+        rows = rundir.read_prediction(path)
+    except ValueError as err:
+        st.warning(f"{path.name}: {err}")
+        return
+    slices = len(rows) // len(rundir.PREDICTION_ROWS)
+    if slices > MAX_SHOWN_SLICES:
+        st.caption(f"The first {MAX_SHOWN_SLICES} of {slices} val slices.")
     widths = [0.5] + [1] * len(rundir.PREDICTION_COLUMNS)
     for column, name in zip(st.columns(widths)[1:], rundir.PREDICTION_COLUMNS):
         column.markdown(f"**{name}**")
-    for index, row in enumerate(rows):
+    for index, row in enumerate(rows[:MAX_SHOWN_SLICES * len(rundir.PREDICTION_ROWS)]):
         label, *places = st.columns(widths)
         slice_number, direction = divmod(index, len(rundir.PREDICTION_ROWS))
         label.markdown(f"val slice {slice_number + 1}  \n{rundir.LABELS[rundir.PREDICTION_ROWS[direction]]}")

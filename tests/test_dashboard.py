@@ -179,6 +179,31 @@ def test_run_page_shows_predictions_as_labelled_tiles_gif_and_checkpoints(app, r
     assert (checkpoints["best"] == "★").sum() == 1
 
 
+@pytest.mark.parametrize("damage", ["not a png", "one column short", "100 val slices"])
+def test_a_prediction_file_the_trainer_cannot_have_written_is_named_not_drawn(damage, trained, tmp_path, monkeypatch):
+    """Run folders are shared: a damaged epoch PNG stopped the Run page, and any PNG was cut into tiles, however many."""
+    root = tmp_path / "runs"
+    shutil.copytree(trained, root / "base")
+    path = rundir.prediction_path(root / "base", 1)
+    tile = [np.full((16, 16), 0.5)] * len(rundir.PREDICTION_COLUMNS)
+    if damage == "not a png":
+        path.write_bytes(b"not a png")
+    else:
+        grid = rundir.prediction_grid([tile[:-1] if damage == "one column short" else tile] * (2 if damage == "one column short" else 200))
+        Image.fromarray(grid).save(path)
+    monkeypatch.setenv("MRI_CYCLEGAN_RUNS", str(root))
+    st.cache_data.clear()
+    at = go(AppTest.from_file(str(ROOT / "dashboard" / "app.py"), default_timeout=120).run(), "Run", "base")
+    warnings = [w.value for w in at.warning]
+    if damage == "100 val slices":
+        assert not warnings and "The first 16 of 100 val slices." in [c.value for c in at.caption]
+        assert len(at.image) == 16 * 2 * len(rundir.PREDICTION_COLUMNS) + 1, "16 val slices drawn, and the GIF"
+    else:
+        expect = "not a readable PNG" if damage == "not a png" else "not a grid of 4 square tiles per row"
+        assert any(w.startswith(f"{path.name}: ") and expect in w for w in warnings), warnings
+        assert len(at.image) == 1, "no tiles, only the GIF"
+
+
 def test_prediction_tiles_come_back_whole_and_upscale_without_blur():
     rows = [[np.full((24, 24), (i * 4 + j) / 8.0) for j in range(4)] for i in range(2)]
     tiles = rundir.split_grid(rundir.prediction_grid(rows))

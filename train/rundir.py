@@ -224,6 +224,28 @@ def split_grid(grid: np.ndarray, columns: int = len(PREDICTION_COLUMNS), gap: in
             for i in range(rows)]
 
 
+MAX_PREDICTION_PIXELS = 2**24  # 4096²; the trainer's grid of 8 val slices at 256² has 4.3 M
+
+
+def read_prediction(path: Path) -> list[list[np.ndarray]]:
+    """An epoch's prediction grid in rows of tiles. ValueError for a file the trainer cannot have written (run
+    folders are shared): unreadable, larger than MAX_PREDICTION_PIXELS, or not whole direction pairs of square tiles."""
+    try:
+        with Image.open(path) as im:
+            if im.width * im.height > MAX_PREDICTION_PIXELS:
+                raise ValueError(f"{im.width}x{im.height} pixels, more than a prediction grid has (MAX_PREDICTION_PIXELS)")
+            grid = np.asarray(im.convert("L"))
+    except (OSError, Image.DecompressionBombError) as err:  # a damaged PNG is an OSError (UnidentifiedImageError)
+        raise ValueError(f"not a readable PNG ({type(err).__name__}: {err})") from None
+    rows = split_grid(grid)
+    size = rows[0][0].shape[0] if rows else 0
+    whole = (len(rows) * (size + GRID_GAP) - GRID_GAP, len(PREDICTION_COLUMNS) * (size + GRID_GAP) - GRID_GAP)
+    if size < 1 or len(rows) % len(PREDICTION_ROWS) or grid.shape != whole:
+        raise ValueError(f"{grid.shape[1]}x{grid.shape[0]} pixels: not a grid of {len(PREDICTION_COLUMNS)} square tiles per row "
+                         f"and {len(PREDICTION_ROWS)} rows per val slice")
+    return rows
+
+
 def save_prediction(run: Path, epoch: int, grid: np.ndarray) -> Path:
     path = prediction_path(run, epoch)
     path.parent.mkdir(parents=True, exist_ok=True)
