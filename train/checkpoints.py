@@ -223,7 +223,7 @@ def checkpoint_write_error(err: Exception, out: Path, step: int) -> SystemExit:
     kept = rundir.list_checkpoints(out)
     return SystemExit(f"error: cannot write the step-{step} checkpoint into {out} ({why}; {free / 2**20:.0f} MiB free there); "
                       "no partial checkpoint is left behind. " + (f"The newest complete checkpoint is {kept[-1][1]}." if kept
-                                                         else "No checkpoint was written yet."))
+                                                                   else "No checkpoint was written yet."))
 
 
 def prune_checkpoints(out: Path, keep: int, best_step: int) -> None:
