@@ -31,7 +31,7 @@ from pydicom.errors import InvalidDicomError
 from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, generate_uid
 
 from . import __version__
-from .preprocess import MAX_VOXELS, VolumeError, check_geometry, read_file
+from .preprocess import MAX_VOXELS, VolumeError, check_geometry, check_intensities, read_file
 
 MAX_FILES = 4096  # slices in one series; IXI's have 130-150
 SPACING_TOLERANCE = 0.01  # relative: slice gaps may differ from the median by this much
@@ -186,8 +186,14 @@ def load_series(files: tuple[str, ...] | list[str], name: str) -> Volume:
             label = getattr(syntax, "name", str(syntax))
             raise VolumeError(f"{name}: cannot decode its pixel data, transfer syntax {label} ({syntax}), with the installed "
                               f"decoders ({type(err).__name__}: {err})") from err
-        data[:, :, k] = (pixels * float(s.get("RescaleSlope", 1) or 1) + float(s.get("RescaleIntercept", 0) or 0)).T
+        with np.errstate(over="ignore", invalid="ignore"):  # a rescale past float32 is judged below, as NIfTI's scaling is
+            data[:, :, k] = (pixels * float(s.get("RescaleSlope", 1) or 1) + float(s.get("RescaleIntercept", 0) or 0)).T
         del s.PixelData
+    try:
+        check_intensities(data)
+    except VolumeError as err:
+        raise VolumeError(f"{name}: {err}") from None
+    np.nan_to_num(data, copy=False, nan=0.0, posinf=0.0, neginf=0.0)
     return Volume(data, affine, (float(column_mm), float(row_mm), step), slices, digest.hexdigest())
 
 

@@ -150,7 +150,7 @@ def check_intensities(array: np.ndarray) -> None:
     if not finite.any():
         raise VolumeError("all voxels are NaN or infinite")
     if not np.any(array[finite] != 0):
-        raise VolumeError("all voxels are zero")
+        raise VolumeError("all voxels are NaN, infinite or zero")
 
 
 def head_centre(data: np.ndarray, affine: np.ndarray) -> np.ndarray:

@@ -175,6 +175,11 @@ def _break(folder: Path, case: str) -> None:
             ds = pydicom.dcmread(path)
             ds.PixelSpacing = [float(v) * (1000 if case == "spacing in micrometres" else 0) for v in ds.PixelSpacing]
             ds.save_as(path)
+    elif case == "rescaled past float32":  # a RescaleSlope of 1e39: every tissue voxel becomes infinite
+        for path in files:
+            ds = pydicom.dcmread(path)
+            ds.RescaleSlope = "1e39"
+            ds.save_as(path)
     elif case == "compressed":
         from pydicom.encaps import encapsulate
         from pydicom.uid import JPEGLSLossless
@@ -187,7 +192,8 @@ def _break(folder: Path, case: str) -> None:
 
 BAD = {"missing slices": "1 slice(s) missing", "uneven spacing": "uneven slice spacing", "mixed orientations": "mixed slice orientations",
        "not MR": "not MR", "several series": "several series where one was expected", "compressed": "JPEG-LS",
-       "spacing in micrometres": "MAX_EXTENT_MM", "zero pixel spacing": "affine is degenerate"}
+       "spacing in micrometres": "MAX_EXTENT_MM", "zero pixel spacing": "affine is degenerate",
+       "rescaled past float32": "all voxels are NaN or infinite"}
 
 
 @pytest.mark.parametrize("case", BAD)

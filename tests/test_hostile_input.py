@@ -24,7 +24,7 @@ import torch
 
 from conftest import ROOT, SMALL, run_module, train
 from shards.format import ShardsError, encode_png16, read_manifest
-from shards.preprocess import VolumeError, load_image, load_nifti, read_file
+from shards.preprocess import VolumeError, check_intensities, load_image, load_nifti, read_file
 from train import rundir
 from train.config import load_config
 
@@ -118,6 +118,13 @@ def test_the_loader_refuses_with_an_error_that_says_why(case, tmp_path):
     path.write_bytes(make())
     with pytest.raises(VolumeError, match=expect):
         (load_image if case in IMAGES else load_nifti)(read_file(path))
+
+
+def test_a_volume_whose_only_finite_voxels_are_zero_is_named_for_both():
+    volume = np.zeros((8, 8, 8), np.float32)
+    volume[0, 0, 0] = np.inf
+    with pytest.raises(VolumeError, match="all voxels are NaN, infinite or zero"):
+        check_intensities(volume)
 
 
 def test_no_hostile_file_costs_more_than_the_memory_bound(tmp_path):
