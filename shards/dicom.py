@@ -130,6 +130,10 @@ def load_series(files: tuple[str, ...] | list[str], name: str) -> Volume:
         raise VolumeError(f"{name}: modality {sorted({str(s.get('Modality', '')) for s in slices})}, not MR: this project translates MRI only")
     if int(first.get("NumberOfFrames", 1) or 1) > 1:
         raise VolumeError(f"{name}: a multi-frame (enhanced) DICOM object; export the series as one file per slice")
+    photometric = sorted({str(s.get("PhotometricInterpretation", "MONOCHROME2")) for s in slices})
+    if photometric != ["MONOCHROME2"]:  # MONOCHROME1 draws high values dark; RGB is a picture of a scan, not the scan
+        raise VolumeError(f"{name}: PhotometricInterpretation {photometric}, not MONOCHROME2: an MR series is a grey scale "
+                          f"where higher is brighter; export the scan itself")
     try:
         orientations = np.array([[float(v) for v in s.ImageOrientationPatient] for s in slices])
         positions = np.array([[float(v) for v in s.ImagePositionPatient] for s in slices])

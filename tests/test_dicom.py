@@ -180,6 +180,17 @@ def _break(folder: Path, case: str) -> None:
             ds = pydicom.dcmread(path)
             ds.RescaleSlope = "1e39"
             ds.save_as(path)
+    elif case in ("RGB", "MONOCHROME1"):  # a screenshot-like export; an inverted grey scale
+        for path in files:
+            ds = pydicom.dcmread(path)
+            if case == "RGB":
+                grey = ds.pixel_array.astype(np.uint8)
+                ds.PixelData = np.repeat(grey[..., None], 3, axis=-1).tobytes()
+                ds.SamplesPerPixel, ds.PhotometricInterpretation, ds.PlanarConfiguration = 3, "RGB", 0
+                ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 8, 8, 7, 0
+            else:
+                ds.PhotometricInterpretation = "MONOCHROME1"
+            ds.save_as(path)
     elif case == "compressed":
         from pydicom.encaps import encapsulate
         from pydicom.uid import JPEGLSLossless
@@ -193,7 +204,8 @@ def _break(folder: Path, case: str) -> None:
 BAD = {"missing slices": "1 slice(s) missing", "uneven spacing": "uneven slice spacing", "mixed orientations": "mixed slice orientations",
        "not MR": "not MR", "several series": "several series where one was expected", "compressed": "JPEG-LS",
        "spacing in micrometres": "MAX_EXTENT_MM", "zero pixel spacing": "affine is degenerate",
-       "rescaled past float32": "all voxels are NaN or infinite"}
+       "rescaled past float32": "all voxels are NaN or infinite", "RGB": "PhotometricInterpretation ['RGB']",
+       "MONOCHROME1": "PhotometricInterpretation ['MONOCHROME1']"}
 
 
 @pytest.mark.parametrize("case", BAD)
