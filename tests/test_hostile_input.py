@@ -362,6 +362,22 @@ def test_a_later_val_sample_of_another_size_or_damaged_is_an_error_naming_it(dam
     assert not (tmp_path / "report").exists()
 
 
+@pytest.mark.parametrize("recorded, expect", [(128, "images are 64x64, but manifest.json's image_size is 128"),
+                                               ("missing", "manifest.json: image_size None is not a size in pixels")])
+def test_a_manifest_whose_image_size_is_not_its_slices_stops_start_up(recorded, expect, damaged_shards, tmp_path):
+    """Without --size the trainer takes its size from the manifest: one that does not hold the slices' size
+    skipped every sample as the wrong size (128) or stopped with a KeyError (missing)."""
+    manifest = json.loads((damaged_shards / "manifest.json").read_text())
+    if recorded == "missing":
+        del manifest["image_size"]
+    else:
+        manifest["image_size"] = recorded
+    (damaged_shards / "manifest.json").write_text(json.dumps(manifest))
+    result = train("--data", damaged_shards, "--out", tmp_path / "run", *SMALL, "--max_steps", 2, check=False, timeout=180)
+    assert result.returncode != 0 and expect in result.stderr and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert not (tmp_path / "run" / "config.yaml").exists()
+
+
 def test_evaluate_overwrite_never_replaces_a_folder_it_did_not_write(trained, shards_dir, tmp_path):
     mine = tmp_path / "thesis"
     mine.mkdir()

@@ -39,6 +39,9 @@ def check_shards(root: str, size: int | None = None, allow_partial: bool = False
     if not Path(root).is_dir():
         raise ShardsError(f"--data {root}: no such folder")
     manifest = read_manifest(root)
+    recorded = manifest.get("image_size")
+    if not isinstance(recorded, int) or recorded < 1:
+        raise ShardsError(f"{root}/manifest.json: image_size {recorded!r} is not a size in pixels")
     for stream in CONTRASTS:
         if not shard_paths(root, "train", stream):
             raise ShardsError(f"--data {root}: no train/{stream}-*.tar shards")
@@ -60,8 +63,9 @@ def check_shards(root: str, size: int | None = None, allow_partial: bool = False
             shape = decode_png16(sample[next(iter(needed - {'json', 'mask.png'}))]).shape
         except Exception as err:  # a damaged PNG: name where it is
             raise ShardsError(f"{paths[0]}: sample {sample['__key__']} is unreadable ({type(err).__name__}: {err})") from err
-        if size and shape != (size, size):
-            raise ShardsError(f"{paths[0]}: images are {shape[0]}x{shape[1]}, but --size is {size}")
+        if shape != (size or recorded,) * 2:
+            said = f"--size is {size}" if size else f"manifest.json's image_size is {recorded}"
+            raise ShardsError(f"{paths[0]}: images are {shape[0]}x{shape[1]}, but {said}")
     val = shard_paths(root, "val", "paired")
     counted = dict.fromkeys(val, 0)
     for sample in read_whole(val):  # undecoded: a count of val's members costs little
