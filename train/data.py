@@ -59,10 +59,8 @@ def check_shards(root: str, size: int | None = None, allow_partial: bool = False
         if missing:
             found = ", ".join(sorted(k for k in sample if not k.startswith("__")))
             raise ShardsError(f"{paths[0]}: samples lack {', '.join(sorted(missing))} (found {found})")
-        try:
-            shape = decode_png16(sample[next(iter(needed - {'json', 'mask.png'}))]).shape
-        except Exception as err:  # a damaged PNG: name where it is
-            raise ShardsError(f"{paths[0]}: sample {sample['__key__']} is unreadable ({type(err).__name__}: {err})") from err
+        decoded = next(decode_samples([sample]))  # a damaged PNG is a ShardsError naming the shard and key
+        shape = decoded[stream if stream in CONTRASTS else "t1"].shape
         if shape != (size or recorded,) * 2:
             said = f"--size is {size}" if size else f"manifest.json's image_size is {recorded}"
             raise ShardsError(f"{paths[0]}: images are {shape[0]}x{shape[1]}, but {said}")
