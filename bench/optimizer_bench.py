@@ -56,7 +56,7 @@ def main():
             optimizer.step()
             times[name].append(time.perf_counter() - start)
     for name, optimizer in optimizers.items():
-        print(f"{name}: {statistics.median(times[name][1:]):.2f} s/step, state {state_bytes(optimizer) / 2**20:.1f} MiB")
+        print(f"{name}: {statistics.median(times[name][1:]):.3g} s/step, state {state_bytes(optimizer) / 2**20:.1f} MiB")
 
 
 if __name__ == "__main__":

@@ -201,6 +201,6 @@ def test_optimizer_bench_reports_adams_two_fp32_moments_per_parameter():
                           text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert done.returncode == 0, done.stderr[-2000:]
     params = float(re.search(r"ngf 16: ([0-9.]+) M parameters", done.stdout)[1]) * 1e6
-    fused = re.search(r"fused Adam, fp32 state \(the trainer's\): ([0-9.]+) s/step, state ([0-9.]+) MiB", done.stdout)
+    fused = re.search(r"fused Adam, fp32 state \(the trainer's\): ([0-9.e+-]+) s/step, state ([0-9.]+) MiB", done.stdout)
     step_s, state_mib = map(float, fused.groups())
     assert state_mib == pytest.approx(2 * 4 * params / 2**20, rel=0.01) and step_s > 0
