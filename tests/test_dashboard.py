@@ -179,7 +179,7 @@ def test_run_page_shows_predictions_as_labelled_tiles_gif_and_checkpoints(app, r
     assert (checkpoints["best"] == "★").sum() == 1
 
 
-@pytest.mark.parametrize("damage", ["not a png", "one column short", "100 val slices"])
+@pytest.mark.parametrize("damage", ["not a png", "one column short", "one pixel", "100 val slices"])
 def test_a_prediction_file_the_trainer_cannot_have_written_is_named_not_drawn(damage, trained, tmp_path, monkeypatch):
     """Run folders are shared: a damaged epoch PNG stopped the Run page, and any PNG was cut into tiles, however many."""
     root = tmp_path / "runs"
@@ -188,6 +188,8 @@ def test_a_prediction_file_the_trainer_cannot_have_written_is_named_not_drawn(da
     tile = [np.full((16, 16), 0.5)] * len(rundir.PREDICTION_COLUMNS)
     if damage == "not a png":
         path.write_bytes(b"not a png")
+    elif damage == "one pixel":
+        Image.fromarray(np.zeros((1, 1), np.uint8)).save(path)
     else:
         grid = rundir.prediction_grid([tile[:-1] if damage == "one column short" else tile] * (2 if damage == "one column short" else 200))
         Image.fromarray(grid).save(path)

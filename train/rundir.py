@@ -237,7 +237,8 @@ def read_prediction(path: Path) -> list[list[np.ndarray]]:
             grid = np.asarray(im.convert("L"))
     except (OSError, Image.DecompressionBombError) as err:  # a damaged PNG is an OSError (UnidentifiedImageError)
         raise ValueError(f"not a readable PNG ({type(err).__name__}: {err})") from None
-    rows = split_grid(grid)
+    narrowest = len(PREDICTION_COLUMNS) * (1 + GRID_GAP) - GRID_GAP  # tiles of one pixel; narrower ones split_grid cannot divide
+    rows = split_grid(grid) if grid.shape[1] >= narrowest else []
     size = rows[0][0].shape[0] if rows else 0
     whole = (len(rows) * (size + GRID_GAP) - GRID_GAP, len(PREDICTION_COLUMNS) * (size + GRID_GAP) - GRID_GAP)
     if size < 1 or len(rows) % len(PREDICTION_ROWS) or grid.shape != whole:
