@@ -2,6 +2,7 @@
 
 import hashlib
 import http.server
+import shutil
 import threading
 from pathlib import Path
 
@@ -15,6 +16,8 @@ PAYLOAD = bytes(range(256)) * 4096  # 1 MiB stand-in for IXI-T1.tar
 class Handler(http.server.BaseHTTPRequestHandler):
     ranges = True  # the server honours Range
     drop_after: int | None = None  # close the connection after this many bytes, once
+    endless = False  # no Content-Length, and bytes until the client hangs up
+    claimed_length: int | None = None  # a Content-Length that is not the body's
     log: list = []
 
     def log_message(self, *args):
@@ -26,6 +29,14 @@ class Handler(http.server.BaseHTTPRequestHandler):
         if self.path.endswith("missing.tar"):
             self.send_error(404)
             return
+        if cls.endless:
+            self.send_response(200)
+            self.end_headers()
+            try:
+                while True:
+                    self.wfile.write(PAYLOAD)
+            except OSError:
+                return
         start = 0
         if cls.ranges and self.headers.get("Range"):
             start = int(self.headers["Range"].split("=")[1].rstrip("-"))
@@ -34,7 +45,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
         else:
             self.send_response(200)
         body = PAYLOAD[start:]
-        self.send_header("Content-Length", str(len(body)))
+        self.send_header("Content-Length", str(cls.claimed_length or len(body)))
         self.end_headers()
         if cls.drop_after is not None:
             self.wfile.write(body[: cls.drop_after])
@@ -47,7 +58,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
 
 @pytest.fixture
 def server():
-    handler = type("H", (Handler,), {"ranges": True, "drop_after": None, "log": []})
+    handler = type("H", (Handler,), {"ranges": True, "drop_after": None, "endless": False, "claimed_length": None, "log": []})
     httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     thread = threading.Thread(target=httpd.serve_forever, daemon=True)
     thread.start()
@@ -100,6 +111,27 @@ def test_http_error_is_clear(server, tmp_path):
     handler, url = server
     with pytest.raises(DownloadError, match="404"):
         download(url + "missing.tar", tmp_path / "missing.tar", None, progress=False)
+
+
+def test_a_body_without_length_stops_at_the_cap_and_leaves_nothing(server, tmp_path):
+    handler, url = server
+    handler.endless = True
+    with pytest.raises(DownloadError, match=r"sent more than 3,145,728 bytes.*IXI-T1.tar.part was removed"):
+        download(url + "IXI-T1.tar", tmp_path / "IXI-T1.tar", MD5, retries=0, progress=False, max_bytes=3 << 20)
+    assert not list(tmp_path.iterdir())
+
+
+def test_an_announced_length_past_the_cap_or_the_free_space_is_refused_before_writing(server, tmp_path, monkeypatch):
+    handler, url = server
+    handler.claimed_length = 1 << 40
+    with pytest.raises(DownloadError, match=r"announces 1,099,511,627,776 bytes, more than an IXI tar"):
+        download(url + "IXI-T1.tar", tmp_path / "IXI-T1.tar", MD5, retries=0, progress=False)
+    assert not list(tmp_path.iterdir())
+    handler.claimed_length = None
+    monkeypatch.setattr("shards.download.shutil.disk_usage", lambda path: shutil._ntuple_diskusage(10 << 20, 10 << 20, 1000))
+    with pytest.raises(DownloadError, match=f"needs 1,048,576 more bytes but {tmp_path} has 1,000 free"):
+        download(url + "IXI-T1.tar", tmp_path / "IXI-T1.tar", MD5, retries=0, progress=False)
+    assert not list(tmp_path.iterdir())
 
 
 def test_cli_download(server, tmp_path):
