@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from train.networks import MIN_SCALE, CycleGenerators, _upsample, build_generator
+from train.networks import MIN_SCALE, CycleGenerators, SubPixelUpsample, _upsample, build_generator, init_weights
 
 
 def seen_rows(net: nn.Module, size: int) -> tuple[int, int]:
@@ -82,3 +82,28 @@ def test_resize_upsampling_has_no_checkerboard_and_keeps_the_unet_contract():
     assert net(torch.randn(2, 1, 64, 64)).shape == (2, 1, 64, 64)
     resnet = build_generator("resnet9", 64, 8, upsample="resize")  # the U-Net decoder's option: the ResNet keeps its own
     assert any(isinstance(m, nn.ConvTranspose2d) for m in resnet.modules())
+
+
+def test_subpixel_upsampling_starts_checkerboard_free_and_learns_a_kernel_per_phase():
+    """ICNR: the four output phases start with one kernel, so every 2x2 block of the output is one value, on
+    any input, and a constant input gives one value inside the border. One gradient step that rewards a
+    checkerboard moves the phases apart: they are four kernels, not one tied kernel."""
+    torch.manual_seed(0)
+    layer = init_weights(_upsample(8, 4, "subpixel", bias=True))
+    assert layer(torch.randn(1, 8, 8, 8)).shape == (1, 4, 16, 16)
+    out = layer(torch.randn(2, 8, 8, 8))
+    assert torch.equal(out[..., 0::2, 0::2], out[..., 1::2, 1::2]) and torch.equal(out[..., 0::2, 0::2], out[..., 0::2, 1::2])
+    flat = layer(torch.ones(1, 8, 8, 8))[0, :, 2:-2, 2:-2]
+    assert torch.allclose(flat, flat[:, :1, :1].expand_as(flat), atol=1e-6)
+    checkerboard = torch.ones(16, 16)
+    checkerboard[0::2, 0::2] = checkerboard[1::2, 1::2] = -1
+    (-(layer(torch.randn(2, 8, 8, 8)) * checkerboard).mean()).backward()
+    with torch.no_grad():
+        for p in layer.parameters():
+            p -= p.grad
+    out = layer(torch.randn(2, 8, 8, 8))
+    assert (out[..., 0::2, 0::2] - out[..., 0::2, 1::2]).abs().max() > 1e-2
+    net = build_generator("unet", 64, 8, unet_depth=3, upsample="subpixel")
+    assert sum(isinstance(m, SubPixelUpsample) for m in net.modules()) == 3
+    assert not any(isinstance(m, (nn.ConvTranspose2d, nn.Upsample)) for m in net.modules())
+    assert net(torch.randn(2, 1, 64, 64)).shape == (2, 1, 64, 64)

@@ -30,7 +30,7 @@ from train.checkpoints import check_compatible, generator_weights
 from train.config import Config, load_config
 from train.data import SliceStream, augment, train_loaders, training_subjects, val_samples
 from train.inference import CheckpointError, load_generator, read_checkpoint_info, translate
-from train.networks import GeneratorSpec
+from train.networks import GeneratorSpec, SubPixelUpsample
 from train.step import build_cycle_gan, linear_decay, train_step
 
 def test_losses_fall_and_the_run_folder_is_complete(trained, shards_dir):
@@ -436,7 +436,7 @@ def test_the_generator_block_of_checkpoint_json_round_trips_and_an_older_one_get
             read_checkpoint_info(checkpoint)
 
 
-@pytest.mark.parametrize("upsample", ["transpose", "resize"])
+@pytest.mark.parametrize("upsample", ["transpose", "resize", "subpixel"])
 def test_a_shallow_unet_trains_and_its_checkpoint_loads_for_inference(upsample, shards_dir, tmp_path):
     out = tmp_path / "shallow"
     train("--data", shards_dir, "--out", out, *SMALL, "--max_steps", 4, "--checkpoint_every", 4, "--unet_depth", 3, "--upsample", upsample)
@@ -444,7 +444,7 @@ def test_a_shallow_unet_trains_and_its_checkpoint_loads_for_inference(upsample, 
     generator = json.loads((checkpoint / rundir.CHECKPOINT_INFO).read_text())["generator"]
     assert generator["unet_depth"] == 3 and generator["upsample"] == upsample
     net, _ = load_generator(checkpoint, "t1_to_t2")  # built at depth 3 with this upsampling, else its weights would not load
-    upsamplers = torch.nn.ConvTranspose2d if upsample == "transpose" else torch.nn.Upsample
+    upsamplers = {"transpose": torch.nn.ConvTranspose2d, "resize": torch.nn.Upsample, "subpixel": SubPixelUpsample}[upsample]
     assert sum(1 for m in net.modules() if isinstance(m, upsamplers)) == 3
     rows = [r for r in rundir.read_metrics(out) if "val/t1_to_t2/texture" in r]
     assert rows and all(r["val/t1_to_t2/texture"] > 0 and r["val/t2_to_t1/texture"] > 0 for r in rows)

@@ -49,8 +49,10 @@ class Config:
     unet_depth: int = option(3, "U-Net stride-2 levels (the reference's num_downs); 0 = down to 1x1, log2(size), as in the seed. "
                              "Fewer levels bound what each output pixel sees to about 4 x 2**depth pixels (30 at 3, 62 at 4)", minimum=0)
     upsample: str = option("resize", "U-Net decoder upsampling (the ResNet generator keeps its transposed convolutions): "
-                           "resize (nearest x2, then a 3x3 convolution: no checkerboard speckle) "
-                           "or transpose (the seed's and reference's 4x4 stride-2 transposed convolution)", choices=["transpose", "resize"])
+                           "resize (nearest x2, then a 3x3 convolution: no checkerboard speckle), "
+                           "subpixel (a 3x3 convolution to 4x the channels, then a pixel shuffle; ICNR-initialised, so it "
+                           "starts checkerboard-free and may learn a kernel per output phase) or transpose (the seed's and reference's 4x4 "
+                           "stride-2 transposed convolution)", choices=["transpose", "resize", "subpixel"])
     ndf: int = option(64, "discriminator base width", minimum=1)
     disc_layers: int = option(3, "PatchGAN depth: 3 judges 70x70 patches (the reference, for 256x256), 2 judges 34x34, 1 judges 16x16", minimum=1)
     # losses and optimizer

@@ -39,18 +39,38 @@ def _norm(channels: int) -> nn.Module:
     return nn.InstanceNorm2d(channels, affine=False, track_running_stats=False)
 
 
-UPSAMPLE = ("transpose", "resize")
+UPSAMPLE = ("transpose", "resize", "subpixel")
+
+
+class SubPixelUpsample(nn.Sequential):
+    """A 3x3 convolution to four times the channels, then PixelShuffle(2) (Shi et al., CVPR 2016): each of the
+    four output phases gets its own kernel. `icnr_` starts the four equal (Aitken et al., 2017), so at
+    initialisation it is a convolution then nearest upsampling, free of checkerboard, like `resize`."""
+
+    def __init__(self, in_channels: int, out_channels: int, bias: bool):
+        super().__init__(nn.Conv2d(in_channels, 4 * out_channels, 3, padding=1, bias=bias), nn.PixelShuffle(2))
+
+    @torch.no_grad()
+    def icnr_(self, std: float) -> None:
+        conv = self[0]
+        shared = torch.randn(conv.out_channels // 4, *conv.weight.shape[1:]) * std
+        conv.weight.copy_(shared.repeat_interleave(4, dim=0))  # PixelShuffle reads channel 4c + k as phase k of c
+        if conv.bias is not None:
+            conv.bias.zero_()
 
 
 def _upsample(in_channels: int, out_channels: int, mode: str, bias: bool) -> nn.Module:
     """x2 upsampling. `transpose` is the reference's 4x4 stride-2 transposed convolution, whose kernel overlaps
     unevenly: odd and even output pixels get different weights, a checkerboard that shows as speckle.
     `resize` is nearest-neighbour upsampling and then a 3x3 convolution (Odena et al., Distill 2016): every
-    output pixel gets the same kernel."""
+    output pixel gets the same kernel. `subpixel` (SubPixelUpsample) starts as checkerboard-free as `resize`
+    at the same cost, and may learn a kernel per output phase."""
     if mode == "transpose":
         return nn.ConvTranspose2d(in_channels, out_channels, 4, stride=2, padding=1, bias=bias)
     if mode == "resize":
         return nn.Sequential(nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(in_channels, out_channels, 3, padding=1, bias=bias))
+    if mode == "subpixel":
+        return SubPixelUpsample(in_channels, out_channels, bias)
     raise ValueError(f"unknown upsampling {mode!r}: choose one of {', '.join(UPSAMPLE)}")
 
 
@@ -171,12 +191,15 @@ class PatchDiscriminator(nn.Module):
 
 
 def init_weights(module: nn.Module, std: float = 0.02) -> nn.Module:
-    """Random-normal init (mean 0, std 0.02) as in the seed and the CycleGAN paper."""
+    """Random-normal init (mean 0, std 0.02) as in the seed and the CycleGAN paper; ICNR for sub-pixel upsampling."""
     for m in module.modules():
         if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)):
             nn.init.normal_(m.weight, 0.0, std)
             if m.bias is not None:
                 nn.init.zeros_(m.bias)
+    for m in module.modules():
+        if isinstance(m, SubPixelUpsample):
+            m.icnr_(std)
     return module
 
 
