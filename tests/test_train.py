@@ -52,9 +52,9 @@ def test_losses_fall_and_the_run_folder_is_complete(trained, shards_dir):
     assert steps[-1] == 40 and len(steps) <= 3  # newest 2 plus the best
     last = rundir.checkpoint_dir(trained, 40)
     info = json.loads((last / rundir.CHECKPOINT_INFO).read_text())
-    assert info["generator"] == {"arch": "unet", "size": 64, "ngf": 16, "unet_depth": 3, "scale_head": False, "upsample": "subpixel",
+    assert info["generator"] == {"arch": "unet", "size": 64, "ngf": 16, "unet_depth": 3, "scale_head": False, "upsample": "resize",
                                  "input_range": [-1, 1]}
-    assert read_checkpoint_info(last)["generator"] == GeneratorSpec("unet", 64, 16, 3, False, "subpixel")
+    assert read_checkpoint_info(last)["generator"] == GeneratorSpec("unet", 64, 16, 3, False, "resize")
     beat = json.loads((trained / rundir.HEARTBEAT).read_text())  # the trainer's last heartbeat: the final step
     assert (beat["step"], beat["total_steps"]) == (40, 40) and beat["best_checkpoint_step"] in steps
     weights = load_file(str(last / rundir.GENERATORS["t1_to_t2"]))
@@ -470,7 +470,7 @@ def test_patch_nce_heads_train_checkpoint_and_resume_exactly(shards_dir, tmp_pat
 
 
 RECIPE = {"gan_loss": "lsgan", "lambda_cycle": 5.0, "lambda_identity": 0.0, "lambda_structure": 10.0, "unet_depth": 3,
-          "upsample": "subpixel", "lambda_equivariance": 10.0, "augment": "auto", "lr": 5e-4}  # docs/fidelity.md's best measured recipe
+          "upsample": "resize", "lambda_equivariance": 10.0, "augment": "auto", "lr": 5e-4}  # docs/fidelity.md's best measured recipe
 SEED = {"gan_loss": "bce", "lambda_cycle": 10.0, "lambda_identity": 0.5, "lambda_structure": 0.0, "unet_depth": 0,
         "upsample": "transpose", "lambda_equivariance": 0.0, "augment": True, "lr": 2e-4}  # the seed notebook's plain CycleGAN
 
