@@ -219,6 +219,8 @@ def prediction_grid(rows: list[list[np.ndarray]], gap: int = GRID_GAP) -> np.nda
 def split_grid(grid: np.ndarray, columns: int = len(PREDICTION_COLUMNS), gap: int = GRID_GAP) -> list[list[np.ndarray]]:
     """A prediction grid back into its rows of square tiles."""
     size = (grid.shape[1] + gap) // columns - gap
+    if size < 1:  # narrower than a row of one-pixel tiles: nothing to split
+        return []
     rows = (grid.shape[0] + gap) // (size + gap)
     return [[grid[i * (size + gap):i * (size + gap) + size, j * (size + gap):j * (size + gap) + size] for j in range(columns)]
             for i in range(rows)]
@@ -237,8 +239,7 @@ def read_prediction(path: Path) -> list[list[np.ndarray]]:
             grid = np.asarray(im.convert("L"))
     except (OSError, Image.DecompressionBombError) as err:  # a damaged PNG is an OSError (UnidentifiedImageError)
         raise ValueError(f"not a readable PNG ({type(err).__name__}: {err})") from None
-    narrowest = len(PREDICTION_COLUMNS) * (1 + GRID_GAP) - GRID_GAP  # tiles of one pixel; narrower ones split_grid cannot divide
-    rows = split_grid(grid) if grid.shape[1] >= narrowest else []
+    rows = split_grid(grid)
     size = rows[0][0].shape[0] if rows else 0
     whole = (len(rows) * (size + GRID_GAP) - GRID_GAP, len(PREDICTION_COLUMNS) * (size + GRID_GAP) - GRID_GAP)
     if size < 1 or len(rows) % len(PREDICTION_ROWS) or grid.shape != whole:
