@@ -238,7 +238,7 @@ def test_cycle_noise_makes_a_faint_encoding_costly_and_leaves_the_translations_a
 
 
 def test_training_with_the_equivariance_term_brings_the_single_pass_to_the_tta_mean():
-    """Same start, same cycle objective, 60 steps of the default U-Net (depth 3, resize-convolutions): with the
+    """Same start, same cycle objective, 60 steps of a U-Net of depth 3 with resize-convolutions: with the
     term, its single pass lies much closer to the mean of its 10 flipped and shifted copies (what --tta
     outputs; measured 6 times closer), and it still reconstructs its inputs."""
     smooth = torch.nn.functional.avg_pool2d(torch.rand(8, 1, 40, 40), 9, stride=1)  # 32x32, structure at several scales

@@ -28,7 +28,8 @@ from train import main as trainer
 from train import rundir
 from train.checkpoints import check_compatible, generator_weights
 from train.config import Config, load_config
-from train.data import SliceStream, augment, train_loaders, training_subjects, val_samples
+from train.data import SliceStream, augment, train_loaders, training_subjects
+from train.fidelity import tissue_contrast
 from train.inference import CheckpointError, load_generator, read_checkpoint_info, translate
 from train.networks import GeneratorSpec, SubPixelUpsample
 from train.step import build_cycle_gan, linear_decay, train_step
@@ -52,9 +53,9 @@ def test_losses_fall_and_the_run_folder_is_complete(trained, shards_dir):
     assert steps[-1] == 40 and len(steps) <= 3  # newest 2 plus the best
     last = rundir.checkpoint_dir(trained, 40)
     info = json.loads((last / rundir.CHECKPOINT_INFO).read_text())
-    assert info["generator"] == {"arch": "unet", "size": 64, "ngf": 16, "unet_depth": 3, "scale_head": False, "upsample": "resize",
+    assert info["generator"] == {"arch": "unet", "size": 64, "ngf": 16, "unet_depth": 3, "scale_head": False, "upsample": "subpixel",
                                  "input_range": [-1, 1]}
-    assert read_checkpoint_info(last)["generator"] == GeneratorSpec("unet", 64, 16, 3, False, "resize")
+    assert read_checkpoint_info(last)["generator"] == GeneratorSpec("unet", 64, 16, 3, False, "subpixel")
     beat = json.loads((trained / rundir.HEARTBEAT).read_text())  # the trainer's last heartbeat: the final step
     assert (beat["step"], beat["total_steps"]) == (40, 40) and beat["best_checkpoint_step"] in steps
     weights = load_file(str(last / rundir.GENERATORS["t1_to_t2"]))
@@ -470,7 +471,7 @@ def test_patch_nce_heads_train_checkpoint_and_resume_exactly(shards_dir, tmp_pat
 
 
 RECIPE = {"gan_loss": "lsgan", "lambda_cycle": 5.0, "lambda_identity": 0.0, "lambda_structure": 10.0, "unet_depth": 3,
-          "upsample": "resize", "lambda_equivariance": 10.0, "augment": "auto", "lr": 5e-4}  # docs/fidelity.md's best measured recipe
+          "upsample": "subpixel", "lambda_equivariance": 10.0, "augment": "auto", "lr": 5e-4}  # docs/fidelity.md's best measured recipe
 SEED = {"gan_loss": "bce", "lambda_cycle": 10.0, "lambda_identity": 0.5, "lambda_structure": 0.0, "unet_depth": 0,
         "upsample": "transpose", "lambda_equivariance": 0.0, "augment": True, "lr": 2e-4}  # the seed notebook's plain CycleGAN
 
@@ -534,32 +535,22 @@ def test_every_fidelity_bench_variant_is_a_valid_config_and_its_default_row_is_t
         bench.load_variants(looped)
 
 
-def tissue_contrast(checkpoint, shards) -> dict[str, float]:
-    """Per direction, how much of the truth's tissue contrast the translation keeps: the translation's mean over
-    the truth's brightest tenth of head pixels minus its mean over the darkest tenth (CSF against white matter in
-    T2, the reverse in T1), over the same for the truth. 1 keeps it, 0 flattens it, below 0 inverts it."""
-    samples = val_samples(str(shards), "val") + val_samples(str(shards), "test")
-    images = {k: torch.from_numpy(np.stack([s[k] for s in samples]))[:, None] for k in ("t1", "t2", "mask")}
-    kept = {}
-    for direction, source, target in (("t1_to_t2", "t1", "t2"), ("t2_to_t1", "t2", "t1")):
-        net, _ = load_generator(checkpoint, direction)
-        with torch.no_grad():
-            pred, truth = translate(net, images[source])[images["mask"]], images[target][images["mask"]]
-        bright, dark = truth >= truth.quantile(0.9), truth <= truth.quantile(0.1)
-        kept[direction] = float((pred[bright].mean() - pred[dark].mean()) / (truth[bright].mean() - truth[dark].mean()))
-    return kept
-
-
 def test_the_default_keeps_more_tissue_contrast_than_the_seeds_settings(trained, shards_dir, tmp_path):
-    # on a real brain the seed's settings inverted it (issue 36); on the phantom, after the same 40 steps, the
-    # default keeps more of it in both directions (measured with the transposed convolutions of before: 0.05 / 0.08
-    # against 0.03 / 0.02)
-    seed = tmp_path / "seed"
-    train("--config", ROOT / "train" / "recipes" / "seed.yaml", "--data", shards_dir, "--out", seed, *SMALL, "--max_steps", 40,
-          "--steps_per_epoch", 20, "--checkpoint_every", 40)
-    default, plain = tissue_contrast(rundir.checkpoint_dir(trained, 40), shards_dir), tissue_contrast(rundir.checkpoint_dir(seed, 40), shards_dir)
-    for direction in default:
-        assert default[direction] > max(plain[direction], 0), (default, plain)
+    # On a real brain the seed's settings inverted it (issue 36). On the phantom, after the same 40 steps, the
+    # default keeps more of it in both directions over three training seeds. One seed alone is a draw: over
+    # eight, a 40-step run of the default kept none for one seed with sub-pixel convolutions and for two with
+    # resize-convolutions, while the seed's settings kept 0.03-0.08 every time (docs/fidelity.md).
+    def short_run(name, seed, *recipe):
+        train(*recipe, "--data", shards_dir, "--out", tmp_path / name, *SMALL, "--seed", seed, "--max_steps", 40,
+              "--steps_per_epoch", 20, "--checkpoint_every", 40)
+        return tissue_contrast(rundir.checkpoint_dir(tmp_path / name, 40), shards_dir)
+
+    seed_recipe = ("--config", ROOT / "train" / "recipes" / "seed.yaml")
+    default = [tissue_contrast(rundir.checkpoint_dir(trained, 40), shards_dir)] + [short_run(f"default{s}", s) for s in (1, 2)]
+    plain = [short_run(f"seed{s}", s, *seed_recipe) for s in (0, 1, 2)]
+    for direction in ("t1_to_t2", "t2_to_t1"):
+        kept, kept_by_seed = (float(np.median([run[direction] for run in runs])) for runs in (default, plain))
+        assert kept > max(kept_by_seed, 0), (direction, default, plain)
 
 
 def test_the_demo_config_is_valid():

@@ -32,7 +32,7 @@ def option(default, help: str, **kw):
 @dataclass
 class Config:
     """The defaults are the recipe docs/fidelity.md measured best (MIND 10, LSGAN, cycle 5, no identity loss, U-Net
-    depth 3 with resize-convolutions, lr 5e-4, augmentation only for a run past 60 passes over its slices);
+    depth 3 with sub-pixel convolutions, lr 5e-4, augmentation only for a run past 60 passes over its slices);
     `--config train/recipes/seed.yaml` is the seed's plain CycleGAN."""
 
     # data and run folder
@@ -48,7 +48,7 @@ class Config:
     ngf: int = option(64, "generator base width", minimum=1)
     unet_depth: int = option(3, "U-Net stride-2 levels (the reference's num_downs); 0 = down to 1x1, log2(size), as in the seed. "
                              "Fewer levels bound what each output pixel sees to about 4 x 2**depth pixels (30 at 3, 62 at 4)", minimum=0)
-    upsample: str = option("resize", "U-Net decoder upsampling (the ResNet generator keeps its transposed convolutions): "
+    upsample: str = option("subpixel", "U-Net decoder upsampling (the ResNet generator keeps its transposed convolutions): "
                            "resize (nearest x2, then a 3x3 convolution: no checkerboard speckle), "
                            "subpixel (a 3x3 convolution to 4x the channels, then a pixel shuffle; ICNR-initialised, so it "
                            "starts checkerboard-free and may learn a kernel per output phase) or transpose (the seed's and reference's 4x4 "

@@ -32,7 +32,8 @@ from torch import nn
 from torchmetrics.classification import BinaryAUROC
 
 from train import rundir
-from train.inference import SPELLINGS, CheckpointError, Translator, load_translator, resolve_checkpoint, translate
+from train.data import val_samples
+from train.inference import SPELLINGS, CheckpointError, Translator, load_generator, load_translator, resolve_checkpoint, translate
 from train.networks import from_model_range, to_model_range
 
 MODES = ("tta", "cycle", "ensemble", "aleatoric")
@@ -198,3 +199,20 @@ def stack_subject(slices: list[dict]) -> dict[str, np.ndarray]:
         for k in out:
             out[k][s["z"] - z0] = s[k]
     return out
+
+
+def tissue_contrast(checkpoint: Path, shards: Path) -> dict[str, float]:
+    """Per direction, how much of the truth's tissue contrast a checkpoint's translation of the shards' val and
+    test slices keeps: its mean over the truth's brightest tenth of head pixels minus its mean over the darkest
+    tenth (CSF against white matter in T2, the reverse in T1), over the same for the truth. 1 keeps it, 0
+    flattens it, below 0 inverts it: the failure of the seed's settings on a real brain (docs/fidelity.md)."""
+    samples = val_samples(str(shards), "val") + val_samples(str(shards), "test")
+    images = {k: torch.from_numpy(np.stack([s[k] for s in samples]))[:, None] for k in ("t1", "t2", "mask")}
+    kept = {}
+    for direction, source, target in (("t1_to_t2", "t1", "t2"), ("t2_to_t1", "t2", "t1")):
+        net, _ = load_generator(checkpoint, direction)
+        with torch.no_grad():
+            pred, truth = translate(net, images[source])[images["mask"]], images[target][images["mask"]]
+        bright, dark = truth >= truth.quantile(0.9), truth <= truth.quantile(0.1)
+        kept[direction] = float((pred[bright].mean() - pred[dark].mean()) / (truth[bright].mean() - truth[dark].mean()))
+    return kept
