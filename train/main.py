@@ -70,6 +70,31 @@ class LossWindow:
         return row
 
 
+class DiscriminatorWatch:
+    """Warns once when both discriminators have won for WINDOW steps: each loss under WON, where a training run's
+    stay at 0.1-0.5. Then the generators learn from the cycle and structure terms alone, which a flat or an
+    inverted translation can satisfy (docs/fidelity.md, "Discriminators that win early")."""
+
+    WON, WINDOW = 0.03, 100
+
+    def __init__(self):
+        self.since = None
+        self.warned = False
+
+    def check(self, step: int, row: dict[str, float]) -> str | None:
+        if row["loss/D_t1"] >= self.WON or row["loss/D_t2"] >= self.WON:
+            self.since = None
+            return None
+        self.since = step if self.since is None else self.since
+        if self.warned or step - self.since < self.WINDOW:
+            return None
+        self.warned = True
+        return (f"warning: step {step}: both discriminators' losses have stayed under {self.WON} since step {self.since}: they "
+                "have won, and the generators now learn from the cycle and structure terms alone, which a flat or inverted "
+                "translation can satisfy. If validation SSIM stops rising, restart with another --seed or a slower --lr_d "
+                "(docs/fidelity.md, \"Discriminators that win early\")")
+
+
 def check_options(config: Config) -> None:
     """Options that contradict each other, the image size or the machine: a one-line error naming the option."""
     # the default depth stands for "not asked for" with another generator (--upsample is the U-Net decoder's only)
@@ -167,7 +192,7 @@ def main(argv=None) -> int:
     heartbeat = rundir.Heartbeat(out, lambda: {"step": state.step, "total_steps": total_steps,
                                                "best_checkpoint_step": state.best_step}).start() if is_main else None
     skipped_by_slot: dict[int, int] = {}
-    window = LossWindow(accelerator)
+    window, discriminators = LossWindow(accelerator), DiscriminatorWatch()
     run_start, images_seen = time.time(), 0
     # what the first convolution really produced, logged once: the proof that mixed precision is on (the prepared
     # model's outputs are cast back to fp32, so they cannot tell)
@@ -226,7 +251,10 @@ def main(argv=None) -> int:
             if state.step % config.log_every == 0 or state.step == total_steps:
                 last = {**window.means(), "lr": model.sched_g.get_last_lr()[0], "lr_d": model.sched_d.get_last_lr()[0],
                         "nan_steps": state.nan_steps, "skipped_samples": sum(skipped_by_slot.values())}
+                warning = discriminators.check(state.step, last)
                 if is_main:
+                    if warning:
+                        tqdm.write(warning)
                     metrics_log.write({"step": state.step, "epoch": epoch, **last})
                     bar.set_postfix(G=f"{last['loss/G']:.3f}", D=f"{last['loss/D']:.3f}", ips=f"{last['images_per_s']:.1f}")
                     tqdm.write(f"step {state.step} epoch {epoch}: G {last['loss/G']:.4f} (adv {last['loss/G_adv']:.4f} cycle "
