@@ -654,6 +654,20 @@ def test_resume_compares_architecture_with_defaults_for_options_newer_than_the_c
     check_compatible(checkpoint, load_config(["--data", "d", "--out", "o", "--size", "64"]))
 
 
+def test_resume_of_a_checkpoint_older_than_the_decoder_options_compares_what_it_was_made_with(tmp_path):
+    # before --unet_depth and --upsample the U-Net went down to 1x1 with transposed convolutions, which today's
+    # defaults are not: a resume with the defaults would build another network than the one saved
+    checkpoint = tmp_path / "step-0000010"
+    checkpoint.mkdir()
+    saved = load_config(["--data", "d", "--out", "o", "--size", "64"]).to_dict()
+    del saved["unet_depth"], saved["upsample"]
+    (checkpoint / rundir.CHECKPOINT_INFO).write_text(json.dumps({"config": saved}))
+    with pytest.raises(SystemExit, match="unet_depth: checkpoint 0 vs now 3; upsample: checkpoint 'transpose' vs now 'subpixel'"):
+        check_compatible(checkpoint, load_config(["--data", "d", "--out", "o", "--size", "64"]))
+    made = check_compatible(checkpoint, load_config(["--data", "d", "--out", "o", "--size", "64", "--unet_depth", "0", "--upsample", "transpose"]))
+    assert (made["unet_depth"], made["upsample"]) == (0, "transpose")
+
+
 @pytest.mark.parametrize("gpus, expected, absent", [
     ("0", "--num_processes 1 --num_cpu_threads_per_process", "--multi_gpu"),
     ("1", "--num_processes 1", "--num_cpu_threads_per_process"),

@@ -14,7 +14,7 @@ import math
 import os
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import MISSING, dataclass, fields
 from pathlib import Path
 
 import torch
@@ -111,6 +111,13 @@ def resolve_resume(config: Config, out: Path) -> Path | None:
     return path
 
 
+def made_before_options() -> dict:
+    """What a checkpoint older than an option was made with: the option's default, except for the generator's
+    options whose default has changed since (GeneratorSpec's defaults: a full-depth U-Net, transposed convolutions)."""
+    defaults = Config.defaults()
+    return {**defaults, **{f.name: f.default for f in fields(GeneratorSpec) if f.name in defaults and f.default is not MISSING}}
+
+
 def check_compatible(path: Path, config: Config) -> dict:
     """Refuse to resume `path` with a different network; return the configuration it was trained with."""
     try:
@@ -118,7 +125,7 @@ def check_compatible(path: Path, config: Config) -> dict:
     except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as err:
         raise SystemExit(f"error: --resume {path}: unreadable {rundir.CHECKPOINT_INFO} ({type(err).__name__}: {err}); "
                          f"it may be truncated: resume from an earlier checkpoint in {path.parent}")
-    saved = {**Config.defaults(), **saved}  # an option newer than the checkpoint had its default then
+    saved = {**made_before_options(), **saved}
     current = config.to_dict()
     differ = [f"{k}: checkpoint {saved.get(k)!r} vs now {current[k]!r}" for k in ARCHITECTURE_KEYS if saved.get(k) != current[k]]
     if differ:
