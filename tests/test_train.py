@@ -553,15 +553,21 @@ def test_the_default_keeps_more_tissue_contrast_than_the_seeds_settings(trained,
         assert kept > max(kept_by_seed, 0), (direction, default, plain)
 
 
-def test_discriminators_that_have_won_are_warned_about_once():
+def test_each_discriminator_that_has_won_is_warned_about_once():
     watch = trainer.DiscriminatorWatch()
-    won, healthy = {"loss/D_t1": 0.01, "loss/D_t2": 0.02}, {"loss/D_t1": 0.01, "loss/D_t2": 0.2}
-    assert [watch.check(step, won) for step in (10, 60)] == [None, None]
-    assert watch.check(70, healthy) is None  # one discriminator still judging: the count starts again
-    assert [watch.check(step, won) for step in (80, 170)] == [None, None]
-    warning = watch.check(180, won)
-    assert warning.startswith("warning: step 180:") and "since step 80" in warning and "--lr_d" in warning
-    assert watch.check(400, won) is None  # once
+
+    def row(d_t1, d_t2):
+        return {"loss/D_t1": d_t1, "loss/D_t2": d_t2}
+
+    assert watch.check(10, row(0.01, 0.2)) == [] and watch.check(60, row(0.01, 0.2)) == []
+    assert watch.check(70, row(0.05, 0.01)) == []  # the T1 discriminator judges again: its count starts over
+    assert [watch.check(step, row(0.01, 0.01)) for step in (80, 160)] == [[], []]
+    first = watch.check(170, row(0.01, 0.01))  # the T2 discriminator has won since step 70
+    assert len(first) == 1 and first[0].startswith("warning: step 170: the T2 discriminator's loss has stayed under 0.03 since "
+                                                   "step 70") and "the T1→T2 generator" in first[0] and "--lr_d" in first[0]
+    second = watch.check(180, row(0.01, 0.01))
+    assert len(second) == 1 and "the T1 discriminator" in second[0] and "since step 80" in second[0] and "T2→T1 generator" in second[0]
+    assert watch.check(400, row(0.0, 0.0)) == []  # once each
 
 
 def test_a_run_whose_discriminators_win_early_says_so_and_a_healthy_one_does_not(shards_dir, tmp_path):
@@ -569,8 +575,8 @@ def test_a_run_whose_discriminators_win_early_says_so_and_a_healthy_one_does_not
     # early"): both discriminators' losses fall under 0.03 by step 115 and stay there; seed 1's do not
     said = {seed: train("--data", shards_dir, "--out", tmp_path / f"seed{seed}", *SMALL, "--seed", seed, "--max_steps", 250,
                         "--steps_per_epoch", 50, "--checkpoint_every", 250).stdout for seed in (0, 1)}
-    assert "both discriminators' losses have stayed under 0.03" in said[0]
-    assert "discriminators' losses" not in said[1]
+    assert "the T1 discriminator's loss has stayed under 0.03" in said[0] and "the T2 discriminator's loss" in said[0]
+    assert "discriminator's loss" not in said[1]
 
 
 def test_the_demo_config_is_valid():

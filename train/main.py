@@ -71,28 +71,32 @@ class LossWindow:
 
 
 class DiscriminatorWatch:
-    """Warns once when both discriminators have won for WINDOW steps: each loss under WON, where a training run's
-    stay at 0.1-0.5. Then the generators learn from the cycle and structure terms alone, which a flat or an
-    inverted translation can satisfy (docs/fidelity.md, "Discriminators that win early")."""
+    """Warns once per discriminator that has won for WINDOW steps: its loss under WON, where a training run's
+    stays at 0.1-0.5. The generator it judges then learns from the cycle and structure terms alone, which a flat
+    or an inverted translation can satisfy (docs/fidelity.md, "Discriminators that win early")."""
 
     WON, WINDOW = 0.03, 100
+    JUDGES = {"D_t1": "t2_to_t1", "D_t2": "t1_to_t2"}  # each discriminator judges one generator's translations
 
     def __init__(self):
-        self.since = None
-        self.warned = False
+        self.since: dict[str, int | None] = dict.fromkeys(self.JUDGES)
+        self.warned: set[str] = set()
 
-    def check(self, step: int, row: dict[str, float]) -> str | None:
-        if row["loss/D_t1"] >= self.WON or row["loss/D_t2"] >= self.WON:
-            self.since = None
-            return None
-        self.since = step if self.since is None else self.since
-        if self.warned or step - self.since < self.WINDOW:
-            return None
-        self.warned = True
-        return (f"warning: step {step}: both discriminators' losses have stayed under {self.WON} since step {self.since}: they "
-                "have won, and the generators now learn from the cycle and structure terms alone, which a flat or inverted "
-                "translation can satisfy. If validation SSIM stops rising, restart with another --seed or a slower --lr_d "
-                "(docs/fidelity.md, \"Discriminators that win early\")")
+    def check(self, step: int, row: dict[str, float]) -> list[str]:
+        warnings = []
+        for disc, direction in self.JUDGES.items():
+            if row[f"loss/{disc}"] >= self.WON:
+                self.since[disc] = None
+                continue
+            since = self.since[disc] = step if self.since[disc] is None else self.since[disc]
+            if disc not in self.warned and step - since >= self.WINDOW:
+                self.warned.add(disc)
+                warnings.append(f"warning: step {step}: the {disc.removeprefix('D_').upper()} discriminator's loss has stayed under "
+                                f"{self.WON} since step {since}: it has won, and the {rundir.LABELS[direction]} generator now "
+                                "learns from the cycle and structure terms alone, which a flat or inverted translation can "
+                                "satisfy. If validation SSIM stops rising, restart with another --seed or a slower --lr_d, or "
+                                "augment a small training set (docs/fidelity.md, \"Discriminators that win early\")")
+        return warnings
 
 
 def check_options(config: Config) -> None:
@@ -251,9 +255,9 @@ def main(argv=None) -> int:
             if state.step % config.log_every == 0 or state.step == total_steps:
                 last = {**window.means(), "lr": model.sched_g.get_last_lr()[0], "lr_d": model.sched_d.get_last_lr()[0],
                         "nan_steps": state.nan_steps, "skipped_samples": sum(skipped_by_slot.values())}
-                warning = discriminators.check(state.step, last)
+                warnings = discriminators.check(state.step, last)
                 if is_main:
-                    if warning:
+                    for warning in warnings:
                         tqdm.write(warning)
                     metrics_log.write({"step": state.step, "epoch": epoch, **last})
                     bar.set_postfix(G=f"{last['loss/G']:.3f}", D=f"{last['loss/D']:.3f}", ips=f"{last['images_per_s']:.1f}")
