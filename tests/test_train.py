@@ -548,7 +548,7 @@ def test_the_default_keeps_more_tissue_contrast_than_the_seeds_settings(trained,
     seed_recipe = ("--config", ROOT / "train" / "recipes" / "seed.yaml")
     default = [tissue_contrast(rundir.checkpoint_dir(trained, 40), shards_dir)] + [short_run(f"default{s}", s) for s in (1, 2)]
     plain = [short_run(f"seed{s}", s, *seed_recipe) for s in (0, 1, 2)]
-    for direction in ("t1_to_t2", "t2_to_t1"):
+    for direction in rundir.DIRECTIONS:
         kept, kept_by_seed = (float(np.median([run[direction] for run in runs])) for runs in (default, plain))
         assert kept > max(kept_by_seed, 0), (direction, default, plain)
 

@@ -209,7 +209,7 @@ def tissue_contrast(checkpoint: Path, shards: Path) -> dict[str, float]:
     samples = val_samples(str(shards), "val") + val_samples(str(shards), "test")
     images = {k: torch.from_numpy(np.stack([s[k] for s in samples]))[:, None] for k in ("t1", "t2", "mask")}
     kept = {}
-    for direction, source, target in (("t1_to_t2", "t1", "t2"), ("t2_to_t1", "t2", "t1")):
+    for direction, (source, target) in rundir.DIRECTIONS.items():
         net, _ = load_generator(checkpoint, direction)
         with torch.no_grad():
             pred, truth = translate(net, images[source])[images["mask"]], images[target][images["mask"]]

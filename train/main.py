@@ -76,7 +76,7 @@ class DiscriminatorWatch:
     or an inverted translation can satisfy (docs/fidelity.md, "Discriminators that win early")."""
 
     WON, WINDOW = 0.03, 100
-    JUDGES = {"D_t1": "t2_to_t1", "D_t2": "t1_to_t2"}  # each discriminator judges one generator's translations
+    JUDGES = {f"D_{target}": direction for direction, (_, target) in rundir.DIRECTIONS.items()}  # D_t1 judges translations to T1
 
     def __init__(self):
         self.since: dict[str, int | None] = dict.fromkeys(self.JUDGES)
