@@ -31,14 +31,15 @@ def ddp_run(shards_dir, tmp_path_factory):
            "--mixed_precision", "no", "--main_process_port", "29517",
            "train/main.py", "--data", str(shards_dir), "--out", str(out), *SMALL, "--max_steps", str(STEPS),
            "--steps_per_epoch", str(STEPS), "--checkpoint_every", str(STEPS), "--trace_keys", "true",
-           "--lambda_nce", "1"]  # PatchNCE's heads are a third DDP model
+           "--lambda_nce", "1",  # PatchNCE's heads are a third DDP model
+           "--r1_gamma", "1"]  # the discriminators' R1 penalty is a double backward through DDP
     result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return out, result.stdout + result.stderr
 
 
 def test_replicas_stay_identical(ddp_run):
-    """Generators and PatchNCE heads: the checksum covers every weight the generator optimizer trains."""
+    """Generators, discriminators and PatchNCE heads: the checksum covers every weight the optimizers train."""
     out, _ = ddp_run
     info = json.loads((rundir.checkpoint_dir(out, STEPS) / rundir.CHECKPOINT_INFO).read_text())
     assert len(info["rank_checksums"]) == 2 and info["rank_checksums"][0] == info["rank_checksums"][1]

@@ -184,14 +184,14 @@ def save_checkpoint(accelerator, trained: list, inference_gens: CycleGenerators,
     except Exception as err:  # writers word a full disk their own way (torch.save: "enforce fail ... unexpected pos")
         failure = err
     stop_if_any_failed(accelerator, failure, tmp, out, state.step)
-    # DDP keeps replicas identical; record each rank's sum of the trained generator-side weights so a divergence is visible
+    # DDP keeps replicas identical; record each rank's sum of the trained weights so a divergence is visible
     params = [p for net in trained for p in accelerator.unwrap_model(net).parameters()]
     checksum = torch.stack([p.detach().double().sum() for p in params]).sum()
     rank_checksums = accelerator.gather(checksum[None].to(accelerator.device)).tolist()
     if accelerator.is_main_process:
         try:
             if len(set(rank_checksums)) > 1:
-                print(f"warning: step {state.step}: generator weights differ across ranks: {rank_checksums}", flush=True)
+                print(f"warning: step {state.step}: trained weights differ across ranks: {rank_checksums}", flush=True)
             for name, net in (("t1_to_t2", inference_gens.g_ab), ("t2_to_t1", inference_gens.g_ba)):
                 save_file({k: v.detach().float().contiguous().cpu() for k, v in net.state_dict().items()}, str(tmp / rundir.GENERATORS[name]))
             rundir.write_json(tmp / rundir.CHECKPOINT_INFO, {

@@ -274,7 +274,7 @@ def main(argv=None) -> int:
                     metrics_log.write({"step": state.step, "epoch": epoch, **scores})
             stop_now = any_rank(accelerator, stop.flag or (is_main and (out / rundir.STOP).exists()))
             if state.step % config.checkpoint_every == 0 or state.step == total_steps or stop_now:
-                save_checkpoint(accelerator, [model.gens, *([model.nce] if model.nce else [])], model.inference_gens, out, state, epoch,
+                save_checkpoint(accelerator, [model.gens, model.discs, *([model.nce] if model.nce else [])], model.inference_gens, out, state, epoch,
                                 config, last, scores, preprocessing)
             if stop_now:
                 status = "stopped"
