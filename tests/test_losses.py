@@ -8,8 +8,7 @@ import pytest
 import torch
 
 from train.inference import Translator
-from train.losses import (MAX_SHIFT, ImagePool, Objective, PatchNCE, diff_augment, discriminator_losses, generator_losses, laplace_nll,
-                          mind, move_at, noise_at)
+from train.losses import MAX_SHIFT, ImagePool, Objective, PatchNCE, generator_losses, laplace_nll, mind, move_at, noise_at
 from train.networks import CycleGenerators, Discriminators, build_discriminator, build_generator, flip_shift
 
 
@@ -132,81 +131,6 @@ def test_lambda_adv_scales_only_the_adversarial_term():
     assert reference["G_adv"] > 0
     torch.testing.assert_close(quarter["G_adv"], 0.25 * reference["G_adv"])
     torch.testing.assert_close(quarter["G"] - quarter["G_adv"], reference["G"] - reference["G_adv"])
-
-
-def test_r1_is_the_squared_gradient_per_patch_at_the_real_images_and_trains_the_discriminators():
-    """1x1-convolution discriminators judge each pixel as a patch with the gradient w: the penalty is w**2, times
-    gamma / 2, whatever the images, the fakes and fp16's loss scale; its gradient gamma * w reaches w."""
-    def pixel_judges():
-        discs = Discriminators(torch.nn.Conv2d(1, 1, 1), torch.nn.Conv2d(1, 1, 1))
-        with torch.no_grad():
-            discs.d_a.weight.fill_(3.0)
-            discs.d_b.weight.fill_(-2.0)
-            discs.d_a.bias.zero_()
-            discs.d_b.bias.zero_()
-        return discs
-
-    real_a, real_b, fake_a, fake_b = (torch.rand(2, 1, 16, 16, generator=torch.Generator().manual_seed(i)) for i in range(4))
-    plain_discs, r1_discs = pixel_judges(), pixel_judges()
-    plain = discriminator_losses(plain_discs, real_a, real_b, fake_a, fake_b, "lsgan")
-    assert plain["D_t1_r1"] == 0 and plain["D_t2_r1"] == 0
-    penalized = discriminator_losses(r1_discs, real_a, real_b, fake_a, fake_b, "lsgan", r1=4.0)
-    torch.testing.assert_close((penalized["D_t1_r1"], penalized["D_t2_r1"]), (torch.tensor(18.0), torch.tensor(8.0)))
-    torch.testing.assert_close(penalized["D"], plain["D"] + 26.0)
-    scaled = discriminator_losses(pixel_judges(), real_a * 0.5, real_b, fake_b, fake_a, "lsgan", r1=4.0, grad_scale=65536.0)
-    torch.testing.assert_close((scaled["D_t1_r1"], scaled["D_t2_r1"]), (torch.tensor(18.0), torch.tensor(8.0)))
-
-    plain["D"].backward()
-    penalized["D"].backward()
-    torch.testing.assert_close(r1_discs.d_a.weight.grad, plain_discs.d_a.weight.grad + 4.0 * 3.0)
-    torch.testing.assert_close(r1_discs.d_b.weight.grad, plain_discs.d_b.weight.grad + 4.0 * -2.0)
-
-
-def test_diff_augment_shifts_each_image_by_up_to_an_eighth_and_blanks_a_half_side_square_and_passes_gradients():
-    """Each pixel of a numbered image says where it came from: what is not background is the image moved by one
-    shift per image; the background not explained by the shift is one square of at most half the side."""
-    torch.manual_seed(0)
-    n, h = 64, 32
-    numbered = torch.arange(h * h, dtype=torch.float32).view(1, 1, h, h).repeat(n, 1, 1, 1).requires_grad_(True)
-    seen = diff_augment(numbered)
-    rows, cols = torch.meshgrid(torch.arange(h), torch.arange(h), indexing="ij")
-    shifts, holes = set(), []
-    for image in seen[:, 0].detach():
-        kept = image != -1
-        source = image[kept].long()
-        shift_rows, shift_cols = rows[kept] - source // h, cols[kept] - source % h
-        assert len(shift_rows.unique()) == 1 and len(shift_cols.unique()) == 1, "one shift per image"
-        dy, dx = shift_rows[0].item(), shift_cols[0].item()
-        assert abs(dy) <= h // 8 and abs(dx) <= h // 8
-        shifts.add((dy, dx))
-        came_in = ((rows - dy) < 0) | ((rows - dy) >= h) | ((cols - dx) < 0) | ((cols - dx) >= h)
-        hole = ~kept & ~came_in
-        hole_rows, hole_cols = hole.nonzero().unbind(1)
-        assert hole.sum() == (hole_rows.max() - hole_rows.min() + 1) * (hole_cols.max() - hole_cols.min() + 1), "a rectangle"
-        assert hole_rows.max() - hole_rows.min() < h // 2 and hole_cols.max() - hole_cols.min() < h // 2
-        holes.append(hole.sum().item())
-    assert len(shifts) > n // 4, "shifts are drawn per image"
-    assert max(holes) == (h // 2 - 1) ** 2, "a square of half the side where it lies inside the image"
-    seen.sum().backward()
-    torch.testing.assert_close(numbered.grad.sum((1, 2, 3)), (seen.detach() != -1).sum((1, 2, 3)).float())
-
-
-def test_disc_augment_reaches_what_the_discriminators_see_in_both_losses():
-    """Real images of 0.5 and generators that return their input: air (-1) is in what a discriminator sees only
-    where DiffAugment shifted or blanked the image."""
-    seen = []
-    def spy(images):
-        seen.append(images.detach())
-        return images.mean((1, 2, 3), keepdim=True)
-    discs = Discriminators(*(torch.nn.Module() for _ in range(2)))
-    discs.d_a.forward = discs.d_b.forward = spy
-    mirrors = CycleGenerators(torch.nn.Identity(), torch.nn.Identity())
-    real = torch.full((2, 1, 32, 32), 0.5)
-    for augment in (False, True):
-        seen.clear()
-        generator_losses(mirrors, discs, real, real, Objective(disc_augment=augment))
-        discriminator_losses(discs, real, real, real, real, "lsgan", augment=augment)
-        assert len(seen) == 4 and all(((images == -1).any((1, 2, 3)).all() if augment else (images == 0.5).all()) for images in seen)
 
 
 @pytest.mark.parametrize("layers,patch", [(1, 16), (2, 34), (3, 70)])

@@ -255,8 +255,7 @@ def test_nan_guard_skips_and_then_stops(shards_dir, tmp_path, monkeypatch):
 def test_one_train_step_updates_generators_discriminators_average_and_schedules_and_a_nan_skips_it():
     """The step the trainer and bench/train_bench.py both run, on its own."""
     config = load_config(["--data", "d", "--out", "o", "--ngf", "8", "--ndf", "8", "--ema_decay", "0.9", "--lambda_nce", "1",
-                          "--lambda_equivariance", "5", "--cycle_noise", "0.05", "--r1_gamma", "1",
-                          "--disc_augment", "true"])
+                          "--lambda_equivariance", "5", "--cycle_noise", "0.05"])
     accelerator = Accelerator(mixed_precision="no")  # as the trainer makes it on one CPU process
     model = build_cycle_gan(accelerator, dataclasses.replace(config, size=32), total_steps=10)
 
@@ -269,7 +268,7 @@ def test_one_train_step_updates_generators_discriminators_average_and_schedules_
     losses = train_step(accelerator, model, real_a, real_b, 0)
     after = weights()
     assert set(rundir.LOSSES) <= set(losses) and all(torch.isfinite(losses[k]) for k in rundir.LOSSES)
-    assert losses["equivariance"] > 0 and losses["D_t1_r1"] > 0 and losses["D_t2_r1"] > 0
+    assert losses["equivariance"] > 0
     assert all(not all(torch.equal(a, b) for a, b in zip(before[k], after[k])) for k in before), "every side moved"
     assert (model.ema.n_averaged.item(), model.sched_g.last_epoch, model.sched_d.last_epoch) == (1, 1, 1)
 

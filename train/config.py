@@ -81,12 +81,6 @@ class Config:
     lr: float = option(5e-4, "Adam learning rate for the generators, and for the discriminators unless --lr_d (the seed's is 2e-4)", above=0)
     lr_d: float = option(0.0, "Adam learning rate for the discriminators; 0 = --lr. Below --lr the discriminators learn more slowly "
                          "than the generators (a two time-scale update rule)", minimum=0)
-    r1_gamma: float = option(0.0, "R1 gradient penalty on the discriminators: gamma / 2 x the squared norm of each patch's gradient "
-                             "at the real images (Mescheder et al. 2018), which flattens a discriminator around the training "
-                             "images; costs a double backward through them. 0 = off, as in the seed", minimum=0)
-    disc_augment: bool = option(False, "DiffAugment (Zhao et al. 2020): the discriminators see every image, real and generated, shifted by "
-                                "up to 1/8 of its side and with a square of half its side blanked, drawn anew at each pass, and the "
-                                "generators learn through it; against discriminators that memorise a small training set. Off, as in the seed")
     beta1: float = option(0.5, "Adam beta1", minimum=0, below=1)
     beta2: float = option(0.999, "Adam beta2", minimum=0, below=1)
     ema_decay: float = option(0.0, "keep an exponential moving average of the generator weights with this decay (e.g. 0.995, "

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from train.networks import flip_shift, to_model_range
+from train.networks import flip_shift
 
 
 def gan_loss(logits: torch.Tensor, real: bool, kind: str) -> torch.Tensor:
@@ -106,8 +106,8 @@ class PatchNCE(nn.Module):
 
 @dataclass(frozen=True)
 class Objective:
-    """The objective: the adversarial loss's kind, each generator term's weight (0 = the term is off) and the
-    discriminators' R1 weight. `identity` is a fraction of `cycle`, as in the reference."""
+    """The generators' objective: the adversarial loss's kind and each term's weight (0 = the term is off).
+    `identity` is a fraction of `cycle`, as in the reference."""
 
     gan: str = "lsgan"
     adv: float = 1.0
@@ -118,14 +118,11 @@ class Objective:
     aleatoric: float = 0.0
     equivariance: float = 0.0
     cycle_noise: float = 0.0  # not a weight: the std of the noise on the translations the cycle takes back
-    r1: float = 0.0
-    disc_augment: bool = False  # what the discriminators see, in both the generators' and their own losses
 
     @classmethod
     def from_config(cls, config) -> Objective:
         return cls(config.gan_loss, config.lambda_adv, config.lambda_cycle, config.lambda_identity, config.lambda_structure,
-                   config.lambda_nce, config.lambda_aleatoric, config.lambda_equivariance, config.cycle_noise,
-                   config.r1_gamma, config.disc_augment)
+                   config.lambda_nce, config.lambda_aleatoric, config.lambda_equivariance, config.cycle_noise)
 
 
 # the equivariance term's moves: shifts up to a U-Net depth 3's stride (8) reach every phase of its grid
@@ -145,25 +142,6 @@ def noise_at(step: int, seed: int, rank: int, device: torch.device) -> torch.Gen
     return torch.Generator(device).manual_seed((seed * 1_000_003 + step) * 1_009 + rank)
 
 
-def diff_augment(images: torch.Tensor) -> torch.Tensor:
-    """DiffAugment's translation and cutout (Zhao et al., *Differentiable augmentation for data-efficient GAN
-    training*, NeurIPS 2020), drawn per image from torch's generator: a shift of up to 1/8 of the side, background
-    coming in, then a square of half the side blanked to background. Differentiable, so the generators learn
-    through it; both real and generated images pass it, so a discriminator cannot memorise the training slices."""
-    n, _, h, w = images.shape
-    device = images.device
-    rows, cols = torch.arange(h, device=device)[None, :, None], torch.arange(w, device=device)[None, None, :]
-    source_rows = rows - torch.randint(-(h // 8), h // 8 + 1, (n, 1, 1), device=device)
-    source_cols = cols - torch.randint(-(w // 8), w // 8 + 1, (n, 1, 1), device=device)
-    inside = (source_rows >= 0) & (source_rows < h) & (source_cols >= 0) & (source_cols < w)
-    index = (source_rows.clamp(0, h - 1) * w + source_cols.clamp(0, w - 1)).flatten(1)[:, None].expand(-1, images.shape[1], -1)
-    moved = images.flatten(2).gather(2, index).view_as(images)
-    centre_rows = torch.randint(0, h, (n, 1, 1), device=device)
-    centre_cols = torch.randint(0, w, (n, 1, 1), device=device)
-    hole = ((rows - centre_rows).abs() < h // 4) & ((cols - centre_cols).abs() < w // 4)
-    return torch.where((inside & ~hole)[:, None], moved, torch.full_like(moved, to_model_range(0.0)))  # air
-
-
 def generator_losses(gens, discs, real_a, real_b, objective: Objective, nce: nn.Module | None = None,
                      move: tuple[bool, tuple[int, int]] | None = None, noise: torch.Generator | None = None):
     """Fool both (frozen) discriminators, cycle back, keep identity and (optionally) structure: MIND and/or
@@ -181,8 +159,7 @@ def generator_losses(gens, discs, real_a, real_b, objective: Objective, nce: nn.
     with patch_nce.recording() if w.nce else nullcontext() as calls:
         fakes = gens(real_a, real_b, identity=bool(w.identity), move=move if w.equivariance else None,
                      back_noise=(w.cycle_noise, noise) if w.cycle_noise else None)
-    seen = diff_augment if w.disc_augment else (lambda images: images)
-    judged_a, judged_b = discs(seen(fakes["fake_a"]), seen(fakes["fake_b"]))
+    judged_a, judged_b = discs(fakes["fake_a"], fakes["fake_b"])
     adversarial = w.adv * (gan_loss(judged_a, True, w.gan) + gan_loss(judged_b, True, w.gan))
     cycle = w.cycle * (F.l1_loss(fakes["rec_a"].float(), real_a) + F.l1_loss(fakes["rec_b"].float(), real_b))
     identity = structure = aleatoric = equivariance = zero
@@ -209,37 +186,13 @@ def laplace_nll(target: torch.Tensor, mean: torch.Tensor, scale: torch.Tensor) -
     return ((target - mean.detach()).abs().float() / scale.float() + scale.float().log()).mean()
 
 
-def discriminator_losses(discs, real_a, real_b, fake_a, fake_b, kind: str, r1: float = 0.0, grad_scale: float = 1.0,
-                         augment: bool = False) -> dict[str, torch.Tensor]:
-    """(real + fake) / 2 per discriminator (D_t1, D_t2), and its R1 penalty (r1_penalty) times r1 / 2 (D_t1_r1,
-    D_t2_r1); losses["D"] is the sum of the four. `grad_scale` is fp16's loss scale (1 otherwise): the penalty's
-    gradients are taken of the scaled logits, so they do not underflow in fp16, and unscaled before squaring. With
-    `augment` the discriminators see every image through diff_augment."""
+def discriminator_losses(discs, real_a, real_b, fake_a, fake_b, kind: str) -> dict[str, torch.Tensor]:
+    """(real + fake) / 2 per discriminator; losses["D"] is their sum."""
     n = real_a.shape[0]
-    inputs_a, inputs_b = torch.cat([real_a, fake_a]), torch.cat([real_b, fake_b])
-    if r1:
-        inputs_a.requires_grad_(True)
-        inputs_b.requires_grad_(True)
-    seen = diff_augment if augment else (lambda images: images)
-    logits_a, logits_b = discs(seen(inputs_a), seen(inputs_b))
+    logits_a, logits_b = discs(torch.cat([real_a, fake_a]), torch.cat([real_b, fake_b]))
     d_t1 = (gan_loss(logits_a[:n], True, kind) + gan_loss(logits_a[n:], False, kind)) / 2
     d_t2 = (gan_loss(logits_b[:n], True, kind) + gan_loss(logits_b[n:], False, kind)) / 2
-    r1_t1 = r1_t2 = torch.zeros((), device=real_a.device)
-    if r1:
-        r1_t1 = r1 / 2 * r1_penalty(logits_a[:n], inputs_a, n, grad_scale)
-        r1_t2 = r1 / 2 * r1_penalty(logits_b[:n], inputs_b, n, grad_scale)
-    return {"D": d_t1 + d_t2 + r1_t1 + r1_t2, "D_t1": d_t1, "D_t2": d_t2, "D_t1_r1": r1_t1, "D_t2_r1": r1_t2}
-
-
-def r1_penalty(real_logits: torch.Tensor, inputs: torch.Tensor, n: int, grad_scale: float = 1.0) -> torch.Tensor:
-    """R1 (Mescheder et al., *Which training methods for GANs do actually converge?*, ICML 2018): the squared norm
-    of the discriminator's gradient at real images, which keeps it from growing a cliff at the real data that the
-    generators cannot climb. Per PatchGAN patch: the gradient of the patches' sum, whose squared norm is the sum
-    of the patches' own where their fields do not overlap, is divided by the number of patches. The first n of
-    `inputs` are the real images that gave `real_logits`."""
-    (grad,) = torch.autograd.grad(real_logits.float().sum() * grad_scale, inputs, create_graph=True)
-    patches = real_logits[0].numel()
-    return (grad[:n].float() / grad_scale).pow(2).sum() / (n * patches)
+    return {"D": d_t1 + d_t2, "D_t1": d_t1, "D_t2": d_t2}
 
 
 class ImagePool:

@@ -47,8 +47,7 @@ PREDICTION_RE = re.compile(r"^epoch-(\d{3,})\.png$")
 DIRECTIONS = {"t1_to_t2": ("t1", "t2"), "t2_to_t1": ("t2", "t1")}  # direction: (source, target) contrast
 REVERSE = {"t1_to_t2": "t2_to_t1", "t2_to_t1": "t1_to_t2"}
 LABELS = {"t1_to_t2": "T1→T2", "t2_to_t1": "T2→T1"}
-LOSSES = ("G", "G_adv", "cycle", "identity", "structure", "nce", "aleatoric", "equivariance", "D", "D_t1", "D_t2", "D_t1_r1",
-          "D_t2_r1")
+LOSSES = ("G", "G_adv", "cycle", "identity", "structure", "nce", "aleatoric", "equivariance", "D", "D_t1", "D_t2")
 VAL_METRICS = {"ssim": "max", "ssim_masked": "max", "psnr": "max", "psnr_masked": "max", "mae_masked": "min",
                "texture": None}  # the better direction of each; texture is best at 1, not at an end
 VAL_CYCLE = ("val/t1_cycle/ssim", "val/t2_cycle/ssim")

@@ -105,8 +105,7 @@ def train_step(accelerator: Accelerator, model: CycleGAN, real_a: torch.Tensor, 
     fake_a = model.pools["a"].query(fakes["fake_a"].detach())
     fake_b = model.pools["b"].query(fakes["fake_b"].detach())
     with accelerator.autocast():
-        losses_d = discriminator_losses(model.discs, real_a, real_b, fake_a, fake_b, model.objective.gan, model.objective.r1,
-                                        accelerator.scaler.get_scale() if accelerator.scaler else 1.0, model.objective.disc_augment)
+        losses_d = discriminator_losses(model.discs, real_a, real_b, fake_a, fake_b, model.objective.gan)
     if any_rank(accelerator, not torch.isfinite(losses_d["D"]).item()):
         return skip(model)
     model.opt_d.zero_grad(set_to_none=True)
