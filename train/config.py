@@ -81,9 +81,6 @@ class Config:
     lr: float = option(5e-4, "Adam learning rate for the generators, and for the discriminators unless --lr_d (the seed's is 2e-4)", above=0)
     lr_d: float = option(0.0, "Adam learning rate for the discriminators; 0 = --lr. Below --lr the discriminators learn more slowly "
                          "than the generators (a two time-scale update rule)", minimum=0)
-    lr_d_warmup: int = option(0, "raise the discriminators' learning rate linearly from 0 over this many first steps, so that they "
-                              "cannot win outright before the generators have learnt the contrast (a won discriminator leaves its "
-                              "generator the cycle and structure terms alone, docs/fidelity.md). 0 = off, as in the seed", minimum=0)
     beta1: float = option(0.5, "Adam beta1", minimum=0, below=1)
     beta2: float = option(0.999, "Adam beta2", minimum=0, below=1)
     ema_decay: float = option(0.0, "keep an exponential moving average of the generator weights with this decay (e.g. 0.995, "

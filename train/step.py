@@ -42,16 +42,11 @@ class CycleGAN:
         return self.ema.module if self.ema else self.trained_gens
 
 
-def linear_decay(total_steps: int, decay_start: float, warmup_steps: int = 0):
-    """LR factor: rising linearly to 1 over the first warmup_steps (step s has (s + 1) / warmup_steps), 1 until
-    decay_start of the steps, then linearly down to 0 at the last step."""
+def linear_decay(total_steps: int, decay_start: float):
+    """LR factor: 1 for the first decay_start of the steps, then linearly down to 0 at the last step."""
     start = total_steps * decay_start
     span = max(total_steps - start, 1)
-
-    def factor(step: int) -> float:
-        decay = 1.0 if step < start else max(0.0, 1.0 - (step - start) / span)
-        return min(decay, (step + 1) / warmup_steps) if warmup_steps else decay
-    return factor
+    return lambda step: 1.0 if step < start else max(0.0, 1.0 - (step - start) / span)
 
 
 def any_rank(accelerator: Accelerator, flag: bool) -> bool:
@@ -74,8 +69,9 @@ def build_cycle_gan(accelerator: Accelerator, config: Config, total_steps: int) 
     opt_g = torch.optim.Adam([*gens.parameters(), *(nce.parameters() if nce else [])], **adam)
     opt_d = torch.optim.Adam(discs.parameters(), **{**adam, "lr": config.lr_d or config.lr})
     # schedulers are stepped once per optimizer step on every rank: kept out of prepare(), which would step them world times
-    sched_g = torch.optim.lr_scheduler.LambdaLR(opt_g, linear_decay(total_steps, config.lr_decay_start))
-    sched_d = torch.optim.lr_scheduler.LambdaLR(opt_d, linear_decay(total_steps, config.lr_decay_start, config.lr_d_warmup))
+    lr_factor = linear_decay(total_steps, config.lr_decay_start)
+    sched_g = torch.optim.lr_scheduler.LambdaLR(opt_g, lr_factor)
+    sched_d = torch.optim.lr_scheduler.LambdaLR(opt_d, lr_factor)
     # the generators are prepared first (checkpoint hooks rely on it); PatchNCE's heads come last
     gens, discs, opt_g, opt_d, *heads = accelerator.prepare(gens, discs, opt_g, opt_d, *([nce] if nce else []))
     pools = {"a": ImagePool(config.pool_size, config.seed), "b": ImagePool(config.pool_size, config.seed + 1)}
