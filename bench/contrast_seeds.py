@@ -17,7 +17,6 @@ cycle and structure terms alone), then the median over the seeds.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shlex
 import statistics
@@ -44,8 +43,7 @@ def shards(out: Path) -> Path:
 
 
 def discriminator_losses(run: Path, step: int) -> str:
-    for line in (run / rundir.METRICS).read_text().splitlines():
-        row = json.loads(line)
+    for row in rundir.read_metrics(run):
         if row.get("step") == step and "loss/D_t1" in row:
             return f"{row['loss/D_t1']:.3f} / {row['loss/D_t2']:.3f}"
     return "-"
