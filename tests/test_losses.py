@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from dataclasses import replace
 
 import pytest
 import torch
@@ -200,6 +201,13 @@ def test_the_equivariance_term_is_zero_for_a_pointwise_translation_and_measures_
                                                                     "equivariance")))
     with pytest.raises(ValueError, match="needs a move"):
         generator_losses(gens, discs, real_a, real_b, Objective(equivariance=1.0))
+
+
+def test_the_equivariance_weight_rises_linearly_over_its_warmup_and_no_other_weight_moves():
+    objective = Objective(cycle=5.0, structure=10.0, equivariance=30.0, equivariance_warmup=2000)
+    assert [objective.at(step).equivariance for step in (0, 500, 1000, 2000, 12000)] == [0.0, 7.5, 15.0, 30.0, 30.0]
+    assert replace(objective.at(500), equivariance=30.0) == objective
+    assert Objective(equivariance=10.0).at(0) == Objective(equivariance=10.0), "no warm-up: the weight from the first step"
 
 
 def test_cycle_noise_is_drawn_from_seed_step_and_rank():

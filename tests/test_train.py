@@ -278,6 +278,17 @@ def test_one_train_step_updates_generators_discriminators_average_and_schedules_
     assert (model.ema.n_averaged.item(), model.sched_g.last_epoch) == (1, 1)
 
 
+def test_the_step_takes_the_equivariance_term_at_its_warmed_up_weight():
+    """Step 0 of a warm-up has no equivariance term (and no moved passes); a later step has it."""
+    config = load_config(["--data", "d", "--out", "o", "--ngf", "8", "--ndf", "8", "--lambda_equivariance", "30",
+                          "--equivariance_warmup", "4"])
+    accelerator = Accelerator(mixed_precision="no")
+    model = build_cycle_gan(accelerator, dataclasses.replace(config, size=32), total_steps=10)
+    real_a, real_b = (torch.rand(2, 1, 32, 32, generator=torch.Generator().manual_seed(i)) * 2 - 1 for i in range(2))
+    assert train_step(accelerator, model, real_a, real_b, 0)["equivariance"] == 0
+    assert train_step(accelerator, model, real_a, real_b, 2)["equivariance"] > 0
+
+
 def test_each_rank_and_worker_reads_a_disjoint_part(shards_dir):
     urls = shard_paths(shards_dir, "train", "t1")
     for shards in (urls, urls[:1]):  # whole shards per slot, and every n-th sample when shards are few

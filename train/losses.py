@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import random
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -118,11 +118,19 @@ class Objective:
     aleatoric: float = 0.0
     equivariance: float = 0.0
     cycle_noise: float = 0.0  # not a weight: the std of the noise on the translations the cycle takes back
+    equivariance_warmup: int = 0  # steps over which `equivariance` rises linearly from 0
 
     @classmethod
     def from_config(cls, config) -> Objective:
         return cls(config.gan_loss, config.lambda_adv, config.lambda_cycle, config.lambda_identity, config.lambda_structure,
-                   config.lambda_nce, config.lambda_aleatoric, config.lambda_equivariance, config.cycle_noise)
+                   config.lambda_nce, config.lambda_aleatoric, config.lambda_equivariance, config.cycle_noise,
+                   config.equivariance_warmup)
+
+    def at(self, step: int) -> Objective:
+        """The weights of `step` (0-based): the equivariance term's rises over the warm-up, from 0 at step 0."""
+        if step >= self.equivariance_warmup:
+            return self
+        return replace(self, equivariance=self.equivariance * step / self.equivariance_warmup)
 
 
 # the equivariance term's moves: shifts up to a U-Net depth 3's stride (8) reach every phase of its grid

@@ -90,10 +90,11 @@ def train_step(accelerator: Accelerator, model: CycleGAN, real_a: torch.Tensor, 
     # generators against frozen discriminators (unwrapped: D's DDP hooks stay out of G's backward)
     discs_plain = accelerator.unwrap_model(model.discs)
     discs_plain.requires_grad_(False)
+    objective = model.objective.at(step)
     with accelerator.autocast():
-        move = move_at(step, model.seed) if model.objective.equivariance else None
-        noise = noise_at(step, model.seed, accelerator.process_index, real_a.device) if model.objective.cycle_noise else None
-        fakes, losses_g = generator_losses(model.gens, discs_plain, real_a, real_b, model.objective, model.nce, move, noise)
+        move = move_at(step, model.seed) if objective.equivariance else None
+        noise = noise_at(step, model.seed, accelerator.process_index, real_a.device) if objective.cycle_noise else None
+        fakes, losses_g = generator_losses(model.gens, discs_plain, real_a, real_b, objective, model.nce, move, noise)
     discs_plain.requires_grad_(True)
     if any_rank(accelerator, not torch.isfinite(losses_g["G"]).item()):
         return skip(model)
@@ -105,7 +106,7 @@ def train_step(accelerator: Accelerator, model: CycleGAN, real_a: torch.Tensor, 
     fake_a = model.pools["a"].query(fakes["fake_a"].detach())
     fake_b = model.pools["b"].query(fakes["fake_b"].detach())
     with accelerator.autocast():
-        losses_d = discriminator_losses(model.discs, real_a, real_b, fake_a, fake_b, model.objective.gan)
+        losses_d = discriminator_losses(model.discs, real_a, real_b, fake_a, fake_b, objective.gan)
     if any_rank(accelerator, not torch.isfinite(losses_d["D"]).item()):
         return skip(model)
     model.opt_d.zero_grad(set_to_none=True)
