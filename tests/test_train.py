@@ -493,6 +493,7 @@ def recipe_of(config: Config) -> dict:
 
 def test_the_defaults_are_the_recipe_and_the_seed_is_a_recipe_file():
     assert recipe_of(load_config(["--data", "d", "--out", "o"])) == RECIPE
+    assert load_config(["--data", "d", "--out", "o"]).equivariance_warmup == 500  # docs/fidelity.md, "Discriminators that win early"
     assert recipe_of(load_config(["--config", str(ROOT / "train" / "recipes" / "seed.yaml"), "--data", "d", "--out", "o"])) == SEED
 
 

@@ -73,8 +73,9 @@ class Config:
                                         "input and the translation moved alike, both ways (0 = off, as in the seed). It penalizes the "
                                         "speckle that --tta averages away, so one pass gives what ten would; a step costs about 30 percent more",
                                         minimum=0)
-    equivariance_warmup: int = option(0, "steps over which --lambda_equivariance rises linearly from 0 to its value (0 = at its "
-                                      "value from the first step)", minimum=0)
+    equivariance_warmup: int = option(500, "steps over which --lambda_equivariance rises linearly from 0 to its value (0 = at its "
+                                      "value from the first step). Early on the term pulls the translations flat, and the "
+                                      "discriminators can win before the generators have learnt the contrast", minimum=0)
     cycle_noise: float = option(0.0, "std of Gaussian noise added to each translation (in the model's [-1, 1] range) before the other "
                                 "generator takes it back, in training only. The cycle loss asks for the input's own noise back, which "
                                 "a generator can hide in its translation as a faint speckle; noise above that level leaves nothing "
