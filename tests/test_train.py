@@ -279,7 +279,7 @@ def test_one_train_step_updates_generators_discriminators_average_and_schedules_
 
 
 def test_the_step_takes_the_equivariance_term_at_its_warmed_up_weight():
-    """Step 0 of a warm-up has no equivariance term (and no moved passes); a later step has it."""
+    """Step 0 of a warm-up has no equivariance term; a later step has it."""
     config = load_config(["--data", "d", "--out", "o", "--ngf", "8", "--ndf", "8", "--lambda_equivariance", "30",
                           "--equivariance_warmup", "4"])
     accelerator = Accelerator(mixed_precision="no")
