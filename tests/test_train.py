@@ -255,7 +255,7 @@ def test_nan_guard_skips_and_then_stops(shards_dir, tmp_path, monkeypatch):
 def test_one_train_step_updates_generators_discriminators_average_and_schedules_and_a_nan_skips_it():
     """The step the trainer and bench/train_bench.py both run, on its own."""
     config = load_config(["--data", "d", "--out", "o", "--ngf", "8", "--ndf", "8", "--ema_decay", "0.9", "--lambda_nce", "1",
-                          "--lambda_equivariance", "5", "--cycle_noise", "0.05"])
+                          "--lambda_equivariance", "5", "--equivariance_warmup", "0", "--cycle_noise", "0.05"])
     accelerator = Accelerator(mixed_precision="no")  # as the trainer makes it on one CPU process
     model = build_cycle_gan(accelerator, dataclasses.replace(config, size=32), total_steps=10)
 
