@@ -127,7 +127,7 @@ class Objective:
                    config.equivariance_warmup)
 
     def at(self, step: int) -> Objective:
-        """The weights of `step` (0-based): the equivariance term's rises over the warm-up, from 0 at step 0."""
+        """The weights of `step` (0-based): the equivariance term's weight rises over the warm-up, from 0 at step 0."""
         if step >= self.equivariance_warmup:
             return self
         return replace(self, equivariance=self.equivariance * step / self.equivariance_warmup)
