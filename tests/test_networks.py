@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from train.networks import MIN_SCALE, CycleGenerators, SubPixelUpsample, _upsample, build_generator, init_weights
+from train.networks import MIN_SCALE, Blur, CycleGenerators, SubPixelUpsample, _downsample, _upsample, build_generator, init_weights
 
 
 def seen_rows(net: nn.Module, size: int) -> tuple[int, int]:
@@ -107,3 +107,29 @@ def test_subpixel_upsampling_starts_checkerboard_free_and_learns_a_kernel_per_ph
     assert sum(isinstance(m, SubPixelUpsample) for m in net.modules()) == 3
     assert not any(isinstance(m, (nn.ConvTranspose2d, nn.Upsample)) for m in net.modules())
     assert net(torch.randn(2, 1, 64, 64)).shape == (2, 1, 64, 64)
+
+
+def test_blur_downsampling_removes_what_subsampling_would_alias_and_keeps_the_unet_contract():
+    """The [1,2,1] low-pass keeps a constant (borders included) and zeroes the highest frequency, a one-pixel
+    checkerboard, which a stride-2 convolution would fold onto a constant. After a LeakyReLU, as in the U-Net, a
+    one-pixel shift of the input changes the blurred downsampling's features by less than half what it changes
+    the strided one's. The slice's own level stays strided: only the levels below it are blurred."""
+    flat = torch.full((1, 3, 8, 8), 0.7)
+    torch.testing.assert_close(Blur()(flat), flat)
+    checkerboard = torch.ones(1, 3, 8, 8)
+    checkerboard[..., 0::2, 1::2] = checkerboard[..., 1::2, 0::2] = -1
+    assert Blur()(checkerboard).abs().max() < 1e-6
+    features = torch.nn.functional.leaky_relu(torch.randn(2, 8, 32, 32, generator=torch.Generator().manual_seed(0)), 0.2)
+    change = {}
+    for mode in ("strided", "blur"):
+        torch.manual_seed(0)
+        down = _downsample(8, 16, mode)
+        with torch.no_grad():
+            still, shifted = down(features)[..., 2:-2, 2:-2], down(features.roll(1, -1))[..., 2:-2, 2:-2]
+        change[mode] = ((shifted - still).norm() / still.norm()).item()
+    assert change["blur"] < change["strided"] / 2, change
+    net = build_generator("unet", 64, 8, unet_depth=3, downsample="blur")
+    assert sum(isinstance(m, Blur) for m in net.modules()) == 2  # depth 3: the two levels below the slice's
+    assert net(torch.randn(2, 1, 64, 64)).shape == (2, 1, 64, 64)
+    with pytest.raises(ValueError, match="unknown downsampling 'max'"):
+        _downsample(8, 16, "max")

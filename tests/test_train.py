@@ -31,7 +31,7 @@ from train.config import Config, load_config
 from train.data import SliceStream, augment, train_loaders, training_subjects
 from train.fidelity import tissue_contrast
 from train.inference import CheckpointError, load_generator, read_checkpoint_info, translate
-from train.networks import GeneratorSpec, SubPixelUpsample
+from train.networks import Blur, GeneratorSpec, SubPixelUpsample
 from train.step import build_cycle_gan, linear_decay, train_step
 
 def test_losses_fall_and_the_run_folder_is_complete(trained, shards_dir):
@@ -54,7 +54,7 @@ def test_losses_fall_and_the_run_folder_is_complete(trained, shards_dir):
     last = rundir.checkpoint_dir(trained, 40)
     info = json.loads((last / rundir.CHECKPOINT_INFO).read_text())
     assert info["generator"] == {"arch": "unet", "size": 64, "ngf": 16, "unet_depth": 3, "scale_head": False, "upsample": "subpixel",
-                                 "input_range": [-1, 1]}
+                                 "downsample": "strided", "input_range": [-1, 1]}
     assert read_checkpoint_info(last)["generator"] == GeneratorSpec("unet", 64, 16, 3, False, "subpixel")
     beat = json.loads((trained / rundir.HEARTBEAT).read_text())  # the trainer's last heartbeat: the final step
     assert (beat["step"], beat["total_steps"]) == (40, 40) and beat["best_checkpoint_step"] in steps
@@ -438,7 +438,7 @@ def test_the_generator_block_of_checkpoint_json_round_trips_and_an_older_one_get
     spec = read_checkpoint_info(checkpoint)["generator"]
     assert GeneratorSpec.from_dict(spec.to_dict()) == spec
     info = json.loads((checkpoint / rundir.CHECKPOINT_INFO).read_text())
-    for key in ("unet_depth", "upsample", "scale_head", "input_range"):  # a checkpoint from before these options
+    for key in ("unet_depth", "upsample", "downsample", "scale_head", "input_range"):  # a checkpoint from before these options
         info["generator"].pop(key)
     (checkpoint / rundir.CHECKPOINT_INFO).write_text(json.dumps(info))
     assert read_checkpoint_info(checkpoint)["generator"] == GeneratorSpec("unet", 64, 16)  # full depth, transposed, no head
@@ -448,16 +448,18 @@ def test_the_generator_block_of_checkpoint_json_round_trips_and_an_older_one_get
             read_checkpoint_info(checkpoint)
 
 
-@pytest.mark.parametrize("upsample", ["transpose", "resize", "subpixel"])
-def test_a_shallow_unet_trains_and_its_checkpoint_loads_for_inference(upsample, shards_dir, tmp_path):
+@pytest.mark.parametrize("upsample, downsample", [("transpose", "strided"), ("resize", "strided"), ("subpixel", "blur")])
+def test_a_shallow_unet_trains_and_its_checkpoint_loads_for_inference(upsample, downsample, shards_dir, tmp_path):
     out = tmp_path / "shallow"
-    train("--data", shards_dir, "--out", out, *SMALL, "--max_steps", 4, "--checkpoint_every", 4, "--unet_depth", 3, "--upsample", upsample)
+    train("--data", shards_dir, "--out", out, *SMALL, "--max_steps", 4, "--checkpoint_every", 4, "--unet_depth", 3,
+          "--upsample", upsample, "--downsample", downsample)
     checkpoint = rundir.checkpoint_dir(out, 4)
     generator = json.loads((checkpoint / rundir.CHECKPOINT_INFO).read_text())["generator"]
-    assert generator["unet_depth"] == 3 and generator["upsample"] == upsample
-    net, _ = load_generator(checkpoint, "t1_to_t2")  # built at depth 3 with this upsampling, else its weights would not load
+    assert (generator["unet_depth"], generator["upsample"], generator["downsample"]) == (3, upsample, downsample)
+    net, _ = load_generator(checkpoint, "t1_to_t2")  # built as trained, else its weights would not load
     upsamplers = {"transpose": torch.nn.ConvTranspose2d, "resize": torch.nn.Upsample, "subpixel": SubPixelUpsample}[upsample]
     assert sum(1 for m in net.modules() if isinstance(m, upsamplers)) == 3
+    assert sum(1 for m in net.modules() if isinstance(m, Blur)) == (2 if downsample == "blur" else 0)
     rows = [r for r in rundir.read_metrics(out) if "val/t1_to_t2/texture" in r]
     assert rows and all(r["val/t1_to_t2/texture"] > 0 and r["val/t2_to_t1/texture"] > 0 for r in rows)
     assert translate(net, torch.rand(2, 1, 64, 64)).shape == (2, 1, 64, 64)

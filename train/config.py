@@ -53,6 +53,9 @@ class Config:
                            "subpixel (a 3x3 convolution to 4x the channels, then a pixel shuffle; ICNR-initialised, so it "
                            "starts checkerboard-free and may learn a kernel per output phase) or transpose (the seed's and reference's 4x4 "
                            "stride-2 transposed convolution)", choices=["transpose", "resize", "subpixel"])
+    downsample: str = option("strided", "U-Net encoder downsampling below the slice's own level (the ResNet generator keeps its "
+                             "strided convolutions): strided (the reference's 4x4 stride-2 convolution) or blur (a fixed "
+                             "[1,2,1] low-pass before it, against aliasing: Zhang, ICML 2019)", choices=["strided", "blur"])
     ndf: int = option(64, "discriminator base width", minimum=1)
     disc_layers: int = option(3, "PatchGAN depth: 3 judges 70x70 patches (the reference, for 256x256), 2 judges 34x34, 1 judges 16x16", minimum=1)
     # losses and optimizer
@@ -145,7 +148,8 @@ class Config:
 # options that change the networks or what a checkpoint holds: a checkpoint made with others cannot continue this run
 # (lambda_nce: PatchNCE's projection heads are trained and checkpointed beside the generators; lambda_aleatoric:
 # the generators' scale heads)
-ARCHITECTURE_KEYS = ("size", "generator", "ngf", "unet_depth", "upsample", "ndf", "disc_layers", "ema_decay", "lambda_nce", "lambda_aleatoric")
+ARCHITECTURE_KEYS = ("size", "generator", "ngf", "unet_depth", "upsample", "downsample", "ndf", "disc_layers", "ema_decay",
+                     "lambda_nce", "lambda_aleatoric")
 
 
 # option(..., minimum=, maximum=, above=, below=): each bound, the test a value fails it by, and the error's wording

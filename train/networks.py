@@ -40,6 +40,22 @@ def _norm(channels: int) -> nn.Module:
 
 
 UPSAMPLE = ("transpose", "resize", "subpixel")
+DOWNSAMPLE = ("strided", "blur")
+
+
+class Blur(nn.Module):
+    """A fixed [1, 2, 1] x [1, 2, 1] / 16 low-pass per channel, reflect-padded to keep the size. Before a stride-2
+    convolution it removes what the subsampling would alias (Zhang, "Making convolutional networks shift-invariant
+    again", ICML 2019), so a one-pixel shift of the input moves the features more than it changes them."""
+
+    def __init__(self):
+        super().__init__()
+        taps = torch.tensor([1.0, 2.0, 1.0])
+        self.register_buffer("kernel", (taps[:, None] * taps[None, :] / 16)[None, None], persistent=False)
+
+    def forward(self, x):
+        channels = x.shape[1]
+        return F.conv2d(F.pad(x, (1, 1, 1, 1), mode="reflect"), self.kernel.to(x.dtype).expand(channels, 1, 3, 3), groups=channels)
 
 
 class SubPixelUpsample(nn.Sequential):
@@ -74,15 +90,25 @@ def _upsample(in_channels: int, out_channels: int, mode: str, bias: bool) -> nn.
     raise ValueError(f"unknown upsampling {mode!r}: choose one of {', '.join(UPSAMPLE)}")
 
 
+def _downsample(in_channels: int, out_channels: int, mode: str) -> nn.Module:
+    """x2 downsampling: the reference's 4x4 stride-2 convolution, after a Blur with `blur`."""
+    if mode not in DOWNSAMPLE:
+        raise ValueError(f"unknown downsampling {mode!r}: choose one of {', '.join(DOWNSAMPLE)}")
+    down = nn.Conv2d(in_channels, out_channels, 4, stride=2, padding=1, bias=False)
+    return nn.Sequential(Blur(), down) if mode == "blur" else down
+
+
 class UNetBlock(nn.Module):
     """One encoder/decoder level: down, the inner levels, up, then concatenate the skip connection."""
 
     def __init__(self, outer: int, inner: int, submodule: nn.Module | None, in_channels: int | None = None,
-                 outermost: bool = False, dropout: bool = False, upsample: str = "transpose"):
+                 outermost: bool = False, dropout: bool = False, upsample: str = "transpose", downsample: str = "strided"):
         super().__init__()
         self.outermost = outermost
         in_channels = in_channels or outer
-        down = nn.Conv2d(in_channels, inner, 4, stride=2, padding=1, bias=False)
+        # the slice itself is subsampled by a learnt linear filter that can keep its finest detail; blurring it
+        # would discard that, and what aliases is what a nonlinearity adds, so the outermost level stays strided
+        down = _downsample(in_channels, inner, "strided" if outermost else downsample)
         up_in = inner if submodule is None else inner * 2
         if outermost:  # raw outputs: UNetGenerator applies the tanh to the translation, not to a scale head
             layers = [down, submodule, nn.ReLU(True), _upsample(up_in, outer, upsample, bias=True)]
@@ -121,15 +147,16 @@ class UNetGenerator(nn.Module):
     al., MICCAI 2021). forward() gives the translation alone; with_scale() both."""
 
     def __init__(self, size: int = 256, channels: int = 1, ngf: int = 64, dropout: bool = False, depth: int = 0,
-                 scale_head: bool = False, upsample: str = "transpose"):
+                 scale_head: bool = False, upsample: str = "transpose", downsample: str = "strided"):
         super().__init__()
         self.channels, self.scale_head = channels, scale_head
         depth = unet_levels(size, depth)
         widths = [ngf * min(2**i, 8) for i in range(depth)]  # 64, 128, 256, 512, 512, ...
-        block = UNetBlock(widths[-2], widths[-1], None, upsample=upsample)
+        sampling = {"upsample": upsample, "downsample": downsample}
+        block = UNetBlock(widths[-2], widths[-1], None, **sampling)
         for level in range(depth - 2, 0, -1):
-            block = UNetBlock(widths[level - 1], widths[level], block, dropout=dropout and widths[level] == ngf * 8, upsample=upsample)
-        self.model = UNetBlock(channels * (1 + scale_head), widths[0], block, in_channels=channels, outermost=True, upsample=upsample)
+            block = UNetBlock(widths[level - 1], widths[level], block, dropout=dropout and widths[level] == ngf * 8, **sampling)
+        self.model = UNetBlock(channels * (1 + scale_head), widths[0], block, in_channels=channels, outermost=True, **sampling)
 
     def forward(self, x):
         return torch.tanh(self.model(x)[:, :self.channels])
@@ -204,9 +231,9 @@ def init_weights(module: nn.Module, std: float = 0.02) -> nn.Module:
 
 
 def build_generator(arch: str, size: int, ngf: int = 64, unet_depth: int = 0, scale_head: bool = False,
-                    upsample: str = "transpose") -> nn.Module:
+                    upsample: str = "transpose", downsample: str = "strided") -> nn.Module:
     if arch == "unet":
-        return init_weights(UNetGenerator(size, ngf=ngf, depth=unet_depth, scale_head=scale_head, upsample=upsample))
+        return init_weights(UNetGenerator(size, ngf=ngf, depth=unet_depth, scale_head=scale_head, upsample=upsample, downsample=downsample))
     if scale_head:
         raise ValueError(f"a scale head needs the unet generator, not {arch!r}")
     if arch == "resnet9":  # the U-Net's depth and upsampling do not apply (train/main.py refuses them when asked for)
@@ -225,11 +252,13 @@ class GeneratorSpec:
     unet_depth: int = 0  # before --unet_depth: down to 1x1
     scale_head: bool = False
     upsample: str = "transpose"  # before --upsample
+    downsample: str = "strided"  # before --downsample
     input_range: tuple[int, int] = (-1, 1)  # to_model_range
 
     @classmethod
     def from_config(cls, config) -> GeneratorSpec:
-        return cls(config.generator, config.size, config.ngf, config.unet_depth, bool(config.lambda_aleatoric), config.upsample)
+        return cls(config.generator, config.size, config.ngf, config.unet_depth, bool(config.lambda_aleatoric), config.upsample,
+                   config.downsample)
 
     @classmethod
     def from_dict(cls, block: dict) -> GeneratorSpec:
@@ -241,7 +270,7 @@ class GeneratorSpec:
         return {**asdict(self), "input_range": list(self.input_range)}
 
     def build(self) -> nn.Module:
-        return build_generator(self.arch, self.size, self.ngf, self.unet_depth, self.scale_head, self.upsample)
+        return build_generator(self.arch, self.size, self.ngf, self.unet_depth, self.scale_head, self.upsample, self.downsample)
 
 
 def build_discriminator(ndf: int = 64, layers: int = 3) -> nn.Module:
