@@ -236,7 +236,7 @@ def build_generator(arch: str, size: int, ngf: int = 64, unet_depth: int = 0, sc
         return init_weights(UNetGenerator(size, ngf=ngf, depth=unet_depth, scale_head=scale_head, upsample=upsample, downsample=downsample))
     if scale_head:
         raise ValueError(f"a scale head needs the unet generator, not {arch!r}")
-    if arch == "resnet9":  # the U-Net's depth and upsampling do not apply (train/main.py refuses them when asked for)
+    if arch == "resnet9":  # the U-Net's depth and sampling do not apply (train/main.py refuses a depth asked for)
         return init_weights(ResnetGenerator(ngf=ngf, blocks=9))
     raise ValueError(f"unknown generator {arch!r}: choose unet or resnet9")
 
