@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from train.inference import Translator
-from train.losses import MAX_SHIFT, ImagePool, Objective, PatchNCE, generator_losses, laplace_nll, mind, move_at, noise_at
+from train.losses import (MAX_SHIFT, ImagePool, Objective, PatchNCE, dropout_masks_at, generator_losses, laplace_nll, mind, move_at,
+                          noise_at)
 from train.networks import CycleGenerators, Discriminators, build_discriminator, build_generator, flip_shift
 
 
@@ -217,6 +218,24 @@ def test_cycle_noise_is_drawn_from_seed_step_and_rank():
     assert torch.equal(draw(7, 0, 1), draw(7, 0, 1)), "a resumed run draws the same noise"
     assert not torch.equal(draw(7, 0, 0), draw(7, 0, 1)), "ranks draw their own"
     assert not torch.equal(draw(7, 0, 0), draw(8, 0, 0)) and not torch.equal(draw(7, 0, 0), draw(7, 1, 0))
+
+
+def test_dropout_masks_are_drawn_from_seed_step_and_rank_and_the_global_rng_is_left_as_it_was():
+    drop, ones, cpu = torch.nn.Dropout(0.5), torch.ones(1000), torch.device("cpu")
+
+    def draw(step, seed, rank, enabled=True):
+        with dropout_masks_at(step, seed, rank, cpu, enabled):
+            return drop(ones)
+
+    torch.manual_seed(123)
+    before = torch.get_rng_state()
+    mask = draw(7, 0, 1)
+    assert torch.equal(torch.get_rng_state(), before), "the data pipeline's draws are not moved"
+    assert torch.equal(mask, draw(7, 0, 1)), "a resumed run draws the same masks"
+    assert not torch.equal(mask, draw(7, 0, 0)), "ranks draw their own"
+    assert not torch.equal(mask, draw(8, 0, 1)) and not torch.equal(mask, draw(7, 1, 1))
+    draw(7, 0, 1, enabled=False)
+    assert not torch.equal(torch.get_rng_state(), before), "disabled, dropout draws from the global RNG as always"
 
 
 def gain(value: float) -> torch.nn.Conv2d:

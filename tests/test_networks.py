@@ -133,3 +133,20 @@ def test_blur_downsampling_removes_what_subsampling_would_alias_and_keeps_the_un
     assert net(torch.randn(2, 1, 64, 64)).shape == (2, 1, 64, 64)
     with pytest.raises(ValueError, match="unknown downsampling 'max'"):
         _downsample(8, 16, "max")
+
+
+def test_generator_dropout_follows_each_inner_decoder_level_and_leaves_inference_alone():
+    """--dropout puts a dropout after each decoder level below the slice's own (two at depth 3), none on the
+    translation itself. It has no parameters, so a checkpoint loads into the inference graph, built without it,
+    and in eval mode both give the same translation; in training mode two passes differ."""
+    torch.manual_seed(0)
+    net = build_generator("unet", 64, 8, unet_depth=3, upsample="subpixel", dropout=0.3)
+    plain = build_generator("unet", 64, 8, unet_depth=3, upsample="subpixel")
+    assert [m.p for m in net.modules() if isinstance(m, nn.Dropout)] == [0.3, 0.3]
+    assert not any(isinstance(m, nn.Dropout) for m in plain.modules())
+    plain.load_state_dict(net.state_dict())
+    x = torch.rand(2, 1, 64, 64) * 2 - 1
+    with torch.no_grad():
+        torch.testing.assert_close(net.eval()(x), plain.eval()(x))
+        net.train()
+        assert (net(x) - net(x)).abs().max() > 1e-3

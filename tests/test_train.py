@@ -130,6 +130,23 @@ def test_resume_from_a_checkpoint_reproduces_the_uninterrupted_run(trained, tmp_
         assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a), name
 
 
+def test_generator_dropout_reaches_training_and_a_resume_draws_the_same_masks(trained, tmp_path):
+    """--dropout changes what the base run's settings train to, and a run resumed at step 30 ends at the
+    uninterrupted run's weights, bit for bit: the masks come from the seed, step and rank, not from a global RNG."""
+    data = yaml.safe_load((trained / "config.yaml").read_text())["data"]
+    args = ["--data", data, *SMALL, "--max_steps", 40, "--steps_per_epoch", 20, "--checkpoint_every", 10, "--dropout", 0.3]
+    whole, resumed = tmp_path / "whole", tmp_path / "resumed"
+    train(*args, "--out", whole)
+    train(*args, "--out", resumed, "--resume", rundir.checkpoint_dir(whole, 30))
+    assert yaml.safe_load((whole / "config.yaml").read_text())["dropout"] == 0.3
+    for name in rundir.GENERATORS.values():
+        with_dropout = load_file(str(rundir.checkpoint_dir(whole, 40) / name))
+        again = load_file(str(rundir.checkpoint_dir(resumed, 40) / name))
+        without = load_file(str(rundir.checkpoint_dir(trained, 40) / name))
+        assert all(torch.equal(with_dropout[k], again[k]) for k in with_dropout), name
+        assert not all(torch.allclose(with_dropout[k], without[k], atol=1e-3) for k in with_dropout), name
+
+
 def test_a_checkpoint_stores_each_generator_once_and_older_checkpoints_still_resume(trained, tmp_path):
     """The G_* files are the only copy of the trained generators; a checkpoint written before that (the generators
     in Accelerate's model.safetensors too, the discriminators in model_1) resumes to the same weights."""
@@ -366,13 +383,15 @@ def test_augmentation_keeps_most_of_the_fine_texture():
     assert kept.mean() > 0.65, kept.mean()
 
 
-@pytest.mark.parametrize("case", ["missing", "empty", "keys", "size", "resume", "option", "yaml", "stale", "depth", "depth-arch"])
+@pytest.mark.parametrize("case", ["missing", "empty", "keys", "size", "resume", "option", "yaml", "stale", "depth", "depth-arch",
+                                  "dropout-arch"])
 def test_bad_input_fails_before_training(case, shards_dir, trained, tmp_path):
     args = ["--data", shards_dir, "--out", tmp_path / "run", *SMALL, "--max_steps", 2]
     expect = {"missing": "no such folder", "empty": "manifest.json", "keys": "lack t1.png", "size": "--size is 128",
               "resume": "not a checkpoint", "option": "unrecognized arguments: --bogus", "yaml": "unknown option(s) bogus",
               "stale": "different configuration", "depth": "--unet_depth 7: U-Net depth must be 2..6 for size 64",
-              "depth-arch": "--unet_depth 4: needs --generator unet, not resnet9"}[case]
+              "depth-arch": "--unet_depth 4: needs --generator unet, not resnet9",
+              "dropout-arch": "--dropout 0.2: needs --generator unet, not resnet9"}[case]
     if case == "missing":
         args[1] = tmp_path / "nowhere"
     elif case == "empty":
@@ -402,6 +421,8 @@ def test_bad_input_fails_before_training(case, shards_dir, trained, tmp_path):
         args += ["--unet_depth", "7"]
     elif case == "depth-arch":
         args += ["--generator", "resnet9", "--unet_depth", "4"]  # the default depth, 3, is simply not the ResNet's
+    elif case == "dropout-arch":
+        args += ["--generator", "resnet9", "--dropout", "0.2"]
     elif case == "stale":
         args = [a if a != "16" else "8" for a in args] + ["--resume", rundir.checkpoint_dir(trained, 40)]
     result = train(*args, check=False, timeout=120)

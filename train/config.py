@@ -56,6 +56,8 @@ class Config:
     downsample: str = option("strided", "U-Net encoder downsampling below the slice's own level (the ResNet generator keeps its "
                              "strided convolutions): strided (the reference's 4x4 stride-2 convolution) or blur (a fixed "
                              "[1,2,1] low-pass before it, against aliasing: Zhang, ICML 2019)", choices=["strided", "blur"])
+    dropout: float = option(0.0, "generator dropout rate after each U-Net decoder level below the slice's own (training only; "
+                            "the reference puts 0.5 at its 512-wide levels)", minimum=0, below=1)
     ndf: int = option(64, "discriminator base width", minimum=1)
     disc_layers: int = option(3, "PatchGAN depth: 3 judges 70x70 patches (the reference, for 256x256), 2 judges 34x34, 1 judges 16x16", minimum=1)
     # losses and optimizer

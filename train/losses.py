@@ -150,6 +150,19 @@ def noise_at(step: int, seed: int, rank: int, device: torch.device) -> torch.Gen
     return torch.Generator(device).manual_seed((seed * 1_000_003 + step) * 1_009 + rank)
 
 
+@contextmanager
+def dropout_masks_at(step: int, seed: int, rank: int, device: torch.device, enabled: bool = True):
+    """nn.Dropout draws from the global RNG: inside this, that RNG is seeded for one step on one rank as noise_at
+    seeds its generator, and restored after, so a resumed run draws the same masks, ranks draw different ones, and
+    nothing else that draws from it is moved."""
+    if not enabled:
+        yield
+        return
+    with torch.random.fork_rng(devices=[device] if device.type != "cpu" else [], device_type=device.type):
+        torch.manual_seed((seed * 1_000_003 + step) * 1_009 + rank)
+        yield
+
+
 def generator_losses(gens, discs, real_a, real_b, objective: Objective, nce: nn.Module | None = None,
                      move: tuple[bool, tuple[int, int]] | None = None, noise: torch.Generator | None = None):
     """Fool both (frozen) discriminators, cycle back, keep identity and (optionally) structure: MIND and/or

@@ -102,7 +102,7 @@ class UNetBlock(nn.Module):
     """One encoder/decoder level: down, the inner levels, up, then concatenate the skip connection."""
 
     def __init__(self, outer: int, inner: int, submodule: nn.Module | None, in_channels: int | None = None,
-                 outermost: bool = False, dropout: bool = False, upsample: str = "transpose", downsample: str = "strided"):
+                 outermost: bool = False, dropout: float = 0.0, upsample: str = "transpose", downsample: str = "strided"):
         super().__init__()
         self.outermost = outermost
         in_channels = in_channels or outer
@@ -117,8 +117,8 @@ class UNetBlock(nn.Module):
         else:
             layers = [nn.LeakyReLU(0.2, True), down, _norm(inner), submodule, nn.ReLU(True),
                       _upsample(up_in, outer, upsample, bias=False), _norm(outer)]
-            if dropout:
-                layers.append(nn.Dropout(0.5))
+        if dropout and not outermost:  # on what this level decodes; the skip concatenated after it passes whole
+            layers.append(nn.Dropout(dropout))
         self.model = nn.Sequential(*layers)
 
     def forward(self, x):
@@ -146,16 +146,16 @@ class UNetGenerator(nn.Module):
     around the translation, the generator's own estimate of its error (E|error| = b), as in UGAC (Upadhyay et
     al., MICCAI 2021). forward() gives the translation alone; with_scale() both."""
 
-    def __init__(self, size: int = 256, channels: int = 1, ngf: int = 64, dropout: bool = False, depth: int = 0,
+    def __init__(self, size: int = 256, channels: int = 1, ngf: int = 64, dropout: float = 0.0, depth: int = 0,
                  scale_head: bool = False, upsample: str = "transpose", downsample: str = "strided"):
         super().__init__()
         self.channels, self.scale_head = channels, scale_head
         depth = unet_levels(size, depth)
         widths = [ngf * min(2**i, 8) for i in range(depth)]  # 64, 128, 256, 512, 512, ...
         sampling = {"upsample": upsample, "downsample": downsample}
-        block = UNetBlock(widths[-2], widths[-1], None, **sampling)
+        block = UNetBlock(widths[-2], widths[-1], None, dropout=dropout, **sampling)
         for level in range(depth - 2, 0, -1):
-            block = UNetBlock(widths[level - 1], widths[level], block, dropout=dropout and widths[level] == ngf * 8, **sampling)
+            block = UNetBlock(widths[level - 1], widths[level], block, dropout=dropout, **sampling)
         self.model = UNetBlock(channels * (1 + scale_head), widths[0], block, in_channels=channels, outermost=True, **sampling)
 
     def forward(self, x):
@@ -231,12 +231,13 @@ def init_weights(module: nn.Module, std: float = 0.02) -> nn.Module:
 
 
 def build_generator(arch: str, size: int, ngf: int = 64, unet_depth: int = 0, scale_head: bool = False,
-                    upsample: str = "transpose", downsample: str = "strided") -> nn.Module:
+                    upsample: str = "transpose", downsample: str = "strided", dropout: float = 0.0) -> nn.Module:
     if arch == "unet":
-        return init_weights(UNetGenerator(size, ngf=ngf, depth=unet_depth, scale_head=scale_head, upsample=upsample, downsample=downsample))
+        return init_weights(UNetGenerator(size, ngf=ngf, depth=unet_depth, scale_head=scale_head, upsample=upsample,
+                                          downsample=downsample, dropout=dropout))
     if scale_head:
         raise ValueError(f"a scale head needs the unet generator, not {arch!r}")
-    if arch == "resnet9":  # the U-Net's depth and sampling do not apply (train/main.py refuses a depth asked for)
+    if arch == "resnet9":  # the U-Net's depth, sampling and dropout do not apply (train/main.py refuses a depth or dropout asked for)
         return init_weights(ResnetGenerator(ngf=ngf, blocks=9))
     raise ValueError(f"unknown generator {arch!r}: choose unet or resnet9")
 
@@ -269,8 +270,10 @@ class GeneratorSpec:
     def to_dict(self) -> dict:
         return {**asdict(self), "input_range": list(self.input_range)}
 
-    def build(self) -> nn.Module:
-        return build_generator(self.arch, self.size, self.ngf, self.unet_depth, self.scale_head, self.upsample, self.downsample)
+    def build(self, dropout: float = 0.0) -> nn.Module:
+        """The generator; `dropout` (training only: no parameters, so not in the spec) after each inner decoder level."""
+        return build_generator(self.arch, self.size, self.ngf, self.unet_depth, self.scale_head, self.upsample, self.downsample,
+                               dropout)
 
 
 def build_discriminator(ndf: int = 64, layers: int = 3) -> nn.Module:

@@ -14,7 +14,8 @@ from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from train.config import Config
-from train.losses import ImagePool, Objective, PatchNCE, discriminator_losses, generator_losses, move_at, noise_at
+from train.losses import (ImagePool, Objective, PatchNCE, discriminator_losses, dropout_masks_at, generator_losses, move_at,
+                          noise_at)
 from train.networks import CycleGenerators, Discriminators, GeneratorSpec, build_discriminator
 
 
@@ -34,7 +35,8 @@ class CycleGAN:
     ema: AveragedModel | None
     trained_gens: CycleGenerators  # gens unwrapped from DDP
     objective: Objective
-    seed: int  # with the step, draws the equivariance term's moves and the cycle noise
+    seed: int  # with the step, draws the equivariance term's moves, the cycle noise and the dropout masks
+    dropout: float  # the generators' (training only)
 
     @property
     def inference_gens(self) -> CycleGenerators:
@@ -59,7 +61,7 @@ def any_rank(accelerator: Accelerator, flag: bool) -> bool:
 
 def build_cycle_gan(accelerator: Accelerator, config: Config, total_steps: int) -> CycleGAN:
     """The CycleGAN of `config` at config.size (resolved: not 0)."""
-    gens = CycleGenerators(*(GeneratorSpec.from_config(config).build() for _ in range(2)))
+    gens = CycleGenerators(*(GeneratorSpec.from_config(config).build(config.dropout) for _ in range(2)))
     discs = Discriminators(build_discriminator(config.ndf, config.disc_layers), build_discriminator(config.ndf, config.disc_layers))
     if config.channels_last:
         gens, discs = gens.to(memory_format=torch.channels_last), discs.to(memory_format=torch.channels_last)
@@ -78,7 +80,7 @@ def build_cycle_gan(accelerator: Accelerator, config: Config, total_steps: int) 
     trained_gens = accelerator.unwrap_model(gens)
     ema = AveragedModel(trained_gens, multi_avg_fn=get_ema_multi_avg_fn(config.ema_decay)) if config.ema_decay else None
     return CycleGAN(gens, discs, opt_g, opt_d, sched_g, sched_d, pools, heads[0] if heads else None, ema, trained_gens,
-                    Objective.from_config(config), config.seed)
+                    Objective.from_config(config), config.seed, config.dropout)
 
 
 def train_step(accelerator: Accelerator, model: CycleGAN, real_a: torch.Tensor, real_b: torch.Tensor, step: int
@@ -91,9 +93,10 @@ def train_step(accelerator: Accelerator, model: CycleGAN, real_a: torch.Tensor, 
     discs_plain = accelerator.unwrap_model(model.discs)
     discs_plain.requires_grad_(False)
     objective = model.objective.at(step)
-    with accelerator.autocast():
+    rank, device = accelerator.process_index, real_a.device
+    with accelerator.autocast(), dropout_masks_at(step, model.seed, rank, device, enabled=bool(model.dropout)):
         move = move_at(step, model.seed) if objective.equivariance else None
-        noise = noise_at(step, model.seed, accelerator.process_index, real_a.device) if objective.cycle_noise else None
+        noise = noise_at(step, model.seed, rank, device) if objective.cycle_noise else None
         fakes, losses_g = generator_losses(model.gens, discs_plain, real_a, real_b, objective, model.nce, move, noise)
     discs_plain.requires_grad_(True)
     if any_rank(accelerator, not torch.isfinite(losses_g["G"]).item()):
