@@ -144,22 +144,26 @@ def move_at(step: int, seed: int) -> tuple[bool, tuple[int, int]]:
     return rng.random() < 0.5, (rng.randint(-MAX_SHIFT, MAX_SHIFT), rng.randint(-MAX_SHIFT, MAX_SHIFT))
 
 
+def step_seed(step: int, seed: int, rank: int) -> int:
+    """One step's seed on one rank, from those alone: a resumed run draws the same without checkpointing an RNG,
+    and ranks draw their own."""
+    return (seed * 1_000_003 + step) * 1_009 + rank
+
+
 def noise_at(step: int, seed: int, rank: int, device: torch.device) -> torch.Generator:
-    """The cycle noise's generator for one step on one rank, seeded from those alone: a resumed run draws the
-    same noise without checkpointing an RNG, and ranks draw different noise."""
-    return torch.Generator(device).manual_seed((seed * 1_000_003 + step) * 1_009 + rank)
+    """The cycle noise's generator for one step on one rank (step_seed)."""
+    return torch.Generator(device).manual_seed(step_seed(step, seed, rank))
 
 
 @contextmanager
 def dropout_masks_at(step: int, seed: int, rank: int, device: torch.device, enabled: bool = True):
-    """nn.Dropout draws from the global RNG: inside this, that RNG is seeded for one step on one rank as noise_at
-    seeds its generator, and restored after, so a resumed run draws the same masks, ranks draw different ones, and
-    nothing else that draws from it is moved."""
+    """nn.Dropout draws from the global RNG: inside this, that RNG is seeded by step_seed and restored after, so a
+    resumed run draws the same masks, ranks draw different ones, and nothing else that draws from it is moved."""
     if not enabled:
         yield
         return
     with torch.random.fork_rng(devices=[device] if device.type != "cpu" else [], device_type=device.type):
-        torch.manual_seed((seed * 1_000_003 + step) * 1_009 + rank)
+        torch.manual_seed(step_seed(step, seed, rank))
         yield
 
 
