@@ -30,9 +30,12 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/pip install -q -e '.[dev]'
 	touch $@
 
+# One worker per core: a third of the suite's time is spent waiting on subprocesses, Slurm and a browser, which the
+# second worker fills. --dist loadfile keeps each file on one worker, so its module fixtures (Slurm, Chromium,
+# trained runs) start once.
 test: setup
 	$(BIN)/ruff check .
-	$(BIN)/python -m pytest -q --durations=15
+	$(BIN)/python -m pytest -q --durations=15 -n auto --dist loadfile
 
 # The main job on the embedded default: synthetic IXI -> shards -> CycleGAN -> evaluation. Each stage is a
 # file target, so a second run reuses the data, the shards and a finished run (an interrupted one resumes).
