@@ -30,8 +30,8 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/pip install -q -e '.[dev]'
 	touch $@
 
-# One worker per core: a third of the suite's time is spent waiting on subprocesses, Slurm and a browser, which the
-# second worker fills. --dist loadfile keeps each file on one worker, so its module fixtures (Slurm, Chromium,
+# One worker per core: run serially, the suite keeps about 1.2 of 2 cores busy while it waits on subprocesses,
+# Slurm and a browser, and a second worker fills that (941 s -> 771 s on 2 cores). --dist loadfile keeps each file on one worker, so its module fixtures (Slurm, Chromium,
 # trained runs) start once.
 test: setup
 	$(BIN)/ruff check .
