@@ -31,9 +31,9 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 # One worker per core: run serially, the suite keeps about 1.2 of 2 cores busy while it waits on subprocesses,
-# Slurm and a browser, and a second worker fills that (941 s -> 771 s on 2 cores; 549 s once the workers' OpenMP
-# threads wait without spinning, tests/conftest.py). --dist loadfile keeps each file on one worker, so its module fixtures (Slurm, Chromium,
-# trained runs) start once.
+# Slurm and a browser, and a second worker fills that (941 s -> 771 s on 2 cores; 549 s once the workers'
+# OpenMP threads wait without spinning, tests/conftest.py). --dist loadfile keeps each file on one worker, so
+# its module fixtures (Slurm, Chromium, trained runs) start once.
 test: setup
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q --durations=15 -n auto --dist loadfile
