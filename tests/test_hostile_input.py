@@ -255,6 +255,7 @@ BILLION_LAUGHS = "\n".join(['a0: &a0 ["lol", "lol", "lol", "lol", "lol", "lol", 
     (["--lr", "0"], "--lr 0.0: must be above 0"), (["--beta1", "1.5"], "--beta1 1.5: must be below 1"),
     (["--lambda_cycle", "-1"], "--lambda_cycle -1.0: must be at least 0"),
     (["--batch_size", "100000"], "--batch_size 100000: must be at most 512"),
+    (["--elastic", "0.1"], "--elastic 0.1: must be at most 0.04"),
     ("yaml-syntax", "line 2, column"), ("binary", "not a text file"), ("billion-laughs", "line 2: a YAML alias (*a0)"),
     ("huge", "more than the 1048576 a config file may have")])
 def test_bad_options_and_config_files_are_one_line_errors(argv, expect, tmp_path, capsys):

@@ -28,7 +28,7 @@ from train import main as trainer
 from train import rundir
 from train.checkpoints import check_compatible, generator_weights
 from train.config import Config, load_config
-from train.data import SliceStream, augment, train_loaders, training_subjects
+from train.data import SliceStream, augment, elastic_offsets, resolve_augment, train_loaders, training_subjects
 from train.fidelity import tissue_contrast
 from train.inference import CheckpointError, load_generator, read_checkpoint_info, translate
 from train.networks import Blur, GeneratorSpec, SubPixelUpsample
@@ -381,6 +381,50 @@ def test_augmentation_keeps_most_of_the_fine_texture():
     rng = torch.Generator().manual_seed(0)
     kept = torch.stack([fine(augment(head, rng)) / fine(head) for _ in range(50)])
     assert kept.mean() > 0.65, kept.mean()
+
+
+def test_elastic_warp_moves_anatomy_smoothly_by_about_its_magnitude_without_folding():
+    rng = torch.Generator().manual_seed(0)
+    size = 128
+    for _ in range(200):
+        offsets = elastic_offsets(size, 0.04, rng)[0] * size / 2  # pixels
+        assert 0.3 * 0.04 * size < offsets.abs().max() <= 1.9 * 0.04 * size  # it warps, at most by the bicubic overshoot in 2D (1.375²)
+        dx, dy = offsets[..., 0], offsets[..., 1]  # x moves along columns, y along rows
+        jacobian = ((1 + dx.diff(dim=1)[:-1]) * (1 + dy.diff(dim=0)[:, :-1]) - dx.diff(dim=0)[:, :-1] * dy.diff(dim=1)[:-1])
+        assert jacobian.min() > 0  # at --elastic's maximum the slice never folds over itself
+
+    # a dot in a slice moves as the field says: sample the warped slice where the dot went
+    dot = torch.zeros(1, 64, 64)
+    dot[:, 30:34, 40:44] = 1.0
+    plain, warped = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+    moved = [augment(dot, plain), augment(dot, warped, 0.04)]
+    assert warped.initial_seed() == plain.initial_seed() and not torch.equal(*moved)
+    centres = [torch.stack(torch.where(m[0] > 0.5)).float().mean(1) for m in moved]
+    assert 0.1 < (centres[0] - centres[1]).norm() <= 1.9 * 0.04 * 64 + 1  # the affine is the same draw; only the warp moved it
+
+
+def test_elastic_off_draws_nothing_so_earlier_runs_augment_as_before():
+    head = torch.rand(1, 32, 32)
+    before, now = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
+    for _ in range(5):
+        assert torch.equal(augment(head, before), augment(head, now, 0.0))
+    assert torch.equal(torch.rand(3, generator=before), torch.rand(3, generator=now))  # no extra draws: the stream stays in step
+
+
+def test_elastic_reaches_the_training_stream_and_is_warned_when_augmentation_is_off(shards_dir):
+    def first_batch(*options):
+        config = load_config(["--data", str(shards_dir), "--out", "-", "--num_workers", "0", "--batch_size", "2", *options])
+        return next(iter(train_loaders(config, 0, 1)["t1"]))
+
+    plain, warped = first_batch("--augment", "true"), first_batch("--augment", "true", "--elastic", "0.03")
+    assert plain["key"] == warped["key"] and not torch.equal(plain["image"], warped["image"])
+
+    manifest = read_manifest(shards_dir)
+    unused = load_config(["--data", str(shards_dir), "--out", "-", "--augment", "false", "--elastic", "0.03"])
+    augment_on, note = resolve_augment(manifest, unused, 10)
+    assert augment_on is False and note == "warning: --elastic 0.03 does nothing: augmentation is off for this run (--augment)"
+    used = dataclasses.replace(unused, augment=True)
+    assert resolve_augment(manifest, used, 10) == (True, None)
 
 
 @pytest.mark.parametrize("case", ["missing", "empty", "keys", "size", "resume", "option", "yaml", "stale", "depth", "depth-arch",

@@ -72,11 +72,23 @@ def check_shards(root: str, size: int | None = None, allow_partial: bool = False
     return manifest
 
 
-def augment(image: torch.Tensor, rng: torch.Generator) -> torch.Tensor:
-    """(1,H,W) in [0,1]: left-right flip, small affine (+-5 deg, +-5% scale, +-4% shift), gamma and gain.
-    Intensity changes are multiplicative, so the air around the head stays at zero as in every shard. The affine
-    resamples bicubically: bilinear resampling blurs what the discriminators see as real, and the generators
-    learnt to translate that blur (single-pass texture 0.83 / 0.85 of the truth's against 0.98 / 1.00)."""
+ELASTIC_CONTROL_POINTS = 7
+
+
+def elastic_offsets(size: int, magnitude: float, rng: torch.Generator) -> torch.Tensor:
+    """(1,size,size,2) offsets for an affine_grid (whose units span the width twice): uniform in +-`magnitude` of
+    the width at a 7x7 grid of control points, bicubic between them (TorchIO's RandomElasticDeformation fits a B-spline to such points)."""
+    control = torch.rand(1, 2, ELASTIC_CONTROL_POINTS, ELASTIC_CONTROL_POINTS, generator=rng) * 2 - 1
+    return F.interpolate(control * (2 * magnitude), size=(size, size), mode="bicubic", align_corners=True).permute(0, 2, 3, 1)
+
+
+def augment(image: torch.Tensor, rng: torch.Generator, elastic: float = 0.0) -> torch.Tensor:
+    """(1,H,W) in [0,1]: left-right flip, small affine (+-5 deg, +-5% scale, +-4% shift), gamma and gain, and
+    with `elastic` > 0 a smooth warp (elastic_offsets, --elastic). The warp joins the
+    affine's sampling grid, so the slice is resampled once. Intensity changes are multiplicative, so the air
+    around the head stays at zero as in every shard. The slice resamples bicubically: bilinear resampling blurs
+    what the discriminators see as real, and the generators learnt to translate that blur (single-pass texture
+    0.83 / 0.85 of the truth's against 0.98 / 1.00)."""
     u = torch.rand(7, generator=rng)
     if u[0] < 0.5:
         image = image.flip(-1)
@@ -86,6 +98,8 @@ def augment(image: torch.Tensor, rng: torch.Generator) -> torch.Tensor:
     theta = torch.tensor([[math.cos(angle) / scale, -math.sin(angle) / scale, tx],
                           [math.sin(angle) / scale, math.cos(angle) / scale, ty]], dtype=image.dtype)
     grid = F.affine_grid(theta[None], [1, *image.shape], align_corners=False)
+    if elastic:
+        grid = grid + elastic_offsets(image.shape[-1], elastic, rng)
     image = F.grid_sample(image[None], grid, mode="bicubic", padding_mode="zeros", align_corners=False)[0]
     gamma = math.exp((u[5].item() - 0.5) * 0.4)  # 0.82 .. 1.22
     gain = 0.9 + u[6].item() * 0.2
@@ -97,10 +111,11 @@ class SliceStream(IterableDataset):
     epoch; `skipped` counts this slot's unreadable samples so far."""
 
     def __init__(self, urls: list[str], contrast: str, seed: int, rank: int, world: int,
-                 shuffle_buffer: int, do_augment: bool, size: int, subjects: frozenset[str] | None = None):
+                 shuffle_buffer: int, do_augment: bool, size: int, subjects: frozenset[str] | None = None,
+                 elastic: float = 0.0):
         self.urls, self.contrast, self.seed, self.size = urls, contrast, seed, size
         self.rank, self.world = rank, world
-        self.shuffle_buffer, self.do_augment = shuffle_buffer, do_augment
+        self.shuffle_buffer, self.do_augment, self.elastic = shuffle_buffer, do_augment, elastic
         self.subjects = subjects  # None: every subject in the shards
         self.epoch = 0
 
@@ -138,7 +153,7 @@ class SliceStream(IterableDataset):
                     print(f"warning: skipping unreadable sample {sample.get('__key__')} in {sample.get('__url__')}: {err}")
                     continue
                 if self.do_augment:
-                    image = augment(image, rng)
+                    image = augment(image, rng, self.elastic)
                 yielded += 1
                 yield {"image": to_model_range(image), "key": sample["__key__"], "slot": slot, "skipped": skipped}
             if yielded == 0:
@@ -156,7 +171,8 @@ def train_loaders(config, rank: int, world: int) -> dict[str, DataLoader]:
         urls = shard_paths(config.data, "train", contrast)
         if config.data_url:
             urls = [f"{config.data_url}train/{Path(u).name}" for u in urls]
-        stream = SliceStream(urls, contrast, config.seed * 2 + index, rank, world, config.shuffle_buffer, config.augment, config.size, subjects)
+        stream = SliceStream(urls, contrast, config.seed * 2 + index, rank, world, config.shuffle_buffer, config.augment, config.size, subjects,
+                             config.elastic)
         loaders[contrast] = DataLoader(stream, batch_size=config.batch_size, num_workers=config.num_workers,
                                        persistent_workers=False, pin_memory=torch.cuda.is_available(),
                                        multiprocessing_context="fork" if config.num_workers else None)
@@ -167,23 +183,28 @@ def resolve_augment(manifest: dict, config, samples: int, resumed: bool | str | 
     """Whether a run drawing `samples` images per contrast augments, and a line to print about it, or None.
     --augment auto augments when the run passes over the smaller contrast's training slices more than
     OVER_TRAINING_PASSES times (a --train_subjects subset counted as its share of the subjects' slices); an
-    explicit --augment false there is warned. `resumed`: what the checkpoint being resumed trained with, which
-    auto keeps, so that a resume with another --max_steps does not change the data halfway."""
+    explicit --augment false there is warned, and so is an --elastic that augmentation off leaves unused.
+    `resumed`: what the checkpoint being resumed trained with, which auto keeps, so that a resume with another
+    --max_steps does not change the data halfway."""
     train = manifest["splits"]["train"]
     slices = min(train["slices"].values()) * (config.train_subjects / len(train["subjects"]) if config.train_subjects else 1)
     passes = samples / max(slices, 1)
     many = passes > OVER_TRAINING_PASSES
+    augment, note = config.augment, None
     if config.augment == "auto" and isinstance(resumed, bool):
-        return resumed, (f"augmentation {'on' if resumed else 'off'} (--augment auto), as in the run resumed; "
-                         f"--augment {str(not resumed).lower()} would change it" if resumed != many else None)
-    if config.augment == "auto":
-        return many, (f"augmentation on (--augment auto): this run passes over its training slices about {passes:.0f} times, "
-                      f"more than {OVER_TRAINING_PASSES}" if many else None)
-    if many and not config.augment:
-        return False, (f"warning: this run passes over its training slices about {passes:.0f} times with --augment false; on "
-                       f"a small training set the default recipe then over-trains and its single pass speckles "
-                       f"(docs/fidelity.md, \"Small data, trained long\"); --augment auto would augment")
-    return config.augment, None
+        augment, note = resumed, (f"augmentation {'on' if resumed else 'off'} (--augment auto), as in the run resumed; "
+                                  f"--augment {str(not resumed).lower()} would change it" if resumed != many else None)
+    elif config.augment == "auto":
+        augment, note = many, (f"augmentation on (--augment auto): this run passes over its training slices about {passes:.0f} "
+                               f"times, more than {OVER_TRAINING_PASSES}" if many else None)
+    elif many and not config.augment:
+        note = (f"warning: this run passes over its training slices about {passes:.0f} times with --augment false; on "
+                f"a small training set the default recipe then over-trains and its single pass speckles "
+                f"(docs/fidelity.md, \"Small data, trained long\"); --augment auto would augment")
+    if config.elastic and not augment:
+        unused = f"warning: --elastic {config.elastic} does nothing: augmentation is off for this run (--augment)"
+        note = f"{note}\n{unused}" if note else unused
+    return augment, note
 
 
 def training_subjects(root: str, count: int, seed: int) -> frozenset[str]:
