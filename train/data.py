@@ -77,18 +77,19 @@ ELASTIC_CONTROL_POINTS = 7
 
 def elastic_offsets(size: int, magnitude: float, rng: torch.Generator) -> torch.Tensor:
     """(1,size,size,2) offsets for an affine_grid (whose units span the width twice): uniform in +-`magnitude` of
-    the width at a 7x7 grid of control points, bicubic between them (TorchIO's RandomElasticDeformation fits a B-spline to such points)."""
+    the width at a 7x7 grid of control points, bicubic between them (TorchIO's RandomElasticDeformation fits a
+    B-spline to such points)."""
     control = torch.rand(1, 2, ELASTIC_CONTROL_POINTS, ELASTIC_CONTROL_POINTS, generator=rng) * 2 - 1
     return F.interpolate(control * (2 * magnitude), size=(size, size), mode="bicubic", align_corners=True).permute(0, 2, 3, 1)
 
 
 def augment(image: torch.Tensor, rng: torch.Generator, elastic: float = 0.0) -> torch.Tensor:
     """(1,H,W) in [0,1]: left-right flip, small affine (+-5 deg, +-5% scale, +-4% shift), gamma and gain, and
-    with `elastic` > 0 a smooth warp (elastic_offsets, --elastic). The warp joins the
-    affine's sampling grid, so the slice is resampled once. Intensity changes are multiplicative, so the air
-    around the head stays at zero as in every shard. The slice resamples bicubically: bilinear resampling blurs
-    what the discriminators see as real, and the generators learnt to translate that blur (single-pass texture
-    0.83 / 0.85 of the truth's against 0.98 / 1.00)."""
+    with `elastic` > 0 a smooth warp (elastic_offsets, --elastic) added to the affine's sampling grid, so the
+    slice is resampled once. Intensity changes are multiplicative, so the air around the head stays at zero as in
+    every shard. The slice resamples bicubically: bilinear resampling blurs what the discriminators see as real,
+    and the generators learnt to translate that blur (single-pass texture 0.83 / 0.85 of the truth's against
+    0.98 / 1.00)."""
     u = torch.rand(7, generator=rng)
     if u[0] < 0.5:
         image = image.flip(-1)
