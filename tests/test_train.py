@@ -393,14 +393,12 @@ def test_elastic_warp_moves_anatomy_smoothly_by_about_its_magnitude_without_fold
         jacobian = ((1 + dx.diff(dim=1)[:-1]) * (1 + dy.diff(dim=0)[:, :-1]) - dx.diff(dim=0)[:, :-1] * dy.diff(dim=1)[:-1])
         assert jacobian.min() > 0  # at --elastic's maximum the slice never folds over itself
 
-    # a dot in a slice moves as the field says: sample the warped slice where the dot went
+    # one seed draws the same flip and affine with and without the warp, so only the warp moves a dot between the two
     dot = torch.zeros(1, 64, 64)
     dot[:, 30:34, 40:44] = 1.0
-    plain, warped = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
-    moved = [augment(dot, plain), augment(dot, warped, 0.04)]
-    assert warped.initial_seed() == plain.initial_seed() and not torch.equal(*moved)
+    moved = [augment(dot, torch.Generator().manual_seed(3)), augment(dot, torch.Generator().manual_seed(3), 0.04)]
     centres = [torch.stack(torch.where(m[0] > 0.5)).float().mean(1) for m in moved]
-    assert 0.1 < (centres[0] - centres[1]).norm() <= 1.9 * 0.04 * 64 + 1  # the affine is the same draw; only the warp moved it
+    assert 0.1 < (centres[0] - centres[1]).norm() <= 1.9 * 0.04 * 64 + 1
 
 
 def test_elastic_off_draws_nothing_so_earlier_runs_augment_as_before():
