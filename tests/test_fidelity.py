@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 import tarfile
 from dataclasses import replace
 from pathlib import Path
@@ -16,7 +18,7 @@ import webdataset as wds
 from PIL import Image
 from scipy import ndimage
 
-from conftest import SMALL, run_module, train
+from conftest import ROOT, SMALL, run_module, train
 from shards.format import decode_sample, read_manifest, shard_paths
 from shards.pack import assign_splits
 from shards.preprocess import Grid, load_nifti, resample
@@ -449,3 +451,19 @@ def test_pack_names_a_missing_holdout_file(fidelity_tars, tmp_path):
                         "--out", tmp_path / "s", "--holdout", missing, check=False)
     assert result.returncode == 1 and f"--holdout {missing}" in result.stderr
     assert not (tmp_path / "s").exists(), "nothing is written"
+
+
+def test_the_mind_floor_bench_shows_noise_costing_less_under_the_floor_and_structure_still_costing(shards_dir, trained):
+    """bench/mind_floor.py: a row per direction and floor; a pixel's shift costs more than the truth at every
+    floor, and added noise costs the truth less with the floor than without it."""
+    done = subprocess.run([sys.executable, "bench/mind_floor.py", "--data", shards_dir / "test", shards_dir / "val", "--checkpoint", trained,
+                           "--floors", "0", "0.5", "--extra-noise", "0.05", "--every", "1"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    rows = [line.strip("|").split("|") for line in done.stdout.splitlines() if line.startswith("| t")]
+    table = {(row[0].strip(), float(row[1])): [float(cell.split()[0]) for cell in row[2:]] for row in rows}
+    assert set(table) == {(d, f) for d in ("t1_to_t2", "t2_to_t1") for f in (0.0, 0.5)}
+    for truth, *_, moved, translation in table.values():
+        assert moved > truth and translation > 0
+    for direction in ("t1_to_t2", "t2_to_t1"):
+        plain, floored = table[direction, 0.0], table[direction, 0.5]
+        assert floored[1] / floored[0] < plain[1] / plain[0]

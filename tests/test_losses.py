@@ -8,6 +8,7 @@ from dataclasses import replace
 import pytest
 import torch
 
+from train.config import load_config
 from train.inference import Translator
 from train.losses import (MAX_SHIFT, ImagePool, Objective, PatchNCE, dropout_masks_at, generator_losses, laplace_nll, mind, move_at,
                           noise_at)
@@ -43,6 +44,48 @@ def test_mind_loss_has_gradients_toward_the_input_structure():
         loss.backward()
         optimizer.step()
     assert loss.item() < 0.5 * first
+
+
+def folded_head(shift: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """T1-like grey/white folding over most of a head (so most pixels are structure, as in anatomy) around a
+    flat, dark ventricle; and the head mask."""
+    y, x = torch.meshgrid(torch.arange(96.0), torch.arange(96.0), indexing="ij")
+    head = (x - 48) ** 2 + (y - 48) ** 2 < 44**2
+    t1 = torch.where(torch.sin((x - shift) / 2.5) * torch.sin(y / 3.0) > 0, 0.85, 0.55) * head
+    t1 = torch.where((x - 48 - shift) ** 2 / 14**2 + (y - 48) ** 2 / 8**2 < 1, 0.15, t1)
+    return t1[None, None], head[None, None]
+
+
+def test_the_mind_noise_floor_stops_rewarding_a_translation_that_copies_its_inputs_noise():
+    """The true T2 has noise of its own; a translation that passes the T1's noise on (amplified, as a steep
+    mapping of dark T1 tissue does) matches the noisy input's MIND better than the truth does, unless the
+    floor keeps noise-level distances from describing anything. Moved anatomy still costs far more."""
+    to_t2 = lambda t1: torch.where(t1 > 0.7, 0.45, torch.where(t1 > 0.3, 0.7, torch.where(t1 > 0.1, 1.0, 0.0)))
+    model_range = lambda image: 2 * image - 1
+    t1, head = folded_head()
+    generator = torch.Generator().manual_seed(0)
+    noise_in, noise_out = (0.02 * torch.randn(t1.shape, generator=generator) for _ in range(2))
+    source = model_range(t1) + noise_in * head
+    truth = model_range(to_t2(t1)) + noise_out * head
+    copy = model_range(to_t2(t1)) - 3 * noise_in * head
+    moved = model_range(to_t2(folded_head(shift=2)[0])) + noise_out * head
+
+    def cost(translation, floor):
+        return float((mind(translation, noise_floor=floor) - mind(source, noise_floor=floor)).abs().mean())
+
+    assert cost(copy, 0.0) < cost(truth, 0.0)
+    assert cost(truth, 0.5) < 0.6 * cost(copy, 0.5)
+    assert cost(moved, 0.5) > 5 * cost(truth, 0.5)
+
+
+def test_the_mind_noise_floor_reaches_the_structure_term_and_nothing_else(tmp_path):
+    config = load_config(["--data", str(tmp_path), "--out", str(tmp_path / "run"), "--mind_noise_floor", "0.5"])
+    assert Objective.from_config(config).mind_noise_floor == 0.5
+    gens, discs, real_a, real_b = tiny_cycle_gan()
+    _, without = generator_losses(gens, discs, real_a, real_b, Objective(cycle=10.0, structure=5.0))
+    _, floored = generator_losses(gens, discs, real_a, real_b, Objective(cycle=10.0, structure=5.0, mind_noise_floor=0.5))
+    assert floored["structure"] < without["structure"]
+    torch.testing.assert_close(floored["G"] - floored["structure"], without["G"] - without["structure"])
 
 
 def cycle_nce(nce: PatchNCE, g_ab, g_ba, real_a, real_b, fake_a, fake_b) -> torch.Tensor:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import random
 from contextlib import contextmanager, nullcontext
+from functools import partial
 from dataclasses import dataclass, replace
 
 import torch
@@ -24,10 +25,15 @@ def gan_loss(logits: torch.Tensor, real: bool, kind: str) -> torch.Tensor:
     raise ValueError(f"unknown gan_loss {kind!r}")
 
 
-def mind(images: torch.Tensor, dilation: int = 2) -> torch.Tensor:
+def mind(images: torch.Tensor, dilation: int = 2, noise_floor: float = 0.0) -> torch.Tensor:
     """2D MIND descriptor (Heinrich et al. 2012): for each pixel, Gaussian-weighted patch distances to its four
     neighbours at `dilation` pixels, divided by their local mean and mapped through exp(-d/v). It describes
-    local structure independently of the contrast, so T1 and T2 of the same anatomy give similar descriptors."""
+    local structure independently of the contrast, so T1 and T2 of the same anatomy give similar descriptors.
+
+    In flat tissue the distances are the image's noise, and exp(-d/v) describes its random pattern at full
+    contrast: matched against a noisy input, that rewards a translation for copying the input's noise. A
+    `noise_floor` > 0 keeps v at least that multiple of v's median over the head (model-range pixels above
+    -0.9), so noise-level distances describe nothing (docs/fidelity.md, "MIND and the input's noise")."""
     x = images.float()
     kernel = torch.tensor([0.25, 0.5, 0.25], device=x.device)
     kernel = (kernel[:, None] * kernel[None, :])[None, None]
@@ -41,7 +47,12 @@ def mind(images: torch.Tensor, dilation: int = 2) -> torch.Tensor:
     distances = torch.cat(distances, 1)
     variance = distances.mean(1, keepdim=True)
     mean_variance = variance.mean(dim=(1, 2, 3), keepdim=True)
-    variance = torch.maximum(torch.minimum(variance, mean_variance * 1000), mean_variance * 0.001 + 1e-6)
+    floor = mean_variance * 0.001 + 1e-6
+    if noise_floor:
+        in_head = torch.where(x.detach() > -0.9, variance.detach(), torch.nan)
+        typical = in_head.flatten(1).nanmedian(1).values.nan_to_num(0.0).view(-1, 1, 1, 1)
+        floor = torch.maximum(floor, noise_floor * typical)
+    variance = torch.maximum(torch.minimum(variance, mean_variance * 1000), floor)
     descriptor = torch.exp(-distances / variance)
     return descriptor / descriptor.amax(1, keepdim=True)
 
@@ -119,12 +130,13 @@ class Objective:
     equivariance: float = 0.0
     cycle_noise: float = 0.0  # not a weight: the std of the noise on the translations the cycle takes back
     equivariance_warmup: int = 0  # steps over which `equivariance` rises linearly from 0
+    mind_noise_floor: float = 0.0  # not a weight: mind()'s noise_floor
 
     @classmethod
     def from_config(cls, config) -> Objective:
         return cls(config.gan_loss, config.lambda_adv, config.lambda_cycle, config.lambda_identity, config.lambda_structure,
                    config.lambda_nce, config.lambda_aleatoric, config.lambda_equivariance, config.cycle_noise,
-                   config.equivariance_warmup)
+                   config.equivariance_warmup, config.mind_noise_floor)
 
     def at(self, step: int) -> Objective:
         """The weights of `step` (0-based): the equivariance term's weight rises over the warm-up, from 0 at step 0."""
@@ -191,7 +203,9 @@ def generator_losses(gens, discs, real_a, real_b, objective: Objective, nce: nn.
     if w.identity:
         identity = w.cycle * w.identity * (F.l1_loss(fakes["idt_a"].float(), real_a) + F.l1_loss(fakes["idt_b"].float(), real_b))
     if w.structure:  # structure-constrained CycleGAN (Yang et al. 2018): MIND of input vs. translation
-        structure = w.structure * (F.l1_loss(mind(fakes["fake_b"]), mind(real_a)) + F.l1_loss(mind(fakes["fake_a"]), mind(real_b)))
+        described = partial(mind, noise_floor=w.mind_noise_floor)
+        structure = w.structure * (F.l1_loss(described(fakes["fake_b"]), described(real_a))
+                                   + F.l1_loss(described(fakes["fake_a"]), described(real_b)))
     patch = w.nce * nce(calls, real_a.shape[0]) if w.nce else zero
     if w.aleatoric:
         aleatoric = w.aleatoric * (laplace_nll(real_a, fakes["rec_a"], fakes["rec_a_scale"])
