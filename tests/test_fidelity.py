@@ -24,6 +24,8 @@ from shards.pack import assign_splits
 from shards.preprocess import Grid, load_nifti, resample
 from shards.phantom import CSF, tissue_labels, voxel_world
 from shards.synth import MIN_SUBJECTS_FOR_HOLDOUT, grid, mark_held_out, render_subject, subject_anatomy, subjects
+from train import rundir
+from train.metrics import slice_metrics
 from train.scoring import read_samples, split_shards
 from train.fidelity import ErrorDetection, HallucinationMap, lesion_contrasts, lesion_summary, noise_transfer
 from train.inference import CheckpointError, Translator, load_generator, load_translator, resolve_checkpoint, translate
@@ -467,3 +469,24 @@ def test_the_mind_floor_bench_shows_noise_costing_less_under_the_floor_and_struc
     for direction in ("t1_to_t2", "t2_to_t1"):
         plain, floored = table[direction, 0.0], table[direction, 0.5]
         assert floored[1] / floored[0] < plain[1] / plain[0]
+
+
+def test_the_ssim_loss_bench_splits_the_scorers_ssim_into_parts_that_add_up(shards_dir, trained):
+    """bench/ssim_loss.py: its SSIM is the scorer's (train/metrics.py, pooled over head pixels), and the
+    shares of the loss by depth and by edge strength each add up to all of it."""
+    folders = [shards_dir / "test", shards_dir / "val"]
+    done = subprocess.run([sys.executable, "bench/ssim_loss.py", "--checkpoint", trained, "--data", *folders], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    samples = list(read_samples([path for folder in folders for path in split_shards(folder)]))
+    mask = torch.from_numpy(np.stack([s["mask"] for s in samples]))[:, None] > 0
+    blocks = done.stdout.split("t2_to_t1:")
+    for (direction, (source, target)), block in zip(rundir.DIRECTIONS.items(), blocks):
+        net = load_translator([trained], direction)[0]
+        with torch.no_grad():
+            pred = translate(net, torch.from_numpy(np.stack([s[source] for s in samples]))[:, None])
+        metrics = slice_metrics(pred, torch.from_numpy(np.stack([s[target] for s in samples]))[:, None], mask)
+        pooled = float((metrics["ssim_masked"] * metrics["mask_area"]).sum() / metrics["mask_area"].sum())
+        assert float(block.split("SSIM over head pixels ")[1].split()[0]) == pytest.approx(pooled, abs=2e-3)
+        shares = [float(line.split("% of the loss")[0].split()[-1]) for line in block.splitlines() if "% of the loss" in line]
+        assert len(shares) == 9 and sum(shares[:5]) == pytest.approx(100, abs=0.3) and sum(shares[5:]) == pytest.approx(100, abs=0.3)
