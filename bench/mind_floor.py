@@ -1,5 +1,5 @@
 """What the structure loss charges a translation, with and without MIND's noise floor (--mind_noise_floor),
-measured on aligned T1/T2 pairs (docs/fidelity.md, "MIND and the input's noise").
+measured on aligned T1/T2 pairs (docs/fidelity.md, "Where the last tenth of SSIM goes").
 
     python bench/mind_floor.py --data SHARDS/test [--checkpoint RUN] [--floors 0 0.5 1] [--extra-noise 0.01]
 

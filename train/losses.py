@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import random
 from contextlib import contextmanager, nullcontext
-from functools import partial
 from dataclasses import dataclass, replace
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -33,7 +33,7 @@ def mind(images: torch.Tensor, dilation: int = 2, noise_floor: float = 0.0) -> t
     In flat tissue the distances are the image's noise, and exp(-d/v) describes its random pattern at full
     contrast: matched against a noisy input, that rewards a translation for copying the input's noise. A
     `noise_floor` > 0 keeps v at least that multiple of v's median over the head (model-range pixels above
-    -0.9), so noise-level distances describe nothing (docs/fidelity.md, "MIND and the input's noise")."""
+    -0.9), so noise-level distances describe nothing (docs/fidelity.md, "Where the last tenth of SSIM goes")."""
     x = images.float()
     kernel = torch.tensor([0.25, 0.5, 0.25], device=x.device)
     kernel = (kernel[:, None] * kernel[None, :])[None, None]
