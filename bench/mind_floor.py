@@ -22,19 +22,18 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from scipy import ndimage
 
+from ssim_loss import edge_strength  # bench/, the script's own folder
 from train import rundir
-from train.inference import load_translator, translate
+from train.inference import load_translator, translate_slices
 from train.losses import mind
 from train.networks import to_model_range
 from train.scoring import read_samples, split_shards
 
 
 def flat_half(truth: np.ndarray, mask: np.ndarray) -> np.ndarray:
-    smooth = ndimage.gaussian_filter(truth, (0, 0, 1, 1))
-    gradient = np.hypot(ndimage.sobel(smooth, -1), ndimage.sobel(smooth, -2))
-    return mask & (gradient < np.median(gradient[mask]))
+    edge = edge_strength(truth)
+    return mask & (edge < np.median(edge[mask]))
 
 
 def main() -> None:
@@ -62,8 +61,7 @@ def main() -> None:
                       "input noisier": (inputs + extra * head, truth), "1 px off": (inputs, torch.roll(truth, 1, dims=-1))}
         if args.checkpoint:
             net = load_translator([args.checkpoint], direction)[0]
-            with torch.no_grad():
-                candidates["translation"] = (inputs, torch.cat([translate(net, part) for part in inputs.split(32)]).clamp(0, 1))
+            candidates["translation"] = (inputs, torch.from_numpy(translate_slices(net, inputs[:, 0].numpy(), batch_size=32)).clamp(0, 1)[:, None])
         for floor in args.floors:
             cells = []
             for name, (given, candidate) in candidates.items():

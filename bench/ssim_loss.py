@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from scipy import ndimage
 
 from train import rundir
-from train.inference import load_translator, translate
+from train.inference import load_translator, translate_slices
 from train.scoring import read_samples, split_shards
 
 C1, C2 = 0.01**2, 0.03**2  # SSIM's constants for data range 1
@@ -46,6 +46,13 @@ def ssim_terms(pred: torch.Tensor, truth: torch.Tensor) -> tuple[torch.Tensor, t
     return (2 * mean_p * mean_t + C1) / (mean_p**2 + mean_t**2 + C1), (2 * covariance + C2) / (var_p + var_t + C2)
 
 
+def edge_strength(truth: np.ndarray) -> np.ndarray:
+    """Gradient magnitude of (N,1,H,W) slices smoothed by a 1-pixel Gaussian: below its median over the head is
+    the truth's flat half."""
+    smooth = ndimage.gaussian_filter(truth, (0, 0, 1, 1))
+    return np.hypot(ndimage.sobel(smooth, -1), ndimage.sobel(smooth, -2))
+
+
 def remapped(pred: np.ndarray, truth: np.ndarray, mask: np.ndarray, bins: int = 64) -> np.ndarray:
     index = np.clip((pred * bins).astype(int), 0, bins - 1)
     means = [truth[mask & (index == b)].mean() if (mask & (index == b)).sum() > 20 else (b + 0.5) / bins for b in range(bins)]
@@ -65,14 +72,11 @@ def main() -> None:
     depth = np.stack([ndimage.distance_transform_edt(m[0]) for m in mask])[:, None]
     for direction, (source, target) in rundir.DIRECTIONS.items():
         net = load_translator([args.checkpoint], direction, tta=args.tta)[0]
-        inputs = torch.from_numpy(np.stack([s[source] for s in samples]))[:, None]
         truth = np.stack([s[target] for s in samples])[:, None]
-        with torch.no_grad():
-            pred = torch.cat([translate(net, part) for part in inputs.split(32)]).clamp(0, 1)
+        pred = torch.from_numpy(translate_slices(net, np.stack([s[source] for s in samples]), batch_size=32)).clamp(0, 1)[:, None]
         luminance, structure = (term.numpy() for term in ssim_terms(pred, torch.from_numpy(truth)))
         ssim = luminance * structure
-        smooth = ndimage.gaussian_filter(truth, (0, 0, 1, 1))
-        edge = np.hypot(ndimage.sobel(smooth, -1), ndimage.sobel(smooth, -2))
+        edge = edge_strength(truth)
         loss = (1 - ssim)[mask]
         print(f"{direction}: SSIM over head pixels {ssim[mask].mean():.4f} = luminance {luminance[mask].mean():.4f} "
               f"x contrast-structure {structure[mask].mean():.4f} (pixel means)")
