@@ -1,7 +1,7 @@
 """What the structure loss charges a translation, with and without MIND's noise floor (--mind_noise_floor),
 measured on aligned T1/T2 pairs (docs/fidelity.md, "Where the last tenth of SSIM goes").
 
-    python bench/mind_floor.py --data SHARDS/test [--checkpoint RUN] [--floors 0 0.5 1] [--extra-noise 0.01]
+    python bench/mind_floor.py --data SHARDS/test [--checkpoint RUN] [--floors 0 3 10] [--extra-noise 0.01]
 
 Per direction and floor, the structure loss's L1 between the MIND descriptors of the input and of a candidate
 translation, over the head and over the truth's flat half (below the median of its smoothed gradient):
@@ -40,7 +40,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=Path, nargs="+", required=True, help="split folders of paired shards")
     parser.add_argument("--checkpoint", type=Path, help="a run folder (its best checkpoint) or a checkpoint folder")
-    parser.add_argument("--floors", type=float, nargs="+", default=[0.0, 0.5, 1.0])
+    parser.add_argument("--floors", type=float, nargs="+", default=[0.0, 3.0, 10.0])
     parser.add_argument("--extra-noise", type=float, default=0.01)
     parser.add_argument("--every", type=int, default=3, help="score every Nth slice")
     args = parser.parse_args()

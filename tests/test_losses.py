@@ -74,16 +74,40 @@ def test_the_mind_noise_floor_stops_rewarding_a_translation_that_copies_its_inpu
         return float((mind(translation, noise_floor=floor) - mind(source, noise_floor=floor)).abs().mean())
 
     assert cost(copy, 0.0) < cost(truth, 0.0)
-    assert cost(truth, 0.5) < 0.6 * cost(copy, 0.5)
-    assert cost(moved, 0.5) > 5 * cost(truth, 0.5)
+    assert cost(truth, 3.0) < 0.6 * cost(copy, 3.0)
+    assert cost(moved, 3.0) > 5 * cost(truth, 3.0)
+
+
+def test_the_mind_noise_floor_keeps_a_weak_edge_beside_strong_ones():
+    """A T2 whose grey-white edges are weak (5 times the noise) beside strong CSF edges over most of the head,
+    as a real T2's are: the floor is set by the noise, not by the strong edges, so a T1 translation that
+    erases the folds behind the weak edges still costs twice the truth there (a floor at half the median
+    local variance made erasing them twelve times cheaper than the truth)."""
+    y, x = torch.meshgrid(torch.arange(96.0), torch.arange(96.0), indexing="ij")
+    head = (x - 48) ** 2 + (y - 48) ** 2 < 44**2
+    folds = torch.sin(x / 2.5) * torch.sin(y / 3.0) > 0
+    weak = head & (x >= 64)
+    t1 = (torch.where(folds, 0.85, 0.55) * head)[None, None]
+    t2 = (torch.where(weak, torch.where(folds, 0.55, 0.6), torch.where(folds, 0.3, 0.9)) * head)[None, None]
+    generator = torch.Generator().manual_seed(0)
+    noise_in, noise_out = (0.01 * torch.randn(t1.shape, generator=generator) * head for _ in range(2))
+    source = 2 * t2 - 1 + noise_in
+    truth = 2 * t1 - 1 + noise_out
+    erased = 2 * torch.where(weak, 0.7, t1) - 1 + noise_out
+
+    def cost(translation, floor):
+        return float((mind(translation, noise_floor=floor) - mind(source, noise_floor=floor)).abs().mean(1)[0][weak].mean())
+
+    assert cost(erased, 3.0) > 2 * cost(truth, 3.0)
+    assert cost(erased, 30.0) < cost(truth, 30.0)  # a floor far above the weak edge's distances forgets it
 
 
 def test_the_mind_noise_floor_reaches_the_structure_term_and_nothing_else(tmp_path):
-    config = load_config(["--data", str(tmp_path), "--out", str(tmp_path / "run"), "--mind_noise_floor", "0.5"])
-    assert Objective.from_config(config).mind_noise_floor == 0.5
+    config = load_config(["--data", str(tmp_path), "--out", str(tmp_path / "run"), "--mind_noise_floor", "3"])
+    assert Objective.from_config(config).mind_noise_floor == 3.0
     gens, discs, real_a, real_b = tiny_cycle_gan()
     _, without = generator_losses(gens, discs, real_a, real_b, Objective(cycle=10.0, structure=5.0))
-    _, floored = generator_losses(gens, discs, real_a, real_b, Objective(cycle=10.0, structure=5.0, mind_noise_floor=0.5))
+    _, floored = generator_losses(gens, discs, real_a, real_b, Objective(cycle=10.0, structure=5.0, mind_noise_floor=3.0))
     assert floored["structure"] < without["structure"]
     torch.testing.assert_close(floored["G"] - floored["structure"], without["G"] - without["structure"])
 

@@ -68,9 +68,10 @@ class Config:
     lambda_identity: float = option(0.0, "identity L1 weight as a fraction of lambda_cycle (the seed's is 0.5)", minimum=0)
     lambda_structure: float = option(10.0, "MIND structure-consistency L1 between each input and its translation (0 = off, the seed's "
                                      "plain CycleGAN)", minimum=0)
-    mind_noise_floor: float = option(0.0, "keep MIND's local variance at least this multiple of its median over the head, so "
-                                     "noise-level differences in flat tissue describe no structure; at 0 (Heinrich's MIND) the "
-                                     "structure loss rewards a translation that copies its input's noise", minimum=0)
+    mind_noise_floor: float = option(0.0, "keep MIND's local variance at least this multiple of the image's noise level (its "
+                                     "flattest tenth of the head), so noise-level differences in flat tissue describe no structure "
+                                     "while edges well above the noise still do; at 0 (Heinrich's MIND) the structure loss rewards a "
+                                     "translation that copies its input's noise", minimum=0)
     lambda_nce: float = option(0.0, "PatchNCE weight (CUT's patch contrastive loss, both ways): each patch of a translation should match the "
                                "input's patch at the same place in the generators' encoder features (0 = off)", minimum=0)
     lambda_aleatoric: float = option(0.0, "a learned hallucination map: each U-Net generator gets a second output, the per-pixel scale of "

@@ -32,8 +32,10 @@ def mind(images: torch.Tensor, dilation: int = 2, noise_floor: float = 0.0) -> t
 
     In flat tissue the distances are the image's noise, and exp(-d/v) describes its random pattern at full
     contrast: matched against a noisy input, that rewards a translation for copying the input's noise. A
-    `noise_floor` > 0 keeps v at least that multiple of v's median over the head (model-range pixels above
-    -0.9), so noise-level distances describe nothing (docs/fidelity.md, "Where the last tenth of SSIM goes")."""
+    `noise_floor` K > 0 keeps v at least K times the image's noise level, so distances within K times the noise
+    describe nothing while any edge well above the noise, however weak beside the image's strong edges, still
+    does. The noise level is v's tenth percentile over the head (model-range pixels above -0.9): the flattest
+    tissue, where v is the noise alone (docs/fidelity.md, "Where the last tenth of SSIM goes")."""
     x = images.float()
     kernel = torch.tensor([0.25, 0.5, 0.25], device=x.device)
     kernel = (kernel[:, None] * kernel[None, :])[None, None]
@@ -50,8 +52,8 @@ def mind(images: torch.Tensor, dilation: int = 2, noise_floor: float = 0.0) -> t
     floor = mean_variance * 0.001 + 1e-6
     if noise_floor:
         in_head = torch.where(x.detach() > -0.9, variance.detach(), torch.nan)
-        typical = in_head.flatten(1).nanmedian(1).values.nan_to_num(0.0).view(-1, 1, 1, 1)
-        floor = torch.maximum(floor, noise_floor * typical)
+        noise_level = in_head.flatten(1).nanquantile(0.1, dim=1).nan_to_num(0.0).view(-1, 1, 1, 1)
+        floor = torch.maximum(floor, noise_floor * noise_level)
     variance = torch.maximum(torch.minimum(variance, mean_variance * 1000), floor)
     descriptor = torch.exp(-distances / variance)
     return descriptor / descriptor.amax(1, keepdim=True)
