@@ -1,9 +1,12 @@
 """What masked SSIM can the demo's data and budget show? Two reference points for `make demo`'s result.
 
     python bench/demo_bounds.py [--ixi data/demo/ixi] [--steps N] [--size S] [--ngf N] [--batch-size B]
+                                [--unet-depth D] [--upsample transpose|subpixel|resize] [--lr LR] [--lr-decay-start F]
 
---steps, --ngf and --batch-size default to train/recipes/demo.yaml's; --size to 64. docs/fidelity.md runs it on the
-fidelity set at 128² with the fidelity bench's budget.
+--steps, --ngf and --batch-size default to train/recipes/demo.yaml's; --size to 64; the network to the seed's
+full-depth U-Net with transposed convolutions, Adam 2e-4, no decay. docs/fidelity.md runs it on the fidelity set
+at 128² with the fidelity bench's budget, and with the trainer's default generator and schedule for the paired
+ceiling of that network.
 
 The demo's synthetic IXI (run `make demo` first) is packed again with every subject paired
 (--split 0,0.8,0.2): the 0.8 part trains the references, the 0.2 part scores them, with train/metrics.py.
@@ -30,7 +33,7 @@ from torch import nn
 
 from train.data import val_samples
 from train.metrics import slice_metrics
-from train.networks import build_generator
+from train.networks import UPSAMPLE, build_generator
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = yaml.safe_load((ROOT / "train" / "recipes" / "demo.yaml").read_text())
@@ -62,17 +65,21 @@ def lookup_table(train: dict, test: dict, source: str, target: str) -> torch.Ten
     return (table(test[source] * 2 - 1) + 1) / 2 * test["mask"]
 
 
-def supervised(train: dict, test: dict, source: str, target: str, steps: int, ngf: int, batch_size: int,
-               seed: int) -> torch.Tensor:
-    torch.manual_seed(seed)
-    net = build_generator("unet", train[source].shape[-1], ngf)
-    optimizer = torch.optim.Adam(net.parameters(), 2e-4, betas=(0.5, 0.999))
-    for _ in range(steps):
+def supervised(train: dict, test: dict, source: str, target: str, args: argparse.Namespace) -> torch.Tensor:
+    torch.manual_seed(args.seed)
+    net = build_generator("unet", train[source].shape[-1], args.ngf, unet_depth=args.unet_depth, upsample=args.upsample)
+    optimizer = torch.optim.Adam(net.parameters(), args.lr, betas=(0.5, 0.999))
+    decay_from = int(args.lr_decay_start * args.steps)  # the trainer's schedule: linear to 0 at the last step
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: 1.0 if step < decay_from else 1.0 - (step - decay_from) / max(args.steps - decay_from, 1))
+    batch_size = args.batch_size
+    for _ in range(args.steps):
         i = torch.randint(0, len(train[source]), (batch_size,))
         loss = F.l1_loss(net(train[source][i] * 2 - 1), train[target][i] * 2 - 1)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
+        schedule.step()
     net.eval()
     with torch.no_grad():
         return torch.cat([(net(x * 2 - 1) + 1) / 2 for x in test[source].split(32)]).clamp(0, 1)
@@ -85,6 +92,11 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=DEMO["max_steps"])
     parser.add_argument("--ngf", type=int, default=DEMO["ngf"])
     parser.add_argument("--batch-size", type=int, default=DEMO["batch_size"])
+    parser.add_argument("--unet-depth", type=int, default=0, help="stride-2 levels; 0 = down to 1x1 (the seed's)")
+    parser.add_argument("--upsample", choices=UPSAMPLE, default="transpose")
+    parser.add_argument("--lr", type=float, default=2e-4)
+    parser.add_argument("--lr-decay-start", type=float, default=1.0,
+                        help="fraction of the steps after which the rate decays linearly to 0; 1 = no decay")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     if not (args.ixi / "IXI-T1.tar").is_file():
@@ -93,13 +105,17 @@ def main() -> None:
         subprocess.run([sys.executable, "-m", "shards", "pack", "--t1", args.ixi / "IXI-T1.tar", "--t2", args.ixi / "IXI-T2.tar",
                         "--out", Path(tmp) / "paired", "--size", str(args.size), "--split", "0,0.8,0.2"],
                        cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
-        train, test = (arrays(val_samples(str(Path(tmp) / "paired"), split)) for split in ("val", "test"))
+        splits = {split: val_samples(str(Path(tmp) / "paired"), split) for split in ("val", "test")}
+        if not all(splits.values()):
+            raise SystemExit(f"error: --ixi {args.ixi}: too few subjects with both T1 and T2 to fit on 80% and score on "
+                             f"20% ({', '.join(f'{len(v)} {k} slices' for k, v in splits.items())})")
+        train, test = (arrays(samples) for samples in splits.values())
     print(f"{len(train['t1'])} training pairs, {len(test['t1'])} test slices; masked SSIM (mean over test slices)")
     for source, target in (("t1", "t2"), ("t2", "t1")):
         scores = {name: slice_metrics(pred, test[target], test["mask"])["ssim_masked"].mean().item()
                   for name, pred in (("lookup table", lookup_table(train, test, source, target)),
                                      (f"supervised U-Net, {args.steps} steps of {args.batch_size}",
-                                      supervised(train, test, source, target, args.steps, args.ngf, args.batch_size, args.seed)))}
+                                      supervised(train, test, source, target, args)))}
         print(f"{source.upper()} -> {target.upper()}: " + ", ".join(f"{k} {v:.3f}" for k, v in scores.items()), flush=True)
 
 

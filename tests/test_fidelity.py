@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -490,3 +491,24 @@ def test_the_ssim_loss_bench_splits_the_scorers_ssim_into_parts_that_add_up(shar
         assert float(block.split("SSIM over head pixels ")[1].split()[0]) == pytest.approx(pooled, abs=2e-3)
         shares = [float(line.split("% of the loss")[0].split()[-1]) for line in block.splitlines() if "% of the loss" in line]
         assert len(shares) == 9 and sum(shares[:5]) == pytest.approx(100, abs=0.3) and sum(shares[5:]) == pytest.approx(100, abs=0.3)
+
+
+def test_the_paired_reference_trains_the_asked_generator_on_the_trainers_schedule(ixi_tars, tmp_path):
+    """bench/demo_bounds.py: the paired-L1 U-Net takes the trainer's depth, upsampling and learning-rate decay,
+    and both reference rows come out as SSIM scores per direction. Ten subjects leave nothing to score on: a
+    clear error."""
+    def bounds(ixi):
+        return subprocess.run([sys.executable, "bench/demo_bounds.py", "--ixi", ixi, "--size", "32", "--steps", "30", "--ngf", "8",
+                               "--batch-size", "2", "--unet-depth", "3", "--upsample", "subpixel", "--lr", "5e-4", "--lr-decay-start", "0.5"],
+                              cwd=ROOT, capture_output=True, text=True, timeout=300)
+
+    too_few = bounds(ixi_tars)
+    assert too_few.returncode != 0 and f"--ixi {ixi_tars}: too few subjects" in too_few.stderr
+    run_module("shards", "synth", "--out", tmp_path, "--subjects", 16, "--seed", 1, "--downsample", 8)
+    done = bounds(tmp_path)
+    assert done.returncode == 0, done.stderr
+    rows = {line.split(":")[0]: line for line in done.stdout.splitlines() if "->" in line}
+    assert set(rows) == {"T1 -> T2", "T2 -> T1"}
+    for line in rows.values():
+        scores = [float(score) for score in re.findall(r" (-?\d+\.\d{3})(?=,|$)", line)]
+        assert len(scores) == 2 and all(-1 <= score <= 1 for score in scores)
