@@ -10,6 +10,9 @@ that falls
 Last, what an intensity mapping could still give: the SSIM after each subject's translation is remapped
 through the per-intensity means of its own truth (64 bins, fitted on the subject itself: an upper bound).
 If that remap gains little, the loss is in the anatomy's shapes, not in the contrast's calibration.
+And in CSF (the true T2 above 0.85, eroded by a pixel), where T1->T2 is steepest and passed-on input noise shows
+as mottled ventricles: the mean, and the high-pass std (the image minus its 1-pixel Gaussian blur) beside the
+truth's.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from train.scoring import read_samples, split_shards
 C1, C2 = 0.01**2, 0.03**2  # SSIM's constants for data range 1
 DEPTHS = ((0, 3, "0-3"), (3, 6, "3-6"), (6, 10, "6-10"), (10, 20, "10-20"), (20, np.inf, "over 20"))
 EDGES = ((0.0, 0.5, "flat half"), (0.5, 0.8, "50-80%"), (0.8, 0.95, "80-95%"), (0.95, 1.0, "top 5%"))
+CSF_T2 = 0.85
 
 
 def gaussian_window(images: torch.Tensor) -> torch.Tensor:
@@ -70,6 +74,7 @@ def main() -> None:
     subjects = np.array([s["meta"]["subject"] for s in samples])
     mask = np.stack([s["mask"] for s in samples])[:, None] > 0
     depth = np.stack([ndimage.distance_transform_edt(m[0]) for m in mask])[:, None]
+    csf = ndimage.binary_erosion(np.stack([s["t2"] for s in samples])[:, None] > CSF_T2, structure=np.ones((1, 1, 3, 3))) & mask
     for direction, (source, target) in rundir.DIRECTIONS.items():
         net = load_translator([args.checkpoint], direction, tta=args.tta)[0]
         truth = np.stack([s[target] for s in samples])[:, None]
@@ -90,6 +95,9 @@ def main() -> None:
             print(f"  {name:>9}: {loss[part].sum() / loss.sum():6.1%} of the loss, SSIM {ssim[mask][part].mean():.3f}, "
                   f"contrast-structure {structure[mask][part].mean():.3f}")
         pred_np = pred.numpy()
+        high_pass = [(image - ndimage.gaussian_filter(image, (0, 0, 1, 1)))[csf].std() for image in (pred_np, truth)]
+        print(f"  in CSF ({csf.sum()} pixels): mean {pred_np[csf].mean():.3f} (truth {truth[csf].mean():.3f}), high-pass std "
+              f"{high_pass[0]:.4f} = {high_pass[0] / high_pass[1]:.2f} x the truth's")
         for subject in np.unique(subjects):
             rows = subjects == subject
             pred_np[rows] = remapped(pred_np[rows], truth[rows], mask[rows])

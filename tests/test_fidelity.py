@@ -491,6 +491,15 @@ def test_the_ssim_loss_bench_splits_the_scorers_ssim_into_parts_that_add_up(shar
         assert float(block.split("SSIM over head pixels ")[1].split()[0]) == pytest.approx(pooled, abs=2e-3)
         shares = [float(line.split("% of the loss")[0].split()[-1]) for line in block.splitlines() if "% of the loss" in line]
         assert len(shares) == 9 and sum(shares[:5]) == pytest.approx(100, abs=0.3) and sum(shares[5:]) == pytest.approx(100, abs=0.3)
+        truth = np.stack([s[target] for s in samples])[:, None]
+        csf = (np.stack([s["t2"] for s in samples])[:, None] > 0.85) & mask.numpy()
+        bright = np.pad(np.stack([s["t2"] for s in samples])[:, None] > 0.85, ((0, 0), (0, 0), (1, 1), (1, 1)))
+        h, w = truth.shape[-2:]
+        csf = mask.numpy() & np.all([bright[..., 1 + dy:1 + dy + h, 1 + dx:1 + dx + w] for dy in (-1, 0, 1) for dx in (-1, 0, 1)], axis=0)
+        high_pass = [(image - ndimage.gaussian_filter(image, (0, 0, 1, 1)))[csf].std() for image in (pred.numpy(), truth)]
+        line = block.split("in CSF (")[1]
+        assert int(line.split()[0]) == csf.sum() > 0
+        assert float(line.split(" = ")[1].split()[0]) == pytest.approx(high_pass[0] / high_pass[1], abs=0.006)
 
 
 def test_the_paired_reference_trains_the_asked_generator_on_the_trainers_schedule(ixi_tars, tmp_path):
