@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import shutil
 import struct
+import time
 from pathlib import Path
 
 from wandb.proto.wandb_internal_pb2 import Record
@@ -41,25 +42,36 @@ def key(item) -> str:
     return item.key or "/".join(item.nested_key)
 
 
-def offline_runs(run: Path) -> list[dict]:
-    """Each offline W&B run in a run folder, oldest first: id, config, history rows, final summary, artifacts."""
-    found = []
-    for path in sorted(run.glob("wandb/offline-run-*/run-*.wandb")):
-        parsed = {"id": None, "config": {}, "history": [], "summary": {}, "artifacts": []}
-        for record in records(path):
-            kind = record.WhichOneof("record_type")
-            if kind == "run":
-                parsed["id"] = record.run.run_id
-            elif kind == "config":
-                parsed["config"].update({key(i): json.loads(i.value_json) for i in record.config.update})
-            elif kind == "history":
-                parsed["history"].append({key(i): json.loads(i.value_json) for i in record.history.item})
-            elif kind == "summary":
-                parsed["summary"].update({key(i): json.loads(i.value_json) for i in record.summary.update})
-            elif kind == "artifact":
-                parsed["artifacts"].append((record.artifact.type, set(record.artifact.aliases)))
-        found.append(parsed)
-    return found
+def offline_runs(run: Path, count: int) -> list[dict]:
+    """The `count` offline W&B runs in a run folder, oldest first: id, config, history rows, final summary,
+    artifacts. W&B's service process writes a run's file on its own time, so on a loaded machine the last run
+    can be short of records for a moment after its process has exited: wait for each file's exit record."""
+    deadline = time.monotonic() + 60
+    while True:
+        found = [parse_run(path) for path in sorted(run.glob("wandb/offline-run-*/run-*.wandb"))]
+        if (len(found) == count and all(parsed["exited"] for parsed in found)) or time.monotonic() > deadline:
+            assert len(found) == count and all(parsed["exited"] for parsed in found), f"{count} finished W&B runs in {run}"
+            return found
+        time.sleep(0.5)
+
+
+def parse_run(path: Path) -> dict:
+    parsed = {"id": None, "config": {}, "history": [], "summary": {}, "artifacts": [], "exited": False}
+    for record in records(path):
+        kind = record.WhichOneof("record_type")
+        if kind == "run":
+            parsed["id"] = record.run.run_id
+        elif kind == "config":
+            parsed["config"].update({key(i): json.loads(i.value_json) for i in record.config.update})
+        elif kind == "history":
+            parsed["history"].append({key(i): json.loads(i.value_json) for i in record.history.item})
+        elif kind == "summary":
+            parsed["summary"].update({key(i): json.loads(i.value_json) for i in record.summary.update})
+        elif kind == "artifact":
+            parsed["artifacts"].append((record.artifact.type, set(record.artifact.aliases)))
+        elif kind == "exit":
+            parsed["exited"] = True
+    return parsed
 
 
 def test_wandb_mode_follows_report_to_then_the_flag_then_wandb_mode_then_the_login(monkeypatch, tmp_path):
@@ -81,7 +93,7 @@ def test_an_offline_run_holds_what_a_wandb_user_looks_for(shards_dir, tmp_path, 
     run = tmp_path / "run"
     args = ["--data", shards_dir, "--out", run, *SMALL, "--report_to", "wandb", "--log_every", 2, "--val_every", 2]
     train(*args, "--max_steps", 4, "--checkpoint_every", 4, "--wandb_log_checkpoints")
-    [first] = offline_runs(run)
+    [first] = offline_runs(run, 1)
     config = first["config"]
     assert (config["size"], config["max_steps"], config["world_size"], config["global_batch_size"]) == (64, 4, 1, 2)
     assert config["steps_per_epoch"] > 0 and config["data"] == str(shards_dir)
@@ -99,7 +111,7 @@ def test_an_offline_run_holds_what_a_wandb_user_looks_for(shards_dir, tmp_path, 
 
     train(*args, "--max_steps", 6, "--checkpoint_every", 6, "--resume", "auto")  # a resumed run continues its W&B run
     run_module("train.evaluate", "--checkpoint", rundir.checkpoint_dir(run, 6), "--data", shards_dir / "test", "--out", tmp_path / "report")
-    resumed, evaluated = offline_runs(run)[1:]
+    resumed, evaluated = offline_runs(run, 3)[1:]
     assert resumed["id"] == evaluated["id"] == first["id"]
     report = json.loads((tmp_path / "report" / "report.json").read_text())
     expected = report["directions"]["t1_to_t2"]["summary"]["ssim_masked"]["mean"]
@@ -108,7 +120,7 @@ def test_an_offline_run_holds_what_a_wandb_user_looks_for(shards_dir, tmp_path, 
 
     shutil.rmtree(run / rundir.CHECKPOINTS)  # the folder reused for a fresh run: a new W&B run, not appended to the old one
     train(*args, "--max_steps", 2, "--checkpoint_every", 2)
-    assert offline_runs(run)[-1]["id"] not in (None, first["id"])
+    assert offline_runs(run, 4)[-1]["id"] not in (None, first["id"])
 
 
 def exit_codes(run: Path) -> list[int]:
