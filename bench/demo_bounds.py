@@ -72,9 +72,8 @@ def supervised(train: dict, test: dict, source: str, target: str, args: argparse
     decay_from = int(args.lr_decay_start * args.steps)  # the trainer's schedule: linear to 0 at the last step
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: 1.0 if step < decay_from else 1.0 - (step - decay_from) / max(args.steps - decay_from, 1))
-    batch_size = args.batch_size
     for _ in range(args.steps):
-        i = torch.randint(0, len(train[source]), (batch_size,))
+        i = torch.randint(0, len(train[source]), (args.batch_size,))
         loss = F.l1_loss(net(train[source][i] * 2 - 1), train[target][i] * 2 - 1)
         optimizer.zero_grad()
         loss.backward()

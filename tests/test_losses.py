@@ -102,6 +102,18 @@ def test_the_mind_noise_floor_keeps_a_weak_edge_beside_strong_ones():
     assert cost(erased, 30.0) < cost(truth, 30.0)  # a floor far above the weak edge's distances forgets it
 
 
+def test_the_mind_noise_floor_leaves_a_slice_without_head_as_heinrichs_mind():
+    """A slice with no head pixel (an empty end of the volume) has no noise level, so it gets no floor, and the
+    others in its batch keep theirs."""
+    batch = torch.rand(3, 1, 64, 64, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    batch[1] = -1.0
+    described = mind(batch, noise_floor=3.0)
+    assert torch.isfinite(described).all()
+    torch.testing.assert_close(described[1], mind(batch[1:2])[0])
+    torch.testing.assert_close(described[2], mind(batch[2:3], noise_floor=3.0)[0])
+    assert not torch.allclose(described[2], mind(batch[2:3])[0])
+
+
 def test_the_mind_noise_floor_reaches_the_structure_term_and_nothing_else(tmp_path):
     config = load_config(["--data", str(tmp_path), "--out", str(tmp_path / "run"), "--mind_noise_floor", "3"])
     assert Objective.from_config(config).mind_noise_floor == 3.0
