@@ -34,6 +34,7 @@ from torch import nn
 from train.data import val_samples
 from train.metrics import slice_metrics
 from train.networks import UPSAMPLE, build_generator
+from train.step import linear_decay
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = yaml.safe_load((ROOT / "train" / "recipes" / "demo.yaml").read_text())
@@ -69,9 +70,7 @@ def supervised(train: dict, test: dict, source: str, target: str, args: argparse
     torch.manual_seed(args.seed)
     net = build_generator("unet", train[source].shape[-1], args.ngf, unet_depth=args.unet_depth, upsample=args.upsample)
     optimizer = torch.optim.Adam(net.parameters(), args.lr, betas=(0.5, 0.999))
-    decay_from = int(args.lr_decay_start * args.steps)  # the trainer's schedule: linear to 0 at the last step
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: 1.0 if step < decay_from else 1.0 - (step - decay_from) / max(args.steps - decay_from, 1))
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, linear_decay(args.steps, args.lr_decay_start))
     for _ in range(args.steps):
         i = torch.randint(0, len(train[source]), (args.batch_size,))
         loss = F.l1_loss(net(train[source][i] * 2 - 1), train[target][i] * 2 - 1)
