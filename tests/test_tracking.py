@@ -46,13 +46,12 @@ def offline_runs(run: Path, count: int) -> list[dict]:
     """The `count` offline W&B runs in a run folder, oldest first: id, config, history rows, final summary,
     artifacts. W&B's service process writes a run's file on its own time, so on a loaded machine the last run
     can be short of records for a moment after its process has exited: wait for each file's exit record."""
-    deadline = time.monotonic() + 60
-    while True:
+    for _ in range(120):  # 60 s
         found = [parse_run(path) for path in sorted(run.glob("wandb/offline-run-*/run-*.wandb"))]
-        if (len(found) == count and all(parsed["exited"] for parsed in found)) or time.monotonic() > deadline:
-            assert len(found) == count and all(parsed["exited"] for parsed in found), f"{count} finished W&B runs in {run}"
+        if len(found) == count and all(parsed["exited"] for parsed in found):
             return found
         time.sleep(0.5)
+    raise AssertionError(f"not {count} finished W&B runs in {run}: {len(found)}, exited {[parsed['exited'] for parsed in found]}")
 
 
 def parse_run(path: Path) -> dict:
