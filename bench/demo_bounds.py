@@ -1,7 +1,8 @@
 """What masked SSIM can the demo's data and budget show? Two reference points for `make demo`'s result.
 
     python bench/demo_bounds.py [--ixi data/demo/ixi] [--steps N] [--size S] [--ngf N] [--batch-size B]
-                                [--unet-depth D] [--upsample transpose|subpixel|resize] [--lr LR] [--lr-decay-start F]
+                                [--unet-depth D] [--upsample transpose|subpixel|resize] [--full-res C] [--lr LR]
+                                [--lr-decay-start F]
 
 --steps, --ngf and --batch-size default to train/recipes/demo.yaml's; --size to 64; the network to the seed's
 full-depth U-Net with transposed convolutions, Adam 2e-4, no decay. docs/fidelity.md runs it on the fidelity set
@@ -68,7 +69,8 @@ def lookup_table(train: dict, test: dict, source: str, target: str) -> torch.Ten
 
 def supervised(train: dict, test: dict, source: str, target: str, args: argparse.Namespace) -> torch.Tensor:
     torch.manual_seed(args.seed)
-    net = build_generator("unet", train[source].shape[-1], args.ngf, unet_depth=args.unet_depth, upsample=args.upsample)
+    net = build_generator("unet", train[source].shape[-1], args.ngf, unet_depth=args.unet_depth, upsample=args.upsample,
+                          full_res=args.full_res)
     optimizer = torch.optim.Adam(net.parameters(), args.lr, betas=(0.5, 0.999))
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, linear_decay(args.steps, args.lr_decay_start))
     for _ in range(args.steps):
@@ -92,6 +94,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=DEMO["batch_size"])
     parser.add_argument("--unet-depth", type=int, default=0, help="stride-2 levels; 0 = down to 1x1 (the seed's)")
     parser.add_argument("--upsample", choices=UPSAMPLE, default="transpose")
+    parser.add_argument("--full-res", type=int, default=0, help="channels of a full-resolution output stage (--unet_full_res); 0 = none")
     parser.add_argument("--lr", type=float, default=2e-4)
     parser.add_argument("--lr-decay-start", type=float, default=1.0,
                         help="fraction of the steps after which the rate decays linearly to 0; 1 = no decay")

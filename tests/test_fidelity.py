@@ -503,12 +503,13 @@ def test_the_ssim_loss_bench_splits_the_scorers_ssim_into_parts_that_add_up(shar
 
 
 def test_the_paired_reference_trains_the_asked_generator_on_the_trainers_schedule(ixi_tars, tmp_path):
-    """bench/demo_bounds.py: the paired-L1 U-Net takes the trainer's depth, upsampling and learning-rate decay,
+    """bench/demo_bounds.py: the paired-L1 U-Net takes the trainer's depth, upsampling, full-resolution stage and learning-rate decay,
     and both reference rows come out as SSIM scores per direction. Ten subjects leave nothing to score on: a
     clear error."""
     def bounds(ixi):
         return subprocess.run([sys.executable, "bench/demo_bounds.py", "--ixi", ixi, "--size", "32", "--steps", "30", "--ngf", "8",
-                               "--batch-size", "2", "--unet-depth", "3", "--upsample", "subpixel", "--lr", "5e-4", "--lr-decay-start", "0.5"],
+                               "--batch-size", "2", "--unet-depth", "3", "--upsample", "subpixel", "--full-res", "4", "--lr", "5e-4",
+                               "--lr-decay-start", "0.5"],
                               cwd=ROOT, capture_output=True, text=True, timeout=300)
 
     too_few = bounds(ixi_tars)

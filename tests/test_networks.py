@@ -150,3 +150,37 @@ def test_generator_dropout_follows_each_inner_decoder_level_and_leaves_inference
         torch.testing.assert_close(net.eval()(x), plain.eval()(x))
         net.train()
         assert (net(x) - net(x)).abs().max() > 1e-3
+
+
+def test_a_full_resolution_stage_fits_a_one_pixel_nonlinear_map_the_reference_top_does_not():
+    """The reference's top level makes each 2x2 block of the output from half-resolution features, so a
+    nonlinear map of each pixel's own intensity (a tissue's contrast, on one-pixel structures) is hard for it.
+    On white-noise slices, in the same 150 Adam steps, the --unet_full_res stage fits |x| to well under the
+    reference top's error. The stage keeps the generator's contract: same output, a scale head, no phases."""
+
+    def fitted_error(full_res: int) -> float:
+        torch.manual_seed(0)
+        net = build_generator("unet", 32, 8, unet_depth=3, upsample="subpixel", full_res=full_res)
+        optimizer = torch.optim.Adam(net.parameters(), 2e-3)
+        noise = torch.Generator().manual_seed(0)
+        for _ in range(150):
+            x = torch.rand(4, 1, 32, 32, generator=noise) * 2 - 1
+            loss = torch.nn.functional.l1_loss(net(x), x.abs() * 2 - 1)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+        x = torch.rand(8, 1, 32, 32, generator=noise) * 2 - 1
+        with torch.no_grad():
+            return torch.nn.functional.l1_loss(net(x), x.abs() * 2 - 1).item()
+
+    reference, full_res = fitted_error(0), fitted_error(4)
+    assert full_res < 0.75 * reference, (full_res, reference)
+    net = build_generator("unet", 64, 8, unet_depth=3, upsample="subpixel", full_res=4, scale_head=True)
+    x = torch.rand(2, 1, 64, 64) * 2 - 1
+    out = net.with_scale(x)
+    assert out.shape == (2, 2, 64, 64) and torch.equal(out[:, :1], net(x))
+    assert sum(isinstance(m, SubPixelUpsample) for m in net.modules()) == 2  # the inner levels'; the stage's is bilinear
+    # without the stage the parameter names are the reference's, so checkpoints from before it load
+    assert all(name.startswith("model.") for name in build_generator("unet", 64, 8, unet_depth=3).state_dict())
+    with pytest.raises(ValueError, match="needs the unet generator"):
+        build_generator("resnet9", 32, 4, full_res=4)

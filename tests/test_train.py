@@ -54,7 +54,7 @@ def test_losses_fall_and_the_run_folder_is_complete(trained, shards_dir):
     last = rundir.checkpoint_dir(trained, 40)
     info = json.loads((last / rundir.CHECKPOINT_INFO).read_text())
     assert info["generator"] == {"arch": "unet", "size": 64, "ngf": 16, "unet_depth": 3, "scale_head": False, "upsample": "subpixel",
-                                 "downsample": "strided", "input_range": [-1, 1]}
+                                 "downsample": "strided", "full_res": 0, "input_range": [-1, 1]}
     assert read_checkpoint_info(last)["generator"] == GeneratorSpec("unet", 64, 16, 3, False, "subpixel")
     beat = json.loads((trained / rundir.HEARTBEAT).read_text())  # the trainer's last heartbeat: the final step
     assert (beat["step"], beat["total_steps"]) == (40, 40) and beat["best_checkpoint_step"] in steps
@@ -426,14 +426,15 @@ def test_elastic_reaches_the_training_stream_and_is_warned_when_augmentation_is_
 
 
 @pytest.mark.parametrize("case", ["missing", "empty", "keys", "size", "resume", "option", "yaml", "stale", "depth", "depth-arch",
-                                  "dropout-arch"])
+                                  "dropout-arch", "full-res-arch"])
 def test_bad_input_fails_before_training(case, shards_dir, trained, tmp_path):
     args = ["--data", shards_dir, "--out", tmp_path / "run", *SMALL, "--max_steps", 2]
     expect = {"missing": "no such folder", "empty": "manifest.json", "keys": "lack t1.png", "size": "--size is 128",
               "resume": "not a checkpoint", "option": "unrecognized arguments: --bogus", "yaml": "unknown option(s) bogus",
               "stale": "different configuration", "depth": "--unet_depth 7: U-Net depth must be 2..6 for size 64",
               "depth-arch": "--unet_depth 4: needs --generator unet, not resnet9",
-              "dropout-arch": "--dropout 0.2: needs --generator unet, not resnet9"}[case]
+              "dropout-arch": "--dropout 0.2: needs --generator unet, not resnet9",
+              "full-res-arch": "--unet_full_res 8: needs --generator unet, not resnet9"}[case]
     if case == "missing":
         args[1] = tmp_path / "nowhere"
     elif case == "empty":
@@ -465,6 +466,8 @@ def test_bad_input_fails_before_training(case, shards_dir, trained, tmp_path):
         args += ["--generator", "resnet9", "--unet_depth", "4"]  # the default depth, 3, is simply not the ResNet's
     elif case == "dropout-arch":
         args += ["--generator", "resnet9", "--dropout", "0.2"]
+    elif case == "full-res-arch":
+        args += ["--generator", "resnet9", "--unet_full_res", "8"]
     elif case == "stale":
         args = [a if a != "16" else "8" for a in args] + ["--resume", rundir.checkpoint_dir(trained, 40)]
     result = train(*args, check=False, timeout=120)
@@ -501,7 +504,7 @@ def test_the_generator_block_of_checkpoint_json_round_trips_and_an_older_one_get
     spec = read_checkpoint_info(checkpoint)["generator"]
     assert GeneratorSpec.from_dict(spec.to_dict()) == spec
     info = json.loads((checkpoint / rundir.CHECKPOINT_INFO).read_text())
-    for key in ("unet_depth", "upsample", "downsample", "scale_head", "input_range"):  # a checkpoint from before these options
+    for key in ("unet_depth", "upsample", "downsample", "full_res", "scale_head", "input_range"):  # a checkpoint from before these options
         info["generator"].pop(key)
     (checkpoint / rundir.CHECKPOINT_INFO).write_text(json.dumps(info))
     assert read_checkpoint_info(checkpoint)["generator"] == GeneratorSpec("unet", 64, 16)  # full depth, transposed, no head
@@ -526,6 +529,20 @@ def test_a_shallow_unet_trains_and_its_checkpoint_loads_for_inference(upsample, 
     rows = [r for r in rundir.read_metrics(out) if "val/t1_to_t2/texture" in r]
     assert rows and all(r["val/t1_to_t2/texture"] > 0 and r["val/t2_to_t1/texture"] > 0 for r in rows)
     assert translate(net, torch.rand(2, 1, 64, 64)).shape == (2, 1, 64, 64)
+
+
+def test_a_unet_with_a_full_resolution_stage_trains_resumes_and_loads_for_inference(shards_dir, tmp_path):
+    """--unet_full_res reaches checkpoint.json, so inference builds the stage its weights need, and it is an
+    architecture option: a checkpoint without the stage cannot continue a run with it."""
+    out = tmp_path / "full-res"
+    train("--data", shards_dir, "--out", out, *SMALL, "--max_steps", 4, "--checkpoint_every", 4, "--unet_full_res", 8)
+    checkpoint = rundir.checkpoint_dir(out, 4)
+    assert json.loads((checkpoint / rundir.CHECKPOINT_INFO).read_text())["generator"]["full_res"] == 8
+    net, _ = load_generator(checkpoint, "t1_to_t2")
+    assert net.top.convs[0].in_channels == 8 + 1  # its features and the input slice
+    assert translate(net, torch.rand(2, 1, 64, 64)).shape == (2, 1, 64, 64)
+    result = train("--data", shards_dir, "--out", tmp_path / "plain", *SMALL, "--max_steps", 6, "--resume", checkpoint, check=False)
+    assert result.returncode != 0 and "different configuration" in result.stderr and "unet_full_res" in result.stderr, result.stderr[-2000:]
 
 
 def test_patch_nce_heads_train_checkpoint_and_resume_exactly(shards_dir, tmp_path):

@@ -56,6 +56,10 @@ class Config:
     downsample: str = option("strided", "U-Net encoder downsampling below the slice's own level (the ResNet generator keeps its "
                              "strided convolutions): strided (the reference's 4x4 stride-2 convolution) or blur (a fixed "
                              "[1,2,1] low-pass before it, against aliasing: Zhang, ICML 2019)", choices=["strided", "blur"])
+    unet_full_res: int = option(0, "channels of a full-resolution stage at the U-Net's output: its last features, bilinearly "
+                                "upsampled and concatenated with the input slice, through two 3x3 convolutions at the slice's "
+                                "resolution (Ronneberger et al.'s top level); 0 = the reference's, the output straight from the "
+                                "last upsampling", minimum=0)
     dropout: float = option(0.0, "generator dropout rate after each U-Net decoder level below the slice's own (training only; "
                             "the reference puts 0.5 at its 512-wide levels)", minimum=0, below=1)
     ndf: int = option(64, "discriminator base width", minimum=1)
@@ -158,7 +162,7 @@ class Config:
 # options that change the networks or what a checkpoint holds: a checkpoint made with others cannot continue this run
 # (lambda_nce: PatchNCE's projection heads are trained and checkpointed beside the generators; lambda_aleatoric:
 # the generators' scale heads)
-ARCHITECTURE_KEYS = ("size", "generator", "ngf", "unet_depth", "upsample", "downsample", "ndf", "disc_layers", "ema_decay",
+ARCHITECTURE_KEYS = ("size", "generator", "ngf", "unet_depth", "upsample", "downsample", "unet_full_res", "ndf", "disc_layers", "ema_decay",
                      "lambda_nce", "lambda_aleatoric")
 
 

@@ -111,6 +111,8 @@ def check_options(config: Config) -> None:
             raise SystemExit(f"error: --unet_depth {config.unet_depth}: {err}")
     if config.generator != "unet" and config.dropout != Config.defaults()["dropout"]:
         raise SystemExit(f"error: --dropout {config.dropout}: needs --generator unet, not {config.generator}")
+    if config.unet_full_res and config.generator != "unet":
+        raise SystemExit(f"error: --unet_full_res {config.unet_full_res}: needs --generator unet, not {config.generator}")
     if config.lambda_aleatoric and config.generator != "unet":
         raise SystemExit(f"error: --lambda_aleatoric {config.lambda_aleatoric}: needs --generator unet, not {config.generator}")
     if config.mixed_precision == "fp16" and not torch.cuda.is_available():

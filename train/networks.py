@@ -136,6 +136,24 @@ def unet_levels(size: int, depth: int = 0) -> int:
     return depth
 
 
+class FullResolutionStage(nn.Module):
+    """The U-Net's top level at the slice's own resolution, as in Ronneberger et al.'s U-Net (MICCAI 2015),
+    where the reference's produces the output straight from its last upsampling. The decoder's last features
+    become `width` maps (a 1x1 convolution, then bilinear x2: no checkerboard), are concatenated with the input
+    slice and pass two 3x3 convolutions, so every output pixel gets a nonlinear function of its own
+    neighbourhood at full resolution (a tissue's intensity map is nonlinear, its finest edges one pixel wide)."""
+
+    def __init__(self, channels: int, features: int, width: int, out_channels: int):
+        super().__init__()
+        self.up = nn.Sequential(nn.ReLU(True), nn.Conv2d(features, width, 1, bias=False),
+                                nn.Upsample(scale_factor=2, mode="bilinear", align_corners=False), _norm(width))
+        self.convs = nn.Sequential(nn.Conv2d(width + channels, width, 3, padding=1, bias=False), _norm(width), nn.ReLU(True),
+                                   nn.Conv2d(width, out_channels, 3, padding=1))
+
+    def forward(self, x, features):
+        return self.convs(torch.cat([x, self.up(features)], 1))
+
+
 class UNetGenerator(nn.Module):
     """U-Net of `depth` stride-2 levels (the reference's num_downs). By default the depth follows the image
     size: 256x256x1 is encoded down to 1x1x512 and back, so every output pixel sees the whole slice. A
@@ -144,10 +162,12 @@ class UNetGenerator(nn.Module):
 
     With `scale_head`, the last layer has a second output per channel: the scale b of a Laplace distribution
     around the translation, the generator's own estimate of its error (E|error| = b), as in UGAC (Upadhyay et
-    al., MICCAI 2021). forward() gives the translation alone; with_scale() both."""
+    al., MICCAI 2021). forward() gives the translation alone; with_scale() both.
+
+    With `full_res` channels, a FullResolutionStage makes the output instead of the last upsampling."""
 
     def __init__(self, size: int = 256, channels: int = 1, ngf: int = 64, dropout: float = 0.0, depth: int = 0,
-                 scale_head: bool = False, upsample: str = "transpose", downsample: str = "strided"):
+                 scale_head: bool = False, upsample: str = "transpose", downsample: str = "strided", full_res: int = 0):
         super().__init__()
         self.channels, self.scale_head = channels, scale_head
         depth = unet_levels(size, depth)
@@ -156,16 +176,24 @@ class UNetGenerator(nn.Module):
         block = UNetBlock(widths[-2], widths[-1], None, dropout=dropout, **sampling)
         for level in range(depth - 2, 0, -1):
             block = UNetBlock(widths[level - 1], widths[level], block, dropout=dropout, **sampling)
-        self.model = UNetBlock(channels * (1 + scale_head), widths[0], block, in_channels=channels, outermost=True, **sampling)
+        out_channels = channels * (1 + scale_head)
+        if full_res:  # the outermost level's down and inner levels, then the stage on their features
+            self.trunk = nn.Sequential(_downsample(channels, widths[0], "strided"), block)
+            self.top = FullResolutionStage(channels, widths[0] * 2, full_res, out_channels)
+        else:
+            self.model = UNetBlock(out_channels, widths[0], block, in_channels=channels, outermost=True, **sampling)
+
+    def _raw(self, x):
+        return self.model(x) if hasattr(self, "model") else self.top(x, self.trunk(x))
 
     def forward(self, x):
-        return torch.tanh(self.model(x)[:, :self.channels])
+        return torch.tanh(self._raw(x)[:, :self.channels])
 
     def with_scale(self, x):
         """(N,C,H,W) -> (N,2C,H,W): the translation in [-1,1], then its Laplace scale (> 0, same units)."""
         if not self.scale_head:
             raise ValueError("this generator has no scale head (trained without --lambda_aleatoric)")
-        out = self.model(x)
+        out = self._raw(x)
         return torch.cat([torch.tanh(out[:, :self.channels]), F.softplus(out[:, self.channels:]) + MIN_SCALE], 1)
 
 
@@ -231,12 +259,12 @@ def init_weights(module: nn.Module, std: float = 0.02) -> nn.Module:
 
 
 def build_generator(arch: str, size: int, ngf: int = 64, unet_depth: int = 0, scale_head: bool = False,
-                    upsample: str = "transpose", downsample: str = "strided", dropout: float = 0.0) -> nn.Module:
+                    upsample: str = "transpose", downsample: str = "strided", dropout: float = 0.0, full_res: int = 0) -> nn.Module:
     if arch == "unet":
         return init_weights(UNetGenerator(size, ngf=ngf, depth=unet_depth, scale_head=scale_head, upsample=upsample,
-                                          downsample=downsample, dropout=dropout))
-    if scale_head:
-        raise ValueError(f"a scale head needs the unet generator, not {arch!r}")
+                                          downsample=downsample, dropout=dropout, full_res=full_res))
+    if scale_head or full_res:
+        raise ValueError(f"a {'scale head' if scale_head else 'full-resolution stage'} needs the unet generator, not {arch!r}")
     if arch == "resnet9":  # the U-Net's depth, sampling and dropout do not apply (train/main.py refuses a depth or dropout asked for)
         return init_weights(ResnetGenerator(ngf=ngf, blocks=9))
     raise ValueError(f"unknown generator {arch!r}: choose unet or resnet9")
@@ -254,12 +282,13 @@ class GeneratorSpec:
     scale_head: bool = False
     upsample: str = "transpose"  # before --upsample
     downsample: str = "strided"  # before --downsample
+    full_res: int = 0  # before --unet_full_res
     input_range: tuple[int, int] = (-1, 1)  # to_model_range
 
     @classmethod
     def from_config(cls, config) -> GeneratorSpec:
         return cls(config.generator, config.size, config.ngf, config.unet_depth, bool(config.lambda_aleatoric), config.upsample,
-                   config.downsample)
+                   config.downsample, config.unet_full_res)
 
     @classmethod
     def from_dict(cls, block: dict) -> GeneratorSpec:
@@ -273,7 +302,7 @@ class GeneratorSpec:
     def build(self, dropout: float = 0.0) -> nn.Module:
         """The generator; `dropout` (training only: no parameters, so not in the spec) after each inner decoder level."""
         return build_generator(self.arch, self.size, self.ngf, self.unet_depth, self.scale_head, self.upsample, self.downsample,
-                               dropout)
+                               dropout, self.full_res)
 
 
 def build_discriminator(ndf: int = 64, layers: int = 3) -> nn.Module:
