@@ -169,7 +169,7 @@ class UNetGenerator(nn.Module):
     def __init__(self, size: int = 256, channels: int = 1, ngf: int = 64, dropout: float = 0.0, depth: int = 0,
                  scale_head: bool = False, upsample: str = "transpose", downsample: str = "strided", full_res: int = 0):
         super().__init__()
-        self.channels, self.scale_head = channels, scale_head
+        self.channels, self.scale_head, self.full_res = channels, scale_head, full_res
         depth = unet_levels(size, depth)
         widths = [ngf * min(2**i, 8) for i in range(depth)]  # 64, 128, 256, 512, 512, ...
         sampling = {"upsample": upsample, "downsample": downsample}
@@ -184,7 +184,7 @@ class UNetGenerator(nn.Module):
             self.model = UNetBlock(out_channels, widths[0], block, in_channels=channels, outermost=True, **sampling)
 
     def _raw(self, x):
-        return self.model(x) if hasattr(self, "model") else self.top(x, self.trunk(x))
+        return self.top(x, self.trunk(x)) if self.full_res else self.model(x)
 
     def forward(self, x):
         return torch.tanh(self._raw(x)[:, :self.channels])
