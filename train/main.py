@@ -99,22 +99,22 @@ class DiscriminatorWatch:
         return warnings
 
 
+UNET_ONLY_OPTIONS = ("unet_depth", "dropout", "unet_full_res", "lambda_aleatoric")
+
+
 def check_options(config: Config) -> None:
     """Options that contradict each other, the image size or the machine: a one-line error naming the option."""
-    # the default depth stands for "not asked for" with another generator (--upsample is the U-Net decoder's only)
-    if config.generator != "unet" and config.unet_depth != Config.defaults()["unet_depth"]:
-        raise SystemExit(f"error: --unet_depth {config.unet_depth}: needs --generator unet, not {config.generator}")
-    if config.unet_depth and config.generator == "unet":
+    # a default stands for "not asked for" with another generator, the depth's 3 included (--upsample and
+    # --downsample are the U-Net decoder's and encoder's only)
+    if config.generator != "unet":
+        for name in UNET_ONLY_OPTIONS:
+            if getattr(config, name) != Config.defaults()[name]:
+                raise SystemExit(f"error: --{name} {getattr(config, name)}: needs --generator unet, not {config.generator}")
+    elif config.unet_depth:
         try:
             unet_levels(config.size, config.unet_depth)
         except ValueError as err:
             raise SystemExit(f"error: --unet_depth {config.unet_depth}: {err}")
-    if config.generator != "unet" and config.dropout != Config.defaults()["dropout"]:
-        raise SystemExit(f"error: --dropout {config.dropout}: needs --generator unet, not {config.generator}")
-    if config.unet_full_res and config.generator != "unet":
-        raise SystemExit(f"error: --unet_full_res {config.unet_full_res}: needs --generator unet, not {config.generator}")
-    if config.lambda_aleatoric and config.generator != "unet":
-        raise SystemExit(f"error: --lambda_aleatoric {config.lambda_aleatoric}: needs --generator unet, not {config.generator}")
     if config.mixed_precision == "fp16" and not torch.cuda.is_available():
         raise SystemExit("error: --mixed_precision fp16 needs a GPU and none is visible (whether the flag or the launcher asked "
                          "for it); use bf16 or no on CPU")
