@@ -561,7 +561,7 @@ def test_in_a_real_browser_select_a_run_and_translate(chromium, served, tmp_path
         expect(page.get_by_text("masked SSIM")).to_be_visible(timeout=60_000)
         main = page.get_by_test_id("stMain")
         expect(main.get_by_text("ground truth", exact=True)).to_be_visible(timeout=60_000)
-        assert main.locator("img").count() >= 5
+        expect(main.locator("img").nth(4)).to_be_attached(timeout=60_000)  # at least 5 images, waited for: they render one by one
         shot = tmp_path / "translate.png"
         page.screenshot(path=str(shot), full_page=True)
         browser.close()
