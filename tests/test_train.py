@@ -31,7 +31,7 @@ from train.config import Config, load_config
 from train.data import SliceStream, augment, elastic_offsets, resolve_augment, train_loaders, training_subjects
 from train.fidelity import tissue_contrast
 from train.inference import CheckpointError, load_generator, read_checkpoint_info, translate
-from train.networks import Blur, GeneratorSpec, SubPixelUpsample
+from train.networks import Blur, FullResolutionStage, GeneratorSpec, SubPixelUpsample
 from train.step import build_cycle_gan, linear_decay, train_step
 
 def test_losses_fall_and_the_run_folder_is_complete(trained, shards_dir):
@@ -54,8 +54,8 @@ def test_losses_fall_and_the_run_folder_is_complete(trained, shards_dir):
     last = rundir.checkpoint_dir(trained, 40)
     info = json.loads((last / rundir.CHECKPOINT_INFO).read_text())
     assert info["generator"] == {"arch": "unet", "size": 64, "ngf": 16, "unet_depth": 3, "scale_head": False, "upsample": "subpixel",
-                                 "downsample": "strided", "full_res": 0, "input_range": [-1, 1]}
-    assert read_checkpoint_info(last)["generator"] == GeneratorSpec("unet", 64, 16, 3, False, "subpixel")
+                                 "downsample": "strided", "full_res": 16, "input_range": [-1, 1]}
+    assert read_checkpoint_info(last)["generator"] == GeneratorSpec("unet", 64, 16, 3, False, "subpixel", "strided", 16)
     beat = json.loads((trained / rundir.HEARTBEAT).read_text())  # the trainer's last heartbeat: the final step
     assert (beat["step"], beat["total_steps"]) == (40, 40) and beat["best_checkpoint_step"] in steps
     weights = load_file(str(last / rundir.GENERATORS["t1_to_t2"]))
@@ -524,7 +524,8 @@ def test_a_shallow_unet_trains_and_its_checkpoint_loads_for_inference(upsample, 
     assert (generator["unet_depth"], generator["upsample"], generator["downsample"]) == (3, upsample, downsample)
     net, _ = load_generator(checkpoint, "t1_to_t2")  # built as trained, else its weights would not load
     upsamplers = {"transpose": torch.nn.ConvTranspose2d, "resize": torch.nn.Upsample, "subpixel": SubPixelUpsample}[upsample]
-    assert sum(1 for m in net.modules() if isinstance(m, upsamplers)) == 3
+    # the default full-resolution stage makes the outermost level's output; the two inner levels upsample as asked
+    assert isinstance(net.top, FullResolutionStage) and sum(1 for m in net.trunk.modules() if isinstance(m, upsamplers)) == 2
     assert sum(1 for m in net.modules() if isinstance(m, Blur)) == (2 if downsample == "blur" else 0)
     rows = [r for r in rundir.read_metrics(out) if "val/t1_to_t2/texture" in r]
     assert rows and all(r["val/t1_to_t2/texture"] > 0 and r["val/t2_to_t1/texture"] > 0 for r in rows)
@@ -541,8 +542,19 @@ def test_a_unet_with_a_full_resolution_stage_trains_resumes_and_loads_for_infere
     net, _ = load_generator(checkpoint, "t1_to_t2")
     assert net.top.convs[0].in_channels == 8 + 1  # its features and the input slice
     assert translate(net, torch.rand(2, 1, 64, 64)).shape == (2, 1, 64, 64)
-    result = train("--data", shards_dir, "--out", tmp_path / "plain", *SMALL, "--max_steps", 6, "--resume", checkpoint, check=False)
+    result = train("--data", shards_dir, "--out", tmp_path / "plain", *SMALL, "--max_steps", 6, "--unet_full_res", 0, "--resume", checkpoint,
+                   check=False)
     assert result.returncode != 0 and "different configuration" in result.stderr and "unet_full_res" in result.stderr, result.stderr[-2000:]
+
+
+def test_the_resnet_trains_with_the_defaults_full_resolution_stage_left_to_the_unet(shards_dir, tmp_path):
+    """The default --unet_full_res 16 is a U-Net's: --generator resnet9 alone trains, and its checkpoint records no stage."""
+    out = tmp_path / "resnet"
+    train("--data", shards_dir, "--out", out, *SMALL, "--max_steps", 2, "--checkpoint_every", 2, "--generator", "resnet9")
+    checkpoint = rundir.checkpoint_dir(out, 2)
+    assert json.loads((checkpoint / rundir.CHECKPOINT_INFO).read_text())["generator"]["full_res"] == 0
+    net, _ = load_generator(checkpoint, "t1_to_t2")
+    assert not hasattr(net, "top") and translate(net, torch.rand(1, 1, 64, 64)).shape == (1, 1, 64, 64)
 
 
 def test_patch_nce_heads_train_checkpoint_and_resume_exactly(shards_dir, tmp_path):
@@ -564,10 +576,10 @@ def test_patch_nce_heads_train_checkpoint_and_resume_exactly(shards_dir, tmp_pat
 
 
 RECIPE = {"gan_loss": "lsgan", "lambda_cycle": 5.0, "lambda_identity": 0.0, "lambda_structure": 10.0, "unet_depth": 3,
-          "upsample": "subpixel", "lambda_equivariance": 10.0, "equivariance_warmup": 500, "augment": "auto",
+          "upsample": "subpixel", "unet_full_res": 16, "lambda_equivariance": 10.0, "equivariance_warmup": 500, "augment": "auto",
           "lr": 5e-4}  # docs/fidelity.md's best measured recipe; the warm-up: "Discriminators that win early"
 SEED = {"gan_loss": "bce", "lambda_cycle": 10.0, "lambda_identity": 0.5, "lambda_structure": 0.0, "unet_depth": 0,
-        "upsample": "transpose", "lambda_equivariance": 0.0, "equivariance_warmup": 0, "augment": True,
+        "upsample": "transpose", "unet_full_res": 0, "lambda_equivariance": 0.0, "equivariance_warmup": 0, "augment": True,
         "lr": 2e-4}  # the seed notebook's plain CycleGAN
 
 

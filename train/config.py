@@ -56,7 +56,7 @@ class Config:
     downsample: str = option("strided", "U-Net encoder downsampling below the slice's own level (the ResNet generator keeps its "
                              "strided convolutions): strided (the reference's 4x4 stride-2 convolution) or blur (a fixed "
                              "[1,2,1] low-pass before it, against aliasing: Zhang, ICML 2019)", choices=["strided", "blur"])
-    unet_full_res: int = option(0, "channels of a full-resolution stage at the U-Net's output: its last features, bilinearly "
+    unet_full_res: int = option(16, "channels of a full-resolution stage at the U-Net's output: its last features, bilinearly "
                                 "upsampled and concatenated with the input slice, through two 3x3 convolutions at the slice's "
                                 "resolution (Ronneberger et al.'s top level); 0 = the reference's, the output straight from the "
                                 "last upsampling", minimum=0)

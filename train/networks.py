@@ -287,8 +287,9 @@ class GeneratorSpec:
 
     @classmethod
     def from_config(cls, config) -> GeneratorSpec:
+        full_res = config.unet_full_res if config.generator == "unet" else 0  # the default's 16 is not asked of a ResNet
         return cls(config.generator, config.size, config.ngf, config.unet_depth, bool(config.lambda_aleatoric), config.upsample,
-                   config.downsample, config.unet_full_res)
+                   config.downsample, full_res)
 
     @classmethod
     def from_dict(cls, block: dict) -> GeneratorSpec:
