@@ -769,17 +769,20 @@ def test_resume_compares_architecture_with_defaults_for_options_newer_than_the_c
 
 
 def test_resume_of_a_checkpoint_older_than_the_decoder_options_compares_what_it_was_made_with(tmp_path):
-    # before --unet_depth and --upsample the U-Net went down to 1x1 with transposed convolutions, which today's
-    # defaults are not: a resume with the defaults would build another network than the one saved
+    # before --unet_depth, --upsample and --unet_full_res the U-Net went down to 1x1 with transposed convolutions
+    # and made its output from the last of them, which today's defaults do not: a resume with the defaults would
+    # build another network than the one saved
     checkpoint = tmp_path / "step-0000010"
     checkpoint.mkdir()
     saved = load_config(["--data", "d", "--out", "o", "--size", "64"]).to_dict()
-    del saved["unet_depth"], saved["upsample"]
+    del saved["unet_depth"], saved["upsample"], saved["unet_full_res"]
     (checkpoint / rundir.CHECKPOINT_INFO).write_text(json.dumps({"config": saved}))
-    with pytest.raises(SystemExit, match="unet_depth: checkpoint 0 vs now 3; upsample: checkpoint 'transpose' vs now 'subpixel'"):
+    with pytest.raises(SystemExit, match="unet_depth: checkpoint 0 vs now 3; upsample: checkpoint 'transpose' vs now 'subpixel'; "
+                                         "unet_full_res: checkpoint 0 vs now 16"):
         check_compatible(checkpoint, load_config(["--data", "d", "--out", "o", "--size", "64"]))
-    made = check_compatible(checkpoint, load_config(["--data", "d", "--out", "o", "--size", "64", "--unet_depth", "0", "--upsample", "transpose"]))
-    assert (made["unet_depth"], made["upsample"]) == (0, "transpose")
+    made = check_compatible(checkpoint, load_config(["--data", "d", "--out", "o", "--size", "64", "--unet_depth", "0", "--upsample", "transpose",
+                                                     "--unet_full_res", "0"]))
+    assert (made["unet_depth"], made["upsample"], made["unet_full_res"]) == (0, "transpose", 0)
 
 
 @pytest.mark.parametrize("gpus, expected, absent", [

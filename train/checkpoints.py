@@ -113,9 +113,12 @@ def resolve_resume(config: Config, out: Path) -> Path | None:
 
 def made_before_options() -> dict:
     """What a checkpoint older than an option was made with: the option's default, except for the generator's
-    options whose default has changed since (GeneratorSpec's defaults: a full-depth U-Net, transposed convolutions)."""
+    options whose default has changed since (GeneratorSpec's defaults: a full-depth U-Net, transposed convolutions,
+    no full-resolution stage)."""
     defaults = Config.defaults()
-    return {**defaults, **{f.name: f.default for f in fields(GeneratorSpec) if f.name in defaults and f.default is not MISSING}}
+    before = {f.name: f.default for f in fields(GeneratorSpec) if f.default is not MISSING}
+    before["unet_full_res"] = before.pop("full_res")  # the spec's name for the option
+    return {**defaults, **{name: value for name, value in before.items() if name in defaults}}
 
 
 def check_compatible(path: Path, config: Config) -> dict:
