@@ -27,7 +27,7 @@ from shards.format import ShardsError, key_subject, read_manifest, shard_paths
 from train import main as trainer
 from train import rundir
 from train.checkpoints import check_compatible, generator_weights
-from train.config import Config, load_config
+from train.config import ARCHITECTURE_KEYS, Config, load_config
 from train.data import SliceStream, augment, elastic_offsets, resolve_augment, train_loaders, training_subjects
 from train.fidelity import tissue_contrast
 from train.inference import CheckpointError, load_generator, read_checkpoint_info, translate
@@ -783,6 +783,18 @@ def test_resume_of_a_checkpoint_older_than_the_decoder_options_compares_what_it_
     made = check_compatible(checkpoint, load_config(["--data", "d", "--out", "o", "--size", "64", "--unet_depth", "0", "--upsample", "transpose",
                                                      "--unet_full_res", "0"]))
     assert (made["unet_depth"], made["upsample"], made["unet_full_res"]) == (0, "transpose", 0)
+
+
+def test_every_generator_spec_field_an_option_sets_is_mapped_to_that_option_and_compared_on_resume():
+    # a field missing here would be built from its option at training time, yet read from Config's default, not
+    # the spec's, for a checkpoint made before the option: the bug the full-resolution stage's rename once had
+    derived = {"scale_head", "input_range"}  # from --lambda_aleatoric, and a constant
+    assert set(GeneratorSpec.OPTION_FIELDS.values()) == {f.name for f in dataclasses.fields(GeneratorSpec)} - derived
+    assert set(GeneratorSpec.OPTION_FIELDS) <= set(ARCHITECTURE_KEYS) and set(GeneratorSpec.OPTION_FIELDS) <= set(Config.defaults())
+    config = load_config(["--data", "d", "--out", "o", "--size", "64", "--unet_depth", "4", "--unet_full_res", "8", "--ngf", "8"])
+    spec = GeneratorSpec.from_config(config)
+    assert (spec.unet_depth, spec.full_res, spec.ngf, spec.size) == (4, 8, 8, 64)
+    assert GeneratorSpec.options_before()["unet_full_res"] == 0 and GeneratorSpec.options_before()["upsample"] == "transpose"
 
 
 @pytest.mark.parametrize("gpus, expected, absent", [

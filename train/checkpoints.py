@@ -14,7 +14,7 @@ import math
 import os
 import shutil
 import time
-from dataclasses import MISSING, dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -115,10 +115,7 @@ def made_before_options() -> dict:
     """What a checkpoint older than an option was made with: the option's default, except for the generator's
     options whose default has changed since (GeneratorSpec's defaults: a full-depth U-Net, transposed convolutions,
     no full-resolution stage)."""
-    defaults = Config.defaults()
-    before = {f.name: f.default for f in fields(GeneratorSpec) if f.default is not MISSING}
-    before["unet_full_res"] = before.pop("full_res")  # the spec's name for the option
-    return {**defaults, **{name: value for name, value in before.items() if name in defaults}}
+    return {**Config.defaults(), **GeneratorSpec.options_before()}
 
 
 def check_compatible(path: Path, config: Config) -> dict:

@@ -4,7 +4,8 @@ discriminator. Every constructor takes plain arguments; nothing reads a global o
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, replace
+from dataclasses import MISSING, asdict, dataclass, fields, replace
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -285,11 +286,21 @@ class GeneratorSpec:
     full_res: int = 0  # before --unet_full_res
     input_range: tuple[int, int] = (-1, 1)  # to_model_range
 
+    # train/main.py's option → the field it sets, for the options the spec takes as they are
+    OPTION_FIELDS: ClassVar[dict[str, str]] = {"generator": "arch", "size": "size", "ngf": "ngf", "unet_depth": "unet_depth",
+                                               "upsample": "upsample", "downsample": "downsample", "unet_full_res": "full_res"}
+
     @classmethod
     def from_config(cls, config) -> GeneratorSpec:
-        full_res = config.unet_full_res if config.generator == "unet" else 0  # the default's 16 is not asked of a ResNet
-        return cls(config.generator, config.size, config.ngf, config.unet_depth, bool(config.lambda_aleatoric), config.upsample,
-                   config.downsample, full_res)
+        spec = cls(**{field: getattr(config, option) for option, field in cls.OPTION_FIELDS.items()},
+                   scale_head=bool(config.lambda_aleatoric))
+        return spec if spec.arch == "unet" else replace(spec, full_res=0)  # the default's stage is not asked of a ResNet
+
+    @classmethod
+    def options_before(cls) -> dict:
+        """The options a checkpoint made before them was built with: their fields' defaults, by option name."""
+        made_with = {f.name: f.default for f in fields(cls) if f.default is not MISSING}
+        return {option: made_with[field] for option, field in cls.OPTION_FIELDS.items() if field in made_with}
 
     @classmethod
     def from_dict(cls, block: dict) -> GeneratorSpec:
