@@ -42,6 +42,7 @@ from train.scoring import lesion_report, read_samples, score, split_shards, summ
 
 ROOT = Path(__file__).resolve().parents[1]
 SEED = ["--config", "train/recipes/seed.yaml"]
+NGF, BATCH_SIZE = 32, 2  # the bench's network width and batch; a run at others is named for them
 VARIANTS_FILE = Path(__file__).with_name("fidelity_variants.yaml")
 DEFAULT_VARIANT = "mind10-lsgan-cyc5-unet3-subpixel-equiv10-warm500-full16"  # the trainer's defaults (tests/test_train.py checks it)
 
@@ -106,6 +107,13 @@ def noise_transfers(members: list[Path], slices: list[dict], tta: bool) -> dict:
             for direction, (source, _) in rundir.DIRECTIONS.items()}
 
 
+def run_name(args: argparse.Namespace, name: str, seed: int) -> str:
+    """A variant's run folder, named for every setting that changes what it trains, so a rerun scores only its own run."""
+    return (f"{name}-{args.size}-{args.steps}{f'-seed{seed}' * (seed != args.seed)}{f'-snap{args.snapshots}' * (args.snapshots > 1)}"
+            f"{f'-{args.train_subjects}subjects' * (args.train_subjects > 0)}{f'-ngf{args.ngf}' * (args.ngf != NGF)}"
+            f"{f'-batch{args.batch_size}' * (args.batch_size != BATCH_SIZE)}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=ROOT / "bench-out" / "fidelity")
@@ -113,8 +121,9 @@ def main() -> None:
     parser.add_argument("--split", default="0.8,0.1,0.1", help="train,val,test fractions of the subjects (shards pack --split)")
     parser.add_argument("--size", type=int, default=128)
     parser.add_argument("--steps", type=int, default=3000)
-    parser.add_argument("--batch-size", type=int, default=2)
-    parser.add_argument("--ngf", type=int, default=32)
+    parser.add_argument("--batch-size", type=int, default=BATCH_SIZE, help="another batch size gets its own run folder, NAME-SIZE-STEPS-batchN")
+    parser.add_argument("--ngf", type=int, default=NGF, help="generator and discriminator width; another gets its own run folder, "
+                        "NAME-SIZE-STEPS-ngfN")
     parser.add_argument("--variants", nargs="+", choices=sorted(VARIANTS), default=["plain", DEFAULT_VARIANT],
                         metavar="NAME", help=f"variants of bench/fidelity_variants.yaml (default: the seed's plain CycleGAN "
                         f"and the trainer's default, {DEFAULT_VARIANT}): {', '.join(sorted(VARIANTS))}")
@@ -150,17 +159,13 @@ def main() -> None:
     train_seed = args.seed if args.train_seed is None else args.train_seed
     seeds = range(train_seed, train_seed + args.ensemble)
 
-    def run_name(name: str, seed: int) -> str:
-        return (f"{name}-{args.size}-{args.steps}{f'-seed{seed}' * (seed != args.seed)}{f'-snap{args.snapshots}' * (args.snapshots > 1)}"
-                f"{f'-{args.train_subjects}subjects' * (args.train_subjects > 0)}")
-
     results = {}
     paths, samples = scored_samples(shards)
     slices = noise_slices(samples)
     for name in args.variants:
         checkpoints = []
         for seed in seeds:
-            run_dir = out / "runs" / run_name(name, seed)
+            run_dir = out / "runs" / run_name(args, name, seed)
             if rundir.read_summary(run_dir) is None:
                 timings[f"train_{run_dir.name}_s"] = run(
                     "train/main.py", "--data", shards, "--out", run_dir, "--size", args.size, "--ngf", args.ngf, "--ndf", args.ngf,
@@ -170,7 +175,7 @@ def main() -> None:
                     "--checkpoints_total_limit", max(args.snapshots, 2), "--num_workers", 1, "--report_to", "none",
                     "--seed", seed, "--train_subjects", args.train_subjects, "--resume", "auto", *SEED, *flags(VARIANTS[name]), env=env)
             checkpoints.append(max((run_dir / "checkpoints").glob("step-*")))  # the step budget's last checkpoint, not val-selected
-        report_dir = out / "reports" / (f"{run_name(name, train_seed)}{f'-ensemble{args.ensemble}' * (args.ensemble > 1)}"
+        report_dir = out / "reports" / (f"{run_name(args, name, train_seed)}{f'-ensemble{args.ensemble}' * (args.ensemble > 1)}"
                                         f"-{args.uncertainty}{'-tta-mean' * args.tta}")
         scored = {name: (checkpoints, report_dir)}
         best_step = rundir.read_summary(run_dir).get("best_checkpoint_step")
