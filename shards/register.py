@@ -24,6 +24,7 @@ from .head import head_threshold
 LEVELS_MM = (8.0, 4.0, 2.0)
 HISTOGRAM_BINS = 32
 SAMPLING = 0.25  # share of the head voxels the metric samples per iteration (random, seeded)
+SAMPLING_SEED = 1  # SimpleITK reads a seed of 0 (sitkWallClock) as "seed from the clock": packing would not repeat
 ITERATIONS = 200
 
 # The quality check. Head motion between two series of one session stays well inside these bounds; a
@@ -88,9 +89,12 @@ def _points(mask: sitk.Image) -> np.ndarray:
     return lps @ LPS[:3, :3]
 
 
-def register_rigid(t1: np.ndarray, t1_affine: np.ndarray, t2: np.ndarray, t2_affine: np.ndarray, seed: int = 0) -> Registration:
+def register_rigid(t1: np.ndarray, t1_affine: np.ndarray, t2: np.ndarray, t2_affine: np.ndarray,
+                  seed: int = SAMPLING_SEED) -> Registration:
     """T2 onto T1: the rigid transform, rotating about T1's head centre, that maximises mutual information
-    over T1's head."""
+    over T1's head. The same inputs and seed (not 0) give the same transform, whatever the thread count."""
+    if seed == sitk.sitkWallClock:
+        raise ValueError(f"seed {seed} is SimpleITK's wall-clock seed: the registration would not repeat")
     # everything runs at or above the finest level's voxel size: averaging down to it first makes it cheap
     fixed, moving = (sitk.BinShrink(to_sitk(data, affine), [max(1, int(LEVELS_MM[-1] / mm)) for mm in np.linalg.norm(affine[:3, :3], axis=0)])
                      for data, affine in ((t1, t1_affine), (t2, t2_affine)))
