@@ -58,6 +58,8 @@ def generators(run: Path, step: int) -> dict:
 
 
 def check_precision(data: Path, out: Path, precision: str, steps: int, widths: list[str]) -> dict:
+    # a limit that binds at every step: under fp16 the gradients must be unscaled before their norm is taken and clipped
+    widths = [*widths, "--max_grad_norm", "1"]
     whole = launch(data, out / f"{precision}-whole", precision, steps, 2, "--checkpoint_every", steps // 2, *widths)
     losses = whole["last_train"]
     assert all(math.isfinite(v) for k, v in losses.items() if k.startswith("loss/")), f"{precision}: losses not finite: {losses}"
@@ -67,7 +69,8 @@ def check_precision(data: Path, out: Path, precision: str, steps: int, widths: l
            "--resume", rundir.checkpoint_dir(out / f"{precision}-whole", steps // 2))
     a, b = generators(out / f"{precision}-whole", steps), generators(resumed, steps)
     exact = all(torch.equal(a[n][k], b[n][k]) for n in a for k in a[n])
-    return {"precision": precision, "compute_dtype": whole["compute_dtype"], "loss_G": losses["loss/G"], "resume_exact": exact}
+    return {"precision": precision, "compute_dtype": whole["compute_dtype"], "loss_G": losses["loss/G"],
+            "grad_norm_G": losses["grad_norm/G"], "resume_exact": exact}
 
 
 def loader_rate(data: Path, batch: int, seconds: float = 10.0) -> float:
@@ -118,9 +121,12 @@ def main() -> None:
     results = {"device": device, "torch": torch.__version__, "size": size, "precision": [], "throughput": []}
     for precision in precisions:
         results["precision"].append(check_precision(data, out / "precision", precision, steps, widths))
-    print("\n| precision | computes in | G loss | resume exact |\n|---|---|---|---|")
+    print("\n| precision | computes in | G loss | G gradient norm (before clipping) | resume exact |\n|---|---|---|---|---|")
     for r in results["precision"]:
-        print(f"| {r['precision']} | {r['compute_dtype']} | {r['loss_G']:.3f} | {r['resume_exact']} |")
+        print(f"| {r['precision']} | {r['compute_dtype']} | {r['loss_G']:.3f} | {r['grad_norm_G']:.3g} | {r['resume_exact']} |")
+    # fp16's loss scale is 65536 at first: a norm taken before unscaling would be thousands of times fp32's
+    norms = {r["precision"]: r["grad_norm_G"] for r in results["precision"]}
+    assert "fp16" not in norms or norms["fp16"] < 10 * norms["no"], f"fp16 gradient norm {norms['fp16']:.3g} vs fp32 {norms['no']:.3g}"
 
     best = "no" if args.cpu else "bf16"
     for dynamo, batch in settings:

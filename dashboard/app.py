@@ -13,6 +13,7 @@ import argparse
 import gzip
 import hashlib
 import io
+import math
 import os
 import sys
 import tempfile
@@ -49,6 +50,7 @@ CHARTS = {
     "Cycle SSIM": dict(zip(rundir.VAL_CYCLE, ("T1→T2→T1", "T2→T1→T2"))),
     "Generator losses": {f"loss/{n}": n for n in rundir.LOSSES if not n.startswith("D")},
     "Discriminator losses": {f"loss/{n}": n for n in rundir.LOSSES if n.startswith("D")},
+    "Gradient norms (largest per logged row)": {k: k.removeprefix("grad_norm/") for k in rundir.GRAD_NORMS},
 }
 
 
@@ -189,7 +191,7 @@ def page_compare(runs: list[R.RunInfo]) -> None:
         return
     merged = pd.concat(tables, ignore_index=True)
     st.caption("A line per run and direction or loss; losses weighted 0 (zero throughout) are left out.")
-    for (title, columns), place in zip(CHARTS.items(), st.columns(2) * (len(CHARTS) // 2)):
+    for (title, columns), place in zip(CHARTS.items(), st.columns(2) * math.ceil(len(CHARTS) / 2)):
         points = R.chart_series(merged, columns, x)
         place.markdown(f"**{title}**")
         if points.empty:

@@ -47,6 +47,7 @@ def test_losses_fall_and_the_run_folder_is_complete(trained, shards_dir):
     for loss in ("loss/cycle", "loss/structure"):  # window means; the default recipe has no identity loss
         late = (train_rows[-1][loss] + train_rows[-2][loss]) / 2
         assert late < 0.9 * train_rows[0][loss], f"{loss} falls: {[round(r[loss], 2) for r in train_rows]}"
+    assert all(0 < r[name] < 1e4 for r in train_rows for name in rundir.GRAD_NORMS)
     val_rows = [r for r in rows if "val/ssim_masked_mean" in r]
     assert [r["epoch"] for r in val_rows] == [0, 1] and all(-1 <= r["val/t1_to_t2/ssim_masked"] <= 1 for r in val_rows)
     assert val_rows[-1]["val/slices"] == 48 or val_rows[-1]["val/slices"] > 0
@@ -294,6 +295,39 @@ def test_one_train_step_updates_generators_discriminators_average_and_schedules_
     assert train_step(accelerator, model, real_a, real_b, 1) is None
     assert all(torch.equal(a, b) for k in after for a, b in zip(after[k], weights()[k])), "a NaN step changes nothing"
     assert (model.ema.n_averaged.item(), model.sched_g.last_epoch) == (1, 1)
+
+
+def test_the_step_reports_each_sides_gradient_norm_and_clips_it_to_max_grad_norm():
+    """One outsized gradient stays in Adam's second moment for thousands of steps (docs/training.md): the step
+    reports the norms of both generators' and both discriminators' gradients before clipping, and --max_grad_norm
+    leaves each side's at that norm for its optimizer."""
+    def first_step(max_norm: float):
+        torch.manual_seed(0)  # the same networks each time
+        config = load_config(["--data", "d", "--out", "o", "--ngf", "8", "--ndf", "8", "--max_grad_norm", str(max_norm)])
+        accelerator = Accelerator(mixed_precision="no")
+        model = build_cycle_gan(accelerator, dataclasses.replace(config, size=32), total_steps=10)
+        real_a, real_b = (torch.rand(2, 1, 32, 32, generator=torch.Generator().manual_seed(i)) * 2 - 1 for i in range(2))
+        reported = train_step(accelerator, model, real_a, real_b, 0)
+        stepped = {side: torch.nn.utils.get_total_norm([p.grad for g in opt.param_groups for p in g["params"] if p.grad is not None])
+                   for side, opt in (("G", model.opt_g), ("D", model.opt_d))}  # what each optimizer stepped with
+        return {side: reported[f"grad_norm/{side}"] for side in stepped}, stepped
+
+    reported, stepped = first_step(0)
+    assert all(reported[side] > 0.01 and torch.allclose(stepped[side], reported[side]) for side in stepped), (reported, stepped)
+    clipped_reported, clipped = first_step(1e-3)
+    assert clipped_reported == reported, "reported before clipping"
+    assert all(torch.allclose(clipped[side], torch.tensor(1e-3), rtol=1e-3) for side in clipped), clipped
+
+
+def test_a_logged_gradient_norm_is_the_largest_of_its_window_so_one_spike_shows():
+    window = trainer.LossWindow(Accelerator(mixed_precision="no"))
+    losses = {name: torch.tensor(0.5) for name in rundir.LOSSES}
+    for g, d in ((1.0, 0.2), (50.0, 0.1), (2.0, 5.0)):
+        window.add({**losses, "grad_norm/G": torch.tensor(g), "grad_norm/D": torch.tensor(d)}, images=2)
+    row = window.means()
+    assert (row["grad_norm/G"], row["grad_norm/D"], row["loss/G"]) == (50.0, 5.0, 0.5)
+    window.add({**losses, "grad_norm/G": torch.tensor(3.0), "grad_norm/D": torch.tensor(0.3)}, images=2)
+    assert window.means()["grad_norm/G"] == 3.0, "each row starts a new window"
 
 
 def test_the_step_takes_the_equivariance_term_at_its_warmed_up_weight():

@@ -99,6 +99,10 @@ class Config:
                          "than the generators (a two time-scale update rule)", minimum=0)
     beta1: float = option(0.5, "Adam beta1", minimum=0, below=1)
     beta2: float = option(0.999, "Adam beta2", minimum=0, below=1)
+    max_grad_norm: float = option(0.0, "before each optimizer step, clip the gradients of both generators together, and of both "
+                                  "discriminators together, to this total L2 norm (0 = off). One outsized gradient otherwise "
+                                  "enters Adam's second moment, which forgets it only over thousands of steps. metrics.jsonl's "
+                                  "grad_norm/G and grad_norm/D log each window's largest norm before clipping", minimum=0)
     ema_decay: float = option(0.0, "keep an exponential moving average of the generator weights with this decay (e.g. 0.995, "
                               "about the last 1/(1-decay) steps); validation, checkpoints' generators and inference use it. 0 = off",
                               minimum=0, below=1)

@@ -48,24 +48,29 @@ class StopRequested:
 
 
 class LossWindow:
-    """The steps since the last logged row: their mean losses (over every rank) and images per second."""
+    """The steps since the last logged row: their mean losses (over every rank), their largest gradient norms (a
+    spike of one step would vanish in a mean) and images per second."""
 
     def __init__(self, accelerator: Accelerator):
         self.accelerator = accelerator
         self.losses = torch.zeros(len(rundir.LOSSES), device=accelerator.device)
+        self.grad_norms = torch.zeros(len(rundir.GRAD_NORMS), device=accelerator.device)
         self.steps, self.images, self.start = 0, 0, time.time()
 
-    def add(self, losses: dict[str, torch.Tensor], images: int) -> None:
-        self.losses += torch.stack([losses[k] for k in rundir.LOSSES]).detach().float()
+    def add(self, step: dict[str, torch.Tensor], images: int) -> None:
+        self.losses += torch.stack([step[k] for k in rundir.LOSSES]).detach().float()
+        torch.maximum(self.grad_norms, torch.stack([step[k] for k in rundir.GRAD_NORMS]).float(), out=self.grad_norms)
         self.steps, self.images = self.steps + 1, self.images + images
 
     def means(self) -> dict[str, float]:
-        """`loss/<name>` means and images_per_s over the window, which then starts again."""
+        """`loss/<name>` means, the largest gradient norms and images_per_s over the window, which then starts again."""
         losses = self.losses / max(self.steps, 1)
         losses = self.accelerator.reduce(losses, reduction="mean") if self.accelerator.num_processes > 1 else losses
         row = {**{f"loss/{k}": v.item() for k, v in zip(rundir.LOSSES, losses)},
+               **{k: v.item() for k, v in zip(rundir.GRAD_NORMS, self.grad_norms)},
                "images_per_s": self.images / max(time.time() - self.start, 1e-9)}
         self.losses.zero_()
+        self.grad_norms.zero_()
         self.steps, self.images, self.start = 0, 0, time.time()
         return row
 

@@ -37,6 +37,7 @@ class CycleGAN:
     objective: Objective
     seed: int  # with the step, draws the equivariance term's moves, the cycle noise and the dropout masks
     dropout: float  # the generators' (training only)
+    max_grad_norm: float  # 0 = no clipping
 
     @property
     def inference_gens(self) -> CycleGenerators:
@@ -80,13 +81,13 @@ def build_cycle_gan(accelerator: Accelerator, config: Config, total_steps: int) 
     trained_gens = accelerator.unwrap_model(gens)
     ema = AveragedModel(trained_gens, multi_avg_fn=get_ema_multi_avg_fn(config.ema_decay)) if config.ema_decay else None
     return CycleGAN(gens, discs, opt_g, opt_d, sched_g, sched_d, pools, heads[0] if heads else None, ema, trained_gens,
-                    Objective.from_config(config), config.seed, config.dropout)
+                    Objective.from_config(config), config.seed, config.dropout, config.max_grad_norm)
 
 
 def train_step(accelerator: Accelerator, model: CycleGAN, real_a: torch.Tensor, real_b: torch.Tensor, step: int
                ) -> dict[str, torch.Tensor] | None:
     """One optimizer step of both generators, then of both discriminators, then the moving average and the
-    schedules. Returns the step's losses, or None when a loss was NaN or inf on any rank: every rank then skips
+    schedules. Returns the step's losses and gradient norms, or None when a loss was NaN or inf on any rank: every rank then skips
     the rest of the step (after a bad generator loss nothing is updated; after a bad discriminator loss the
     generators' update stands, and the average and schedules do not move)."""
     # generators against frozen discriminators (unwrapped: D's DDP hooks stay out of G's backward)
@@ -103,6 +104,7 @@ def train_step(accelerator: Accelerator, model: CycleGAN, real_a: torch.Tensor, 
         return skip(model)
     model.opt_g.zero_grad(set_to_none=True)
     accelerator.backward(losses_g["G"])
+    grad_norm_g = clip_gradients(accelerator, model.opt_g, model.max_grad_norm)
     model.opt_g.step()
 
     # discriminators: real vs. generated (from the history pool), (real + fake) / 2
@@ -114,13 +116,26 @@ def train_step(accelerator: Accelerator, model: CycleGAN, real_a: torch.Tensor, 
         return skip(model)
     model.opt_d.zero_grad(set_to_none=True)
     accelerator.backward(losses_d["D"])
+    grad_norm_d = clip_gradients(accelerator, model.opt_d, model.max_grad_norm)
     model.opt_d.step()
 
     if model.ema:
         model.ema.update_parameters(model.trained_gens)
     model.sched_g.step()
     model.sched_d.step()
-    return {**losses_g, **losses_d}
+    return {**losses_g, **losses_d, "grad_norm/G": grad_norm_g, "grad_norm/D": grad_norm_d}
+
+
+def clip_gradients(accelerator: Accelerator, optimizer: torch.optim.Optimizer, max_norm: float) -> torch.Tensor:
+    """The total L2 norm of the optimizer's gradients (already all-reduced, so every rank's is the same), and the
+    gradients clipped to max_norm where it is set. Only this optimizer is unscaled under fp16: Accelerate's
+    clip_grad_norm_ unscales every prepared one."""
+    accelerator.unscale_gradients(optimizer)
+    params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+    norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+    if max_norm:
+        torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
+    return norm
 
 
 def skip(model: CycleGAN) -> None:
