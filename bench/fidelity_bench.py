@@ -42,7 +42,7 @@ from train.scoring import lesion_report, read_samples, score, split_shards, summ
 
 ROOT = Path(__file__).resolve().parents[1]
 SEED = ["--config", "train/recipes/seed.yaml"]
-NGF, BATCH_SIZE = 32, 2  # the bench's network width and batch; a run at others is named for them
+NGF, BATCH_SIZE = 32, 2  # the bench's network width and batch (the trainer's defaults too); a run at others is named for them
 VARIANTS_FILE = Path(__file__).with_name("fidelity_variants.yaml")
 DEFAULT_VARIANT = "mind10-lsgan-cyc5-unet3-subpixel-equiv10-warm500-full16"  # the trainer's defaults (tests/test_train.py checks it)
 

@@ -612,10 +612,11 @@ def test_patch_nce_heads_train_checkpoint_and_resume_exactly(shards_dir, tmp_pat
 
 RECIPE = {"gan_loss": "lsgan", "lambda_cycle": 5.0, "lambda_identity": 0.0, "lambda_structure": 10.0, "unet_depth": 3,
           "upsample": "subpixel", "unet_full_res": 16, "lambda_equivariance": 10.0, "equivariance_warmup": 500, "augment": "auto",
-          "lr": 5e-4}  # docs/fidelity.md's best measured recipe; the warm-up: "Discriminators that win early"
+          "lr": 5e-4, "ngf": 32, "ndf": 32, "batch_size": 2}  # docs/fidelity.md's best measured recipe, at the width and batch it
+# was measured at; the warm-up: "Discriminators that win early"
 SEED = {"gan_loss": "bce", "lambda_cycle": 10.0, "lambda_identity": 0.5, "lambda_structure": 0.0, "unet_depth": 0,
         "upsample": "transpose", "unet_full_res": 0, "lambda_equivariance": 0.0, "equivariance_warmup": 0, "augment": True,
-        "lr": 2e-4}  # the seed notebook's plain CycleGAN
+        "lr": 2e-4, "ngf": 64, "ndf": 64, "batch_size": 1}  # the seed notebook's plain CycleGAN
 
 
 def recipe_of(config: Config) -> dict:
@@ -667,8 +668,9 @@ def test_every_fidelity_bench_variant_is_a_valid_config_and_its_default_row_is_t
     monkeypatch.syspath_prepend(str(ROOT / "bench"))
     bench = importlib.import_module("fidelity_bench")
     seed = ["--config", str(ROOT / "train" / "recipes" / "seed.yaml"), "--data", "d", "--out", "o"]
-    configs = {name: load_config([*seed, *bench.flags(options)]) for name, options in bench.VARIANTS.items()}
-    assert len(configs) > 20 and recipe_of(configs["plain"]) == SEED
+    width = ["--ngf", str(bench.NGF), "--ndf", str(bench.NGF), "--batch_size", str(bench.BATCH_SIZE)]  # as the bench trains them
+    configs = {name: load_config([*seed, *width, *bench.flags(options)]) for name, options in bench.VARIANTS.items()}
+    assert len(configs) > 20 and recipe_of(configs["plain"]) == {**SEED, "ngf": bench.NGF, "ndf": bench.NGF, "batch_size": bench.BATCH_SIZE}
     without_file = {k: v for k, v in configs[bench.DEFAULT_VARIANT].to_dict().items() if k != "config"}
     assert without_file == {k: v for k, v in load_config(["--data", "d", "--out", "o"]).to_dict().items() if k != "config"}
     looped = tmp_path / "variants.yaml"

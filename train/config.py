@@ -32,7 +32,8 @@ def option(default, help: str, **kw):
 @dataclass
 class Config:
     """The defaults are the recipe docs/fidelity.md measured best (MIND 10, LSGAN, cycle 5, no identity loss, U-Net
-    depth 3 with sub-pixel convolutions, lr 5e-4, augmentation only for a run past 60 passes over its slices);
+    depth 3 with sub-pixel convolutions, lr 5e-4, augmentation only for a run past 60 passes over its slices) at the
+    width and batch it was measured at (ngf/ndf 32, batch 2: at the reference's 64 and batch 1 the recipe collapsed);
     `--config train/recipes/seed.yaml` is the seed's plain CycleGAN."""
 
     # data and run folder
@@ -45,7 +46,7 @@ class Config:
                                  "records (default: an error naming the shard)")
     # networks
     generator: str = option("unet", "generator architecture", choices=["unet", "resnet9"])
-    ngf: int = option(64, "generator base width", minimum=1)
+    ngf: int = option(32, "generator base width (the reference's and the seed's is 64)", minimum=1)
     unet_depth: int = option(3, "U-Net stride-2 levels (the reference's num_downs); 0 = down to 1x1, log2(size), as in the seed. "
                              "Fewer levels bound what each output pixel sees to about 4 x 2**depth pixels (30 at 3, 62 at 4)", minimum=0)
     upsample: str = option("subpixel", "U-Net decoder upsampling (the ResNet generator keeps its transposed convolutions): "
@@ -62,7 +63,7 @@ class Config:
                                 "last upsampling", minimum=0)
     dropout: float = option(0.0, "generator dropout rate after each U-Net decoder level below the slice's own (training only; "
                             "the reference puts 0.5 at its 512-wide levels)", minimum=0, below=1)
-    ndf: int = option(64, "discriminator base width", minimum=1)
+    ndf: int = option(32, "discriminator base width (the reference's and the seed's is 64)", minimum=1)
     disc_layers: int = option(3, "PatchGAN depth: 3 judges 70x70 patches (the reference, for 256x256), 2 judges 34x34, 1 judges 16x16", minimum=1)
     # losses and optimizer
     gan_loss: str = option("lsgan", "adversarial loss: lsgan (least squares) or bce (BCE with logits, as in the seed)", choices=["bce", "lsgan"])
@@ -110,7 +111,8 @@ class Config:
                                    "step (0.5 = the reference's second half; 0 = from the first step; 1 = constant)",
                                    minimum=0, maximum=1)
     # schedule
-    batch_size: int = option(1, "images per process per step, for each contrast", minimum=1, maximum=MAX_BATCH_SIZE)
+    batch_size: int = option(2, "images per process per step, for each contrast (the reference's and the seed's is 1)", minimum=1,
+                             maximum=MAX_BATCH_SIZE)
     epochs: int = option(10, "number of epochs; the learning rate decays linearly to 0 from --lr_decay_start", minimum=1)
     steps_per_epoch: int = option(0, "steps per epoch; 0 = min(train T1, train T2 slices) / (batch_size x processes)", minimum=0)
     max_steps: int = option(0, "stop after this many steps in total (0 = epochs x steps_per_epoch)", minimum=0)
