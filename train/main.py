@@ -59,7 +59,9 @@ class LossWindow:
 
     def add(self, step: dict[str, torch.Tensor], images: int) -> None:
         self.losses += torch.stack([step[k] for k in rundir.LOSSES]).detach().float()
-        torch.maximum(self.grad_norms, torch.stack([step[k] for k in rundir.GRAD_NORMS]).float(), out=self.grad_norms)
+        norms = torch.stack([step[k] for k in rundir.GRAD_NORMS]).float()
+        # under fp16 an overflowed step is one the gradient scaler skips while it settles its scale: not a spike
+        torch.maximum(self.grad_norms, torch.where(norms.isfinite(), norms, 0.0), out=self.grad_norms)
         self.steps, self.images = self.steps + 1, self.images + images
 
     def means(self) -> dict[str, float]:

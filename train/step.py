@@ -87,9 +87,9 @@ def build_cycle_gan(accelerator: Accelerator, config: Config, total_steps: int) 
 def train_step(accelerator: Accelerator, model: CycleGAN, real_a: torch.Tensor, real_b: torch.Tensor, step: int
                ) -> dict[str, torch.Tensor] | None:
     """One optimizer step of both generators, then of both discriminators, then the moving average and the
-    schedules. Returns the step's losses and gradient norms, or None when a loss was NaN or inf on any rank: every rank then skips
-    the rest of the step (after a bad generator loss nothing is updated; after a bad discriminator loss the
-    generators' update stands, and the average and schedules do not move)."""
+    schedules. Returns the step's losses and gradient norms, or None when a loss was NaN or inf on any rank: every
+    rank then skips the rest of the step (after a bad generator loss nothing is updated; after a bad discriminator
+    loss the generators' update stands, and the average and schedules do not move)."""
     # generators against frozen discriminators (unwrapped: D's DDP hooks stay out of G's backward)
     discs_plain = accelerator.unwrap_model(model.discs)
     discs_plain.requires_grad_(False)
