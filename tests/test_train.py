@@ -739,6 +739,41 @@ def test_a_run_whose_discriminators_win_early_says_so_and_a_healthy_one_does_not
     assert "discriminator's loss" not in said["healthy"]
 
 
+def test_a_gradient_spike_is_warned_about_at_its_row_and_ordinary_variation_is_not():
+    # the rows of the collapsed run at the reference's width and batch (docs/training.md, "Gradient spikes"): norms
+    # about 20, window maxima up to 5.5 times the median, then the T2 discriminator's 1067 and the generators' 2134
+    rng = np.random.default_rng(0)
+    rows = [{"grad_norm/G": 574.0, "grad_norm/D": 499.0}]  # the first rows of a run are large: no median yet
+    rows += [{"grad_norm/G": float(g), "grad_norm/D": float(d)} for g, d in rng.uniform(10, 40, size=(300, 2))]
+    rows += [{"grad_norm/G": 110.0, "grad_norm/D": 100.0}, {"grad_norm/G": 105.0, "grad_norm/D": 1067.0},
+             {"grad_norm/G": 2134.0, "grad_norm/D": 717.0}, {"grad_norm/G": 17.0, "grad_norm/D": 22.0}]
+    for max_grad_norm, bound in ((0.0, "--max_grad_norm (about 1"), (100.0, "--max_grad_norm 100 clipped it")):
+        watch = trainer.GradientSpikeWatch(max_grad_norm)
+        said = {10 * (i + 1): watch.check(10 * (i + 1), row) for i, row in enumerate(rows)}
+        warned = {step: lines for step, lines in said.items() if lines}
+        assert sorted(warned) == [3030, 3040], warned
+        assert len(warned[3030]) == 1 and "discriminators' gradient norm reached 1.07e+03" in warned[3030][0]
+        assert [line.split(" gradient")[0] for line in warned[3040]] == ["warning: step 3040: the generators'",
+                                                                          "warning: step 3040: the discriminators'"]
+        assert all(bound in line and "Gradient spikes" in line for lines in warned.values() for line in lines)
+
+
+def test_the_trainer_warns_of_a_gradient_spike(shards_dir, tmp_path, monkeypatch, capsys):
+    real_step = trainer.train_step
+    calls = {"n": 0}
+
+    def spiking_step(*args, **kwargs):  # one step's discriminator gradient 1000 times the rest
+        calls["n"] += 1
+        losses = real_step(*args, **kwargs)
+        return {**losses, "grad_norm/D": losses["grad_norm/D"] * 1000} if calls["n"] == 25 else losses
+
+    monkeypatch.setattr(trainer, "train_step", spiking_step)
+    trainer.main(["--data", str(shards_dir), "--out", str(tmp_path / "run"), *SMALL, "--max_steps", "30", "--log_every", "1",
+                  "--num_workers", "0", "--checkpoint_every", "30"])
+    said = capsys.readouterr().out
+    assert "warning: step 25: the discriminators' gradient norm reached" in said and said.count("gradient norm reached") == 1, said
+
+
 def test_the_demo_config_is_valid():
     config = load_config(["--config", str(ROOT / "train" / "recipes" / "demo.yaml"), "--data", "d", "--out", "o"])
     assert (config.size, config.max_steps, config.gan_loss, config.lambda_cycle, config.ema_decay, config.val_tta, config.unet_depth) == \

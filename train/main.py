@@ -12,8 +12,10 @@ from __future__ import annotations
 import dataclasses
 import os
 import signal
+import statistics
 import sys
 import time
+from collections import deque
 from pathlib import Path
 
 import torch
@@ -103,6 +105,36 @@ class DiscriminatorWatch:
                                 "learns from the cycle and structure terms alone, which a flat or inverted translation can "
                                 "satisfy. If validation SSIM stops rising, restart with another --seed or a slower --lr_d, or "
                                 "augment a small training set (docs/fidelity.md, \"Discriminators that win early\")")
+        return warnings
+
+
+class GradientSpikeWatch:
+    """Warns of a logged row whose largest gradient norm is SPIKE times the median of the rows before it. In one
+    run at the reference's width and batch, one such step of the T2 discriminator (36 times its median, then the
+    generators' 111 times) started a collapse the run never recovered from; healthy runs stayed under 6 times
+    (docs/training.md, "Gradient spikes")."""
+
+    SPIKE, HISTORY, FIRST = 10.0, 500, 20  # rows: the median is of the last HISTORY, and starts after FIRST
+    SIDES = {"grad_norm/G": "generators'", "grad_norm/D": "discriminators'"}
+
+    def __init__(self, max_grad_norm: float):
+        self.max_grad_norm = max_grad_norm
+        self.history = {name: deque(maxlen=self.HISTORY) for name in rundir.GRAD_NORMS}
+
+    def check(self, step: int, row: dict[str, float]) -> list[str]:
+        warnings = []
+        medians = {name: statistics.median(history) for name, history in self.history.items() if len(history) >= self.FIRST}
+        for name, history in self.history.items():
+            norm = row[name]
+            if name in medians and norm > self.SPIKE * medians[name]:
+                limit = 5 * max(medians.values())
+                bound = (f"--max_grad_norm {self.max_grad_norm:g} clipped it" if self.max_grad_norm else
+                         f"--max_grad_norm (about {limit:.3g}, 5 times the larger median) bounds such a step")
+                warnings.append(f"warning: step {step}: the {self.SIDES[name]} gradient norm reached {norm:.3g}, "
+                                f"{norm / medians[name]:.0f} times its median of {medians[name]:.3g}. One such step can "
+                                f"unsettle Adam for thousands of steps; {bound}. If validation falls from here, resume "
+                                "from a checkpoint before it with that option (docs/training.md, \"Gradient spikes\")")
+            history.append(norm)
         return warnings
 
 
@@ -207,7 +239,7 @@ def main(argv=None) -> int:
     heartbeat = rundir.Heartbeat(out, lambda: {"step": state.step, "total_steps": total_steps,
                                                "best_checkpoint_step": state.best_step}).start() if is_main else None
     skipped_by_slot: dict[int, int] = {}
-    window, discriminators = LossWindow(accelerator), DiscriminatorWatch()
+    window, discriminators, spikes = LossWindow(accelerator), DiscriminatorWatch(), GradientSpikeWatch(config.max_grad_norm)
     run_start, images_seen = time.time(), 0
     # what the first convolution really produced, logged once: the proof that mixed precision is on (the prepared
     # model's outputs are cast back to fp32, so they cannot tell)
@@ -266,7 +298,7 @@ def main(argv=None) -> int:
             if state.step % config.log_every == 0 or state.step == total_steps:
                 last = {**window.means(), "lr": model.sched_g.get_last_lr()[0], "lr_d": model.sched_d.get_last_lr()[0],
                         "nan_steps": state.nan_steps, "skipped_samples": sum(skipped_by_slot.values())}
-                warnings = discriminators.check(state.step, last)
+                warnings = discriminators.check(state.step, last) + spikes.check(state.step, last)
                 if is_main:
                     for warning in warnings:
                         tqdm.write(warning)
