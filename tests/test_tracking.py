@@ -104,6 +104,8 @@ def test_an_offline_run_holds_what_a_wandb_user_looks_for(shards_dir, tmp_path, 
     assert next(row["progress/_type"] for row in first["history"] if "progress/_type" in row) == "video-file"
     vals = [row["val/t1_to_t2/ssim_masked"] for row in first["history"] if "val/t1_to_t2/ssim_masked" in row]
     assert first["summary"]["val/t1_to_t2/ssim_masked"] == {"max": max(vals), "last": vals[-1]}
+    norms = [row["grad_norm/D"] for row in first["history"] if "grad_norm/D" in row]
+    assert norms and first["summary"]["grad_norm/D"] == {"max": max(norms), "last": norms[-1]}
     assert ("model", {"best", "step-4", "latest"}) in first["artifacts"]
     info = json.loads((rundir.checkpoint_dir(run, 4) / rundir.CHECKPOINT_INFO).read_text())
     assert info["wandb"] == {"project": "mri-cyclegan", "id": first["id"]}

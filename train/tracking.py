@@ -16,9 +16,10 @@ import numpy as np
 
 from train import rundir
 
-# validation figures whose W&B summary holds the best value of the run (and the last, as `last`); others keep the last
+# figures whose W&B summary holds the run's best validation value, or its largest gradient norm (a spike), and the
+# last, as `last`; others keep the last
 SUMMARY_BEST = {**{rundir.val_name(d, m): goal for d in rundir.DIRECTIONS for m, goal in rundir.VAL_METRICS.items() if goal},
-                **{name: "max" for name in rundir.VAL_CYCLE}, rundir.VAL_SCORE: "max"}
+                **{name: "max" for name in (*rundir.VAL_CYCLE, *rundir.GRAD_NORMS)}, rundir.VAL_SCORE: "max"}
 
 
 def wandb_mode(report_to: str, flag: str) -> str:
@@ -58,7 +59,8 @@ def finish_failed(exit_code) -> None:
 
 
 def define_metrics(run) -> None:
-    """Validation summaries hold the best value of the run, not the last one (W&B globs match suffixes only)."""
+    """Validation summaries hold the best value of the run, and gradient norms the largest, not the last one (W&B
+    globs match suffixes only)."""
     for name, goal in SUMMARY_BEST.items():
         run.define_metric(name, summary=f"{goal},last")
 
