@@ -8,9 +8,11 @@ file records finished shards, so `--resume` carries on after an interruption.
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import json
 import os
+import signal
 import time
 from collections import deque
 from concurrent.futures import ProcessPoolExecutor
@@ -271,7 +273,7 @@ def pack(t1_src, t2_src, out, options: PackOptions = PackOptions(), workers: int
     pending = {key: [] for key in RECORDED}
     started = time.time()
     workers = workers or os.cpu_count() or 1
-    with ProcessPoolExecutor(max_workers=workers, initializer=_init_worker) as pool:
+    with ProcessPoolExecutor(max_workers=workers, initializer=_init_worker, initargs=(os.getpid(),)) as pool:
         window: deque = deque()
         bar = tqdm(total=len(todo), desc="pack", unit="volume", disable=not progress)
         queue = iter(todo)
@@ -301,7 +303,7 @@ def pack(t1_src, t2_src, out, options: PackOptions = PackOptions(), workers: int
     return manifest
 
 
-def _init_worker() -> None:
+def _init_worker(parent: int) -> None:
     """Workers are the parallelism: keep torch from oversubscribing the cores. And no transparent huge pages for
     numpy's arrays: a worker allocates and frees about a GB of volume-sized arrays per volume, and the kernel's
     work on huge pages for them doubled the workers' system time (packing 1.2x faster without; docs/benchmarks.md)."""
@@ -314,6 +316,20 @@ def _init_worker() -> None:
     set_hugepage = getattr(np._core.multiarray, "_set_madvise_hugepage", None)
     if set_hugepage is not None:
         set_hugepage(False)
+    _exit_with(parent)
+
+
+def _exit_with(parent: int) -> None:
+    """Without this a worker of a pack that is killed (SIGKILL, the OOM killer) lives on, holding its memory, blocked
+    writing a result into a pipe whose both ends it inherited. Linux: the kernel kills it when the thread that forked
+    it exits (the pool forks from the thread that submits, the main one). Elsewhere the worker is left as it was."""
+    try:
+        prctl = ctypes.CDLL(None).prctl
+    except (OSError, AttributeError):
+        return
+    prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    if os.getppid() != parent:  # the parent died before the request took effect
+        os._exit(1)
 
 
 RECORDED = ("files", "skipped", "registration")  # what a task reports besides samples, kept in the state file

@@ -289,6 +289,13 @@ def test_output_folder_with_shards_is_refused(shards_dir):
         pack(t1, read_manifest(shards_dir)["sources"]["t2"], shards_dir, OPTS, progress=False)
 
 
+def _cmdline(proc: Path) -> bytes:
+    try:
+        return (proc / "cmdline").read_bytes()
+    except OSError:  # gone meanwhile
+        return b""
+
+
 def test_interrupted_pack_resumes_to_the_same_shards(ixi_tars, tmp_path):
     args = ["--t1", ixi_tars / "IXI-T1.tar", "--t2", ixi_tars / "IXI-T2.tar", "--size", 64, "--shard-size", 10, "--workers", 1]
     reference = tmp_path / "ref"
@@ -302,6 +309,13 @@ def test_interrupted_pack_resumes_to_the_same_shards(ixi_tars, tmp_path):
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     assert not (out / "manifest.json").exists(), "killed before the end"
+    left = []  # its worker dies with it, not blocked forever on a pipe to it
+    for _ in range(100):
+        left = [p for p in Path("/proc").glob("[0-9]*") if str(out).encode() in _cmdline(p)]
+        if not left:
+            break
+        time.sleep(0.05)
+    assert not left, f"workers left behind: {left}"
     for tar in out.glob("*/*.tar"):  # every file with a shard's name is complete
         tarfile.open(tar).getmembers()
     refused = run_module("shards", "pack", *args, "--out", out, check=False)
@@ -362,7 +376,7 @@ def test_normalization_scales_the_foreground_percentiles_to_0_and_1_in_float32()
 
 def run_pack_worker_initializer(before: str, after: str) -> str:
     """What a fresh interpreter prints after running `before`, the pack workers' initializer, then `after`."""
-    code = f"import numpy as np; {before}from shards.pack import _init_worker; _init_worker(); {after}"
+    code = f"import numpy as np; {before}import os; from shards.pack import _init_worker; _init_worker(os.getppid()); {after}"
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     return result.stdout.strip()
@@ -390,7 +404,7 @@ def test_at_most_two_subjects_per_worker_are_in_flight(ixi_tars, tmp_path, monke
             return self.value
 
     class InProcessPool:  # runs each task as it is submitted, and counts tasks whose results are not yet written
-        def __init__(self, max_workers, initializer):
+        def __init__(self, max_workers, initializer, initargs):
             pass
 
         def __enter__(self):
