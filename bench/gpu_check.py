@@ -59,13 +59,13 @@ def generators(run: Path, step: int) -> dict:
 
 def check_precision(data: Path, out: Path, precision: str, steps: int, widths: list[str]) -> dict:
     # a limit that binds at every step: under fp16 the gradients must be unscaled before their norm is taken and clipped
-    widths = [*widths, "--max_grad_norm", "1"]
-    whole = launch(data, out / f"{precision}-whole", precision, steps, 2, "--checkpoint_every", steps // 2, *widths)
+    options = [*widths, "--max_grad_norm", "1"]
+    whole = launch(data, out / f"{precision}-whole", precision, steps, 2, "--checkpoint_every", steps // 2, *options)
     losses = whole["last_train"]
     assert all(math.isfinite(v) for k, v in losses.items() if k.startswith("loss/")), f"{precision}: losses not finite: {losses}"
     assert whole["compute_dtype"] == DTYPES[precision], f"{precision}: the generators computed in {whole['compute_dtype']}"
     resumed = out / f"{precision}-resumed"  # from the whole run's halfway checkpoint, as after a crash there
-    launch(data, resumed, precision, steps, 2, "--checkpoint_every", steps // 2, *widths,
+    launch(data, resumed, precision, steps, 2, "--checkpoint_every", steps // 2, *options,
            "--resume", rundir.checkpoint_dir(out / f"{precision}-whole", steps // 2))
     a, b = generators(out / f"{precision}-whole", steps), generators(resumed, steps)
     exact = all(torch.equal(a[n][k], b[n][k]) for n in a for k in a[n])
