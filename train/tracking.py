@@ -18,8 +18,8 @@ from train import rundir
 
 # figures whose W&B summary holds the run's best validation value, or its largest gradient norm (a spike), and the
 # last, as `last`; others keep the last
-SUMMARY_BEST = {**{rundir.val_name(d, m): goal for d in rundir.DIRECTIONS for m, goal in rundir.VAL_METRICS.items() if goal},
-                **{name: "max" for name in (*rundir.VAL_CYCLE, *rundir.GRAD_NORMS)}, rundir.VAL_SCORE: "max"}
+SUMMARY_KEPT = {**{rundir.val_name(d, m): goal for d in rundir.DIRECTIONS for m, goal in rundir.VAL_METRICS.items() if goal},
+               **{name: "max" for name in (*rundir.VAL_CYCLE, *rundir.GRAD_NORMS)}, rundir.VAL_SCORE: "max"}
 
 
 def wandb_mode(report_to: str, flag: str) -> str:
@@ -61,7 +61,7 @@ def finish_failed(exit_code) -> None:
 def define_metrics(run) -> None:
     """Validation summaries hold the best value of the run, and gradient norms the largest, not the last one (W&B
     globs match suffixes only)."""
-    for name, goal in SUMMARY_BEST.items():
+    for name, goal in SUMMARY_KEPT.items():
         run.define_metric(name, summary=f"{goal},last")
 
 
