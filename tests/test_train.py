@@ -26,6 +26,7 @@ from safetensors.torch import load_file, save_file
 from conftest import ROOT, SMALL, train
 from shards.format import ShardsError, key_subject, read_manifest, shard_paths
 from train import main as trainer
+from train import monitor
 from train import rundir
 from train.checkpoints import check_compatible, generator_weights
 from train.config import ARCHITECTURE_KEYS, Config, load_config
@@ -320,7 +321,7 @@ def test_the_step_reports_each_sides_gradient_norm_and_clips_it_to_max_grad_norm
 
 
 def test_a_logged_gradient_norm_is_the_largest_of_its_window_so_one_spike_shows():
-    window = trainer.LossWindow(Accelerator(mixed_precision="no"))
+    window = monitor.LossWindow(Accelerator(mixed_precision="no"))
     losses = {name: torch.tensor(0.5) for name in rundir.LOSSES}
     for g, d in ((1.0, 0.2), (50.0, 0.1), (2.0, 5.0)):
         window.add({**losses, "grad_norm/G": torch.tensor(g), "grad_norm/D": torch.tensor(d)}, images=2)
@@ -713,7 +714,7 @@ def test_the_default_keeps_more_tissue_contrast_than_the_seeds_settings(trained,
 
 
 def test_each_discriminator_that_has_won_is_warned_about_once():
-    watch = trainer.DiscriminatorWatch()
+    watch = monitor.DiscriminatorWatch()
 
     def row(d_t1, d_t2):
         return {"loss/D_t1": d_t1, "loss/D_t2": d_t2}
@@ -748,7 +749,7 @@ def test_a_gradient_spike_is_warned_about_at_its_row_and_ordinary_variation_is_n
     rows += [{"grad_norm/G": 110.0, "grad_norm/D": 100.0}, {"grad_norm/G": 105.0, "grad_norm/D": 1067.0},
              {"grad_norm/G": 2134.0, "grad_norm/D": 717.0}, {"grad_norm/G": 17.0, "grad_norm/D": 22.0}]
     for max_grad_norm, bound in ((0.0, "--max_grad_norm (about 1"), (100.0, "--max_grad_norm 100 clipped it")):
-        watch = trainer.GradientSpikeWatch(max_grad_norm)
+        watch = monitor.GradientSpikeWatch(max_grad_norm)
         said = {10 * (i + 1): watch.check(10 * (i + 1), row) for i, row in enumerate(rows)}
         warned = {step: lines for step, lines in said.items() if lines}
         assert sorted(warned) == [3030, 3040], warned
