@@ -17,6 +17,7 @@ def test_the_gpu_check_smoke_run_checks_precision_resume_throughput_and_loaders(
     assert [(r["precision"], r["compute_dtype"], r["resume_exact"]) for r in results["precision"]] == [("bf16", "bfloat16", True)]
     assert results["precision"][0]["grad_norm_G"] > 0  # the clipped run reports its norms
     assert [(r["compile"], r["batch"]) for r in results["throughput"]] == [("no", 2)]
-    assert all(r["images_per_s"] > 0 for r in results["throughput"])
+    # the steady rate of the second half, not the whole run's, which start-up (and on a GPU compilation) lowers
+    assert all(r["images_per_s"] > r["whole_run_images_per_s"] > 0 for r in results["throughput"])
     assert results["data"]["slices_per_s_per_worker"] > 0 and results["data"]["workers_per_contrast"] >= 1
     assert "| bf16 | bfloat16 |" in done.stdout and "worker(s) per contrast" in done.stdout
