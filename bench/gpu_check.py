@@ -7,7 +7,7 @@ under 8 minutes on one GPU; `--cpu` is a smoke run of the same checks that CI ru
 1. Precision: `accelerate launch --mixed_precision P train/main.py` for P in no, bf16, fp16 (bf16 only with --cpu):
    the losses are finite, a checkpoint is written, the first convolution computed in the precision asked for
    (summary.json `compute_dtype`), and a run stopped halfway and resumed ends with the same generator weights
-   as the uninterrupted run.
+   as the uninterrupted run (with --deterministic).
 2. Throughput: the trainer's images/s over the second half of its steps, and peak GPU memory, at 256² (--cpu: 64²,
    ngf/ndf 8, fp32, batch 2) for batch sizes 1 to 32, with and without torch.compile (`--dynamo_backend inductor`).
 3. Data: slices/s that one DataLoader worker delivers, beside what the GPU consumes, and so how many workers
@@ -58,8 +58,9 @@ def generators(run: Path, step: int) -> dict:
 
 
 def check_precision(data: Path, out: Path, precision: str, steps: int, widths: list[str]) -> dict:
-    # a limit that binds at every step: under fp16 the gradients must be unscaled before their norm is taken and clipped
-    options = [*widths, "--max_grad_norm", "1"]
+    # a limit that binds at every step: under fp16 the gradients must be unscaled before their norm is taken and
+    # clipped; deterministic kernels, without which two uninterrupted runs on a GPU already differ
+    options = [*widths, "--max_grad_norm", "1", "--deterministic"]
     whole = launch(data, out / f"{precision}-whole", precision, steps, 2, "--checkpoint_every", steps // 2, *options)
     losses = whole["last_train"]
     assert all(math.isfinite(v) for k, v in losses.items() if k.startswith("loss/")), f"{precision}: losses not finite: {losses}"

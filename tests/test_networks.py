@@ -6,7 +6,10 @@ import pytest
 import torch
 from torch import nn
 
-from train.networks import MIN_SCALE, Blur, CycleGenerators, SubPixelUpsample, _downsample, _upsample, build_generator, init_weights
+import torch.nn.functional as F
+
+from train.networks import (MIN_SCALE, BilinearUp2x, Blur, CycleGenerators, SubPixelUpsample, _downsample, _upsample, build_generator,
+                            init_weights, reflect_pad)
 
 
 def seen_rows(net: nn.Module, size: int) -> tuple[int, int]:
@@ -184,3 +187,20 @@ def test_a_full_resolution_stage_fits_a_one_pixel_nonlinear_map_the_reference_to
     assert all(name.startswith("model.") for name in build_generator("unet", 64, 8, unet_depth=3).state_dict())
     with pytest.raises(ValueError, match="needs the unet generator"):
         build_generator("resnet9", 32, 4, full_res=4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_the_slice_built_padding_and_upsampling_compute_what_torchs_kernels_do(dtype):
+    """reflect_pad and BilinearUp2x stand in for torch's kernels, which have no deterministic backward on a GPU:
+    the same values and gradients, on a size that is neither square nor even."""
+    torch.manual_seed(0)
+    for ours, theirs in ((lambda x: reflect_pad(x, 3), lambda x: F.pad(x, [3] * 4, mode="reflect")),
+                         (BilinearUp2x(), lambda x: F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=False))):
+        x = torch.randn(2, 3, 7, 10, dtype=dtype, requires_grad=True)
+        y = x.detach().clone().requires_grad_()
+        a, b = ours(x), theirs(y)
+        grad = torch.randn_like(a)
+        a.backward(grad), b.backward(grad)
+        tolerance = 1e-12 if dtype == torch.float64 else 0.07  # bf16: torch's kernel sums the gradient in another order
+        assert a.dtype == b.dtype and a.shape == b.shape and torch.allclose(a.double(), b.double(), atol=tolerance, rtol=0)
+        assert torch.allclose(x.grad.double(), y.grad.double(), atol=tolerance, rtol=0)

@@ -320,6 +320,35 @@ def test_the_step_reports_each_sides_gradient_norm_and_clips_it_to_max_grad_norm
     assert all(torch.allclose(clipped[side], torch.tensor(1e-3), rtol=1e-3) for side in clipped), clipped
 
 
+# operators that torch.use_deterministic_algorithms refuses on a GPU, having no deterministic CUDA kernel (its
+# docstring's list, as aten names); --deterministic would stop at the first step that calls one
+NONDETERMINISTIC_ON_CUDA = {f"aten::{name}" for name in (
+    "upsample_linear1d_backward", "upsample_bilinear2d_backward", "upsample_bicubic2d_backward", "upsample_trilinear3d_backward",
+    "reflection_pad1d_backward", "reflection_pad2d_backward", "reflection_pad3d_backward", "grid_sampler_2d_backward",
+    "_adaptive_avg_pool2d_backward", "adaptive_max_pool2d_backward", "avg_pool3d_backward", "fractional_max_pool2d_backward",
+    "max_unpool2d", "nll_loss_forward", "nll_loss2d_forward", "cumsum", "histc", "bincount", "median", "put_",
+    "embedding_bag", "_ctc_loss_backward")}
+
+
+@pytest.mark.parametrize("options", [[], ["--generator", "resnet9", "--unet_full_res", "0"], ["--downsample", "blur", "--upsample", "resize"],
+                                     ["--upsample", "transpose", "--lambda_nce", "1", "--lambda_aleatoric", "1"],
+                                     ["--dropout", "0.3", "--cycle_noise", "0.05", "--mind_noise_floor", "3", "--gan_loss", "bce"]],
+                         ids=["default", "resnet", "blur-resize", "transpose-nce-aleatoric", "dropout-noise-bce"])
+def test_a_training_step_calls_nothing_that_deterministic_mode_refuses_on_a_gpu(options):
+    """--deterministic is how a GPU run resumes bit for bit: torch then refuses any operator without a deterministic
+    CUDA kernel (bilinear upsampling's and reflection padding's backward, nll_loss, ...). Recorded on CPU, where
+    the step calls the same operators."""
+    config = load_config(["--data", "d", "--out", "o", "--ngf", "8", "--ndf", "8", *options])
+    accelerator = Accelerator(mixed_precision="no")
+    model = build_cycle_gan(accelerator, dataclasses.replace(config, size=32), total_steps=10)
+    real_a, real_b = (torch.rand(2, 1, 32, 32, generator=torch.Generator().manual_seed(i)) * 2 - 1 for i in range(2))
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
+        train_step(accelerator, model, real_a, real_b, 600)  # past the warm-up: every term is on
+    called = {event.name for event in profile.events()}
+    assert "aten::convolution_backward" in called, "the profile holds the backward pass"
+    assert not called & NONDETERMINISTIC_ON_CUDA, sorted(called & NONDETERMINISTIC_ON_CUDA)
+
+
 def test_a_logged_gradient_norm_is_the_largest_of_its_window_so_one_spike_shows():
     window = monitor.LossWindow(Accelerator(mixed_precision="no"))
     losses = {name: torch.tensor(0.5) for name in rundir.LOSSES}
@@ -773,6 +802,18 @@ def test_the_trainer_warns_of_a_gradient_spike(shards_dir, tmp_path, monkeypatch
                   "--num_workers", "0", "--checkpoint_every", "30"])
     said = capsys.readouterr().out
     assert "warning: step 25: the discriminators' gradient norm reached" in said and said.count("gradient norm reached") == 1, said
+
+
+def test_deterministic_reaches_torch_and_the_run_folder(shards_dir, tmp_path, monkeypatch):
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)  # restored after the test, as torch's mode is below
+    try:
+        trainer.main(["--data", str(shards_dir), "--out", str(tmp_path / "run"), *SMALL, "--max_steps", "2", "--num_workers", "0",
+                      "--deterministic"])
+        assert torch.are_deterministic_algorithms_enabled()
+        assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"  # without it cuBLAS refuses deterministic mode on a GPU
+    finally:
+        torch.use_deterministic_algorithms(False)
+    assert yaml.safe_load((tmp_path / "run" / rundir.CONFIG).read_text())["deterministic"] is True
 
 
 def test_the_demo_config_is_valid():

@@ -117,6 +117,9 @@ class Config:
     steps_per_epoch: int = option(0, "steps per epoch; 0 = min(train T1, train T2 slices) / (batch_size x processes)", minimum=0)
     max_steps: int = option(0, "stop after this many steps in total (0 = epochs x steps_per_epoch)", minimum=0)
     seed: int = option(0, "seed for initialization, data order and augmentation")
+    deterministic: bool = option(False, "deterministic algorithms only (torch.use_deterministic_algorithms, through Accelerate's "
+                                 "set_seed): on a GPU a resumed run then continues bit for bit as the uninterrupted run, at some "
+                                 "cost in speed; on CPU training is deterministic without it")
     train_subjects: int = option(0, "train on this many of the shards' training subjects, drawn by --seed (0 = all): small-data "
                                  "runs scored on the same val/test; an epoch keeps the whole split's length", minimum=0)
     # data pipeline

@@ -109,11 +109,11 @@ class PatchNCE(nn.Module):
                 source = source[:n].flatten(2).transpose(1, 2)  # B x HW x C
                 translated = translated.flatten(2).transpose(1, 2)
                 places = torch.randperm(source.shape[1], device=source.device)[:self.patches]
-                keys = F.normalize(self.heads[made_by][layer](source[:, places].float()), dim=-1).detach()
-                queries = F.normalize(self.heads[taken_back_by][layer](translated[:, places].float()), dim=-1)
+                keys = F.normalize(self.heads[made_by][layer](source.index_select(1, places).float()), dim=-1).detach()
+                queries = F.normalize(self.heads[taken_back_by][layer](translated.index_select(1, places).float()), dim=-1)
                 logits = queries @ keys.transpose(1, 2) / self.temperature  # B x P x P: the diagonal is the same place
-                target = torch.arange(len(places), device=logits.device).repeat(len(logits))
-                losses.append(F.cross_entropy(logits.flatten(0, 1), target))
+                # cross-entropy with the diagonal as the class, written out: CUDA's nll_loss has no deterministic version
+                losses.append((logits.logsumexp(-1) - logits.diagonal(dim1=-2, dim2=-1)).mean())
         return torch.stack(losses).mean()
 
 

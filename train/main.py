@@ -91,9 +91,11 @@ def main(argv=None) -> int:
     os.environ["WANDB_MODE"] = mode
     # `accelerate launch --multi_gpu` on a node without GPUs: run the processes on CPU over gloo
     cpu_processes = "LOCAL_RANK" in os.environ and not torch.cuda.is_available()
+    if config.deterministic:  # cuBLAS is deterministic only with a fixed workspace, set before its first call
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     accelerator = Accelerator(cpu=cpu_processes, mixed_precision=config.mixed_precision,
                               log_with=None if mode == "disabled" else "wandb", project_dir=str(out))
-    set_seed(config.seed, device_specific=False)  # identical initial weights on every rank
+    set_seed(config.seed, device_specific=False, deterministic=config.deterministic)  # identical initial weights on every rank
     is_main = accelerator.is_main_process
     resume_path = resolve_resume(config, out)
     resumed_config = {}

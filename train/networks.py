@@ -36,6 +36,43 @@ def unflip_shift(images: torch.Tensor, flip: bool, shift: tuple[int, int]) -> to
     return back.flip(-1) if flip else back
 
 
+# Reflection padding and bilinear upsampling below are built from slices and concatenations: torch's own
+# kernels for them accumulate gradients with atomic adds on a GPU, have no deterministic version, and so make
+# --deterministic (bit-exact resume on a GPU) refuse to run. Both compute the same as torch's.
+
+def reflect_pad(x: torch.Tensor, pad: int) -> torch.Tensor:
+    """F.pad(x, [pad] * 4, mode="reflect")."""
+    for dim in (-1, -2):
+        size = x.shape[dim]
+        x = torch.cat([x.narrow(dim, 1, pad).flip(dim), x, x.narrow(dim, size - 1 - pad, pad).flip(dim)], dim)
+    return x
+
+
+class ReflectPad2d(nn.Module):
+    """nn.ReflectionPad2d(pad) (see reflect_pad)."""
+
+    def __init__(self, pad: int):
+        super().__init__()
+        self.pad = pad
+
+    def forward(self, x):
+        return reflect_pad(x, self.pad)
+
+
+class BilinearUp2x(nn.Module):
+    """nn.Upsample(scale_factor=2, mode="bilinear", align_corners=False): along each axis, output 2i is
+    0.75 x[i] + 0.25 x[i-1] and 2i+1 is 0.75 x[i] + 0.25 x[i+1], the edges repeated."""
+
+    def forward(self, x):
+        dtype, x = x.dtype, x.to(torch.promote_types(x.dtype, torch.float32))  # one rounding under bf16 or fp16, as torch's kernel
+        for dim in (-1, -2):
+            before = torch.cat([x.narrow(dim, 0, 1), x.narrow(dim, 0, x.shape[dim] - 1)], dim)
+            after = torch.cat([x.narrow(dim, 1, x.shape[dim] - 1), x.narrow(dim, x.shape[dim] - 1, 1)], dim)
+            pairs = torch.stack([0.75 * x + 0.25 * before, 0.75 * x + 0.25 * after], dim)
+            x = pairs.flatten(dim - 1, dim)  # interleaved: 2i, 2i+1
+        return x.to(dtype)
+
+
 def _norm(channels: int) -> nn.Module:
     return nn.InstanceNorm2d(channels, affine=False, track_running_stats=False)
 
@@ -56,7 +93,7 @@ class Blur(nn.Module):
 
     def forward(self, x):
         channels = x.shape[1]
-        return F.conv2d(F.pad(x, (1, 1, 1, 1), mode="reflect"), self.kernel.to(x.dtype).expand(channels, 1, 3, 3), groups=channels)
+        return F.conv2d(reflect_pad(x, 1), self.kernel.to(x.dtype).expand(channels, 1, 3, 3), groups=channels)
 
 
 class SubPixelUpsample(nn.Sequential):
@@ -147,7 +184,7 @@ class FullResolutionStage(nn.Module):
     def __init__(self, channels: int, features: int, width: int, out_channels: int):
         super().__init__()
         self.up = nn.Sequential(nn.ReLU(True), nn.Conv2d(features, width, 1, bias=False),
-                                nn.Upsample(scale_factor=2, mode="bilinear", align_corners=False), _norm(width))
+                                BilinearUp2x(), _norm(width))
         self.convs = nn.Sequential(nn.Conv2d(width + channels, width, 3, padding=1, bias=False), _norm(width), nn.ReLU(True),
                                    nn.Conv2d(width, out_channels, 3, padding=1))
 
@@ -202,8 +239,8 @@ class ResidualBlock(nn.Module):
     def __init__(self, channels: int):
         super().__init__()
         self.block = nn.Sequential(
-            nn.ReflectionPad2d(1), nn.Conv2d(channels, channels, 3, bias=False), _norm(channels), nn.ReLU(True),
-            nn.ReflectionPad2d(1), nn.Conv2d(channels, channels, 3, bias=False), _norm(channels))
+            ReflectPad2d(1), nn.Conv2d(channels, channels, 3, bias=False), _norm(channels), nn.ReLU(True),
+            ReflectPad2d(1), nn.Conv2d(channels, channels, 3, bias=False), _norm(channels))
 
     def forward(self, x):
         return x + self.block(x)
@@ -214,14 +251,14 @@ class ResnetGenerator(nn.Module):
 
     def __init__(self, channels: int = 1, ngf: int = 64, blocks: int = 9):
         super().__init__()
-        layers = [nn.ReflectionPad2d(3), nn.Conv2d(channels, ngf, 7, bias=False), _norm(ngf), nn.ReLU(True)]
+        layers = [ReflectPad2d(3), nn.Conv2d(channels, ngf, 7, bias=False), _norm(ngf), nn.ReLU(True)]
         for mult in (1, 2):
             layers += [nn.Conv2d(ngf * mult, ngf * mult * 2, 3, stride=2, padding=1, bias=False), _norm(ngf * mult * 2), nn.ReLU(True)]
         layers += [ResidualBlock(ngf * 4) for _ in range(blocks)]
         for mult in (4, 2):
             layers += [nn.ConvTranspose2d(ngf * mult, ngf * mult // 2, 3, stride=2, padding=1, output_padding=1, bias=False),
                        _norm(ngf * mult // 2), nn.ReLU(True)]
-        layers += [nn.ReflectionPad2d(3), nn.Conv2d(ngf, channels, 7), nn.Tanh()]
+        layers += [ReflectPad2d(3), nn.Conv2d(ngf, channels, 7), nn.Tanh()]
         self.model = nn.Sequential(*layers)
 
     def forward(self, x):
