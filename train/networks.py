@@ -66,8 +66,9 @@ class BilinearUp2x(nn.Module):
     def forward(self, x):
         dtype, x = x.dtype, x.to(torch.promote_types(x.dtype, torch.float32))  # one rounding under bf16 or fp16, as torch's kernel
         for dim in (-1, -2):
-            before = torch.cat([x.narrow(dim, 0, 1), x.narrow(dim, 0, x.shape[dim] - 1)], dim)
-            after = torch.cat([x.narrow(dim, 1, x.shape[dim] - 1), x.narrow(dim, x.shape[dim] - 1, 1)], dim)
+            size = x.shape[dim]
+            edged = torch.cat([x.narrow(dim, 0, 1), x, x.narrow(dim, size - 1, 1)], dim)  # x[i-1] and x[i+1] at the edges: x[i]
+            before, after = edged.narrow(dim, 0, size), edged.narrow(dim, 2, size)
             pairs = torch.stack([0.75 * x + 0.25 * before, 0.75 * x + 0.25 * after], dim)
             x = pairs.flatten(dim - 1, dim)  # interleaved: 2i, 2i+1
         return x.to(dtype)
