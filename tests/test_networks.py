@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch import nn
-
 import torch.nn.functional as F
+from torch import nn
 
 from train.networks import (MIN_SCALE, BilinearUp2x, Blur, CycleGenerators, SubPixelUpsample, _downsample, _upsample, build_generator,
                             init_weights, reflect_pad)
