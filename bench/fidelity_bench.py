@@ -2,6 +2,7 @@
 synthetic IXI with lesions and a held-out anatomy (docs/fidelity.md).
 
     python bench/fidelity_bench.py [--out bench-out/fidelity] [--subjects 30] [--split 0.8,0.1,0.1] [--size 128] [--steps 3000]
+                                   [--anatomy phantom|template]
                                    [--variants plain mind10-lsgan-cyc5-unet3-subpixel-equiv10-warm500-full16] [--uncertainty tta] [--tta]
                                    [--seed 0] [--train-seed N] [--snapshots N] [--ensemble N] [--train-subjects N]
 
@@ -12,7 +13,8 @@ and their last checkpoints are scored as one ensemble. A single run's last check
 validation picked an earlier one, that best checkpoint too (its own row: over-training shows as a better best).
 For a small training set, --train-subjects 5 (about 100 slices per contrast at 128²) trains on five of the
 training subjects, drawn by the training seed, and scores the same val+test as the full runs beside it.
-Existing stages in --out are reused. Prints one
+--anatomy template trains and scores on one real brain's anatomy instead (bench/template_brain.py: the MNI152
+template's slices, no lesions). Existing stages in --out are reused. Prints one
 table of masked SSIM/PSNR, texture, the input noise each translation passes and its cycle returns
 (train.fidelity.noise_transfer, on 64 of the scored slices), hallucination-map AUROC and lesion metrics per
 variant and direction, and writes it to OUT/results.md and OUT/results.json.
@@ -35,6 +37,7 @@ import yaml
 from scipy import ndimage
 
 from demo_bounds import LookupTable  # bench/, the script's own folder
+from template_brain import write_template_slices
 from train import rundir
 from train.fidelity import MODES, RING_PIXELS, noise_transfer
 from train.inference import load_translator
@@ -109,7 +112,8 @@ def noise_transfers(members: list[Path], slices: list[dict], tta: bool) -> dict:
 
 def run_name(args: argparse.Namespace, name: str, seed: int) -> str:
     """A variant's run folder, named for every setting that changes what it trains, so a rerun scores only its own run."""
-    return (f"{name}-{args.size}-{args.steps}{f'-seed{seed}' * (seed != args.seed)}{f'-snap{args.snapshots}' * (args.snapshots > 1)}"
+    return (f"{name}-{args.size}-{args.steps}{'-template' * (args.anatomy == 'template')}{f'-seed{seed}' * (seed != args.seed)}"
+            f"{f'-snap{args.snapshots}' * (args.snapshots > 1)}"
             f"{f'-{args.train_subjects}subjects' * (args.train_subjects > 0)}{f'-ngf{args.ngf}' * (args.ngf != NGF)}"
             f"{f'-batch{args.batch_size}' * (args.batch_size != BATCH_SIZE)}")
 
@@ -117,6 +121,9 @@ def run_name(args: argparse.Namespace, name: str, seed: int) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=ROOT / "bench-out" / "fidelity")
+    parser.add_argument("--anatomy", choices=["phantom", "template"], default="phantom", help="phantom: --subjects synthetic "
+                        "subjects with lesions; template: one real brain, the MNI152 template's slices (bench/template_brain.py: "
+                        "93 train, 20 scored, no lesions; its own runs, NAME-SIZE-STEPS-template)")
     parser.add_argument("--subjects", type=int, default=30)
     parser.add_argument("--split", default="0.8,0.1,0.1", help="train,val,test fractions of the subjects (shards pack --split)")
     parser.add_argument("--size", type=int, default=128)
@@ -146,16 +153,25 @@ def main() -> None:
     if args.ensemble < 1:
         parser.error(f"--ensemble must be at least 1, got {args.ensemble}")
     out = args.out.resolve()
-    ixi, shards = out / "ixi", out / f"shards-{args.size}"
     env = {**os.environ, "WANDB_MODE": "offline"}
     timings = {}
 
-    if not (ixi / "holdout.txt").exists():
-        timings["synth_s"] = run("-m", "shards", "synth", "--out", ixi, "--subjects", args.subjects, "--seed", args.seed,
-                                 "--downsample", 256 // args.size, "--lesions", "--holdout-anatomy")
-    if not (shards / "manifest.json").exists():
-        timings["pack_s"] = run("-m", "shards", "pack", "--t1", ixi / "IXI-T1.tar", "--t2", ixi / "IXI-T2.tar", "--out", shards,
-                                "--size", args.size, "--lesions", ixi / "IXI-lesions.tar", "--holdout", ixi / "holdout.txt", "--split", args.split)
+    if args.anatomy == "template":
+        template, shards = out / "template", out / f"shards-template-{args.size}"
+        if not template.exists():
+            write_template_slices(template, args.seed)
+        if not (shards / "manifest.json").exists():
+            timings["pack_s"] = run("-m", "shards", "pack", "--t1", template / "t1", "--t2", template / "t2", "--out", shards,
+                                    "--size", args.size, "--holdout", template / "holdout.txt", "--split", "1,0,0")
+    else:
+        ixi, shards = out / "ixi", out / f"shards-{args.size}"
+        if not (ixi / "holdout.txt").exists():
+            timings["synth_s"] = run("-m", "shards", "synth", "--out", ixi, "--subjects", args.subjects, "--seed", args.seed,
+                                     "--downsample", 256 // args.size, "--lesions", "--holdout-anatomy")
+        if not (shards / "manifest.json").exists():
+            timings["pack_s"] = run("-m", "shards", "pack", "--t1", ixi / "IXI-T1.tar", "--t2", ixi / "IXI-T2.tar", "--out", shards,
+                                    "--size", args.size, "--lesions", ixi / "IXI-lesions.tar", "--holdout", ixi / "holdout.txt",
+                                    "--split", args.split)
     train_seed = args.seed if args.train_seed is None else args.train_seed
     seeds = range(train_seed, train_seed + args.ensemble)
 
@@ -189,7 +205,9 @@ def main() -> None:
             results[row] = {**json.loads((folder / "report.json").read_text()), "noise_transfer": noise_transfers(members, slices, args.tta)}
     results["lookup table (reference)"] = lookup_reference(paths, samples)
 
-    lines = [f"{args.subjects} synthetic subjects at {args.size}², {f'training on {args.train_subjects} of them, ' * (args.train_subjects > 0)}"
+    data = ("the MNI152 template's slices (93 train, 20 scored)" if args.anatomy == "template" else
+            f"{args.subjects} synthetic subjects")
+    lines = [f"{data} at {args.size}², {f'training on {args.train_subjects} of them, ' * (args.train_subjects > 0)}"
              f"{args.steps} steps of batch {args.batch_size}, ngf/ndf {args.ngf}, "
              f"training seed{f's {seeds[0]} to {seeds[-1]}, scored as one ensemble' if args.ensemble > 1 else f' {train_seed}'}; "
              f"evaluated on val+test (held-out subjects only); hallucination map: {args.uncertainty}"

@@ -522,3 +522,49 @@ def test_the_paired_reference_trains_the_asked_generator_on_the_trainers_schedul
     for line in rows.values():
         scores = [float(score) for score in re.findall(r" (-?\d+\.\d{3})(?=,|$)", line)]
         assert len(scores) == 2 and all(-1 <= score <= 1 for score in scores)
+
+
+def test_the_template_brain_holds_out_two_bands_with_margins_and_draws_t2_from_the_tissue_maps(monkeypatch, tmp_path):
+    """bench/template_brain.py on a small stand-in for nilearn's MNI152 files: what packs into train is never within
+    the margin of a scored slice, CSF is T2's brightest tissue and WM its darkest, air stays zero, and the packer
+    splits it 93 / 20."""
+    monkeypatch.syspath_prepend(str(ROOT / "bench"))
+    import template_brain
+
+    folder = tmp_path / "nilearn-data"
+    folder.mkdir()
+    x, y, z = np.meshgrid(np.arange(40), np.arange(48), np.arange(160), indexing="ij")
+    brain = (x - 20) ** 2 / 15 ** 2 + (y - 24) ** 2 / 19 ** 2 < 1
+    wm, gm = brain & (x < 14), brain & (x >= 14) & (x < 26)  # and CSF beyond x = 26
+    t1 = np.where(brain, np.where(wm, 230.0, np.where(gm, 150.0, 60.0)), 0)
+    for name, volume in {"t1": t1, "gm": gm * 255.0, "wm": wm * 255.0}.items():
+        nib.save(nib.Nifti1Image(volume.astype(np.float32), np.eye(4)), folder / f"mni_icbm152_{name}_tal_nlin_sym_09a_converted.nii.gz")
+    monkeypatch.setattr(template_brain, "template_folder", lambda: folder)
+
+    out = tmp_path / "template"
+    template_brain.write_template_slices(out)
+    held = out.joinpath("holdout.txt").read_text().split()
+    names = sorted(p.stem for p in (out / "t1").glob("*.png"))
+    assert names == sorted(p.stem for p in (out / "t2").glob("*.png")) and len(held) == 20 and len(names) == 113
+    trained_on = [int(n.removeprefix("mni-z")) for n in names if n not in held]
+    assert len(trained_on) == 93
+    assert min(abs(z - int(h.removeprefix("mni-z"))) for z in trained_on for h in held) == template_brain.MARGIN + 1
+    wm_px, gm_px, brain_px = (np.rot90(m[:, :, 0]) for m in (wm, gm, brain))  # the slices' orientation
+    t2 = np.asarray(Image.open(out / "t2" / f"{held[0]}.png"), np.float64)
+    medians = [np.median(t2[m]) for m in (wm_px, gm_px, brain_px & ~wm_px & ~gm_px)]
+    assert 0 < medians[0] < medians[1] < medians[2] and (t2[~brain_px] == 0).all()
+
+    shards = tmp_path / "shards"
+    run_module("shards", "pack", "--t1", out / "t1", "--t2", out / "t2", "--out", shards, "--size", 32,
+               "--holdout", out / "holdout.txt", "--split", "1,0,0")
+    splits = {name: split["subjects"] for name, split in read_manifest(shards)["splits"].items()}
+    assert len(splits["train"]) == 93 and sorted(splits["val"] + splits["test"]) == held
+
+
+def test_the_template_brain_says_how_to_get_the_template(monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT / "bench"))
+    import template_brain
+
+    monkeypatch.setattr(template_brain.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(SystemExit, match="pip install --no-deps nilearn"):
+        template_brain.template_folder()

@@ -715,13 +715,13 @@ def test_the_fidelity_bench_names_a_run_for_every_setting_it_trains_with(monkeyp
     # training set must not share one; the bench's own settings keep the names of the runs docs/fidelity.md cites.
     monkeypatch.syspath_prepend(str(ROOT / "bench"))
     bench = importlib.import_module("fidelity_bench")
-    base = dict(size=128, steps=12000, seed=0, snapshots=1, train_subjects=0, ngf=bench.NGF, batch_size=bench.BATCH_SIZE)
+    base = dict(anatomy="phantom", size=128, steps=12000, seed=0, snapshots=1, train_subjects=0, ngf=bench.NGF, batch_size=bench.BATCH_SIZE)
     assert bench.run_name(argparse.Namespace(**base), "v", 0) == "v-128-12000"
     changed = [bench.run_name(argparse.Namespace(**{**base, **change}), "v", seed)
                for change, seed in [({}, 1), ({"snapshots": 4}, 0), ({"train_subjects": 1}, 0), ({"ngf": 64}, 0),
-                                    ({"batch_size": 1}, 0), ({"ngf": 64, "batch_size": 1}, 0)]]
+                                    ({"batch_size": 1}, 0), ({"ngf": 64, "batch_size": 1}, 0), ({"anatomy": "template"}, 0)]]
     assert changed == ["v-128-12000-seed1", "v-128-12000-snap4", "v-128-12000-1subjects", "v-128-12000-ngf64",
-                       "v-128-12000-batch1", "v-128-12000-ngf64-batch1"]
+                       "v-128-12000-batch1", "v-128-12000-ngf64-batch1", "v-128-12000-template"]
 
 
 def test_the_default_keeps_more_tissue_contrast_than_the_seeds_settings(trained, shards_dir, tmp_path):
