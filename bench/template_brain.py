@@ -4,7 +4,7 @@ ICBM152 2009a symmetric template, a real brain that PyPI carries (the IXI downlo
 nilearn's wheel carries the template's skull-stripped T1 and its grey- and white-matter probability maps at 1 mm
 (`pip install --no-deps nilearn`; nothing of nilearn is imported, only its data files are read). The T1 slices
 are the template's own intensities. The T2 slices are drawn from the tissue maps with the phantom's T2 contrasts
-(shards/phantom.py: CSF 1.0, GM 0.70, WM 0.45; CSF is what the brain mask holds beyond GM and WM), so folding and
+(shards/phantom.py's CONTRAST_LUT: CSF 1.0, GM 0.70, WM 0.45; CSF is what the brain mask holds beyond GM and WM), so folding and
 partial volume are a real brain's and only the T2 contrast is modelled. Both get Rician noise at 2% of their
 brain's 99th percentile, the phantom's Guys level. The template is an average of 152 brains, smoother than one scan, and
 left-right symmetric.
@@ -24,7 +24,8 @@ import nibabel as nib
 import numpy as np
 from PIL import Image
 
-T2_CONTRAST = {"csf": 1.0, "gm": 0.70, "wm": 0.45}
+from shards.phantom import CONTRAST_LUT, CSF, GM, WM
+
 NOISE = 0.02
 SLICES = range(20, 145)  # axial slices whose brain area is at least a fifth of the largest (the packer's own rule)
 HELD_OUT = (range(55, 65), range(100, 110))  # basal ganglia and lateral ventricles; centrum semiovale and cortex
@@ -49,7 +50,7 @@ def template_volumes() -> tuple[np.ndarray, np.ndarray]:
     brain = t1 > 0
     gm, wm = load("gm") / 255, load("wm") / 255
     csf = np.clip(1 - gm - wm, 0, 1)
-    t2 = (T2_CONTRAST["csf"] * csf + T2_CONTRAST["gm"] * gm + T2_CONTRAST["wm"] * wm) * brain
+    t2 = (CONTRAST_LUT["T2"][CSF] * csf + CONTRAST_LUT["T2"][GM] * gm + CONTRAST_LUT["T2"][WM] * wm) * brain
     return t1 / t1.max(), t2 / t2.max()
 
 
