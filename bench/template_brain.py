@@ -1,13 +1,13 @@
 """Real brain anatomy for the fidelity bench (`fidelity_bench.py --anatomy template`): axial slices of the MNI
 ICBM152 2009a symmetric template, a real brain that PyPI carries (the IXI download needs the internet).
 
-nilearn's wheel carries the template's skull-stripped T1 and its grey- and white-matter probability maps at 1 mm
-(`pip install --no-deps nilearn`; nothing of nilearn is imported, only its data files are read). The T1 slices
-are the template's own intensities. The T2 slices are drawn from the tissue maps with the phantom's T2 contrasts
-(shards/phantom.py's CONTRAST_LUT: CSF 1.0, GM 0.70, WM 0.45; CSF is what the brain mask holds beyond GM and WM), so folding and
-partial volume are a real brain's and only the T2 contrast is modelled. Both get Rician noise at 2% of their
-brain's 99th percentile, the phantom's Guys level. The template is an average of 152 brains, smoother than one scan, and
-left-right symmetric.
+nilearn's wheel carries the template's skull-stripped T1 and its grey- and white-matter probability maps at
+1 mm (`pip install --no-deps nilearn`; nothing of nilearn is imported, only its data files are read). The T1
+slices are the template's own intensities. The T2 slices are drawn from the tissue maps with the phantom's T2
+contrasts (shards/phantom.py's CONTRAST_LUT: CSF 1.0, GM 0.70, WM 0.45; CSF is what the brain mask holds beyond
+GM and WM), so folding and partial volume are a real brain's and only the T2 contrast is modelled. Both get
+Rician noise at 2% of their brain's 99th percentile, the phantom's Guys level. The template is an average of 152
+brains, smoother than one scan, and left-right symmetric.
 
 Like the held-out real brain of issue 36 (95 unpaired training slices per contrast at 128², 20 scored), one brain
 gives both sets: 20 slices in two bands of 10 are held out, 3 slices on either side of each band are left out so
