@@ -533,7 +533,7 @@ def test_the_template_brain_holds_out_two_bands_with_margins_and_draws_t2_from_t
 
     folder = tmp_path / "nilearn-data"
     folder.mkdir()
-    x, y, z = np.meshgrid(np.arange(40), np.arange(48), np.arange(160), indexing="ij")
+    x, y, _ = np.meshgrid(np.arange(40), np.arange(48), np.arange(160), indexing="ij")
     brain = (x - 20) ** 2 / 15 ** 2 + (y - 24) ** 2 / 19 ** 2 < 1
     wm, gm = brain & (x < 14), brain & (x >= 14) & (x < 26)  # and CSF beyond x = 26
     t1 = np.where(brain, np.where(wm, 230.0, np.where(gm, 150.0, 60.0)), 0)
