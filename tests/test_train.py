@@ -133,6 +133,28 @@ def test_resume_from_a_checkpoint_reproduces_the_uninterrupted_run(trained, tmp_
         assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a), name
 
 
+def test_augment_start_trains_as_unaugmented_until_its_step_and_resumes_exactly_after_it(trained, tmp_path):
+    """The base run does not augment (40 steps are few passes). Started halfway, augmentation leaves the first 20
+    steps' losses as the base run's, bit for bit, changes the later ones, and a resume at step 30 continues exactly."""
+    data = yaml.safe_load((trained / "config.yaml").read_text())["data"]
+    args = ["--data", data, *SMALL, "--max_steps", 40, "--steps_per_epoch", 20, "--checkpoint_every", 10,
+            "--augment", "true", "--augment_start", 0.5]
+    whole, resumed = tmp_path / "whole", tmp_path / "resumed"
+    train(*args, "--out", whole)
+    train(*args, "--out", resumed, "--resume", rundir.checkpoint_dir(whole, 30))
+
+    def losses(run):
+        return {r["step"]: r["loss/G"] for r in rundir.read_metrics(run) if "loss/G" in r}
+
+    base, started = losses(trained), losses(whole)
+    assert sorted(started) == sorted(base) == [5, 10, 15, 20, 25, 30, 35, 40]
+    assert all((started[s] == base[s]) == (s <= 20) for s in base), (base, started)
+    for name in rundir.GENERATORS.values():
+        a = load_file(str(rundir.checkpoint_dir(whole, 40) / name))
+        b = load_file(str(rundir.checkpoint_dir(resumed, 40) / name))
+        assert all(torch.equal(a[k], b[k]) for k in a), name
+
+
 def test_generator_dropout_reaches_training_and_a_resume_draws_the_same_masks(trained, tmp_path):
     """--dropout changes what the base run's settings train to, and a run resumed at step 30 ends at the
     uninterrupted run's weights, bit for bit: the masks come from the seed, step and rank, not from a global RNG."""
@@ -421,6 +443,31 @@ def test_train_subjects_limits_training_to_a_seeded_subset_split_across_ranks(sh
     config = load_config(["--data", str(shards_dir), "--out", "-", "--train_subjects", "2", "--num_workers", "0", "--batch_size", "4"])
     batches = [batch for batch, _ in zip(train_loaders(config, 0, 1)["t1"], range(6))]
     assert {key_subject(key) for batch in batches for key in batch["key"]} <= chosen
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_augment_start_leaves_the_steps_before_it_unaugmented(shards_dir, workers):
+    def batches(*options, epoch=0):
+        config = load_config(["--data", str(shards_dir), "--out", "-", "--num_workers", str(workers), "--batch_size", "2", *options])
+        loader = train_loaders(config, 0, 1, steps_per_epoch=6, total_steps=12)["t1"]
+        loader.dataset.set_epoch(epoch)
+        return [batch for batch, _ in zip(loader, range(6))]
+
+    plain, augmented = batches("--augment", "false"), batches("--augment", "true")
+    started = batches("--augment", "true", "--augment_start", "0.25")  # from step ceil(0.25 * 12) = 3
+    for step in range(6):
+        assert plain[step]["key"] == augmented[step]["key"] == started[step]["key"]  # augmentation never moves the data order
+        assert not torch.equal(plain[step]["image"], augmented[step]["image"])
+        assert torch.equal(started[step]["image"], plain[step]["image"]) == (step < 3), step
+    assert all(not torch.equal(p["image"], a["image"]) for p, a in zip(batches("--augment", "false", epoch=1),
+                                                                       batches("--augment", "true", "--augment_start", "0.25", epoch=1)))
+
+    manifest = read_manifest(shards_dir)
+    unused = load_config(["--data", str(shards_dir), "--out", "-", "--augment", "false", "--augment_start", "0.25"])
+    assert resolve_augment(manifest, unused, 10) == (False, "warning: --augment_start 0.25 does nothing: augmentation is off for "
+                                                             "this run (--augment)")
+    used = dataclasses.replace(unused, augment=True)
+    assert resolve_augment(manifest, used, 10) == (True, "augmentation starts 25% into the run (--augment_start)")
 
 
 def test_augmentation_keeps_the_background_at_zero():

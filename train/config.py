@@ -129,6 +129,9 @@ class Config:
                            f"passes over its training slices more than {OVER_TRAINING_PASSES} times (a small training set trained long, where "
                            "without it the model memorises and its single pass speckles), else off. config.yaml records the one used",
                            auto=True)
+    augment_start: float = option(0.0, "with augmentation, the fraction of the steps trained on unaugmented slices before it "
+                                  "starts (0 = from the first step). Augmentation slows how fast the contrast is learnt; "
+                                  "started later, it guards against memorising without that cost", minimum=0, below=1)
     elastic: float = option(0.0, "with augmentation, also warp each slice smoothly: random offsets of up to this fraction of the slice's "
                             "width at 7x7 control points, interpolated bicubically (between them up to 1.9x that, 1.2x typically). 0.03 is "
                             "about TorchIO's 7.5 mm over a 240 mm field of view; up to 0.04 no warp measured folds the slice. "

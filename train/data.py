@@ -109,27 +109,27 @@ def augment(image: torch.Tensor, rng: torch.Generator, elastic: float = 0.0) -> 
 
 class SliceStream(IterableDataset):
     """One contrast of train/: yields {'image': (1,H,W) in [-1,1], 'key', 'slot', 'skipped'} for the current
-    epoch; `skipped` counts this slot's unreadable samples so far."""
+    epoch; `skipped` counts this slot's unreadable samples so far. With `do_augment`, samples bound for training
+    steps before `augment_from_step` stay unaugmented (the stream knows each sample's step from `steps_per_epoch`
+    and `batch_size`)."""
 
     def __init__(self, urls: list[str], contrast: str, seed: int, rank: int, world: int,
                  shuffle_buffer: int, do_augment: bool, size: int, subjects: frozenset[str] | None = None,
-                 elastic: float = 0.0):
+                 elastic: float = 0.0, augment_from_step: int = 0, steps_per_epoch: int = 0, batch_size: int = 1):
         self.urls, self.contrast, self.seed, self.size = urls, contrast, seed, size
         self.rank, self.world = rank, world
         self.shuffle_buffer, self.do_augment, self.elastic = shuffle_buffer, do_augment, elastic
+        self.augment_from_step, self.steps_per_epoch, self.batch_size = augment_from_step, steps_per_epoch, batch_size
         self.subjects = subjects  # None: every subject in the shards
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
-    def _slot(self) -> tuple[int, int]:
+    def __iter__(self):
         info = get_worker_info()
         workers, worker = (info.num_workers, info.id) if info else (1, 0)
-        return self.rank * workers + worker, self.world * workers
-
-    def __iter__(self):
-        slot, slots = self._slot()
+        slot, slots = self.rank * workers + worker, self.world * workers
         urls = list(self.urls)
         random.Random(self.seed * 1000003 + self.epoch).shuffle(urls)  # same shard order on every rank
         if len(urls) >= slots and self.subjects is None:
@@ -138,7 +138,7 @@ class SliceStream(IterableDataset):
             mine, keep = urls, (slot, slots)
         seed = zlib.crc32(f"{self.seed}/{self.epoch}/{slot}/{self.contrast}".encode())  # stable across processes
         rng = torch.Generator().manual_seed(seed)
-        skipped = 0
+        skipped, drawn = 0, 0
         for _ in itertools.count():  # cycle this slot's part until the trainer stops asking
             yielded = 0
             samples = iter(wds.DataPipeline(wds.SimpleShardList(mine), wds.tarfile_to_samples(handler=wds.warn_and_continue)))
@@ -153,19 +153,22 @@ class SliceStream(IterableDataset):
                     skipped += 1
                     print(f"warning: skipping unreadable sample {sample.get('__key__')} in {sample.get('__url__')}: {err}")
                     continue
-                if self.do_augment:
+                # a DataLoader deals whole batches to its workers in turn: this sample's step follows from its count
+                step = self.epoch * self.steps_per_epoch + (drawn // self.batch_size) * workers + worker
+                if self.do_augment and step >= self.augment_from_step:
                     image = augment(image, rng, self.elastic)
                 yielded += 1
+                drawn += 1
                 yield {"image": to_model_range(image), "key": sample["__key__"], "slot": slot, "skipped": skipped}
             if yielded == 0:
                 raise ShardsError(f"no readable {self.contrast} samples for data slot {slot} in {mine[:3]}...")
             seed += 1
 
 
-def train_loaders(config, rank: int, world: int) -> dict[str, DataLoader]:
+def train_loaders(config, rank: int, world: int, steps_per_epoch: int = 0, total_steps: int = 0) -> dict[str, DataLoader]:
     """Two loaders, T1 and T2, of config.data's train shards. With config.data_url, shards are read from
     `data_url + 'train/NAME.tar'` (an http:// prefix, or pipe:COMMAND with a trailing path), still listed from
-    the local manifest."""
+    the local manifest. `steps_per_epoch` and `total_steps` place --augment_start's first augmented step."""
     loaders = {}
     subjects = training_subjects(config.data, config.train_subjects, config.seed) if config.train_subjects else None
     for index, contrast in enumerate(CONTRASTS):
@@ -173,7 +176,7 @@ def train_loaders(config, rank: int, world: int) -> dict[str, DataLoader]:
         if config.data_url:
             urls = [f"{config.data_url}train/{Path(u).name}" for u in urls]
         stream = SliceStream(urls, contrast, config.seed * 2 + index, rank, world, config.shuffle_buffer, config.augment, config.size, subjects,
-                             config.elastic)
+                             config.elastic, math.ceil(config.augment_start * total_steps), steps_per_epoch, config.batch_size)
         loaders[contrast] = DataLoader(stream, batch_size=config.batch_size, num_workers=config.num_workers,
                                        persistent_workers=False, pin_memory=torch.cuda.is_available(),
                                        multiprocessing_context="fork" if config.num_workers else None)
@@ -184,7 +187,7 @@ def resolve_augment(manifest: dict, config, samples: int, resumed: bool | str | 
     """Whether a run drawing `samples` images per contrast augments, and a line to print about it, or None.
     --augment auto augments when the run passes over the smaller contrast's training slices more than
     OVER_TRAINING_PASSES times (a --train_subjects subset counted as its share of the subjects' slices); an
-    explicit --augment false there is warned, and so is an --elastic that augmentation off leaves unused.
+    explicit --augment false there is warned, and so is an --elastic or --augment_start that augmentation off leaves unused.
     `resumed`: what the checkpoint being resumed trained with, which auto keeps, so that a resume with another
     --max_steps does not change the data halfway."""
     train = manifest["splits"]["train"]
@@ -202,9 +205,13 @@ def resolve_augment(manifest: dict, config, samples: int, resumed: bool | str | 
         note = (f"warning: this run passes over its training slices about {passes:.0f} times with --augment false; on "
                 f"a small training set the default recipe then over-trains and its single pass speckles "
                 f"(docs/fidelity.md, \"Small data, trained long\"); --augment auto would augment")
-    if config.elastic and not augment:
-        unused = f"warning: --elastic {config.elastic} does nothing: augmentation is off for this run (--augment)"
-        note = f"{note}\n{unused}" if note else unused
+    if augment and config.augment_start:
+        start = f"augmentation starts {config.augment_start:.0%} into the run (--augment_start)"
+        note = f"{note}\n{start}" if note else start
+    for name in ("elastic", "augment_start"):
+        if getattr(config, name) and not augment:
+            unused = f"warning: --{name} {getattr(config, name)} does nothing: augmentation is off for this run (--augment)"
+            note = f"{note}\n{unused}" if note else unused
     return augment, note
 
 

@@ -125,7 +125,7 @@ def main(argv=None) -> int:
     state.wandb_id = state.wandb_id or tracking.new_run_id(config.run_name or out.name)
 
     try:
-        loaders = train_loaders(config, accelerator.process_index, world)
+        loaders = train_loaders(config, accelerator.process_index, world, steps_per_epoch, total_steps)
         val = val_samples(config.data, "val", config.val_max_slices)
     except ShardsError as err:
         raise SystemExit(f"error: {err}")
