@@ -453,7 +453,7 @@ def test_augment_start_leaves_the_steps_before_it_unaugmented(shards_dir, worker
         loader.dataset.set_epoch(epoch)
         return [batch for batch, _ in zip(loader, range(6))]
 
-    plain, augmented = batches("--augment", "false"), batches("--augment", "true")
+    plain, augmented = batches("--augment", "false"), batches("--augment", "true", "--augment_start", "0")
     started = batches("--augment", "true", "--augment_start", "0.25")  # from step ceil(0.25 * 12) = 3
     for step in range(6):
         assert plain[step]["key"] == augmented[step]["key"] == started[step]["key"]  # augmentation never moves the data order
@@ -463,11 +463,12 @@ def test_augment_start_leaves_the_steps_before_it_unaugmented(shards_dir, worker
                                                                        batches("--augment", "true", "--augment_start", "0.25", epoch=1)))
 
     manifest = read_manifest(shards_dir)
-    unused = load_config(["--data", str(shards_dir), "--out", "-", "--augment", "false", "--augment_start", "0.25"])
-    assert resolve_augment(manifest, unused, 10) == (False, "warning: --augment_start 0.25 does nothing: augmentation is off for "
-                                                             "this run (--augment)")
+    unused = load_config(["--data", str(shards_dir), "--out", "-", "--augment", "false", "--augment_start", "0.5"])
+    assert resolve_augment(manifest, unused, 10) == (False, "warning: --augment_start 0.5 does nothing: augmentation is off for "
+                                                            "this run (--augment)")
+    assert resolve_augment(manifest, dataclasses.replace(unused, augment_start=0.25), 10) == (False, None)  # the default: not warned
     used = dataclasses.replace(unused, augment=True)
-    assert resolve_augment(manifest, used, 10) == (True, "augmentation starts 25% into the run (--augment_start)")
+    assert resolve_augment(manifest, used, 10) == (True, "augmentation starts 50% into the run (--augment_start)")
 
 
 def test_augmentation_keeps_the_background_at_zero():
@@ -535,7 +536,7 @@ def test_elastic_reaches_the_training_stream_and_is_warned_when_augmentation_is_
     augment_on, note = resolve_augment(manifest, unused, 10)
     assert augment_on is False and note == "warning: --elastic 0.03 does nothing: augmentation is off for this run (--augment)"
     used = dataclasses.replace(unused, augment=True)
-    assert resolve_augment(manifest, used, 10) == (True, None)
+    assert resolve_augment(manifest, used, 10) == (True, "augmentation starts 25% into the run (--augment_start)")
 
 
 @pytest.mark.parametrize("case", ["missing", "empty", "keys", "size", "resume", "option", "yaml", "stale", "depth", "depth-arch",
@@ -725,11 +726,12 @@ def test_augmentation_turns_on_by_itself_for_a_long_run_on_few_slices_and_an_exp
     assert resolve_augment(manifest, load_config(["--data", "d", "--out", "o"]), 3000 * 2) == (False, None)  # 7 passes over all 24
     augment, warning = resolve_augment(manifest, dataclasses.replace(small, augment=False), 12000 * 2)
     assert augment is False and warning.startswith("warning:") and "--augment false" in warning
-    assert resolve_augment(manifest, dataclasses.replace(small, augment=True), 3000 * 2) == (True, None)  # asked for: kept
+    starts = "augmentation starts 25% into the run (--augment_start)"
+    assert resolve_augment(manifest, dataclasses.replace(small, augment=True), 3000 * 2) == (True, starts)  # asked for: kept
     # a resume keeps what the run it resumes decided, whatever its new --max_steps would decide
     augment, note = resolve_augment(manifest, small, 59 * 73, resumed=True)
     assert augment is True and "as in the run resumed" in note and "--augment false would change it" in note
-    assert resolve_augment(manifest, small, 12000 * 2, resumed=True) == (True, None)
+    assert resolve_augment(manifest, small, 12000 * 2, resumed=True) == (True, starts)
     assert resolve_augment(manifest, dataclasses.replace(small, augment=False), 12000 * 2, resumed=True)[0] is False  # asked for: wins
 
 

@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from shards.format import (CONTRASTS, ShardsError, check_complete, decode_png16, decode_samples, key_subject, read_manifest,
                            shard_paths)
-from train.config import OVER_TRAINING_PASSES
+from train.config import OVER_TRAINING_PASSES, Config
 from train.networks import to_model_range
 
 
@@ -187,7 +187,7 @@ def resolve_augment(manifest: dict, config, samples: int, resumed: bool | str | 
     """Whether a run drawing `samples` images per contrast augments, and a line to print about it, or None.
     --augment auto augments when the run passes over the smaller contrast's training slices more than
     OVER_TRAINING_PASSES times (a --train_subjects subset counted as its share of the subjects' slices); an
-    explicit --augment false there is warned, and so is an --elastic or --augment_start that augmentation off leaves unused.
+    explicit --augment false there is warned, and so is an --elastic or --augment_start given where augmentation is off.
     `resumed`: what the checkpoint being resumed trained with, which auto keeps, so that a resume with another
     --max_steps does not change the data halfway."""
     train = manifest["splits"]["train"]
@@ -209,7 +209,7 @@ def resolve_augment(manifest: dict, config, samples: int, resumed: bool | str | 
         start = f"augmentation starts {config.augment_start:.0%} into the run (--augment_start)"
         note = f"{note}\n{start}" if note else start
     for name in ("elastic", "augment_start"):
-        if getattr(config, name) and not augment:
+        if getattr(config, name) != Config.defaults()[name] and not augment:
             unused = f"warning: --{name} {getattr(config, name)} does nothing: augmentation is off for this run (--augment)"
             note = f"{note}\n{unused}" if note else unused
     return augment, note
