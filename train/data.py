@@ -205,14 +205,13 @@ def resolve_augment(manifest: dict, config, samples: int, resumed: bool | str | 
         note = (f"warning: this run passes over its training slices about {passes:.0f} times with --augment false; on "
                 f"a small training set the default recipe then over-trains and its single pass speckles "
                 f"(docs/fidelity.md, \"Small data, trained long\"); --augment auto would augment")
+    lines = [note] if note else []
     if augment and config.augment_start:
-        start = f"augmentation starts {config.augment_start:.0%} into the run (--augment_start)"
-        note = f"{note}\n{start}" if note else start
-    for name in ("elastic", "augment_start"):
-        if getattr(config, name) != Config.defaults()[name] and not augment:
-            unused = f"warning: --{name} {getattr(config, name)} does nothing: augmentation is off for this run (--augment)"
-            note = f"{note}\n{unused}" if note else unused
-    return augment, note
+        lines.append(f"augmentation starts {config.augment_start:.0%} into the run (--augment_start)")
+    defaults = Config.defaults()
+    lines += [f"warning: --{name} {getattr(config, name)} does nothing: augmentation is off for this run (--augment)"
+              for name in ("elastic", "augment_start") if not augment and getattr(config, name) != defaults[name]]
+    return augment, "\n".join(lines) or None
 
 
 def training_subjects(root: str, count: int, seed: int) -> frozenset[str]:
