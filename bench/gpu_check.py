@@ -74,10 +74,11 @@ def check_precision(data: Path, out: Path, precision: str, steps: int, widths: l
             "grad_norm_G": losses["grad_norm/G"], "resume_exact": exact}
 
 
-def loader_rate(data: Path, batch: int, seconds: float = 10.0) -> float:
-    """Slices per second that one DataLoader worker delivers for one contrast (decode, augmentation off)."""
-    config = Config(data=str(data), out="-", batch_size=batch, num_workers=1)
-    loader = train_loaders(config, 0, 1)["t1"]
+def loader_rate(data: Path, batch: int, augment: bool, seconds: float = 10.0) -> float:
+    """Slices per second that one DataLoader worker delivers for one contrast: decoding, and with `augment` the
+    trainer's augmentation from the first step (what a run that augments needs from its workers)."""
+    config = Config(data=str(data), out="-", batch_size=batch, num_workers=1, augment=augment, augment_start=0)
+    loader = train_loaders(config, 0, 1, steps_per_epoch=1, total_steps=1)["t1"]
     count, start = 0, None
     for batch_images in loader:
         if start is None:  # the worker's start-up is not its rate
@@ -144,13 +145,16 @@ def main() -> None:
         memory = "-" if r["peak_gpu_memory_gib"] is None else f"{r['peak_gpu_memory_gib']:.2f}"
         print(f"| {r['compile']} | {r['batch']} | {r['images_per_s']:.1f} | {r['whole_run_images_per_s']:.1f} | {memory} |")
 
-    per_worker = loader_rate(data, max(batches), 3.0 if args.cpu else 10.0)
     consumed = max(r["images_per_s"] for r in results["throughput"])
+    results["data"] = {"consumed_images_per_s": consumed}
+    print()
     # each step reads one T1 and one T2 slice per image, from two loaders
-    workers = math.ceil(consumed / per_worker) if per_worker else None
-    results["data"] = {"slices_per_s_per_worker": per_worker, "consumed_images_per_s": consumed, "workers_per_contrast": workers}
-    print(f"\none loader worker: {per_worker:.0f} slices/s; the fastest setting consumes {consumed:.0f} images/s per contrast: "
-          f"about {workers} worker(s) per contrast (--num_workers)")
+    for augment in (False, True):
+        per_worker = loader_rate(data, max(batches), augment, 3.0 if args.cpu else 10.0)
+        workers = math.ceil(consumed / per_worker) if per_worker else None
+        results["data"]["augmented" if augment else "plain"] = {"slices_per_s_per_worker": per_worker, "workers_per_contrast": workers}
+        print(f"one loader worker{' augmenting' if augment else ''}: {per_worker:.0f} slices/s; the fastest setting consumes "
+              f"{consumed:.0f} images/s per contrast: about {workers} worker(s) per contrast (--num_workers)")
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(results, indent=2))
     failed = [r["precision"] for r in results["precision"] if not r["resume_exact"]]

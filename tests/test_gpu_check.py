@@ -19,5 +19,7 @@ def test_the_gpu_check_smoke_run_checks_precision_resume_throughput_and_loaders(
     assert [(r["compile"], r["batch"]) for r in results["throughput"]] == [("no", 2)]
     # the steady rate of the second half, not the whole run's, which start-up (and on a GPU compilation) lowers
     assert all(r["images_per_s"] > r["whole_run_images_per_s"] > 0 for r in results["throughput"])
-    assert results["data"]["slices_per_s_per_worker"] > 0 and results["data"]["workers_per_contrast"] >= 1
-    assert "| bf16 | bfloat16 |" in done.stdout and "worker(s) per contrast" in done.stdout
+    plain, augmented = results["data"]["plain"], results["data"]["augmented"]
+    assert all(r["slices_per_s_per_worker"] > 0 and r["workers_per_contrast"] >= 1 for r in (plain, augmented))
+    assert augmented["slices_per_s_per_worker"] < plain["slices_per_s_per_worker"]  # resampling each slice costs the worker
+    assert "| bf16 | bfloat16 |" in done.stdout and "one loader worker augmenting:" in done.stdout

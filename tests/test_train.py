@@ -134,11 +134,11 @@ def test_resume_from_a_checkpoint_reproduces_the_uninterrupted_run(trained, tmp_
 
 
 def test_augment_start_trains_as_unaugmented_until_its_step_and_resumes_exactly_after_it(trained, tmp_path):
-    """The base run does not augment (40 steps are few passes). Started halfway, augmentation leaves the first 20
+    """The base run does not augment (40 steps are few passes). Started at step 20, augmentation leaves the first 20
     steps' losses as the base run's, bit for bit, changes the later ones, and a resume at step 30 continues exactly."""
     data = yaml.safe_load((trained / "config.yaml").read_text())["data"]
     args = ["--data", data, *SMALL, "--max_steps", 40, "--steps_per_epoch", 20, "--checkpoint_every", 10,
-            "--augment", "true", "--augment_start", 0.5]
+            "--augment", "true", "--augment_start", 20]
     whole, resumed = tmp_path / "whole", tmp_path / "resumed"
     train(*args, "--out", whole)
     train(*args, "--out", resumed, "--resume", rundir.checkpoint_dir(whole, 30))
@@ -440,8 +440,9 @@ def test_train_subjects_limits_training_to_a_seeded_subset_split_across_ranks(sh
         trainer.main(["--data", str(shards_dir), "--out", str(out), *SMALL, "--train_subjects", "99"])
     assert not out.exists(), "a refused run writes nothing"
 
-    config = load_config(["--data", str(shards_dir), "--out", "-", "--train_subjects", "2", "--num_workers", "0", "--batch_size", "4"])
-    batches = [batch for batch, _ in zip(train_loaders(config, 0, 1)["t1"], range(6))]
+    config = load_config(["--data", str(shards_dir), "--out", "-", "--train_subjects", "2", "--num_workers", "0", "--batch_size", "4",
+                          "--augment", "false"])
+    batches = [batch for batch, _ in zip(train_loaders(config, 0, 1, steps_per_epoch=6, total_steps=6)["t1"], range(6))]
     assert {key_subject(key) for batch in batches for key in batch["key"]} <= chosen
 
 
@@ -454,21 +455,28 @@ def test_augment_start_leaves_the_steps_before_it_unaugmented(shards_dir, worker
         return [batch for batch, _ in zip(loader, range(6))]
 
     plain, augmented = batches("--augment", "false"), batches("--augment", "true", "--augment_start", "0")
-    started = batches("--augment", "true", "--augment_start", "0.25")  # from step ceil(0.25 * 12) = 3
+    started = batches("--augment", "true", "--augment_start", "3")
     for step in range(6):
         assert plain[step]["key"] == augmented[step]["key"] == started[step]["key"]  # augmentation never moves the data order
         assert not torch.equal(plain[step]["image"], augmented[step]["image"])
         assert torch.equal(started[step]["image"], plain[step]["image"]) == (step < 3), step
+    quarter = batches("--augment", "true", "--augment_start", "0.25")  # below 1, a fraction: step ceil(0.25 * 12) = 3
+    assert all(torch.equal(a["image"], b["image"]) for a, b in zip(started, quarter))
     assert all(not torch.equal(p["image"], a["image"]) for p, a in zip(batches("--augment", "false", epoch=1),
-                                                                       batches("--augment", "true", "--augment_start", "0.25", epoch=1)))
+                                                                       batches("--augment", "true", "--augment_start", "3", epoch=1)))
 
     manifest = read_manifest(shards_dir)
-    unused = load_config(["--data", str(shards_dir), "--out", "-", "--augment", "false", "--augment_start", "0.5"])
-    assert resolve_augment(manifest, unused, 10) == (False, "warning: --augment_start 0.5 does nothing: augmentation is off for "
+    unused = load_config(["--data", str(shards_dir), "--out", "-", "--augment", "false", "--augment_start", "0.25"])
+    assert resolve_augment(manifest, unused, 10) == (False, "warning: --augment_start 0.25 does nothing: augmentation is off for "
                                                             "this run (--augment)")
-    assert resolve_augment(manifest, dataclasses.replace(unused, augment_start=0.25), 10) == (False, None)  # the default: not warned
+    default = dataclasses.replace(unused, augment_start=Config.defaults()["augment_start"])
+    assert resolve_augment(manifest, default, 10) == (False, None)  # the default: not warned
     used = dataclasses.replace(unused, augment=True)
-    assert resolve_augment(manifest, used, 10) == (True, "augmentation starts 50% into the run (--augment_start)")
+    assert resolve_augment(manifest, used, 10) == (True, "augmentation starts at step 3 of 10 (--augment_start)")
+    assert resolve_augment(manifest, dataclasses.replace(used, augment_start=7), 10) == (
+        True, "augmentation starts at step 7 of 10 (--augment_start)")
+    assert resolve_augment(manifest, dataclasses.replace(used, augment_start=10), 10) == (
+        True, "warning: augmentation never starts: --augment_start 10 is step 10, and this run ends at step 10")
 
 
 def test_augmentation_keeps_the_background_at_zero():
@@ -526,9 +534,9 @@ def test_elastic_off_draws_nothing_so_earlier_runs_augment_as_before():
 def test_elastic_reaches_the_training_stream_and_is_warned_when_augmentation_is_off(shards_dir):
     def first_batch(*options):
         config = load_config(["--data", str(shards_dir), "--out", "-", "--num_workers", "0", "--batch_size", "2", *options])
-        return next(iter(train_loaders(config, 0, 1)["t1"]))
+        return next(iter(train_loaders(config, 0, 1, steps_per_epoch=6, total_steps=6)["t1"]))
 
-    plain, warped = first_batch("--augment", "true"), first_batch("--augment", "true", "--elastic", "0.03")
+    plain, warped = (first_batch("--augment", "true", "--augment_start", "0", *elastic) for elastic in ([], ["--elastic", "0.03"]))
     assert plain["key"] == warped["key"] and not torch.equal(plain["image"], warped["image"])
 
     manifest = read_manifest(shards_dir)
@@ -536,7 +544,7 @@ def test_elastic_reaches_the_training_stream_and_is_warned_when_augmentation_is_
     augment_on, note = resolve_augment(manifest, unused, 10)
     assert augment_on is False and note == "warning: --elastic 0.03 does nothing: augmentation is off for this run (--augment)"
     used = dataclasses.replace(unused, augment=True)
-    assert resolve_augment(manifest, used, 10) == (True, "augmentation starts 25% into the run (--augment_start)")
+    assert resolve_augment(manifest, used, 12000) == (True, "augmentation starts at step 6000 of 12000 (--augment_start)")
 
 
 @pytest.mark.parametrize("case", ["missing", "empty", "keys", "size", "resume", "option", "yaml", "stale", "depth", "depth-arch",
@@ -713,26 +721,41 @@ def test_augmentation_turns_on_by_itself_for_a_long_run_on_few_slices_and_an_exp
     manifest = {"splits": {"train": {"slices": {"t1": 1211, "t2": 873}, "subjects": [f"IXI{i:03d}" for i in range(24)]}}}
     small = load_config(["--data", "d", "--out", "o", "--train_subjects", "2"])
     assert small.augment == "auto"
-    augment, note = resolve_augment(manifest, small, 12000 * 2)  # 2 subjects' 73 T2 slices, 12000 steps of batch 2
+    augment, note = resolve_augment(manifest, small, 12000)  # 2 subjects' 73 T2 slices, 12000 steps of batch 2
     assert augment is True and "about 330 times" in note and "--augment auto" in note
-    assert resolve_augment(manifest, small, 59 * 73) == (False, None)  # 59 passes: not yet
+    assert note.endswith("augmentation starts at step 6000 of 12000 (--augment_start)")
+    assert resolve_augment(manifest, small, 59 * 73 // 2) == (False, None)  # 59 passes: not yet
+    # 82 passes: augmented from step 1500, where the run of the template that augmented from step 750 ended without
+    # the contrast (docs/fidelity.md, "Augmentation in the second half")
+    augment, note = resolve_augment(manifest, small, 3000)
+    assert augment is True and "about 82 times" in note and note.endswith("starts at step 1500 of 3000 (--augment_start)")
+    by_step = dataclasses.replace(small, augment_start=3000)  # a step count: a run that ends by it does not augment
+    augment, note = resolve_augment(manifest, by_step, 3000)
+    assert augment is False and "about 82 times" in note and "ends by step 3000, where augmentation would start" in note
+    assert resolve_augment(manifest, by_step, 3001)[0] is True
     # the fidelity bench's 128² shards (2400 T1, 1764 T2 slices), 5 subjects for 12000 steps of batch 2: the run that
     # collapsed without augmentation and held with it
     bench_128 = {"splits": {"train": {**manifest["splits"]["train"], "slices": {"t1": 2400, "t2": 1764}}}}
     five = dataclasses.replace(small, train_subjects=5)
-    augment, note = resolve_augment(bench_128, five, 12000 * 2)
+    augment, note = resolve_augment(bench_128, five, 12000)
     assert augment is True and "about 65 times" in note
-    assert resolve_augment(bench_128, five, 4000 * 2) == (False, None)  # 22 passes
-    assert resolve_augment(manifest, load_config(["--data", "d", "--out", "o"]), 3000 * 2) == (False, None)  # 7 passes over all 24
-    augment, warning = resolve_augment(manifest, dataclasses.replace(small, augment=False), 12000 * 2)
+    assert resolve_augment(bench_128, five, 4000) == (False, None)  # 22 passes
+    assert resolve_augment(manifest, load_config(["--data", "d", "--out", "o"]), 3000) == (False, None)  # 7 passes over all 24
+    augment, warning = resolve_augment(manifest, dataclasses.replace(small, augment=False), 12000)
     assert augment is False and warning.startswith("warning:") and "--augment false" in warning
-    starts = "augmentation starts 25% into the run (--augment_start)"
-    assert resolve_augment(manifest, dataclasses.replace(small, augment=True), 3000 * 2) == (True, starts)  # asked for: kept
+    assert resolve_augment(manifest, dataclasses.replace(by_step, augment=False), 3000) == (  # not the over-training warning:
+        False, "warning: --augment_start 3000 does nothing: augmentation is off for this run (--augment)")  # auto would not augment
+    assert resolve_augment(manifest, dataclasses.replace(small, augment=True), 6000) == (
+        True, "augmentation starts at step 3000 of 6000 (--augment_start)")  # asked for: kept
+    assert resolve_augment(manifest, dataclasses.replace(by_step, augment=True), 3000, world=2) == (
+        True, "warning: augmentation never starts: --augment_start 3000 is step 3000, and this run ends at step 3000")
+    assert "about 330 times" in resolve_augment(manifest, small, 6000, world=2)[1]  # two processes draw twice the slices
     # a resume keeps what the run it resumes decided, whatever its new --max_steps would decide
-    augment, note = resolve_augment(manifest, small, 59 * 73, resumed=True)
+    augment, note = resolve_augment(manifest, small, 59 * 73 // 2, resumed=True)
     assert augment is True and "as in the run resumed" in note and "--augment false would change it" in note
-    assert resolve_augment(manifest, small, 12000 * 2, resumed=True) == (True, starts)
-    assert resolve_augment(manifest, dataclasses.replace(small, augment=False), 12000 * 2, resumed=True)[0] is False  # asked for: wins
+    starts = "augmentation starts at step 6000 of 12000 (--augment_start)"
+    assert resolve_augment(manifest, small, 12000, resumed=True) == (True, starts)
+    assert resolve_augment(manifest, dataclasses.replace(small, augment=False), 12000, resumed=True)[0] is False  # asked for: wins
 
 
 def test_a_resume_with_more_steps_keeps_the_augmentation_its_run_trained_with(shards_dir, tmp_path):

@@ -32,7 +32,7 @@ def option(default, help: str, **kw):
 @dataclass
 class Config:
     """The defaults are the recipe docs/fidelity.md measured best (MIND 10, LSGAN, cycle 5, no identity loss, U-Net
-    depth 3 with sub-pixel convolutions, lr 5e-4, augmentation only for a run past 60 passes over its slices, from a quarter into it) at the
+    depth 3 with sub-pixel convolutions, lr 5e-4, augmentation only for a run past 60 passes over its slices, in its second half) at the
     width and batch it was measured at (ngf/ndf 32, batch 2: at the reference's 64 and batch 1 the recipe collapsed);
     `--config train/recipes/seed.yaml` is the seed's plain CycleGAN."""
 
@@ -129,9 +129,10 @@ class Config:
                            f"passes over its training slices more than {OVER_TRAINING_PASSES} times (a small training set trained long, where "
                            "without it the model memorises and its single pass speckles), else off. config.yaml records the one used",
                            auto=True)
-    augment_start: float = option(0.25, "with augmentation, the fraction of the steps trained on unaugmented slices before it "
-                                  "starts (0 = from the first step, as in the seed). Augmentation slows how fast the contrast is "
-                                  "learnt; started later, it guards against memorising without that cost", minimum=0, below=1)
+    augment_start: float = option(0.5, "with augmentation, the steps trained on unaugmented slices before it starts; below 1, a "
+                                  "fraction of the run's steps (as Hugging Face's eval_steps). 0 = from the first step, as in the "
+                                  "seed. Augmentation begun before the contrast is learnt keeps it from being learnt; 0.5 starts "
+                                  "it where the learning rate starts to decay (--lr_decay_start)", minimum=0)
     elastic: float = option(0.0, "with augmentation, also warp each slice smoothly: random offsets of up to this fraction of the slice's "
                             "width at 7x7 control points, interpolated bicubically (between them up to 1.9x that, 1.2x typically). 0.03 is "
                             "about TorchIO's 7.5 mm over a 240 mm field of view; up to 0.04 no warp measured folds the slice. "

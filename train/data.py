@@ -165,10 +165,13 @@ class SliceStream(IterableDataset):
             seed += 1
 
 
-def train_loaders(config, rank: int, world: int, steps_per_epoch: int = 0, total_steps: int = 0) -> dict[str, DataLoader]:
+def train_loaders(config, rank: int, world: int, *, steps_per_epoch: int, total_steps: int) -> dict[str, DataLoader]:
     """Two loaders, T1 and T2, of config.data's train shards. With config.data_url, shards are read from
     `data_url + 'train/NAME.tar'` (an http:// prefix, or pipe:COMMAND with a trailing path), still listed from
-    the local manifest. `steps_per_epoch` and `total_steps` place --augment_start's first augmented step."""
+    the local manifest. `steps_per_epoch` and `total_steps` place --augment_start's first augmented step;
+    config.augment must be resolved (resolve_augment), since "auto" would read as on."""
+    if not isinstance(config.augment, bool):
+        raise ValueError(f"--augment {config.augment}: resolve it (resolve_augment) before building the loaders")
     loaders = {}
     subjects = training_subjects(config.data, config.train_subjects, config.seed) if config.train_subjects else None
     for index, contrast in enumerate(CONTRASTS):
@@ -176,40 +179,55 @@ def train_loaders(config, rank: int, world: int, steps_per_epoch: int = 0, total
         if config.data_url:
             urls = [f"{config.data_url}train/{Path(u).name}" for u in urls]
         stream = SliceStream(urls, contrast, config.seed * 2 + index, rank, world, config.shuffle_buffer, config.augment, config.size, subjects,
-                             config.elastic, math.ceil(config.augment_start * total_steps), steps_per_epoch, config.batch_size)
+                             config.elastic, augment_from_step(config, total_steps), steps_per_epoch, config.batch_size)
         loaders[contrast] = DataLoader(stream, batch_size=config.batch_size, num_workers=config.num_workers,
                                        persistent_workers=False, pin_memory=torch.cuda.is_available(),
                                        multiprocessing_context="fork" if config.num_workers else None)
     return loaders
 
 
-def resolve_augment(manifest: dict, config, samples: int, resumed: bool | str | None = None) -> tuple[bool, str | None]:
-    """Whether a run drawing `samples` images per contrast augments, and a line to print about it, or None.
+def augment_from_step(config, total_steps: int) -> int:
+    """The first augmented step: --augment_start itself, or below 1 that fraction of the run's steps."""
+    return math.ceil(config.augment_start * total_steps if config.augment_start < 1 else config.augment_start)
+
+
+def resolve_augment(manifest: dict, config, total_steps: int, world: int = 1, resumed: bool | str | None = None) -> tuple[bool, str | None]:
+    """Whether a run of `total_steps` steps on `world` processes augments, and the lines to print about it, or None.
     --augment auto augments when the run passes over the smaller contrast's training slices more than
-    OVER_TRAINING_PASSES times (a --train_subjects subset counted as its share of the subjects' slices); an
-    explicit --augment false there is warned, and so is an --elastic or --augment_start given where augmentation is off.
+    OVER_TRAINING_PASSES times (a --train_subjects subset counted as its share of the subjects' slices) and goes on
+    past --augment_start's step; an explicit --augment false there is warned, and so is an --elastic or
+    --augment_start given where augmentation is off, or an augmentation that would never start.
     `resumed`: what the checkpoint being resumed trained with, which auto keeps, so that a resume with another
     --max_steps does not change the data halfway."""
     train = manifest["splits"]["train"]
     slices = min(train["slices"].values()) * (config.train_subjects / len(train["subjects"]) if config.train_subjects else 1)
-    passes = samples / max(slices, 1)
+    passes = total_steps * config.batch_size * world / max(slices, 1)
     many = passes > OVER_TRAINING_PASSES
+    start = augment_from_step(config, total_steps)
+    starts = start < total_steps
     augment, note = config.augment, None
     if config.augment == "auto" and isinstance(resumed, bool):
         augment, note = resumed, (f"augmentation {'on' if resumed else 'off'} (--augment auto), as in the run resumed; "
-                                  f"--augment {str(not resumed).lower()} would change it" if resumed != many else None)
+                                  f"--augment {str(not resumed).lower()} would change it" if resumed != (many and starts) else None)
     elif config.augment == "auto":
-        augment, note = many, (f"augmentation on (--augment auto): this run passes over its training slices about {passes:.0f} "
-                               f"times, more than {OVER_TRAINING_PASSES}" if many else None)
-    elif many and not config.augment:
+        augment = many and starts
+        if many:
+            note = (f"augmentation {'on' if starts else 'off'} (--augment auto): this run passes over its training slices "
+                    f"about {passes:.0f} times, more than {OVER_TRAINING_PASSES}")
+            if not starts:
+                note += (f", but it ends by step {start}, where augmentation would start (--augment_start): augmentation "
+                         f"begun sooner keeps the contrast from being learnt")
+    elif many and starts and not config.augment:
         note = (f"warning: this run passes over its training slices about {passes:.0f} times with --augment false; on "
                 f"a small training set the default recipe then over-trains and its single pass speckles "
                 f"(docs/fidelity.md, \"Small data, trained long\"); --augment auto would augment")
     lines = [note] if note else []
-    if augment and config.augment_start:
-        lines.append(f"augmentation starts {config.augment_start:.0%} into the run (--augment_start)")
+    if augment and start:
+        lines.append(f"augmentation starts at step {start} of {total_steps} (--augment_start)" if starts else
+                     f"warning: augmentation never starts: --augment_start {config.augment_start:g} is step {start}, and this "
+                     f"run ends at step {total_steps}")
     defaults = Config.defaults()
-    lines += [f"warning: --{name} {getattr(config, name)} does nothing: augmentation is off for this run (--augment)"
+    lines += [f"warning: --{name} {getattr(config, name):g} does nothing: augmentation is off for this run (--augment)"
               for name in ("elastic", "augment_start") if not augment and getattr(config, name) != defaults[name]]
     return augment, "\n".join(lines) or None
 

@@ -109,7 +109,7 @@ def main(argv=None) -> int:
     world = accelerator.num_processes
     steps_per_epoch = config.steps_per_epoch or max(1, min(manifest["splits"]["train"]["slices"].values()) // (config.batch_size * world))
     total_steps = config.max_steps or config.epochs * steps_per_epoch
-    augment, note = resolve_augment(manifest, config, total_steps * config.batch_size * world, resumed_config.get("augment"))
+    augment, note = resolve_augment(manifest, config, total_steps, world, resumed_config.get("augment"))
     config = dataclasses.replace(config, augment=augment)  # config.yaml records the one used
     if note:
         accelerator.print(note)
@@ -125,7 +125,7 @@ def main(argv=None) -> int:
     state.wandb_id = state.wandb_id or tracking.new_run_id(config.run_name or out.name)
 
     try:
-        loaders = train_loaders(config, accelerator.process_index, world, steps_per_epoch, total_steps)
+        loaders = train_loaders(config, accelerator.process_index, world, steps_per_epoch=steps_per_epoch, total_steps=total_steps)
         val = val_samples(config.data, "val", config.val_max_slices)
     except ShardsError as err:
         raise SystemExit(f"error: {err}")
