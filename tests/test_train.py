@@ -464,6 +464,8 @@ def test_augment_start_leaves_the_steps_before_it_unaugmented(shards_dir, worker
     assert all(torch.equal(a["image"], b["image"]) for a, b in zip(started, quarter))
     assert all(not torch.equal(p["image"], a["image"]) for p, a in zip(batches("--augment", "false", epoch=1),
                                                                        batches("--augment", "true", "--augment_start", "3", epoch=1)))
+    with pytest.raises(ValueError, match="--augment auto: resolve it"):  # "auto" is a truthy string: it would augment unasked
+        train_loaders(load_config(["--data", str(shards_dir), "--out", "-"]), 0, 1, steps_per_epoch=6, total_steps=12)
 
     manifest = read_manifest(shards_dir)
     unused = load_config(["--data", str(shards_dir), "--out", "-", "--augment", "false", "--augment_start", "0.25"])
