@@ -30,7 +30,8 @@ from train import monitor
 from train import rundir
 from train.checkpoints import check_compatible, generator_weights
 from train.config import ARCHITECTURE_KEYS, Config, load_config
-from train.data import SliceStream, augment, elastic_offsets, resolve_augment, train_loaders, training_subjects
+from train.data import (SliceStream, augment, augment_from_step, elastic_offsets, resolve_augment, train_loaders,
+                        training_subjects)
 from train.fidelity import tissue_contrast
 from train.inference import CheckpointError, load_generator, read_checkpoint_info, translate
 from train.networks import Blur, FullResolutionStage, GeneratorSpec, SubPixelUpsample
@@ -478,7 +479,25 @@ def test_augment_start_leaves_the_steps_before_it_unaugmented(shards_dir, worker
     assert resolve_augment(manifest, dataclasses.replace(used, augment_start=7), 10) == (
         True, "augmentation starts at step 7 of 10 (--augment_start)")
     assert resolve_augment(manifest, dataclasses.replace(used, augment_start=10), 10) == (
-        True, "warning: augmentation never starts: --augment_start 10 is step 10, and this run ends at step 10")
+        True, "warning: augmentation never starts: --augment_start puts it at step 10, and this run ends at step 10")
+
+
+def test_augment_start_reads_auto_a_step_or_a_fraction_and_refuses_anything_else(tmp_path, capsys):
+    def start(*options, total=12000):
+        return augment_from_step(load_config(["--data", "d", "--out", "o", *options]), total)
+
+    assert (start(), start(total=3000), start(total=7)) == (3000, 1500, 4)  # auto: half the run, or step 3000 if sooner
+    assert (start("--augment_start", "auto"), start("--augment_start", "2500"), start("--augment_start", "0.1")) == (3000, 2500, 1200)
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("augment_start: 0.75\n")
+    assert start("--config", str(recipe)) == 9000
+    recipe.write_text("augment_start: auto\n")
+    assert start("--config", str(recipe)) == 3000
+    for bad, message in (("-1", "--augment_start -1.0: must be at least 0"), ("soon", "expected a number or auto, got 'soon'"),
+                         ("inf", "--augment_start inf: must be a finite number")):
+        with pytest.raises(SystemExit):
+            load_config(["--data", "d", "--out", "o", "--augment_start", bad])
+        assert message in capsys.readouterr().err
 
 
 def test_augmentation_keeps_the_background_at_zero():
@@ -546,7 +565,7 @@ def test_elastic_reaches_the_training_stream_and_is_warned_when_augmentation_is_
     augment_on, note = resolve_augment(manifest, unused, 10)
     assert augment_on is False and note == "warning: --elastic 0.03 does nothing: augmentation is off for this run (--augment)"
     used = dataclasses.replace(unused, augment=True)
-    assert resolve_augment(manifest, used, 12000) == (True, "augmentation starts at step 6000 of 12000 (--augment_start)")
+    assert resolve_augment(manifest, used, 12000) == (True, "augmentation starts at step 3000 of 12000 (--augment_start)")
 
 
 @pytest.mark.parametrize("case", ["missing", "empty", "keys", "size", "resume", "option", "yaml", "stale", "depth", "depth-arch",
@@ -725,10 +744,11 @@ def test_augmentation_turns_on_by_itself_for_a_long_run_on_few_slices_and_an_exp
     assert small.augment == "auto"
     augment, note = resolve_augment(manifest, small, 12000)  # 2 subjects' 73 T2 slices, 12000 steps of batch 2
     assert augment is True and "about 330 times" in note and "--augment auto" in note
-    assert note.endswith("augmentation starts at step 6000 of 12000 (--augment_start)")
+    assert note.endswith("augmentation starts at step 3000 of 12000 (--augment_start)")  # auto: half-way, or 3000 if sooner
+    assert resolve_augment(manifest, small, 24000)[1].endswith("starts at step 3000 of 24000 (--augment_start)")
     assert resolve_augment(manifest, small, 59 * 73 // 2) == (False, None)  # 59 passes: not yet
-    # 82 passes: augmented from step 1500, where the run of the template that augmented from step 750 ended without
-    # the contrast (docs/fidelity.md, "Augmentation in the second half")
+    # 82 passes: augmented from half-way, step 1500, where the run of the template that augmented from step 750 ended
+    # without the contrast (docs/fidelity.md, "Augmentation in the second half")
     augment, note = resolve_augment(manifest, small, 3000)
     assert augment is True and "about 82 times" in note and note.endswith("starts at step 1500 of 3000 (--augment_start)")
     by_step = dataclasses.replace(small, augment_start=3000)  # a step count: a run that ends by it does not augment
@@ -747,15 +767,15 @@ def test_augmentation_turns_on_by_itself_for_a_long_run_on_few_slices_and_an_exp
     assert augment is False and warning.startswith("warning:") and "--augment false" in warning
     assert resolve_augment(manifest, dataclasses.replace(by_step, augment=False), 3000) == (  # not the over-training warning:
         False, "warning: --augment_start 3000 does nothing: augmentation is off for this run (--augment)")  # auto would not augment
-    assert resolve_augment(manifest, dataclasses.replace(small, augment=True), 6000) == (
-        True, "augmentation starts at step 3000 of 6000 (--augment_start)")  # asked for: kept
+    assert resolve_augment(manifest, dataclasses.replace(small, augment=True), 4000) == (
+        True, "augmentation starts at step 2000 of 4000 (--augment_start)")  # asked for: kept
     assert resolve_augment(manifest, dataclasses.replace(by_step, augment=True), 3000, world=2) == (
-        True, "warning: augmentation never starts: --augment_start 3000 is step 3000, and this run ends at step 3000")
+        True, "warning: augmentation never starts: --augment_start puts it at step 3000, and this run ends at step 3000")
     assert "about 330 times" in resolve_augment(manifest, small, 6000, world=2)[1]  # two processes draw twice the slices
     # a resume keeps what the run it resumes decided, whatever its new --max_steps would decide
     augment, note = resolve_augment(manifest, small, 59 * 73 // 2, resumed=True)
     assert augment is True and "as in the run resumed" in note and "--augment false would change it" in note
-    starts = "augmentation starts at step 6000 of 12000 (--augment_start)"
+    starts = "augmentation starts at step 3000 of 12000 (--augment_start)"
     assert resolve_augment(manifest, small, 12000, resumed=True) == (True, starts)
     assert resolve_augment(manifest, dataclasses.replace(small, augment=False), 12000, resumed=True)[0] is False  # asked for: wins
 

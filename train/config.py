@@ -23,6 +23,10 @@ MAX_BATCH_SIZE = 512
 # over-trained and its single pass speckled), and at 65 (128², 5 subjects) it kept the run from collapsing; it cost
 # at 3, 7 and 54, where it had not caught up by the run's end. docs/fidelity.md, "Small data"
 OVER_TRAINING_PASSES = 60
+# The contrast was learnt within about 1500 steps (batch 2, lr 5e-4) on every small set measured; augmentation
+# begun before it holds it back, and a long run at 64² did better with augmentation from step 3000 than from half-way.
+# docs/fidelity.md, "Augmentation in the second half"
+AUGMENT_START_LATEST = 3000
 
 
 def option(default, help: str, **kw):
@@ -32,8 +36,9 @@ def option(default, help: str, **kw):
 @dataclass
 class Config:
     """The defaults are the recipe docs/fidelity.md measured best (MIND 10, LSGAN, cycle 5, no identity loss, U-Net
-    depth 3 with sub-pixel convolutions, lr 5e-4, augmentation only for a run past 60 passes over its slices, in its second half) at the
-    width and batch it was measured at (ngf/ndf 32, batch 2: at the reference's 64 and batch 1 the recipe collapsed);
+    depth 3 with sub-pixel convolutions, lr 5e-4, augmentation only for a run past 60 passes over its slices, from
+    half-way or step 3000 if sooner) at the width and batch it was measured at (ngf/ndf 32, batch 2: at the
+    reference's 64 and batch 1 the recipe collapsed);
     `--config train/recipes/seed.yaml` is the seed's plain CycleGAN."""
 
     # data and run folder
@@ -129,10 +134,10 @@ class Config:
                            f"passes over its training slices more than {OVER_TRAINING_PASSES} times (a small training set trained long, where "
                            "without it the model memorises and its single pass speckles), else off. config.yaml records the one used",
                            auto=True)
-    augment_start: float = option(0.5, "with augmentation, the steps trained on unaugmented slices before it starts; below 1, a "
-                                  "fraction of the run's steps (as Hugging Face's eval_steps). 0 = from the first step, as in the "
-                                  "seed. Augmentation begun before the contrast is learnt keeps it from being learnt; 0.5 starts "
-                                  "it where the learning rate starts to decay (--lr_decay_start)", minimum=0)
+    augment_start: float = option("auto", "with augmentation, the steps trained on unaugmented slices before it starts; below 1, "
+                                  "a fraction of the run's steps (as Hugging Face's eval_steps). 0 = from the first step, as in the "
+                                  "seed. Augmentation begun before the contrast is learnt keeps it from being learnt. auto = half the "
+                                  f"run, or step {AUGMENT_START_LATEST} if that is sooner", minimum=0, auto=True)
     elastic: float = option(0.0, "with augmentation, also warp each slice smoothly: random offsets of up to this fraction of the slice's "
                             "width at 7x7 control points, interpolated bicubically (between them up to 1.9x that, 1.2x typically). 0.03 is "
                             "about TorchIO's 7.5 mm over a 240 mm field of view; up to 0.04 no warp measured folds the slice. "
@@ -202,6 +207,16 @@ def _parse_bool_or_auto(text: str) -> bool | str:
         raise argparse.ArgumentTypeError(f"expected true/false/auto, got {text!r}") from None
 
 
+def _parse_float_or_auto(text: str) -> float | str:
+    """For a number option whose default, "auto", the trainer works out from the run (metadata auto=True)."""
+    if text.lower() == "auto":
+        return "auto"
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number or auto, got {text!r}") from None
+
+
 def _from_yaml(value, type_name: str, auto: bool = False):
     """A YAML value as an option's type (annotations are strings here), or "auto" where the option takes it. Numbers
     written as text pass, since PyYAML reads `2e-4` as a string; bools never pass as numbers. Raises ValueError."""
@@ -237,14 +252,15 @@ def build_parser() -> argparse.ArgumentParser:
                                      allow_abbrev=False)
     parser.add_argument("--config", help="YAML file of options; flags given here override it")
     for f in dataclasses.fields(Config):
-        kind = {"bool": _parse_bool_or_auto if f.metadata.get("auto") else _parse_bool, "int": int, "float": float}.get(f.type, str)
+        auto = f.metadata.get("auto")
+        kind = {"bool": _parse_bool_or_auto if auto else _parse_bool, "int": int, "float": _parse_float_or_auto if auto else float}.get(f.type, str)
         names = _spellings(f.name) + (_spellings(ALIASES[f.name]) if f.name in ALIASES else [])
         default = "required" if f.metadata.get("required") else f"default: {f.default!r}"
         choices = f.metadata.get("choices")
         metavar = "{" + ",".join(c for c in choices if c) + "}" if choices and "" in choices else None  # "" = unset, not a choice to type
         if f.type == "bool":  # --augment, --augment false, --no-augment
             parser.add_argument(*names, dest=f.name, type=kind, nargs="?", const=True, default=None,
-                                metavar="true|false|auto" if f.metadata.get("auto") else "true|false",
+                                metavar="true|false|auto" if auto else "true|false",
                                 help=f"{f.metadata['help']} ({default}; --{f.name.replace('_', '-')} or --no-{f.name.replace('_', '-')})")
             negations = dict.fromkeys([f"--no_{f.name}", f"--no-{f.name.replace('_', '-')}"])
             parser.add_argument(*negations, dest=f.name, action="store_const", const=False, help=argparse.SUPPRESS)
@@ -294,10 +310,12 @@ def load_config(argv=None) -> Config:
             parser.error(f"--{f.name} is required")
         if f.metadata.get("choices") and f.name in values and values[f.name] not in f.metadata["choices"]:
             parser.error(f"{f.name}: {values[f.name]!r} is not one of {f.metadata['choices']}")
-        if f.type == "float" and f.name in values and not math.isfinite(values[f.name]):
+        if f.name not in values or values[f.name] == "auto" and f.metadata.get("auto"):
+            continue
+        if f.type == "float" and not math.isfinite(values[f.name]):
             parser.error(f"--{f.name} {values[f.name]!r}: must be a finite number")
         for bound, (outside, wording) in BOUNDS.items():
-            if bound in f.metadata and f.name in values and outside(values[f.name], f.metadata[bound]):
+            if bound in f.metadata and outside(values[f.name], f.metadata[bound]):
                 parser.error(f"--{f.name} {values[f.name]!r}: must be {wording} {f.metadata[bound]}")
     return Config(**values)
 

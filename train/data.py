@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from shards.format import (CONTRASTS, ShardsError, check_complete, decode_png16, decode_samples, key_subject, read_manifest,
                            shard_paths)
-from train.config import OVER_TRAINING_PASSES, Config
+from train.config import AUGMENT_START_LATEST, OVER_TRAINING_PASSES, Config
 from train.networks import to_model_range
 
 
@@ -187,8 +187,12 @@ def train_loaders(config, rank: int, world: int, *, steps_per_epoch: int, total_
 
 
 def augment_from_step(config, total_steps: int) -> int:
-    """The first augmented step: --augment_start itself, or below 1 that fraction of the run's steps."""
-    return math.ceil(config.augment_start * total_steps if config.augment_start < 1 else config.augment_start)
+    """The first augmented step: --augment_start itself, below 1 that fraction of the run's steps, and auto half the
+    run or AUGMENT_START_LATEST if that is sooner."""
+    start = config.augment_start
+    if start == "auto":
+        return min(math.ceil(total_steps / 2), AUGMENT_START_LATEST)
+    return math.ceil(start * total_steps if start < 1 else start)
 
 
 def resolve_augment(manifest: dict, config, total_steps: int, world: int = 1, resumed: bool | str | None = None) -> tuple[bool, str | None]:
@@ -224,8 +228,8 @@ def resolve_augment(manifest: dict, config, total_steps: int, world: int = 1, re
     lines = [note] if note else []
     if augment and start:
         lines.append(f"augmentation starts at step {start} of {total_steps} (--augment_start)" if starts else
-                     f"warning: augmentation never starts: --augment_start {config.augment_start:g} is step {start}, and this "
-                     f"run ends at step {total_steps}")
+                     f"warning: augmentation never starts: --augment_start puts it at step {start}, and this run ends at "
+                     f"step {total_steps}")
     defaults = Config.defaults()
     lines += [f"warning: --{name} {getattr(config, name):g} does nothing: augmentation is off for this run (--augment)"
               for name in ("elastic", "augment_start") if not augment and getattr(config, name) != defaults[name]]
