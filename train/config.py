@@ -197,24 +197,16 @@ def _parse_bool(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true/false, got {text!r}")
 
 
-def _parse_bool_or_auto(text: str) -> bool | str:
-    """For a bool option whose default, "auto", the trainer decides from the run (metadata auto=True)."""
-    if text.lower() == "auto":
-        return "auto"
-    try:
-        return _parse_bool(text)
-    except argparse.ArgumentTypeError:
-        raise argparse.ArgumentTypeError(f"expected true/false/auto, got {text!r}") from None
-
-
-def _parse_float_or_auto(text: str) -> float | str:
-    """For a number option whose default, "auto", the trainer works out from the run (metadata auto=True)."""
-    if text.lower() == "auto":
-        return "auto"
-    try:
-        return float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number or auto, got {text!r}") from None
+def _or_auto(parse, expected: str):
+    """A flag parser for an option whose default, "auto", the trainer works out from the run (metadata auto=True)."""
+    def parse_or_auto(text: str):
+        if text.lower() == "auto":
+            return "auto"
+        try:
+            return parse(text)
+        except (ValueError, argparse.ArgumentTypeError):
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
+    return parse_or_auto
 
 
 def _from_yaml(value, type_name: str, auto: bool = False):
@@ -253,7 +245,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--config", help="YAML file of options; flags given here override it")
     for f in dataclasses.fields(Config):
         auto = f.metadata.get("auto")
-        kind = {"bool": _parse_bool_or_auto if auto else _parse_bool, "int": int, "float": _parse_float_or_auto if auto else float}.get(f.type, str)
+        kind = {"bool": _or_auto(_parse_bool, "true/false/auto") if auto else _parse_bool, "int": int,
+                "float": _or_auto(float, "a number or auto") if auto else float}.get(f.type, str)
         names = _spellings(f.name) + (_spellings(ALIASES[f.name]) if f.name in ALIASES else [])
         default = "required" if f.metadata.get("required") else f"default: {f.default!r}"
         choices = f.metadata.get("choices")

@@ -172,14 +172,14 @@ def train_loaders(config, rank: int, world: int, *, steps_per_epoch: int, total_
     config.augment must be resolved (resolve_augment), since "auto" would read as on."""
     if not isinstance(config.augment, bool):
         raise ValueError(f"--augment {config.augment}: resolve it (resolve_augment) before building the loaders")
-    loaders = {}
+    loaders, start = {}, augment_from_step(config, total_steps)
     subjects = training_subjects(config.data, config.train_subjects, config.seed) if config.train_subjects else None
     for index, contrast in enumerate(CONTRASTS):
         urls = shard_paths(config.data, "train", contrast)
         if config.data_url:
             urls = [f"{config.data_url}train/{Path(u).name}" for u in urls]
         stream = SliceStream(urls, contrast, config.seed * 2 + index, rank, world, config.shuffle_buffer, config.augment, config.size, subjects,
-                             config.elastic, augment_from_step(config, total_steps), steps_per_epoch, config.batch_size)
+                             config.elastic, start, steps_per_epoch, config.batch_size)
         loaders[contrast] = DataLoader(stream, batch_size=config.batch_size, num_workers=config.num_workers,
                                        persistent_workers=False, pin_memory=torch.cuda.is_available(),
                                        multiprocessing_context="fork" if config.num_workers else None)
@@ -209,19 +209,20 @@ def resolve_augment(manifest: dict, config, total_steps: int, world: int = 1, re
     many = passes > OVER_TRAINING_PASSES
     start = augment_from_step(config, total_steps)
     starts = start < total_steps
+    auto_augments = many and starts
     augment, note = config.augment, None
     if config.augment == "auto" and isinstance(resumed, bool):
         augment, note = resumed, (f"augmentation {'on' if resumed else 'off'} (--augment auto), as in the run resumed; "
-                                  f"--augment {str(not resumed).lower()} would change it" if resumed != (many and starts) else None)
+                                  f"--augment {str(not resumed).lower()} would change it" if resumed != auto_augments else None)
     elif config.augment == "auto":
-        augment = many and starts
+        augment = auto_augments
         if many:
             note = (f"augmentation {'on' if starts else 'off'} (--augment auto): this run passes over its training slices "
                     f"about {passes:.0f} times, more than {OVER_TRAINING_PASSES}")
             if not starts:
                 note += (f", but it ends by step {start}, where augmentation would start (--augment_start): augmentation "
                          f"begun sooner keeps the contrast from being learnt")
-    elif many and starts and not config.augment:
+    elif auto_augments and not config.augment:
         note = (f"warning: this run passes over its training slices about {passes:.0f} times with --augment false; on "
                 f"a small training set the default recipe then over-trains and its single pass speckles "
                 f"(docs/fidelity.md, \"Small data, trained long\"); --augment auto would augment")
