@@ -30,6 +30,7 @@ import time
 from pathlib import Path
 
 import torch
+from torch.utils.data import DataLoader
 from safetensors.torch import load_file
 
 from train import rundir
@@ -74,14 +75,18 @@ def check_precision(data: Path, out: Path, precision: str, steps: int, widths: l
             "grad_norm_G": losses["grad_norm/G"], "resume_exact": exact}
 
 
-def loader_rate(data: Path, batch: int, augment: bool, seconds: float = 10.0) -> float:
-    """Slices per second that one DataLoader worker delivers for one contrast: decoding, and with `augment` the
-    trainer's augmentation from the first step (what a run that augments needs from its workers)."""
+def contrast_loader(data: Path, batch: int, augment: bool) -> DataLoader:
+    """The trainer's T1 loader on one worker: decoding, and with `augment` its augmentation from the first step
+    (what a run that augments needs from its workers)."""
     config = Config(data=str(data), out="-", batch_size=batch, num_workers=1, augment=augment, augment_start=0)
-    loader = train_loaders(config, 0, 1, steps_per_epoch=1, total_steps=1)["t1"]
+    return train_loaders(config, 0, 1, steps_per_epoch=1, total_steps=1)["t1"]
+
+
+def loader_rate(loader: DataLoader, seconds: float = 10.0) -> float:
+    """Slices per second that `loader` delivers after its first batch (the worker's start-up is not its rate)."""
     count, start = 0, None
     for batch_images in loader:
-        if start is None:  # the worker's start-up is not its rate
+        if start is None:
             start = time.perf_counter()
             continue
         count += len(batch_images["image"])
@@ -150,7 +155,7 @@ def main() -> None:
     print()
     # each step reads one T1 and one T2 slice per image, from two loaders
     for augment in (False, True):
-        per_worker = loader_rate(data, max(batches), augment, 3.0 if args.cpu else 10.0)
+        per_worker = loader_rate(contrast_loader(data, max(batches), augment), 3.0 if args.cpu else 10.0)
         workers = math.ceil(consumed / per_worker) if per_worker else None
         results["data"]["augmented" if augment else "plain"] = {"slices_per_s_per_worker": per_worker, "workers_per_contrast": workers}
         print(f"one loader worker{' augmenting' if augment else ''}: {per_worker:.0f} slices/s; the fastest setting consumes "
