@@ -34,7 +34,7 @@ from train.data import (SliceStream, augment, augment_from_step, elastic_offsets
                         training_subjects)
 from train.fidelity import tissue_contrast
 from train.inference import CheckpointError, load_generator, read_checkpoint_info, translate
-from train.networks import Blur, FullResolutionStage, GeneratorSpec, SubPixelUpsample
+from train.networks import Blur, FullResolutionStage, GeneratorSpec, SubPixelUpsample, from_model_range
 from train.step import build_cycle_gan, linear_decay, train_step
 
 def test_losses_fall_and_the_run_folder_is_complete(trained, shards_dir):
@@ -566,6 +566,41 @@ def test_elastic_reaches_the_training_stream_and_is_warned_when_augmentation_is_
     assert augment_on is False and note == "warning: --elastic 0.03 does nothing: augmentation is off for this run (--augment)"
     used = dataclasses.replace(unused, augment=True)
     assert resolve_augment(manifest, used, 12000) == (True, "augmentation starts at step 3000 of 12000 (--augment_start)")
+
+
+def test_augmentation_without_intensity_jitter_keeps_the_intensities_and_the_same_geometry():
+    head = torch.zeros(1, 64, 64)
+    head[:, 12:52, 12:52] = 0.5  # a flat head: resampling keeps its inside at 0.5 exactly, a gamma or gain does not
+    for seed in range(20):
+        geometric, jittered = (augment(head, torch.Generator().manual_seed(seed), intensity=flag) for flag in (False, True))
+        assert torch.allclose(geometric[:, 24:40, 24:40], torch.tensor(0.5), atol=1e-5)
+        # the same flip and affine: the jittered slice is the geometric one under a gamma and a gain, air staying zero
+        assert torch.equal(geometric == 0, jittered == 0)
+        gamma_gain = jittered[:, 24:40, 24:40] / geometric[:, 24:40, 24:40]
+        assert gamma_gain.std() < 1e-3 and 0.89 * 0.5 ** 0.22 < gamma_gain.mean() < 1.11 * 0.5 ** -0.2
+    assert any(not torch.allclose(augment(head, torch.Generator().manual_seed(s))[:, 24:40, 24:40], torch.tensor(0.5), atol=1e-3)
+               for s in range(20))
+
+
+def test_augment_intensity_reaches_the_training_stream_and_is_warned_when_augmentation_is_off(shards_dir):
+    def first_batch(*options):
+        config = load_config(["--data", str(shards_dir), "--out", "-", "--num_workers", "0", "--batch_size", "4", "--augment", "true",
+                              "--augment_start", "0", *options])
+        return next(iter(train_loaders(config, 0, 1, steps_per_epoch=6, total_steps=6)["t1"]))
+
+    jittered, geometric = first_batch(), first_batch("--augment_intensity", "false")
+    assert jittered["key"] == geometric["key"] and not torch.equal(jittered["image"], geometric["image"])
+    # slice by slice the jittered image is the geometric one under a gamma and a gain: log j = gamma log g + log gain
+    for j, g in zip(from_model_range(jittered["image"]), from_model_range(geometric["image"]), strict=True):
+        both = (g > 0.05) & (g < 0.8) & (j < 0.99)
+        x, y = g[both].double().log(), j[both].double().log()
+        fit = torch.linalg.lstsq(torch.stack([x, torch.ones_like(x)], 1), y[:, None]).solution[:, 0]
+        assert (y - fit[0] * x - fit[1]).abs().max() < 1e-3 and 0.8 < fit[0] < 1.25 and 0.89 < fit[1].exp() < 1.11
+
+    manifest = read_manifest(shards_dir)
+    unused = load_config(["--data", str(shards_dir), "--out", "-", "--augment", "false", "--augment_intensity", "false"])
+    assert resolve_augment(manifest, unused, 10) == (
+        False, "warning: --augment_intensity false does nothing: augmentation is off for this run (--augment)")
 
 
 @pytest.mark.parametrize("case", ["missing", "empty", "keys", "size", "resume", "option", "yaml", "stale", "depth", "depth-arch",

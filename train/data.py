@@ -83,13 +83,13 @@ def elastic_offsets(size: int, magnitude: float, rng: torch.Generator) -> torch.
     return F.interpolate(control * (2 * magnitude), size=(size, size), mode="bicubic", align_corners=True).permute(0, 2, 3, 1)
 
 
-def augment(image: torch.Tensor, rng: torch.Generator, elastic: float = 0.0) -> torch.Tensor:
-    """(1,H,W) in [0,1]: left-right flip, small affine (+-5 deg, +-5% scale, +-4% shift), gamma and gain, and
-    with `elastic` > 0 a smooth warp (elastic_offsets, --elastic) added to the affine's sampling grid, so the
-    slice is resampled once. Intensity changes are multiplicative, so the air around the head stays at zero as in
-    every shard. The slice resamples bicubically: bilinear resampling blurs what the discriminators see as real,
-    and the generators learnt to translate that blur (single-pass texture 0.83 / 0.85 of the truth's against
-    0.98 / 1.00)."""
+def augment(image: torch.Tensor, rng: torch.Generator, elastic: float = 0.0, intensity: bool = True) -> torch.Tensor:
+    """(1,H,W) in [0,1]: left-right flip, small affine (+-5 deg, +-5% scale, +-4% shift), with `intensity` gamma
+    and gain (drawn either way, so the geometry does not depend on it), and with `elastic` > 0 a smooth warp
+    (elastic_offsets, --elastic) added to the affine's sampling grid, so the slice is resampled once. Intensity
+    changes are multiplicative, so the air around the head stays at zero as in every shard. The slice resamples
+    bicubically: bilinear resampling blurs what the discriminators see as real, and the generators learnt to
+    translate that blur (single-pass texture 0.83 / 0.85 of the truth's against 0.98 / 1.00)."""
     u = torch.rand(7, generator=rng)
     if u[0] < 0.5:
         image = image.flip(-1)
@@ -102,9 +102,12 @@ def augment(image: torch.Tensor, rng: torch.Generator, elastic: float = 0.0) -> 
     if elastic:
         grid = grid + elastic_offsets(image.shape[-1], elastic, rng)
     image = F.grid_sample(image[None], grid, mode="bicubic", padding_mode="zeros", align_corners=False)[0]
+    image = image.clamp(0, 1)
+    if not intensity:
+        return image
     gamma = math.exp((u[5].item() - 0.5) * 0.4)  # 0.82 .. 1.22
     gain = 0.9 + u[6].item() * 0.2
-    return (image.clamp(0, 1) ** gamma * gain).clamp(0, 1)
+    return (image ** gamma * gain).clamp(0, 1)
 
 
 class SliceStream(IterableDataset):
@@ -115,10 +118,11 @@ class SliceStream(IterableDataset):
 
     def __init__(self, urls: list[str], contrast: str, seed: int, rank: int, world: int,
                  shuffle_buffer: int, do_augment: bool, size: int, subjects: frozenset[str] | None = None,
-                 elastic: float = 0.0, augment_from_step: int = 0, steps_per_epoch: int = 0, batch_size: int = 1):
+                 elastic: float = 0.0, augment_from_step: int = 0, steps_per_epoch: int = 0, batch_size: int = 1,
+                 intensity: bool = True):
         self.urls, self.contrast, self.seed, self.size = urls, contrast, seed, size
         self.rank, self.world = rank, world
-        self.shuffle_buffer, self.do_augment, self.elastic = shuffle_buffer, do_augment, elastic
+        self.shuffle_buffer, self.do_augment, self.elastic, self.intensity = shuffle_buffer, do_augment, elastic, intensity
         self.augment_from_step, self.steps_per_epoch, self.batch_size = augment_from_step, steps_per_epoch, batch_size
         self.subjects = subjects  # None: every subject in the shards
         self.epoch = 0
@@ -156,7 +160,7 @@ class SliceStream(IterableDataset):
                 # a DataLoader deals whole batches to its workers in turn: this sample's step follows from its count
                 step = self.epoch * self.steps_per_epoch + (drawn // self.batch_size) * workers + worker
                 if self.do_augment and step >= self.augment_from_step:
-                    image = augment(image, rng, self.elastic)
+                    image = augment(image, rng, self.elastic, self.intensity)
                 yielded += 1
                 drawn += 1
                 yield {"image": to_model_range(image), "key": sample["__key__"], "slot": slot, "skipped": skipped}
@@ -179,7 +183,7 @@ def train_loaders(config, rank: int, world: int, *, steps_per_epoch: int, total_
         if config.data_url:
             urls = [f"{config.data_url}train/{Path(u).name}" for u in urls]
         stream = SliceStream(urls, contrast, config.seed * 2 + index, rank, world, config.shuffle_buffer, config.augment, config.size, subjects,
-                             config.elastic, start, steps_per_epoch, config.batch_size)
+                             config.elastic, start, steps_per_epoch, config.batch_size, config.augment_intensity)
         loaders[contrast] = DataLoader(stream, batch_size=config.batch_size, num_workers=config.num_workers,
                                        persistent_workers=False, pin_memory=torch.cuda.is_available(),
                                        multiprocessing_context="fork" if config.num_workers else None)
@@ -232,8 +236,9 @@ def resolve_augment(manifest: dict, config, total_steps: int, world: int = 1, re
                      f"warning: augmentation never starts: --augment_start puts it at step {start}, and this run ends at "
                      f"step {total_steps}")
     defaults = Config.defaults()
-    lines += [f"warning: --{name} {getattr(config, name):g} does nothing: augmentation is off for this run (--augment)"
-              for name in ("elastic", "augment_start") if not augment and getattr(config, name) != defaults[name]]
+    lines += [f"warning: --{name} {str(value).lower() if isinstance(value, bool) else f'{value:g}'} does nothing: "
+              f"augmentation is off for this run (--augment)" for name in ("elastic", "augment_start", "augment_intensity")
+              if not augment and (value := getattr(config, name)) != defaults[name]]
     return augment, "\n".join(lines) or None
 
 
