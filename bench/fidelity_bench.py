@@ -3,7 +3,8 @@ synthetic IXI with lesions and a held-out anatomy (docs/fidelity.md).
 
     python bench/fidelity_bench.py [--out bench-out/fidelity] [--subjects 30] [--split 0.8,0.1,0.1] [--size 128] [--steps 3000]
                                    [--anatomy phantom|template]
-                                   [--variants plain mind10-lsgan-cyc5-unet3-subpixel-equiv10-warm500-full16-augstartauto] [--uncertainty tta] [--tta]
+                                   [--variants plain mind10-lsgan-cyc5-unet3-subpixel-equiv10-warm500-full16-augstartauto-geom]
+                                   [--uncertainty tta] [--tta]
                                    [--seed 0] [--train-seed N] [--snapshots N] [--ensemble N] [--train-subjects N]
 
 Stages: `shards synth --lesions --holdout-anatomy` (downsample 256/size) -> `shards pack --lesions --holdout`
@@ -47,7 +48,8 @@ ROOT = Path(__file__).resolve().parents[1]
 SEED = ["--config", "train/recipes/seed.yaml"]
 NGF, BATCH_SIZE = 32, 2  # the bench's network width and batch (the trainer's defaults too); a run at others is named for them
 VARIANTS_FILE = Path(__file__).with_name("fidelity_variants.yaml")
-DEFAULT_VARIANT = "mind10-lsgan-cyc5-unet3-subpixel-equiv10-warm500-full16-augstartauto"  # the trainer's defaults (tests/test_train.py checks it)
+# the trainer's defaults (tests/test_train.py checks it)
+DEFAULT_VARIANT = "mind10-lsgan-cyc5-unet3-subpixel-equiv10-warm500-full16-augstartauto-geom"
 
 
 def load_variants(path: Path = VARIANTS_FILE) -> dict[str, dict]:

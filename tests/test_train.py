@@ -588,7 +588,7 @@ def test_augment_intensity_reaches_the_training_stream_and_is_warned_when_augmen
                               "--augment_start", "0", *options])
         return next(iter(train_loaders(config, 0, 1, steps_per_epoch=6, total_steps=6)["t1"]))
 
-    jittered, geometric = first_batch(), first_batch("--augment_intensity", "false")
+    jittered, geometric = first_batch("--augment_intensity", "true"), first_batch()  # off by default
     assert jittered["key"] == geometric["key"] and not torch.equal(jittered["image"], geometric["image"])
     # slice by slice the jittered image is the geometric one under a gamma and a gain: log j = gamma log g + log gain
     for j, g in zip(from_model_range(jittered["image"]), from_model_range(geometric["image"]), strict=True):
@@ -598,9 +598,9 @@ def test_augment_intensity_reaches_the_training_stream_and_is_warned_when_augmen
         assert (y - fit[0] * x - fit[1]).abs().max() < 1e-3 and 0.8 < fit[0] < 1.25 and 0.89 < fit[1].exp() < 1.11
 
     manifest = read_manifest(shards_dir)
-    unused = load_config(["--data", str(shards_dir), "--out", "-", "--augment", "false", "--augment_intensity", "false"])
+    unused = load_config(["--data", str(shards_dir), "--out", "-", "--augment", "false", "--augment_intensity", "true"])
     assert resolve_augment(manifest, unused, 10) == (
-        False, "warning: --augment_intensity false does nothing: augmentation is off for this run (--augment)")
+        False, "warning: --augment_intensity true does nothing: augmentation is off for this run (--augment)")
 
 
 @pytest.mark.parametrize("case", ["missing", "empty", "keys", "size", "resume", "option", "yaml", "stale", "depth", "depth-arch",

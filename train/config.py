@@ -138,10 +138,11 @@ class Config:
                                   "a fraction of the run's steps (as Hugging Face's eval_steps). 0 = from the first step, as in the "
                                   "seed. Augmentation begun before the contrast is learnt keeps it from being learnt. auto = half the "
                                   f"run, or step {AUGMENT_START_LATEST} if that is sooner", minimum=0, auto=True)
-    augment_intensity: bool = option(True, "with augmentation, also jitter each slice's gamma (0.82-1.22) and gain (0.9-1.1). "
-                                     "The discriminators then see real slices at any of those intensities, so nothing pins the "
-                                     "translations' own; false = flips and affines only, the slices' intensities as the shards "
-                                     "normalized them")
+    augment_intensity: bool = option(False, "with augmentation, also jitter each slice's gamma (0.82-1.22) and gain (0.9-1.1), as "
+                                     "the seed did. The discriminators then see real slices at any of those intensities, so "
+                                     "nothing pins the translations' own (on one real brain the slice-to-slice spread of their "
+                                     "brightness rose from 2-4% to 5-7%). Off: flips and affines only, at the intensities the "
+                                     "shards normalized")
     elastic: float = option(0.0, "with augmentation, also warp each slice smoothly: random offsets of up to this fraction of the slice's "
                             "width at 7x7 control points, interpolated bicubically (between them up to 1.9x that, 1.2x typically). 0.03 is "
                             "about TorchIO's 7.5 mm over a 240 mm field of view; up to 0.04 no warp measured folds the slice. "
