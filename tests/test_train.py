@@ -1007,6 +1007,14 @@ def test_yaml_values_must_fit_their_option_type(tmp_path, capsys):
         assert f"--config {config}: {expected}" in capsys.readouterr().err
 
 
+def test_help_lists_every_option(capsys):
+    # argparse expands "%" in help texts: an option whose help holds a bare percent sign breaks --help for all
+    with pytest.raises(SystemExit) as exited:
+        load_config(["--help"])
+    shown = capsys.readouterr().out
+    assert exited.value.code == 0 and all(f"--{f.name}" in shown for f in dataclasses.fields(Config))
+
+
 def test_every_option_is_documented_with_its_default():
     table = (ROOT / "docs" / "training.md").read_text()
     for f in dataclasses.fields(Config):

@@ -37,7 +37,7 @@ def option(default, help: str, **kw):
 class Config:
     """The defaults are the recipe docs/fidelity.md measured best (MIND 10, LSGAN, cycle 5, no identity loss, U-Net
     depth 3 with sub-pixel convolutions, lr 5e-4, augmentation only for a run past 60 passes over its slices, from
-    half-way or step 3000 if sooner) at the width and batch it was measured at (ngf/ndf 32, batch 2: at the
+    half-way or step 3000 if sooner, geometric only) at the width and batch it was measured at (ngf/ndf 32, batch 2: at the
     reference's 64 and batch 1 the recipe collapsed);
     `--config train/recipes/seed.yaml` is the seed's plain CycleGAN."""
 
@@ -130,7 +130,8 @@ class Config:
     # data pipeline
     num_workers: int = option(2, "DataLoader workers per process", minimum=0)
     shuffle_buffer: int = option(500, "samples in the shuffle buffer of each stream", minimum=1)
-    augment: bool = option("auto", "random flips, small affine and intensity (gamma/gain) jitter (on in the seed). auto = on when the run "
+    augment: bool = option("auto", "random flips and small affines (with --augment_intensity, gamma/gain jitter too; both on in "
+                           "the seed). auto = on when the run "
                            f"passes over its training slices more than {OVER_TRAINING_PASSES} times (a small training set trained long, where "
                            "without it the model memorises and its single pass speckles), else off. config.yaml records the one used",
                            auto=True)
@@ -139,10 +140,9 @@ class Config:
                                   "seed. Augmentation begun before the contrast is learnt keeps it from being learnt. auto = half the "
                                   f"run, or step {AUGMENT_START_LATEST} if that is sooner", minimum=0, auto=True)
     augment_intensity: bool = option(False, "with augmentation, also jitter each slice's gamma (0.82-1.22) and gain (0.9-1.1), as "
-                                     "the seed did. The discriminators then see real slices at any of those intensities, so "
-                                     "nothing pins the translations' own (on one real brain the slice-to-slice spread of their "
-                                     "brightness rose from 2-4% to 5-7%). Off: flips and affines only, at the intensities the "
-                                     "shards normalized")
+                                     "the seed did. The discriminators then take a real slice at any of those intensities, so "
+                                     "nothing pins the translations' own brightness, which then strays from slice to slice. Off: "
+                                     "flips and affines only, at the intensities the shards normalized")
     elastic: float = option(0.0, "with augmentation, also warp each slice smoothly: random offsets of up to this fraction of the slice's "
                             "width at 7x7 control points, interpolated bicubically (between them up to 1.9x that, 1.2x typically). 0.03 is "
                             "about TorchIO's 7.5 mm over a 240 mm field of view; up to 0.04 no warp measured folds the slice. "
