@@ -154,6 +154,9 @@ def test_augment_start_trains_as_unaugmented_until_its_step_and_resumes_exactly_
         a = load_file(str(rundir.checkpoint_dir(whole, 40) / name))
         b = load_file(str(rundir.checkpoint_dir(resumed, 40) / name))
         assert all(torch.equal(a[k], b[k]) for k in a), name
+    jittered = train(*args, "--out", tmp_path / "jittered", "--resume", rundir.checkpoint_dir(whole, 30), "--augment_intensity", "true")
+    assert (f"warning: {rundir.checkpoint_dir(whole, 30)} augmented with --augment_intensity false; going on with true changes "
+            "the run's data halfway") in jittered.stdout
 
 
 def test_generator_dropout_reaches_training_and_a_resume_draws_the_same_masks(trained, tmp_path):
@@ -505,7 +508,7 @@ def test_augmentation_keeps_the_background_at_zero():
     head[:, 16:48, 20:44] = torch.linspace(0.2, 1.0, 24)  # a bright "head" in zero air
     rng = torch.Generator().manual_seed(0)
     for _ in range(50):
-        out = augment(head, rng)
+        out = augment(head, rng, intensity=True)  # gamma and gain included: both multiply, so air stays zero
         assert out.shape == head.shape and 0 <= out.min() and out.max() <= 1
         assert out[:, :8].abs().max() == 0 and out[:, -8:].abs().max() == 0  # air stays air
         assert out.sum() > 0.5 * head.sum()  # the head is still there
@@ -578,7 +581,7 @@ def test_augmentation_without_intensity_jitter_keeps_the_intensities_and_the_sam
         assert torch.equal(geometric == 0, jittered == 0)
         gamma_gain = jittered[:, 24:40, 24:40] / geometric[:, 24:40, 24:40]
         assert gamma_gain.std() < 1e-3 and 0.89 * 0.5 ** 0.22 < gamma_gain.mean() < 1.11 * 0.5 ** -0.2
-    assert any(not torch.allclose(augment(head, torch.Generator().manual_seed(s))[:, 24:40, 24:40], torch.tensor(0.5), atol=1e-3)
+    assert any(not torch.allclose(augment(head, torch.Generator().manual_seed(s), intensity=True)[:, 24:40, 24:40], torch.tensor(0.5), atol=1e-3)
                for s in range(20))
 
 

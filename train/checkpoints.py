@@ -112,10 +112,10 @@ def resolve_resume(config: Config, out: Path) -> Path | None:
 
 
 def made_before_options() -> dict:
-    """What a checkpoint older than an option was made with: the option's default, except for the generator's
-    options whose default has changed since (GeneratorSpec's defaults: a full-depth U-Net, transposed convolutions,
-    no full-resolution stage)."""
-    return {**Config.defaults(), **GeneratorSpec.options_before()}
+    """What a checkpoint older than an option was made with: the option's default, except for options whose default
+    has changed since: the generator's (GeneratorSpec's defaults: a full-depth U-Net, transposed convolutions, no
+    full-resolution stage), and augmentation, which jittered intensities before --augment_intensity."""
+    return {**Config.defaults(), **GeneratorSpec.options_before(), "augment_intensity": True}
 
 
 def check_compatible(path: Path, config: Config) -> dict:

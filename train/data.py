@@ -83,7 +83,7 @@ def elastic_offsets(size: int, magnitude: float, rng: torch.Generator) -> torch.
     return F.interpolate(control * (2 * magnitude), size=(size, size), mode="bicubic", align_corners=True).permute(0, 2, 3, 1)
 
 
-def augment(image: torch.Tensor, rng: torch.Generator, elastic: float = 0.0, intensity: bool = True) -> torch.Tensor:
+def augment(image: torch.Tensor, rng: torch.Generator, elastic: float = 0.0, intensity: bool = False) -> torch.Tensor:
     """(1,H,W) in [0,1]: left-right flip, small affine (+-5 deg, +-5% scale, +-4% shift), with `intensity` gamma
     and gain (drawn either way, so the geometry does not depend on it), and with `elastic` > 0 a smooth warp
     (elastic_offsets, --elastic) added to the affine's sampling grid, so the slice is resampled once. Intensity
@@ -119,7 +119,7 @@ class SliceStream(IterableDataset):
     def __init__(self, urls: list[str], contrast: str, seed: int, rank: int, world: int,
                  shuffle_buffer: int, do_augment: bool, size: int, subjects: frozenset[str] | None = None,
                  elastic: float = 0.0, augment_from_step: int = 0, steps_per_epoch: int = 0, batch_size: int = 1,
-                 intensity: bool = True):
+                 intensity: bool = False):
         self.urls, self.contrast, self.seed, self.size = urls, contrast, seed, size
         self.rank, self.world = rank, world
         self.shuffle_buffer, self.do_augment, self.elastic, self.intensity = shuffle_buffer, do_augment, elastic, intensity
