@@ -155,8 +155,8 @@ def test_augment_start_trains_as_unaugmented_until_its_step_and_resumes_exactly_
         b = load_file(str(rundir.checkpoint_dir(resumed, 40) / name))
         assert all(torch.equal(a[k], b[k]) for k in a), name
     jittered = train(*args, "--out", tmp_path / "jittered", "--resume", rundir.checkpoint_dir(whole, 30), "--augment_intensity", "true")
-    assert (f"warning: {rundir.checkpoint_dir(whole, 30)} augmented with --augment_intensity false; going on with true changes "
-            "the run's data halfway") in jittered.stdout
+    assert ("warning: the run resumed augmented with --augment_intensity false; going on with true changes its data "
+            "halfway") in jittered.stdout
 
 
 def test_generator_dropout_reaches_training_and_a_resume_draws_the_same_masks(trained, tmp_path):
@@ -811,11 +811,12 @@ def test_augmentation_turns_on_by_itself_for_a_long_run_on_few_slices_and_an_exp
         True, "warning: augmentation never starts: --augment_start puts it at step 3000, and this run ends at step 3000")
     assert "about 330 times" in resolve_augment(manifest, small, 6000, world=2)[1]  # two processes draw twice the slices
     # a resume keeps what the run it resumes decided, whatever its new --max_steps would decide
-    augment, note = resolve_augment(manifest, small, 59 * 73 // 2, resumed=True)
+    resumed = {"augment": True, "augment_intensity": False}  # the configuration check_compatible returns, in part
+    augment, note = resolve_augment(manifest, small, 59 * 73 // 2, resumed=resumed)
     assert augment is True and "as in the run resumed" in note and "--augment false would change it" in note
     starts = "augmentation starts at step 3000 of 12000 (--augment_start)"
-    assert resolve_augment(manifest, small, 12000, resumed=True) == (True, starts)
-    assert resolve_augment(manifest, dataclasses.replace(small, augment=False), 12000, resumed=True)[0] is False  # asked for: wins
+    assert resolve_augment(manifest, small, 12000, resumed=resumed) == (True, starts)
+    assert resolve_augment(manifest, dataclasses.replace(small, augment=False), 12000, resumed=resumed)[0] is False  # asked for: wins
 
 
 def test_a_resume_with_more_steps_keeps_the_augmentation_its_run_trained_with(shards_dir, tmp_path):

@@ -199,14 +199,15 @@ def augment_from_step(config, total_steps: int) -> int:
     return math.ceil(start * total_steps if start < 1 else start)
 
 
-def resolve_augment(manifest: dict, config, total_steps: int, world: int = 1, resumed: bool | str | None = None) -> tuple[bool, str | None]:
+def resolve_augment(manifest: dict, config, total_steps: int, world: int = 1, resumed: dict | None = None) -> tuple[bool, str | None]:
     """Whether a run of `total_steps` steps on `world` processes augments, and the lines to print about it, or None.
     --augment auto augments when the run passes over the smaller contrast's training slices more than
     OVER_TRAINING_PASSES times (a --train_subjects subset counted as its share of the subjects' slices) and goes on
     past --augment_start's step; an explicit --augment false there is warned, and so is an --elastic or
     --augment_start given where augmentation is off, or an augmentation that would never start.
-    `resumed`: what the checkpoint being resumed trained with, which auto keeps, so that a resume with another
-    --max_steps does not change the data halfway."""
+    `resumed`: the configuration of the checkpoint being resumed (checkpoints.check_compatible). Its augmentation is
+    what auto keeps, so that a resume with another --max_steps does not change the data halfway, and a resume that
+    changes its --augment_intensity is warned."""
     train = manifest["splits"]["train"]
     slices = min(train["slices"].values()) * (config.train_subjects / len(train["subjects"]) if config.train_subjects else 1)
     passes = total_steps * config.batch_size * world / max(slices, 1)
@@ -214,10 +215,11 @@ def resolve_augment(manifest: dict, config, total_steps: int, world: int = 1, re
     start = augment_from_step(config, total_steps)
     starts = start < total_steps
     auto_augments = many and starts
-    augment, note = config.augment, None
-    if config.augment == "auto" and isinstance(resumed, bool):
-        augment, note = resumed, (f"augmentation {'on' if resumed else 'off'} (--augment auto), as in the run resumed; "
-                                  f"--augment {str(not resumed).lower()} would change it" if resumed != auto_augments else None)
+    augment, note, resumed_augment = config.augment, None, (resumed or {}).get("augment")
+    if config.augment == "auto" and isinstance(resumed_augment, bool):
+        augment, note = resumed_augment, (
+            f"augmentation {'on' if resumed_augment else 'off'} (--augment auto), as in the run resumed; "
+            f"--augment {str(not resumed_augment).lower()} would change it" if resumed_augment != auto_augments else None)
     elif config.augment == "auto":
         augment = auto_augments
         if many:
@@ -235,6 +237,9 @@ def resolve_augment(manifest: dict, config, total_steps: int, world: int = 1, re
         lines.append(f"augmentation starts at step {start} of {total_steps} (--augment_start)" if starts else
                      f"warning: augmentation never starts: --augment_start puts it at step {start}, and this run ends at "
                      f"step {total_steps}")
+    if augment and resumed_augment is True and resumed["augment_intensity"] != config.augment_intensity:
+        lines.append(f"warning: the run resumed augmented with --augment_intensity {str(not config.augment_intensity).lower()}; "
+                     f"going on with {str(config.augment_intensity).lower()} changes its data halfway")
     defaults = Config.defaults()
     lines += [f"warning: --{name} {str(value).lower() if isinstance(value, bool) else f'{value:g}'} does nothing: "
               f"augmentation is off for this run (--augment)" for name in ("elastic", "augment_start", "augment_intensity")

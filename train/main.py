@@ -109,13 +109,10 @@ def main(argv=None) -> int:
     world = accelerator.num_processes
     steps_per_epoch = config.steps_per_epoch or max(1, min(manifest["splits"]["train"]["slices"].values()) // (config.batch_size * world))
     total_steps = config.max_steps or config.epochs * steps_per_epoch
-    augment, note = resolve_augment(manifest, config, total_steps, world, resumed_config.get("augment"))
+    augment, note = resolve_augment(manifest, config, total_steps, world, resumed_config)
     config = dataclasses.replace(config, augment=augment)  # config.yaml records the one used
     if note:
         accelerator.print(note)
-    if augment and resumed_config.get("augment") and resumed_config["augment_intensity"] != config.augment_intensity:
-        accelerator.print(f"warning: {resume_path} augmented with --augment_intensity {str(not config.augment_intensity).lower()}; "
-                          f"going on with {str(config.augment_intensity).lower()} changes the run's data halfway")
     model = build_cycle_gan(accelerator, config, total_steps)
     state = TrainState()
     kept = StateDict(train=state, sched_g=model.sched_g, sched_d=model.sched_d, pool_a=model.pools["a"], pool_b=model.pools["b"],
