@@ -15,10 +15,10 @@ validation picked an earlier one, that best checkpoint too (its own row: over-tr
 For a small training set, --train-subjects 5 (about 100 slices per contrast at 128²) trains on five of the
 training subjects, drawn by the training seed, and scores the same val+test as the full runs beside it.
 --anatomy template trains and scores on one real brain's anatomy instead (bench/template_brain.py: the MNI152
-template's slices, no lesions). Existing stages in --out are reused. Prints one
-table of masked SSIM/PSNR, texture, the input noise each translation passes and its cycle returns
-(train.fidelity.noise_transfer, on 64 of the scored slices), hallucination-map AUROC and lesion metrics per
-variant and direction, and writes it to OUT/results.md and OUT/results.json.
+template's slices, no lesions). Existing stages in --out are reused. Prints one table of masked SSIM/PSNR,
+texture, brightness against the truth (mean and spread over slices), the input noise each translation passes
+and its cycle returns (train.fidelity.noise_transfer, on 64 of the scored slices), hallucination-map AUROC and
+lesion metrics per variant and direction, and writes it to OUT/results.md and OUT/results.json.
 """
 
 from __future__ import annotations
@@ -215,9 +215,9 @@ def main() -> None:
              f"evaluated on val+test (held-out subjects only); hallucination map: {args.uncertainty}"
              f"{'; translations: the mean of 10 flipped and shifted copies (--tta)' * args.tta}. "
              f"Machine: {platform.machine()}, {os.cpu_count()} cores, {platform.python_version()}.", "",
-             "| variant | direction | masked SSIM | masked PSNR | texture | input noise passed / returned | AUROC | lesions visible "
-             "| lesion contrast ratio | lesion MAE | lesions flagged by the map |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| variant | direction | masked SSIM | masked PSNR | texture | brightness vs truth ± over slices "
+             "| input noise passed / returned | AUROC | lesions visible | lesion contrast ratio | lesion MAE | lesions flagged by the map |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, report in results.items():
         for direction in ("t1_to_t2", "t2_to_t1"):
             s = report["directions"][direction]["summary"]
@@ -229,7 +229,8 @@ def main() -> None:
             lesion_cells = (f"{100 * lesion['visible_fraction']:.0f}% of {lesion['lesions']} | {lesion['contrast_ratio']:.2f} | "
                             f"{lesion['mae_lesion']:.3f} | {flagged}") if lesion else "- | - | - | -"
             lines.append(f"| {name} | {direction.replace('_', ' ')} | {s['ssim_masked']['mean']:.3f} | {s['psnr_masked']['mean']:.2f} | "
-                         f"{s['texture']['mean']:.2f} | {noise_cell} | {'-' if auroc is None else f'{auroc:.3f}'} | {lesion_cells} |")
+                         f"{s['texture']['mean']:.2f} | {s['brightness']['mean']:.3f} ± {s['brightness']['std']:.3f} | {noise_cell} | "
+                         f"{'-' if auroc is None else f'{auroc:.3f}'} | {lesion_cells} |")
     table = "\n".join(lines)
     print(table)
     print("timings (s):", json.dumps({k: round(v, 1) for k, v in timings.items()}))

@@ -117,6 +117,9 @@ def test_an_offline_run_holds_what_a_wandb_user_looks_for(shards_dir, tmp_path, 
     report = json.loads((tmp_path / "report" / "report.json").read_text())
     expected = report["directions"]["t1_to_t2"]["summary"]["ssim_masked"]["mean"]
     assert evaluated["summary"]["eval/t1_to_t2/ssim_masked"] == expected
+    brightness = report["directions"]["t2_to_t1"]["summary"]["brightness"]
+    assert (evaluated["summary"]["eval/t2_to_t1/brightness"], evaluated["summary"]["eval/t2_to_t1/brightness_std"]) == (
+        brightness["mean"], brightness["std"])
     assert {"eval/subjects/_type", "eval/figure/_type"} <= {k for row in evaluated["history"] for k in row}
 
     shutil.rmtree(run / rundir.CHECKPOINTS)  # the folder reused for a fresh run: a new W&B run, not appended to the old one

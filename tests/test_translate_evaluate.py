@@ -19,6 +19,7 @@ from shards.preprocess import load_nifti
 from train import rundir
 from train.inference import Translator, resolve_checkpoint, translate_volume
 from train.metrics import slice_metrics
+from train.scoring import summarize
 
 
 class PassThrough(nn.Module):
@@ -154,7 +155,11 @@ def test_evaluate_reports_per_subject_and_matches_validation(trained, shards_dir
         report["directions"]["t1_to_t2"]["subjects"][0]["ssim_masked"], abs=1e-5)
     with Image.open(tmp_path / "report" / "figure.png") as im:
         assert im.size == (4 * 64 + 3 * 2, 6 * 64 + 5 * 2)  # worst/median/best x 2 directions; 4 columns
-    assert "masked SSIM" in (tmp_path / "report" / "report.md").read_text() and "texture" in (tmp_path / "report" / "report.md").read_text()
+    markdown = (tmp_path / "report" / "report.md").read_text()
+    assert "masked SSIM" in markdown and "texture" in markdown and "brightness vs truth" in markdown
+    for direction in ("t1_to_t2", "t2_to_t1"):
+        brightness = report["directions"][direction]["summary"]["brightness"]
+        assert f"{brightness['mean']:.3f} ± {brightness['std']:.3f}" in markdown and brightness["std"] > 0
 
 
 def test_texture_is_one_for_the_truth_above_one_for_speckle_and_below_for_blur():
@@ -168,6 +173,26 @@ def test_texture_is_one_for_the_truth_above_one_for_speckle_and_below_for_blur()
     texture = {name: slice_metrics(pred, truth, mask)["texture"].item()
                for name, pred in (("truth", truth), ("speckle", truth + checkerboard), ("blur", blurred))}
     assert texture["truth"] == pytest.approx(1.0) and texture["speckle"] > 1.5 and texture["blur"] < 0.9, texture
+
+
+def test_brightness_is_each_slices_mean_over_the_truths_weighted_by_head_area():
+    y, x = torch.meshgrid(torch.arange(32.0), torch.arange(32.0), indexing="ij")
+    truth = (0.4 + 0.3 * torch.sin(x / 3) * torch.cos(y / 4)).expand(4, 1, 32, 32).clone()
+    gains, sides = torch.tensor([1.1, 0.9, 1.0, 7.0]), (24, 12, 16, 0)  # the fourth slice has no head, so no weight
+    mask = torch.zeros_like(truth, dtype=torch.bool)
+    for i, side in enumerate(sides):
+        mask[i, :, :side, :side] = True
+    pred = truth * gains[:, None, None, None] + 0.005 * torch.randn(4, 1, 32, 32, generator=torch.Generator().manual_seed(0)) * mask
+    metrics = slice_metrics(pred.clamp(0, 1), truth, mask)
+    rows = [{"key": str(i), "subject": "s", **{k: float(v[i]) for k, v in metrics.items()}} for i in range(4)]
+    area = np.array([side * side for side in sides[:3]], np.float64)
+    mean = float((gains[:3].numpy() * area).sum() / area.sum())
+    std = float(np.sqrt((np.square(gains[:3].numpy() - mean) * area).sum() / area.sum()))
+    brightness = summarize(rows)["summary"]["brightness"]
+    assert brightness["mean"] == pytest.approx(mean, abs=2e-3) and brightness["std"] == pytest.approx(std, abs=2e-3), (brightness, mean, std)
+    steady = summarize([{**row, "mean_pred": row["mean_truth"] * 1.2} for row in rows])["summary"]["brightness"]
+    assert steady["mean"] == pytest.approx(1.2) and steady["std"] == pytest.approx(0.0, abs=1e-9)  # a constant gain is no spread
+    assert summarize(rows[3:])["summary"]["brightness"] == {"mean": None, "std": None}
 
 
 def test_val_tta_validates_what_evaluate_tta_reports_and_translate_tta_writes(shards_dir, tmp_path):

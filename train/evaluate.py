@@ -90,13 +90,16 @@ def report_markdown(report: dict) -> str:
              f"{report['subjects']} subjects, {report['slices']} slices from `{report['data']}`. Per subject, pooled inside "
              "the head mask; mean ± std across subjects."
              + (" Translations: the mean of 10 flipped and shifted copies (--tta)." if report["tta"] else ""), "",
-             "| direction | masked SSIM | masked PSNR (dB) | masked MAE | texture (Laplacian RMS vs truth) |", "|---|---|---|---|---|"]
+             "| direction | masked SSIM | masked PSNR (dB) | masked MAE | texture (Laplacian RMS vs truth) "
+             "| brightness vs truth (mean ± std over slices) |", "|---|---|---|---|---|---|"]
     for name in rundir.DIRECTIONS:
         s = report["directions"][name]["summary"]
+        b = s["brightness"]
         lines.append(f"| {direction_label(name)} | {s['ssim_masked']['mean']:.3f} ± "
                      f"{s['ssim_masked']['std']:.3f} | {s['psnr_masked']['mean']:.2f} ± {s['psnr_masked']['std']:.2f} | "
                      f"{s['mae_masked']['mean']:.4f} ± {s['mae_masked']['std']:.4f} | "
-                     f"{s['texture']['mean']:.2f} ± {s['texture']['std']:.2f} |")
+                     f"{s['texture']['mean']:.2f} ± {s['texture']['std']:.2f} | "
+                     + ("- |" if b["mean"] is None else f"{b['mean']:.3f} ± {b['std']:.3f} |"))
     if "uncertainty" in report:
         u = report["uncertainty"]
         lines += ["", f"Hallucination map `{u['mode']}`: AUROC for pixels with |error| > {u['error_threshold']} inside the head.", "",

@@ -5,7 +5,8 @@ mean squared / absolute error inside the mask.
 
 Texture is the ratio of high-frequency energy, translation over truth, inside the mask: the RMS of the
 5-point Laplacian of each. 1 is the truth's texture; above 1 is speckle or noise the truth does not have,
-below 1 is over-smoothing."""
+below 1 is over-smoothing. Each slice's mean inside the mask, of translation and truth, lets a caller measure
+how its brightness strays from slice to slice (train/scoring.py)."""
 
 from __future__ import annotations
 
@@ -40,6 +41,8 @@ def slice_metrics(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) 
         "mae_masked": (error.abs() * weights).sum(dim=(1, 2, 3)) / area,
         "mse_masked": mse_masked,
         "texture": (lap_pred / lap_truth.clamp(min=1e-12)).sqrt(),
+        "mean_pred": (pred * weights).sum(dim=(1, 2, 3)) / area,
+        "mean_truth": (target * weights).sum(dim=(1, 2, 3)) / area,
         "lap_pred": lap_pred,  # with lap_truth, lets a caller pool the texture ratio over slices
         "lap_truth": lap_truth,
         "mask_area": area,  # with the above, lets a caller pool slices into per-volume figures

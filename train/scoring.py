@@ -4,7 +4,10 @@ report and the fidelity benches; it writes nothing.
 
 Per subject, slices are pooled over the head mask: masked SSIM is the mean of the SSIM map over all the
 subject's masked pixels, PSNR comes from the mean squared error over them, MAE likewise. Across subjects:
-mean ± std. `slice_mean` repeats the trainer's per-slice averages.
+mean ± std. `slice_mean` repeats the trainer's per-slice averages. Brightness is the exception, taken over
+slices: each slice's mean inside the head over the truth's, weighted by head area; its mean is the
+translation's calibration, its std how far the brightness strays from slice to slice (banding across a
+volume's slices, inconsistency across a set of 2D slices), which per-subject pooling would average away.
 """
 
 from __future__ import annotations
@@ -129,10 +132,21 @@ def mean_std(values) -> dict:
     return {"mean": float(values.mean()), "std": float(values.std(ddof=1)) if len(values) > 1 else 0.0}
 
 
+def brightness(rows: list[dict]) -> dict:
+    """Each slice's mean over the truth's, inside the head: mean and std over the slices, weighted by head area
+    (a slice without head has no weight)."""
+    area = np.array([r["mask_area"] if r["mean_truth"] > 0 else 0.0 for r in rows])
+    if not area.sum():
+        return {"mean": None, "std": None}
+    ratio = np.array([r["mean_pred"] / r["mean_truth"] if r["mean_truth"] > 0 else 0.0 for r in rows])
+    mean = float((ratio * area).sum() / area.sum())
+    return {"mean": mean, "std": float(np.sqrt((np.square(ratio - mean) * area).sum() / area.sum()))}
+
+
 def summarize(rows: list[dict]) -> dict:
-    """One direction's per-slice rows -> its summary across subjects (POOLED: mean and std), the per-slice
-    means (SLICE) and the per-subject rows."""
+    """One direction's per-slice rows -> its summary across subjects (POOLED: mean and std; brightness over
+    slices), the per-slice means (SLICE) and the per-subject rows."""
     subjects = per_subject(rows)
-    return {"summary": {k: mean_std([s[k] for s in subjects]) for k in POOLED},
+    return {"summary": {**{k: mean_std([s[k] for s in subjects]) for k in POOLED}, "brightness": brightness(rows)},
             "slice_mean": {k: float(np.mean([r[k] for r in rows])) for k in SLICE},
             "subjects": subjects}
