@@ -6,6 +6,7 @@ import csv
 import io
 import json
 import tarfile
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
@@ -17,7 +18,7 @@ from torch import nn
 from conftest import SMALL, run_module, train
 from shards.preprocess import load_nifti
 from train import rundir
-from train.inference import Translator, resolve_checkpoint, translate_volume
+from train.inference import Translator, resolve_checkpoint, translate, translate_volume
 from train.metrics import slice_metrics
 from train.scoring import summarize
 
@@ -193,6 +194,27 @@ def test_brightness_is_each_slices_mean_over_the_truths_weighted_by_head_area():
     steady = summarize([{**row, "mean_pred": row["mean_truth"] * 1.2} for row in rows])["summary"]["brightness"]
     assert steady["mean"] == pytest.approx(1.2) and steady["std"] == pytest.approx(0.0, abs=1e-9)  # a constant gain is no spread
     assert summarize(rows[3:])["summary"]["brightness"] == {"mean": None, "std": None}
+
+
+def test_the_intensity_shift_bench_shifts_the_input_and_scores_as_evaluate_does(trained, shards_dir, tmp_path, monkeypatch, capsys):
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "bench"))
+    from intensity_shift import ShiftedInput, main
+
+    x = torch.rand(2, 1, 16, 16)
+    assert torch.allclose(translate(ShiftedInput(PassThrough(), 0.8, 1.1), x), (1.1 * x**0.8).clamp(0, 1), atol=1e-6)
+    checkpoint = rundir.checkpoint_dir(trained, 40)
+    run_module("train.evaluate", "--checkpoint", checkpoint, "--data", shards_dir / "val", "--out", tmp_path / "report", "--report_to", "none")
+    report = json.loads((tmp_path / "report" / "report.json").read_text())
+    main(["--checkpoint", str(checkpoint), "--data", str(shards_dir / "val"), "--shifts", "1,1", "0.5,1"])
+    rows = [line.split(" | ") for line in capsys.readouterr().out.splitlines() if line.startswith(f"| {checkpoint}")]
+    assert [row[1] for row in rows] == ["T1→T2", "T2→T1"]
+    for row, direction in zip(rows, ("t1_to_t2", "t2_to_t1")):
+        unshifted, shifted, drop = float(row[2]), float(row[3]), float(row[4].rstrip(" |"))
+        assert unshifted == pytest.approx(report["directions"][direction]["summary"]["ssim_masked"]["mean"], abs=5e-4)
+        assert shifted != unshifted and drop == pytest.approx(max(0.0, unshifted - shifted), abs=1e-3)
+    with pytest.raises(SystemExit):
+        main(["--checkpoint", str(checkpoint), "--data", str(shards_dir / "val"), "--shifts", "0.8"])
+    assert "a shift is GAMMA,GAIN" in capsys.readouterr().err
 
 
 def test_val_tta_validates_what_evaluate_tta_reports_and_translate_tta_writes(shards_dir, tmp_path):
