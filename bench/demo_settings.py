@@ -56,6 +56,10 @@ VARIANTS = {
     "b8-ngf24-1600-lr7e-4": {**B8_1600, "lr": "7e-4"},
     "b8-ngf24-1600-lr7e-4-ema.995": DEMO,
     "b8-ngf24-1600-lr7e-4-ema.998": {**DEMO, "ema_decay": "0.998"},
+    "demo-single-pass": {**DEMO, "val_tta": "false"},
+    # the trainer's default network and transformation consistency (docs/fidelity.md) at the demo's budget
+    "demo-default-net": {**DEMO, "val_tta": "false", "unet_depth": "3", "upsample": "subpixel", "unet_full_res": "16",
+                         "lambda_equivariance": "10", "equivariance_warmup": "500"},
     "demo-seed1": {**DEMO, "seed": "1"},
     "demo-seed2": {**DEMO, "seed": "2"},
 }
