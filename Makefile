@@ -41,7 +41,7 @@ test: setup
 # The main job on the embedded default: synthetic IXI -> shards -> CycleGAN -> evaluation. Each stage is a
 # file target, so a second run reuses the data, the shards and a finished run (an interrupted one resumes).
 demo: setup $(RUN)/summary.json
-	$(BIN)/python -m train.evaluate --checkpoint $(RUN) --data $(DATA)/shards/test --out $(RUN)/evaluation --overwrite --tta
+	$(BIN)/python -m train.evaluate --checkpoint $(RUN) --data $(DATA)/shards/test --out $(RUN)/evaluation --overwrite
 	@echo
 	@echo "run folder: $(RUN)   (prediction grids: $(RUN)/predictions, GIF: $(RUN)/progress.gif)"
 	@echo "look at it: $(BIN)/streamlit run dashboard/app.py -- --runs runs"

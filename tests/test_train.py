@@ -951,10 +951,13 @@ def test_deterministic_reaches_torch_and_the_run_folder(shards_dir, tmp_path, mo
 
 def test_the_demo_config_is_valid():
     config = load_config(["--config", str(ROOT / "train" / "recipes" / "demo.yaml"), "--data", "d", "--out", "o"])
-    assert (config.size, config.max_steps, config.gan_loss, config.lambda_cycle, config.ema_decay, config.val_tta, config.unet_depth) == \
-        (64, 1600, "lsgan", 5.0, 0.995, True, 0)
-    assert "--tta" in next(line for line in (ROOT / "Makefile").read_text().splitlines() if "train.evaluate" in line), \
-        "make demo evaluates the way the demo validates"
+    default = load_config(["--data", "d", "--out", "o"])
+    assert (config.size, config.max_steps, config.ema_decay, config.val_tta) == (64, 1600, 0.995, False)
+    assert all(getattr(config, key) == getattr(default, key) for key in ARCHITECTURE_KEYS if key not in ("size", "ngf", "ndf", "ema_decay")), \
+        "the demo trains the default's network"
+    assert (config.gan_loss, config.lambda_equivariance, config.lambda_identity) == (default.gan_loss, default.lambda_equivariance, 0.0)
+    assert "--tta" not in next(line for line in (ROOT / "Makefile").read_text().splitlines() if "train.evaluate" in line), \
+        "make demo evaluates the way the demo validates: in one pass"
 
 
 def test_the_diffusers_spellings_hyphens_and_bare_booleans_are_accepted(capsys):
