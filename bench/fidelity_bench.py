@@ -225,11 +225,13 @@ def main() -> None:
             lesion = report["lesions"].get(direction)
             noise = report.get("noise_transfer", {}).get(direction)
             noise_cell = f"{noise['passed']:.2f} / {noise['returned']:.2f}" if noise else "-"
+            b = s["brightness"]
+            brightness_cell = "-" if b["mean"] is None else f"{b['mean']:.3f} ± {b['std']:.3f}"
             flagged = f"{100 * lesion['flagged_fraction']:.0f}%" if lesion and "flagged_fraction" in lesion else "-"
             lesion_cells = (f"{100 * lesion['visible_fraction']:.0f}% of {lesion['lesions']} | {lesion['contrast_ratio']:.2f} | "
                             f"{lesion['mae_lesion']:.3f} | {flagged}") if lesion else "- | - | - | -"
             lines.append(f"| {name} | {direction.replace('_', ' ')} | {s['ssim_masked']['mean']:.3f} | {s['psnr_masked']['mean']:.2f} | "
-                         f"{s['texture']['mean']:.2f} | {s['brightness']['mean']:.3f} ± {s['brightness']['std']:.3f} | {noise_cell} | "
+                         f"{s['texture']['mean']:.2f} | {brightness_cell} | {noise_cell} | "
                          f"{'-' if auroc is None else f'{auroc:.3f}'} | {lesion_cells} |")
     table = "\n".join(lines)
     print(table)
