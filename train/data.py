@@ -199,6 +199,11 @@ def augment_from_step(config, total_steps: int) -> int:
     return math.ceil(start * total_steps if start < 1 else start)
 
 
+def spelled(value: bool | float) -> str:
+    """An option's value as the command line spells it: true/false, or a number."""
+    return str(value).lower() if isinstance(value, bool) else f"{value:g}"
+
+
 def resolve_augment(manifest: dict, config, total_steps: int, world: int = 1, resumed: dict | None = None) -> tuple[bool, str | None]:
     """Whether a run of `total_steps` steps on `world` processes augments, and the lines to print about it, or None.
     --augment auto augments when the run passes over the smaller contrast's training slices more than
@@ -219,7 +224,7 @@ def resolve_augment(manifest: dict, config, total_steps: int, world: int = 1, re
     if config.augment == "auto" and isinstance(resumed_augment, bool):
         augment, note = resumed_augment, (
             f"augmentation {'on' if resumed_augment else 'off'} (--augment auto), as in the run resumed; "
-            f"--augment {str(not resumed_augment).lower()} would change it" if resumed_augment != auto_augments else None)
+            f"--augment {spelled(not resumed_augment)} would change it" if resumed_augment != auto_augments else None)
     elif config.augment == "auto":
         augment = auto_augments
         if many:
@@ -238,12 +243,11 @@ def resolve_augment(manifest: dict, config, total_steps: int, world: int = 1, re
                      f"warning: augmentation never starts: --augment_start puts it at step {start}, and this run ends at "
                      f"step {total_steps}")
     if augment and resumed_augment is True and resumed["augment_intensity"] != config.augment_intensity:
-        lines.append(f"warning: the run resumed augmented with --augment_intensity {str(not config.augment_intensity).lower()}; "
-                     f"going on with {str(config.augment_intensity).lower()} changes its data halfway")
+        lines.append(f"warning: the run resumed augmented with --augment_intensity {spelled(resumed['augment_intensity'])}; "
+                     f"going on with {spelled(config.augment_intensity)} changes its data halfway")
     defaults = Config.defaults()
-    lines += [f"warning: --{name} {str(value).lower() if isinstance(value, bool) else f'{value:g}'} does nothing: "
-              f"augmentation is off for this run (--augment)" for name in ("elastic", "augment_start", "augment_intensity")
-              if not augment and (value := getattr(config, name)) != defaults[name]]
+    lines += [f"warning: --{name} {spelled(getattr(config, name))} does nothing: augmentation is off for this run (--augment)"
+              for name in ("elastic", "augment_start", "augment_intensity") if not augment and getattr(config, name) != defaults[name]]
     return augment, "\n".join(lines) or None
 
 
