@@ -135,12 +135,12 @@ def mean_std(values) -> dict:
 def brightness(rows: list[dict]) -> dict:
     """Each slice's mean over the truth's, inside the head: mean and std over the slices, weighted by head area
     (a slice without head has no weight)."""
-    area = np.array([r["mask_area"] if r["mean_truth"] > 0 else 0.0 for r in rows])
-    if not area.sum():
+    headed = [r for r in rows if r["mean_truth"] > 0]
+    if not headed:
         return {"mean": None, "std": None}
-    ratio = np.array([r["mean_pred"] / r["mean_truth"] if r["mean_truth"] > 0 else 0.0 for r in rows])
-    mean = float((ratio * area).sum() / area.sum())
-    return {"mean": mean, "std": float(np.sqrt((np.square(ratio - mean) * area).sum() / area.sum()))}
+    ratio, area = np.array([r["mean_pred"] / r["mean_truth"] for r in headed]), np.array([r["mask_area"] for r in headed])
+    mean = np.average(ratio, weights=area)
+    return {"mean": float(mean), "std": float(np.sqrt(np.average(np.square(ratio - mean), weights=area)))}
 
 
 def summarize(rows: list[dict]) -> dict:
