@@ -40,6 +40,7 @@ from scipy import ndimage
 from demo_bounds import LookupTable  # bench/, the script's own folder
 from template_brain import write_template_slices
 from train import rundir
+from train.evaluate import brightness_cell
 from train.fidelity import MODES, RING_PIXELS, noise_transfer
 from train.inference import load_translator
 from train.scoring import lesion_report, read_samples, score, split_shards, summarize
@@ -225,13 +226,11 @@ def main() -> None:
             lesion = report["lesions"].get(direction)
             noise = report.get("noise_transfer", {}).get(direction)
             noise_cell = f"{noise['passed']:.2f} / {noise['returned']:.2f}" if noise else "-"
-            b = s["brightness"]
-            brightness_cell = "-" if b["mean"] is None else f"{b['mean']:.3f} ± {b['std']:.3f}"
             flagged = f"{100 * lesion['flagged_fraction']:.0f}%" if lesion and "flagged_fraction" in lesion else "-"
             lesion_cells = (f"{100 * lesion['visible_fraction']:.0f}% of {lesion['lesions']} | {lesion['contrast_ratio']:.2f} | "
                             f"{lesion['mae_lesion']:.3f} | {flagged}") if lesion else "- | - | - | -"
             lines.append(f"| {name} | {direction.replace('_', ' ')} | {s['ssim_masked']['mean']:.3f} | {s['psnr_masked']['mean']:.2f} | "
-                         f"{s['texture']['mean']:.2f} | {brightness_cell} | {noise_cell} | "
+                         f"{s['texture']['mean']:.2f} | {brightness_cell(s['brightness'])} | {noise_cell} | "
                          f"{'-' if auroc is None else f'{auroc:.3f}'} | {lesion_cells} |")
     table = "\n".join(lines)
     print(table)

@@ -83,6 +83,11 @@ def figure_row(source: np.ndarray, pred: np.ndarray, truth: np.ndarray, mask: np
     return row
 
 
+def brightness_cell(brightness: dict) -> str:
+    """train.scoring.brightness as a table cell: mean ± std over slices, or - where no slice had a head."""
+    return "-" if brightness["mean"] is None else f"{brightness['mean']:.3f} ± {brightness['std']:.3f}"
+
+
 def report_markdown(report: dict) -> str:
     members = report.get("members", [])
     lines = [f"# Evaluation of `{report['checkpoint']}` (step {report['step']})"
@@ -94,12 +99,10 @@ def report_markdown(report: dict) -> str:
              "| brightness vs truth (mean ± std over slices) |", "|---|---|---|---|---|---|"]
     for name in rundir.DIRECTIONS:
         s = report["directions"][name]["summary"]
-        b = s["brightness"]
         lines.append(f"| {direction_label(name)} | {s['ssim_masked']['mean']:.3f} ± "
                      f"{s['ssim_masked']['std']:.3f} | {s['psnr_masked']['mean']:.2f} ± {s['psnr_masked']['std']:.2f} | "
                      f"{s['mae_masked']['mean']:.4f} ± {s['mae_masked']['std']:.4f} | "
-                     f"{s['texture']['mean']:.2f} ± {s['texture']['std']:.2f} | "
-                     + ("- |" if b["mean"] is None else f"{b['mean']:.3f} ± {b['std']:.3f} |"))
+                     f"{s['texture']['mean']:.2f} ± {s['texture']['std']:.2f} | {brightness_cell(s['brightness'])} |")
     if "uncertainty" in report:
         u = report["uncertainty"]
         lines += ["", f"Hallucination map `{u['mode']}`: AUROC for pixels with |error| > {u['error_threshold']} inside the head.", "",
