@@ -71,6 +71,7 @@ def main(argv=None) -> int:
     device = device_for_inference()
     lines = ["| checkpoint | direction | " + " | ".join(f"γ {g:g}, gain {k:g}" for g, k in args.shifts) + " | largest drop |",
              "|---|---|" + "---|" * (len(args.shifts) + 1)]
+    unshifted = args.shifts.index((1.0, 1.0)) if (1.0, 1.0) in args.shifts else None
     for checkpoint in args.checkpoint:
         try:
             scores = shifted_scores(checkpoint, paths, args.shifts, device)
@@ -79,7 +80,7 @@ def main(argv=None) -> int:
         except ScoringError as err:
             raise SystemExit(f"error: {err}")
         for name, values in scores.items():
-            drop = f"{max(unshifted - v for v in values):.3f}" if (unshifted := dict(zip(args.shifts, values)).get((1.0, 1.0))) else "-"
+            drop = "-" if unshifted is None else f"{max(values[unshifted] - v for v in values):.3f}"
             lines.append(f"| {checkpoint} | {rundir.LABELS[name]} | " + " | ".join(f"{v:.3f}" for v in values) + f" | {drop} |")
     print("\n".join(lines))
     return 0
