@@ -46,6 +46,7 @@ MAX_SHOWN_SLICES = 16  # of an epoch's prediction grid (the trainer draws --prev
 CHARTS = {
     "Masked SSIM": {rundir.val_name(d, "ssim_masked"): label for d, label in rundir.LABELS.items()},
     "Texture (1 = the truth's high-frequency energy)": {rundir.val_name(d, "texture"): label for d, label in rundir.LABELS.items()},
+    "Brightness (1 = the truth's mean inside the head)": {rundir.val_name(d, "brightness"): label for d, label in rundir.LABELS.items()},
     "Masked PSNR (dB)": {rundir.val_name(d, "psnr_masked"): label for d, label in rundir.LABELS.items()},
     "Cycle SSIM": dict(zip(rundir.VAL_CYCLE, ("T1→T2→T1", "T2→T1→T2"))),
     "Generator losses": {f"loss/{n}": n for n in rundir.LOSSES if not n.startswith("D")},

@@ -121,8 +121,9 @@ def test_compare_page_overlays_curves_diffs_configs_and_exports(app, runs_root):
     at = go(app, "Compare")
     at.multiselect(key="compare_runs").set_value(["base", "crashed"]).run()
     charts = titled_charts(at)
-    assert len(charts) == 7 and all(data is not None for data in charts.values()), "a few combined charts, not one per metric"
-    assert set(charts["Masked SSIM"]["series"]) == {f"{run} · {d}" for run in ("base", "crashed") for d in ("T1→T2", "T2→T1")}
+    assert len(charts) == 8 and all(data is not None for data in charts.values()), "a few combined charts, not one per metric"
+    for title in ("Masked SSIM", "Brightness (1 = the truth's mean inside the head)"):
+        assert set(charts[title]["series"]) == {f"{run} · {d}" for run in ("base", "crashed") for d in ("T1→T2", "T2→T1")}, title
     logged = rundir.read_metrics(runs_root / "base")
     every_loss = {n for n in rundir.LOSSES if any(row.get(f"loss/{n}") for row in logged)}  # each loss that is not zero throughout
     losses = {s.split(" · ")[1] for title in ("Generator losses", "Discriminator losses") for s in charts[title]["series"]}

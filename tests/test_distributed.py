@@ -18,7 +18,7 @@ from train import main as train_main
 from train import rundir
 from train.data import val_samples
 from train.inference import load_generator, translate
-from train.metrics import slice_metrics
+from train.metrics import brightness, brightness_sums, slice_metrics
 
 STEPS = 10
 
@@ -81,6 +81,9 @@ def test_logged_val_metrics_are_the_all_rank_result(ddp_run, shards_dir):
         scores = slice_metrics(translate(net, source), target, mask)
         for name in ("ssim_masked", "psnr_masked"):
             assert scores[name].mean().item() == pytest.approx(logged[f"val/{direction}/{name}"], abs=1e-4), (direction, name)
+        whole = brightness(brightness_sums(scores))  # summed over both ranks' halves, it is the brightness of all
+        assert (logged[f"val/{direction}/brightness"], logged[f"val/{direction}/brightness_std"]) == pytest.approx(
+            (whole["mean"], whole["std"]), abs=1e-4), direction
 
 
 FAILING_WRITE = """

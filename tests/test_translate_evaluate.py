@@ -19,7 +19,7 @@ from conftest import SMALL, run_module, train
 from shards.preprocess import load_nifti
 from train import rundir
 from train.inference import Translator, resolve_checkpoint, translate, translate_volume
-from train.metrics import slice_metrics
+from train.metrics import brightness, brightness_sums, slice_metrics
 from train.scoring import summarize
 
 
@@ -149,6 +149,8 @@ def test_evaluate_reports_per_subject_and_matches_validation(trained, shards_dir
         part = report["directions"][direction]
         for metric in ("ssim", "ssim_masked", "psnr_masked", "mae_masked", "texture"):
             assert part["slice_mean"][metric] == pytest.approx(logged[f"val/{direction}/{metric}"], abs=1e-4), (direction, metric)
+        for key, name in (("mean", "brightness"), ("std", "brightness_std")):  # validation sums what evaluate pools
+            assert part["summary"]["brightness"][key] == pytest.approx(logged[f"val/{direction}/{name}"], abs=1e-4), (direction, name)
         assert len(part["subjects"]) == report["subjects"] >= 1
         assert part["summary"]["ssim_masked"]["mean"] == pytest.approx(np.mean([s["ssim_masked"] for s in part["subjects"]]))
     rows = list(csv.DictReader(io.StringIO((tmp_path / "report" / "report.csv").read_text())))
@@ -159,8 +161,8 @@ def test_evaluate_reports_per_subject_and_matches_validation(trained, shards_dir
     markdown = (tmp_path / "report" / "report.md").read_text()
     assert "masked SSIM" in markdown and "texture" in markdown and "brightness vs truth" in markdown
     for direction in ("t1_to_t2", "t2_to_t1"):
-        brightness = report["directions"][direction]["summary"]["brightness"]
-        assert f"{brightness['mean']:.3f} ± {brightness['std']:.3f}" in markdown and brightness["std"] > 0
+        cell = report["directions"][direction]["summary"]["brightness"]
+        assert f"{cell['mean']:.3f} ± {cell['std']:.3f}" in markdown and cell["std"] > 0
 
 
 def test_texture_is_one_for_the_truth_above_one_for_speckle_and_below_for_blur():
@@ -189,11 +191,13 @@ def test_brightness_is_each_slices_mean_over_the_truths_weighted_by_head_area():
     area = np.array([side * side for side in sides[:3]], np.float64)
     mean = float((gains[:3].numpy() * area).sum() / area.sum())
     std = float(np.sqrt((np.square(gains[:3].numpy() - mean) * area).sum() / area.sum()))
-    brightness = summarize(rows)["summary"]["brightness"]
-    assert brightness["mean"] == pytest.approx(mean, abs=2e-3) and brightness["std"] == pytest.approx(std, abs=2e-3), (brightness, mean, std)
+    pooled = summarize(rows)["summary"]["brightness"]
+    assert pooled["mean"] == pytest.approx(mean, abs=2e-3) and pooled["std"] == pytest.approx(std, abs=2e-3), (pooled, mean, std)
     steady = summarize([{**row, "mean_pred": row["mean_truth"] * 1.2} for row in rows])["summary"]["brightness"]
     assert steady["mean"] == pytest.approx(1.2) and steady["std"] == pytest.approx(0.0, abs=1e-9)  # a constant gain is no spread
     assert summarize(rows[3:])["summary"]["brightness"] == {"mean": None, "std": None}
+    halves = [brightness_sums({k: v[part] for k, v in metrics.items()}) for part in (slice(0, 2), slice(2, 4))]
+    assert brightness(halves[0] + halves[1]) == pytest.approx(brightness(brightness_sums(metrics)))  # as validation adds up batches
 
 
 def test_the_intensity_shift_bench_shifts_the_input_and_scores_as_evaluate_does(trained, shards_dir, tmp_path, monkeypatch, capsys):

@@ -5,10 +5,15 @@ mean squared / absolute error inside the mask.
 
 Texture is the ratio of high-frequency energy, translation over truth, inside the mask: the RMS of the
 5-point Laplacian of each. 1 is the truth's texture; above 1 is speckle or noise the truth does not have,
-below 1 is over-smoothing. Each slice's mean inside the mask, of translation and truth, lets a caller measure
-how its brightness strays from slice to slice (train/scoring.py)."""
+below 1 is over-smoothing.
+
+Brightness is each slice's mean inside the mask over the truth's: its mean over slices, weighted by head area,
+is the translation's calibration, and its std how far the brightness strays from slice to slice. It is summed
+(brightness_sums) so that validation can add it up over batches and ranks; a slice without head has no weight."""
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -47,3 +52,21 @@ def slice_metrics(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) 
         "lap_truth": lap_truth,
         "mask_area": area,  # with the above, lets a caller pool slices into per-volume figures
     }
+
+
+def brightness_sums(metrics: dict[str, torch.Tensor]) -> torch.Tensor:
+    """(sum a(r-1), sum a(r-1)^2, sum a) over slice_metrics' slices, r a slice's mean inside the head over the
+    truth's and a its head area (0 where the truth's head is black). Centred on 1, the truth's, so that a float32
+    sum keeps a small spread."""
+    area = metrics["mask_area"] * (metrics["mean_truth"] > 0)
+    excess = metrics["mean_pred"] / metrics["mean_truth"].clamp(min=1e-12) - 1
+    return torch.stack([(area * excess).sum(), (area * excess.square()).sum(), area.sum()])
+
+
+def brightness(sums: torch.Tensor) -> dict[str, float | None]:
+    """brightness_sums (added up over any batches) -> the area-weighted mean and std of the ratio over slices;
+    None for both where no slice had a head."""
+    excess, square, area = (float(v) for v in sums)
+    if area == 0:
+        return {"mean": None, "std": None}
+    return {"mean": 1 + excess / area, "std": math.sqrt(max(square / area - (excess / area) ** 2, 0.0))}

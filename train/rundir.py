@@ -43,8 +43,8 @@ PREDICTION_RE = re.compile(r"^epoch-(\d{3,})\.png$")
 
 # What metrics.jsonl rows hold, named once for the trainer, W&B and the dashboard (docs/run-folder.md):
 # `loss/<LOSSES>` (means over the logging window), GRAD_NORMS (the window's largest, before clipping), and at each
-# validation `val/<direction>/<VAL_METRICS>`,
-# `val/<contrast>_cycle/ssim` and VAL_SCORE, the mean masked SSIM that picks the best checkpoint.
+# validation `val/<direction>/<VAL_METRICS>` (per-slice means), `val/<direction>/<VAL_BRIGHTNESS>` (over slices,
+# train/metrics.py), `val/<contrast>_cycle/ssim` and VAL_SCORE, the mean masked SSIM that picks the best checkpoint.
 DIRECTIONS = {"t1_to_t2": ("t1", "t2"), "t2_to_t1": ("t2", "t1")}  # direction: (source, target) contrast
 REVERSE = {"t1_to_t2": "t2_to_t1", "t2_to_t1": "t1_to_t2"}
 LABELS = {"t1_to_t2": "T1→T2", "t2_to_t1": "T2→T1"}
@@ -52,6 +52,7 @@ LOSSES = ("G", "G_adv", "cycle", "identity", "structure", "nce", "aleatoric", "e
 GRAD_NORMS = ("grad_norm/G", "grad_norm/D")  # both generators' gradients together; both discriminators'
 VAL_METRICS = {"ssim": "max", "ssim_masked": "max", "psnr": "max", "psnr_masked": "max", "mae_masked": "min",
                "texture": None}  # the better direction of each; texture is best at 1, not at an end
+VAL_BRIGHTNESS = ("brightness", "brightness_std")  # the area-weighted mean and std of each slice's mean over the truth's
 VAL_CYCLE = ("val/t1_cycle/ssim", "val/t2_cycle/ssim")
 VAL_SCORE = "val/ssim_masked_mean"
 

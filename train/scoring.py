@@ -24,7 +24,7 @@ from tqdm import tqdm
 from shards.format import ShardsError, check_complete, decode_samples, recorded_samples
 from train import rundir
 from train.fidelity import lesion_contrasts, lesion_summary, stack_subject, translate_with_map
-from train.metrics import slice_metrics
+from train.metrics import brightness, brightness_sums, slice_metrics
 
 POOLED = ("ssim_masked", "psnr_masked", "mae_masked", "texture")
 SLICE = ("ssim", "ssim_masked", "psnr", "psnr_masked", "mae_masked", "texture")
@@ -132,21 +132,16 @@ def mean_std(values) -> dict:
     return {"mean": float(values.mean()), "std": float(values.std(ddof=1)) if len(values) > 1 else 0.0}
 
 
-def brightness(rows: list[dict]) -> dict:
-    """Each slice's mean over the truth's, inside the head: mean and std over the slices, weighted by head area
-    (a slice without head has no weight)."""
-    headed = [r for r in rows if r["mean_truth"] > 0]
-    if not headed:
-        return {"mean": None, "std": None}
-    ratio, area = np.array([r["mean_pred"] / r["mean_truth"] for r in headed]), np.array([r["mask_area"] for r in headed])
-    mean = np.average(ratio, weights=area)
-    return {"mean": float(mean), "std": float(np.sqrt(np.average(np.square(ratio - mean), weights=area)))}
+def rows_brightness(rows: list[dict]) -> dict:
+    """train.metrics.brightness over per-slice rows."""
+    return brightness(brightness_sums({k: torch.tensor([r[k] for r in rows], dtype=torch.float64)
+                                       for k in ("mean_pred", "mean_truth", "mask_area")}))
 
 
 def summarize(rows: list[dict]) -> dict:
     """One direction's per-slice rows -> its summary across subjects (POOLED: mean and std; brightness over
     slices), the per-slice means (SLICE) and the per-subject rows."""
     subjects = per_subject(rows)
-    return {"summary": {**{k: mean_std([s[k] for s in subjects]) for k in POOLED}, "brightness": brightness(rows)},
+    return {"summary": {**{k: mean_std([s[k] for s in subjects]) for k in POOLED}, "brightness": rows_brightness(rows)},
             "slice_mean": {k: float(np.mean([r[k] for r in rows])) for k in SLICE},
             "subjects": subjects}
