@@ -30,7 +30,7 @@ from train import monitor
 from train import rundir
 from train.checkpoints import check_compatible, generator_weights
 from train.config import ARCHITECTURE_KEYS, Config, load_config
-from train.data import (SliceStream, augment, augment_from_step, elastic_offsets, resolve_augment, train_loaders,
+from train.data import (Augmentation, SliceStream, augment, augment_from_step, elastic_offsets, resolve_augment, train_loaders,
                         training_subjects)
 from train.fidelity import tissue_contrast
 from train.inference import CheckpointError, load_generator, read_checkpoint_info, translate
@@ -403,7 +403,7 @@ def test_each_rank_and_worker_reads_a_disjoint_part(shards_dir):
     for shards in (urls, urls[:1]):  # whole shards per slot, and every n-th sample when shards are few
         parts = []
         for rank in range(2):
-            stream = SliceStream(shards, "t1", seed=0, rank=rank, world=2, shuffle_buffer=10, do_augment=True, size=64)
+            stream = SliceStream(shards, "t1", seed=0, rank=rank, world=2, shuffle_buffer=10, size=64, augmentation=Augmentation())
             keys, seen = [], set()
             for item in stream:
                 if item["key"] in seen:
@@ -432,7 +432,7 @@ def test_train_subjects_limits_training_to_a_seeded_subset_split_across_ranks(sh
     parts = []
     for rank in range(2):  # whole shards would leave a rank without the chosen subjects: samples are dealt instead
         keys = []
-        for item in SliceStream(urls, "t2", seed=0, rank=rank, world=2, shuffle_buffer=10, do_augment=False, size=64, subjects=chosen):
+        for item in SliceStream(urls, "t2", seed=0, rank=rank, world=2, shuffle_buffer=10, size=64, subjects=chosen):
             if item["key"] in keys:
                 break
             keys.append(item["key"])

@@ -14,6 +14,7 @@ import itertools
 import math
 import random
 import zlib
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -110,21 +111,27 @@ def augment(image: torch.Tensor, rng: torch.Generator, elastic: float = 0.0, int
     return (image ** gamma * gain).clamp(0, 1)
 
 
+@dataclass(frozen=True)
+class Augmentation:
+    """What a SliceStream does to its slices from training step `start` on: augment() with these options."""
+    start: int = 0
+    elastic: float = 0.0
+    intensity: bool = False
+
+
 class SliceStream(IterableDataset):
     """One contrast of train/: yields {'image': (1,H,W) in [-1,1], 'key', 'slot', 'skipped'} for the current
-    epoch; `skipped` counts this slot's unreadable samples so far. With `do_augment`, samples bound for training
-    steps before `augment_from_step` stay unaugmented (the stream knows each sample's step from `steps_per_epoch`
-    and `batch_size`)."""
+    epoch; `skipped` counts this slot's unreadable samples so far. With `augmentation` (None: off), samples bound
+    for training steps before its start stay unaugmented (the stream knows each sample's step from
+    `steps_per_epoch` and `batch_size`)."""
 
-    def __init__(self, urls: list[str], contrast: str, seed: int, rank: int, world: int,
-                 shuffle_buffer: int, do_augment: bool, size: int, subjects: frozenset[str] | None = None,
-                 elastic: float = 0.0, augment_from_step: int = 0, steps_per_epoch: int = 0, batch_size: int = 1,
-                 intensity: bool = False):
+    def __init__(self, urls: list[str], contrast: str, seed: int, rank: int, world: int, shuffle_buffer: int, size: int, *,
+                 subjects: frozenset[str] | None = None, augmentation: Augmentation | None = None, steps_per_epoch: int = 0,
+                 batch_size: int = 1):
         self.urls, self.contrast, self.seed, self.size = urls, contrast, seed, size
-        self.rank, self.world = rank, world
-        self.shuffle_buffer, self.do_augment, self.elastic, self.intensity = shuffle_buffer, do_augment, elastic, intensity
-        self.augment_from_step, self.steps_per_epoch, self.batch_size = augment_from_step, steps_per_epoch, batch_size
+        self.rank, self.world, self.shuffle_buffer = rank, world, shuffle_buffer
         self.subjects = subjects  # None: every subject in the shards
+        self.augmentation, self.steps_per_epoch, self.batch_size = augmentation, steps_per_epoch, batch_size
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -159,8 +166,8 @@ class SliceStream(IterableDataset):
                     continue
                 # a DataLoader deals whole batches to its workers in turn: this sample's step follows from its count
                 step = self.epoch * self.steps_per_epoch + (drawn // self.batch_size) * workers + worker
-                if self.do_augment and step >= self.augment_from_step:
-                    image = augment(image, rng, self.elastic, self.intensity)
+                if self.augmentation and step >= self.augmentation.start:
+                    image = augment(image, rng, self.augmentation.elastic, self.augmentation.intensity)
                 yielded += 1
                 drawn += 1
                 yield {"image": to_model_range(image), "key": sample["__key__"], "slot": slot, "skipped": skipped}
@@ -176,14 +183,15 @@ def train_loaders(config, rank: int, world: int, *, steps_per_epoch: int, total_
     config.augment must be resolved (resolve_augment), since "auto" would read as on."""
     if not isinstance(config.augment, bool):
         raise ValueError(f"--augment {config.augment}: resolve it (resolve_augment) before building the loaders")
-    loaders, start = {}, augment_from_step(config, total_steps)
+    loaders = {}
+    augmentation = Augmentation(augment_from_step(config, total_steps), config.elastic, config.augment_intensity) if config.augment else None
     subjects = training_subjects(config.data, config.train_subjects, config.seed) if config.train_subjects else None
     for index, contrast in enumerate(CONTRASTS):
         urls = shard_paths(config.data, "train", contrast)
         if config.data_url:
             urls = [f"{config.data_url}train/{Path(u).name}" for u in urls]
-        stream = SliceStream(urls, contrast, config.seed * 2 + index, rank, world, config.shuffle_buffer, config.augment, config.size, subjects,
-                             config.elastic, start, steps_per_epoch, config.batch_size, config.augment_intensity)
+        stream = SliceStream(urls, contrast, config.seed * 2 + index, rank, world, config.shuffle_buffer, config.size, subjects=subjects,
+                             augmentation=augmentation, steps_per_epoch=steps_per_epoch, batch_size=config.batch_size)
         loaders[contrast] = DataLoader(stream, batch_size=config.batch_size, num_workers=config.num_workers,
                                        persistent_workers=False, pin_memory=torch.cuda.is_available(),
                                        multiprocessing_context="fork" if config.num_workers else None)
