@@ -6,7 +6,9 @@ Per direction, the mean of the SSIM map over every head pixel (train/metrics.py'
 sigma 1.5) split into its luminance term and its contrast-structure term, and the share of the loss (1 - SSIM)
 that falls
   by depth into the head: pixels 0-3, 3-6, 6-10, 10-20 and over 20 from the mask's edge;
-  by edge strength: the truth's smoothed gradient, below its median (the flat half), 50-80%, 80-95%, top 5%.
+  by edge strength: the truth's smoothed gradient, below its median (the flat half), 50-80%, 80-95%, top 5%;
+  by slice: its head area as a share of its subject's largest, under 50% (the top of the head and the skull
+  base, the cerebellum and temporal lobes), 50-80% and over 80%.
 Last, what an intensity mapping could still give: the SSIM after each subject's translation is remapped
 through the per-intensity means of its own truth (64 bins, fitted on the subject itself: an upper bound).
 If that remap gains little, the loss is in the anatomy's shapes, not in the contrast's calibration.
@@ -32,6 +34,7 @@ from train.scoring import read_samples, split_shards
 C1, C2 = 0.01**2, 0.03**2  # SSIM's constants for data range 1
 DEPTHS = ((0, 3, "0-3"), (3, 6, "3-6"), (6, 10, "6-10"), (10, 20, "10-20"), (20, np.inf, "over 20"))
 EDGES = ((0.0, 0.5, "flat half"), (0.5, 0.8, "50-80%"), (0.8, 0.95, "80-95%"), (0.95, 1.0, "top 5%"))
+SLICE_AREAS = ((0.0, 0.5, "under 50%"), (0.5, 0.8, "50-80%"), (0.8, 1.0, "over 80%"))
 CSF_T2 = 0.85
 
 
@@ -74,6 +77,8 @@ def main() -> None:
     subjects = np.array([s["meta"]["subject"] for s in samples])
     mask = np.stack([s["mask"] for s in samples])[:, None] > 0
     depth = np.stack([ndimage.distance_transform_edt(m[0]) for m in mask])[:, None]
+    area = mask.sum(axis=(1, 2, 3))
+    area_share = area / np.array([area[subjects == subject].max() for subject in subjects])
     csf = ndimage.binary_erosion(np.stack([s["t2"] for s in samples])[:, None] > CSF_T2, structure=np.ones((1, 1, 3, 3))) & mask
     for direction, (source, target) in rundir.DIRECTIONS.items():
         net = load_translator([args.checkpoint], direction, tta=args.tta)[0]
@@ -94,6 +99,11 @@ def main() -> None:
             part = (edge[mask] >= low) & (edge[mask] <= high)
             print(f"  {name:>9}: {loss[part].sum() / loss.sum():6.1%} of the loss, SSIM {ssim[mask][part].mean():.3f}, "
                   f"contrast-structure {structure[mask][part].mean():.3f}")
+        for low, high, name in SLICE_AREAS:
+            part = (area_share > low) & (area_share <= high)
+            pixels = mask & part[:, None, None, None]
+            print(f"  slices with {name:>9} of the largest head: {part.sum()} slices, {(1 - ssim)[pixels].sum() / loss.sum():6.1%} "
+                  f"of the loss, SSIM {ssim[pixels].mean():.3f}")
         pred_np = pred.numpy()
         high_pass = [(image - ndimage.gaussian_filter(image, (0, 0, 1, 1)))[csf].std() for image in (pred_np, truth)]
         print(f"  in CSF ({csf.sum()} pixels): mean {pred_np[csf].mean():.3f} (truth {truth[csf].mean():.3f}), high-pass std "

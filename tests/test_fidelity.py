@@ -474,7 +474,7 @@ def test_the_mind_floor_bench_shows_the_truths_own_noise_charged_less_under_the_
 
 def test_the_ssim_loss_bench_splits_the_scorers_ssim_into_parts_that_add_up(shards_dir, trained):
     """bench/ssim_loss.py: its SSIM is the scorer's (train/metrics.py, pooled over head pixels), and the
-    shares of the loss by depth and by edge strength each add up to all of it."""
+    shares of the loss by depth, by edge strength and by the slice's head area each add up to all of it."""
     folders = [shards_dir / "test", shards_dir / "val"]
     done = subprocess.run([sys.executable, "bench/ssim_loss.py", "--checkpoint", trained, "--data", *folders], cwd=ROOT,
                           capture_output=True, text=True, timeout=300)
@@ -490,7 +490,13 @@ def test_the_ssim_loss_bench_splits_the_scorers_ssim_into_parts_that_add_up(shar
         pooled = float((metrics["ssim_masked"] * metrics["mask_area"]).sum() / metrics["mask_area"].sum())
         assert float(block.split("SSIM over head pixels ")[1].split()[0]) == pytest.approx(pooled, abs=2e-3)
         shares = [float(line.split("% of the loss")[0].split()[-1]) for line in block.splitlines() if "% of the loss" in line]
-        assert len(shares) == 9 and sum(shares[:5]) == pytest.approx(100, abs=0.3) and sum(shares[5:]) == pytest.approx(100, abs=0.3)
+        assert len(shares) == 12 and all(sum(group) == pytest.approx(100, abs=0.3) for group in (shares[:5], shares[5:9], shares[9:]))
+        area = mask.sum(dim=(1, 2, 3)).numpy()
+        subjects = [s["meta"]["subject"] for s in samples]
+        largest = np.array([max(a for a, other in zip(area, subjects) if other == subject) for subject in subjects])
+        counts = [int(line.split(" slices,")[0].split()[-1]) for line in block.splitlines() if " of the largest head: " in line]
+        assert counts == [int(((area / largest > low) & (area / largest <= high)).sum()) for low, high in ((0, 0.5), (0.5, 0.8), (0.8, 1))]
+        assert sum(counts) == len(samples)
         truth = np.stack([s[target] for s in samples])[:, None]
         csf = (np.stack([s["t2"] for s in samples])[:, None] > 0.85) & mask.numpy()
         bright = np.pad(np.stack([s["t2"] for s in samples])[:, None] > 0.85, ((0, 0), (0, 0), (1, 1), (1, 1)))
