@@ -265,7 +265,7 @@ def validate(accelerator, model: CycleGenerators, val, previews, out: Path, epoc
     model.eval()
     names = [rundir.val_name(d, m) for d in rundir.DIRECTIONS for m in rundir.VAL_METRICS] + list(rundir.VAL_CYCLE)
     sums = torch.zeros(len(names) + 1, device=accelerator.device)
-    light = torch.zeros(len(rundir.DIRECTIONS), 3, device=accelerator.device)  # brightness_sums per direction
+    brightness_totals = torch.zeros(len(rundir.DIRECTIONS), 3, device=accelerator.device)  # brightness_sums per direction
     mine = val[accelerator.process_index::accelerator.num_processes]
     for start in range(0, len(mine), 8):
         chunk = mine[start:start + 8]
@@ -276,17 +276,17 @@ def validate(accelerator, model: CycleGenerators, val, previews, out: Path, epoc
         for index, (direction, (_, target)) in enumerate(rundir.DIRECTIONS.items()):
             m = slice_metrics(results[direction], images[target], mask)
             values += [m[k] for k in rundir.VAL_METRICS]
-            light[index] += brightness_sums(m)
+            brightness_totals[index] += brightness_sums(m)
         values += [slice_metrics(results["t1_cycle"], t1, mask)["ssim"], slice_metrics(results["t2_cycle"], t2, mask)["ssim"]]
         sums[:-1] += torch.stack([v.sum() for v in values])
         sums[-1] += len(chunk)
     if accelerator.num_processes > 1:
-        sums, light = accelerator.reduce(sums, reduction="sum"), accelerator.reduce(light, reduction="sum")
+        sums, brightness_totals = (accelerator.reduce(t, reduction="sum") for t in (sums, brightness_totals))
     scores = {name: (sums[i] / sums[-1]).item() for i, name in enumerate(names)}
-    for direction, direction_sums in zip(rundir.DIRECTIONS, light):
-        b = brightness(direction_sums)
-        if b["mean"] is not None:
-            scores.update({rundir.val_name(direction, name): b[key] for name, key in zip(rundir.VAL_BRIGHTNESS, ("mean", "std"))})
+    for direction, totals in zip(rundir.DIRECTIONS, brightness_totals):
+        mean_std = brightness(totals)
+        if mean_std["mean"] is not None:
+            scores.update({rundir.val_name(direction, name): mean_std[key] for name, key in zip(rundir.VAL_BRIGHTNESS, ("mean", "std"))})
     scores[rundir.VAL_SCORE] = sum(scores[rundir.val_name(d, "ssim_masked")] for d in rundir.DIRECTIONS) / len(rundir.DIRECTIONS)
     scores["val/slices"] = int(sums[-1].item())
     if accelerator.is_main_process:
