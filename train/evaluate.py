@@ -84,7 +84,7 @@ def figure_row(source: np.ndarray, pred: np.ndarray, truth: np.ndarray, mask: np
 
 
 def brightness_cell(brightness: dict) -> str:
-    """train.scoring.brightness as a table cell: mean ± std over slices, or - where no slice had a head."""
+    """train.metrics.brightness (a report's summary.brightness) as a table cell: mean ± std over slices, or - where no slice had a head."""
     return "-" if brightness["mean"] is None else f"{brightness['mean']:.3f} ± {brightness['std']:.3f}"
 
 
