@@ -65,6 +65,7 @@ def test_the_run_folder_is_written_once(ddp_run):
     assert [e for e, _ in rundir.list_predictions(out)] == [0]
     assert json.loads((out / rundir.SUMMARY).read_text())["steps"] == STEPS
     assert log.count("step 10 epoch 0: G") == 1, "the progress line comes from the main process only"
+    assert "terminate called" not in log, "a finished rank leaves without the interpreter's teardown, where gloo can abort it"
     assert not list(out.rglob("*.tmp"))
 
 
