@@ -16,6 +16,8 @@ The demo's synthetic IXI (run `make demo` first) is packed again with every subj
 - supervised U-Net: the demo's generator (a U-Net of --ngf, Adam 2e-4) trained with L1 on the *paired*
   slices for --steps batches of --batch-size. Paired supervision is information CycleGAN does not
   get, so this is a generous upper reference for the unpaired model at the same size and budget.
+Each is also scored by the slice's head area (bench/ssim_loss.py's groups, pooled over head pixels), to set
+beside a CycleGAN's split from that tool.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ import torch.nn.functional as F
 import yaml
 from torch import nn
 
+from ssim_loss import SLICE_AREAS, head_area_share  # bench/, the script's own folder
 from train.data import val_samples
 from train.metrics import slice_metrics
 from train.networks import UPSAMPLE, build_generator
@@ -60,6 +63,17 @@ class LookupTable(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.table[((x + 1) / 2 * BINS).long().clamp(0, BINS - 1)] * 2 - 1
+
+
+def by_head_area(metrics: dict, share: np.ndarray) -> str:
+    """Masked SSIM pooled over head pixels (bench/ssim_loss.py's figure) in each of SLICE_AREAS' groups of slices."""
+    parts = []
+    for low, high, name in SLICE_AREAS:
+        part = torch.from_numpy((share > low) & (share <= high))
+        area = metrics["mask_area"][part]
+        score = f" {float((metrics['ssim_masked'][part] * area).sum() / area.sum()):.3f}" if part.any() else ""
+        parts.append(f"{name} ({int(part.sum())} slices){score}")
+    return ", ".join(parts)
 
 
 def lookup_table(train: dict, test: dict, source: str, target: str) -> torch.Tensor:
@@ -111,13 +125,17 @@ def main() -> None:
             raise SystemExit(f"error: --ixi {args.ixi}: too few subjects with both T1 and T2 to fit on 80% and score on "
                              f"20% ({', '.join(f'{len(v)} {k} slices' for k, v in splits.items())})")
         train, test = (arrays(samples) for samples in splits.values())
-    print(f"{len(train['t1'])} training pairs, {len(test['t1'])} test slices; masked SSIM (mean over test slices)")
+        share = head_area_share(splits["test"])
+    print(f"{len(train['t1'])} training pairs, {len(test['t1'])} test slices; masked SSIM (mean over test slices), then "
+          f"pooled over head pixels by the slice's head area as a share of its subject's largest")
     for source, target in (("t1", "t2"), ("t2", "t1")):
-        scores = {name: slice_metrics(pred, test[target], test["mask"])["ssim_masked"].mean().item()
-                  for name, pred in (("lookup table", lookup_table(train, test, source, target)),
-                                     (f"supervised U-Net, {args.steps} steps of {args.batch_size}",
-                                      supervised(train, test, source, target, args)))}
-        print(f"{source.upper()} -> {target.upper()}: " + ", ".join(f"{k} {v:.3f}" for k, v in scores.items()), flush=True)
+        metrics = {name: slice_metrics(pred, test[target], test["mask"])
+                   for name, pred in (("lookup table", lookup_table(train, test, source, target)),
+                                      (f"supervised U-Net, {args.steps} steps of {args.batch_size}",
+                                       supervised(train, test, source, target, args)))}
+        print(f"{source.upper()} -> {target.upper()}: " + ", ".join(f"{k} {v['ssim_masked'].mean().item():.3f}" for k, v in metrics.items()))
+        for name, values in metrics.items():
+            print(f"  {name}, by head area: {by_head_area(values, share)}", flush=True)
 
 
 if __name__ == "__main__":

@@ -38,6 +38,13 @@ SLICE_AREAS = ((0.0, 0.5, "under 50%"), (0.5, 0.8, "50-80%"), (0.8, 1.0, "over 8
 CSF_T2 = 0.85
 
 
+def head_area_share(samples: list[dict]) -> np.ndarray:
+    """Each slice's head area as a share of its subject's largest: what SLICE_AREAS splits by."""
+    subjects = np.array([s["meta"]["subject"] for s in samples])
+    area = np.array([(s["mask"] > 0).sum() for s in samples])
+    return area / np.array([area[subjects == subject].max() for subject in subjects])
+
+
 def gaussian_window(images: torch.Tensor) -> torch.Tensor:
     taps = torch.exp(-(torch.arange(11.0) - 5) ** 2 / (2 * 1.5**2))
     taps = taps / taps.sum()
@@ -77,8 +84,7 @@ def main() -> None:
     subjects = np.array([s["meta"]["subject"] for s in samples])
     mask = np.stack([s["mask"] for s in samples])[:, None] > 0
     depth = np.stack([ndimage.distance_transform_edt(m[0]) for m in mask])[:, None]
-    area = mask.sum(axis=(1, 2, 3))
-    area_share = area / np.array([area[subjects == subject].max() for subject in subjects])
+    area_share = head_area_share(samples)
     csf = ndimage.binary_erosion(np.stack([s["t2"] for s in samples])[:, None] > CSF_T2, structure=np.ones((1, 1, 3, 3))) & mask
     for direction, (source, target) in rundir.DIRECTIONS.items():
         net = load_translator([args.checkpoint], direction, tta=args.tta)[0]

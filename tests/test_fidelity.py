@@ -528,6 +528,26 @@ def test_the_paired_reference_trains_the_asked_generator_on_the_trainers_schedul
     for line in rows.values():
         scores = [float(score) for score in re.findall(r" (-?\d+\.\d{3})(?=,|$)", line)]
         assert len(scores) == 2 and all(-1 <= score <= 1 for score in scores)
+    # each reference again by the slice's head area, over groups that hold every test slice
+    test_slices = int(done.stdout.split(" test slices")[0].split()[-1])
+    by_area = [line for line in done.stdout.splitlines() if ", by head area: " in line]
+    assert len(by_area) == 4
+    for line in by_area:
+        groups = re.findall(r"(under 50%|50-80%|over 80%) \((\d+) slices\)(?: (-?\d+\.\d{3}))?", line)
+        assert [name for name, _, _ in groups] == ["under 50%", "50-80%", "over 80%"]
+        assert sum(int(count) for _, count, _ in groups) == test_slices
+        assert all((-1 <= float(score) <= 1) if int(count) else score == "" for _, count, score in groups)
+
+
+def test_the_paired_reference_pools_each_group_of_slices_over_head_pixels(monkeypatch):
+    # Pooled over pixels, a small slice weighs less than a large one: 0.25 over 80%, where a mean over slices says
+    # 0.5. A share of exactly half is under 50%, as bench/ssim_loss.py counts it.
+    monkeypatch.syspath_prepend(str(ROOT / "bench"))
+    import demo_bounds
+
+    metrics = {"ssim_masked": torch.tensor([0.8, 1.0, 0.0, 0.6]), "mask_area": torch.tensor([20.0, 10.0, 30.0, 50.0])}
+    line = demo_bounds.by_head_area(metrics, np.array([0.4, 0.9, 1.0, 0.5]))
+    assert line == "under 50% (2 slices) 0.657, 50-80% (0 slices), over 80% (2 slices) 0.250"
 
 
 def test_the_template_brain_holds_out_two_bands_with_margins_and_draws_t2_from_the_tissue_maps(monkeypatch, tmp_path):
